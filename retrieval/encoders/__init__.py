@@ -1,0 +1,39 @@
+"""Encoders: one interface, a registry of known models, and a factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import EncoderSpec, default_encoder, find_encoder, list_encoders
+from .base import Encoder, EncoderInfo, l2_normalise, select_device
+
+__all__ = [
+    "Encoder",
+    "EncoderConfig",
+    "EncoderInfo",
+    "create_encoder",
+    "l2_normalise",
+    "list_encoders",
+    "select_device",
+]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How to build an encoder: the model (registry name, hub id or local directory) and where to run it."""
+
+    model: str | None = None  # None: the registry's default
+    device: str | None = None  # None/"auto": CUDA, then MPS, then CPU
+    precision: str | None = None  # None/"auto": fp16 on accelerators, fp32 on CPU
+
+
+def create_encoder(config: EncoderConfig | str | None = None) -> Encoder:
+    """Build the encoder a config names. Raises ModelUnavailable with a how-to when weights are missing."""
+    from .hf import HFDualEncoder
+
+    if config is None or isinstance(config, str):
+        config = EncoderConfig(model=config)
+    spec: EncoderSpec | None
+    name = config.model or default_encoder().name
+    spec = find_encoder(name)
+    return HFDualEncoder(name, spec, device=config.device, precision=config.precision)

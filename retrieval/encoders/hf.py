@@ -1,0 +1,135 @@
+"""CLIP and SigLIP dual encoders on transformers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .. import hub
+from ..errors import BadQuery, ModelUnavailable
+from ..registry import EncoderSpec
+from ..types import Float32Array
+from .base import EncoderInfo, default_dtype, l2_normalise, select_device
+from .preprocess import PreprocessConfig, preprocess_batch
+
+_SUPPORTED = ("clip", "siglip", "siglip2")
+
+
+def _features(out: Any) -> Any:
+    """transformers 5 returns an output object whose pooler_output is the projected embedding."""
+    if hasattr(out, "pooler_output") and not hasattr(out, "shape"):
+        return out.pooler_output
+    return out
+
+
+class HFDualEncoder:
+    """A transformers dual encoder (CLIPModel, SiglipModel) behind the `Encoder` interface."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: EncoderSpec | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModel, AutoProcessor
+
+        src = hub.resolve(name, spec.hub_id if spec else None, spec.revision if spec else None)
+        model = hub.load(src, AutoModel.from_pretrained, "encoder")
+        processor = hub.load(src, AutoProcessor.from_pretrained, "encoder's processor")
+        family = str(getattr(model.config, "model_type", ""))
+        if family not in _SUPPORTED:
+            raise ModelUnavailable(f"{name!r} is a {family or 'unknown'} model; supported: {', '.join(_SUPPORTED)}")
+        self.device = select_device(device)
+        self.precision = default_dtype(self.device, precision)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        self._torch_dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.pre = PreprocessConfig.from_processor(processor.image_processor)
+        vcfg, tcfg = model.config.vision_config, model.config.text_config
+        dim = int(getattr(model.config, "projection_dim", 0) or tcfg.hidden_size)
+        fingerprint = (
+            hub.local_fingerprint(__import__("pathlib").Path(src.target))
+            if src.is_local
+            else f"{src.target}@{getattr(model.config, '_commit_hash', None) or src.revision or 'main'}"
+        )
+        self.info = EncoderInfo(
+            name=name,
+            model_id=src.target,
+            fingerprint=fingerprint,
+            family=family,
+            dim=dim,
+            image_size=int(vcfg.image_size),
+            patch_size=int(vcfg.patch_size),
+            context_length=int(
+                spec.context_length if spec else getattr(tcfg, "max_position_embeddings", 77)
+            ),
+        )
+        self._lock = threading.Lock()  # one forward pass at a time on a shared model
+
+    # -- images ---------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image]) -> Float32Array:
+        return preprocess_batch(images, self.pre)
+
+    def encode_pixels(self, pixels: Float32Array) -> Float32Array:
+        import torch
+
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise BadQuery(f"pixel batch must have shape (n, 3, H, W), got {pixels.shape}")
+        if len(pixels) == 0:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, self._torch_dtype)
+            out = _features(self.model.get_image_features(pixel_values=t))
+            return l2_normalise(out.float().cpu().numpy())
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> Float32Array:
+        chunks = [
+            self.encode_pixels(self.preprocess(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.info.dim), np.float32)
+
+    # -- texts ----------------------------------------------------------------------------
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Float32Array:
+        import torch
+
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        padding: str | bool = "max_length" if self.info.family.startswith("siglip") else True
+        chunks = []
+        for i in range(0, len(texts), batch_size):
+            # Texts longer than the model's context are truncated, never an error.
+            tok = self.tokenizer(
+                texts[i : i + batch_size],
+                padding=padding,
+                truncation=True,
+                max_length=self.info.context_length,
+                return_tensors="pt",
+            )
+            tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+            if self.info.family.startswith("siglip"):
+                tok.pop("attention_mask", None)  # SigLIP was trained without a text attention mask
+            with self._lock, torch.inference_mode():
+                out = _features(self.model.get_text_features(**tok))
+                chunks.append(l2_normalise(out.float().cpu().numpy()))
+        return np.concatenate(chunks)
+
+    def close(self) -> None:
+        """Release the weights now rather than whenever the garbage collector gets to them."""
+        import gc
+
+        import torch
+
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
