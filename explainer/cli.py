@@ -1,0 +1,208 @@
+"""The `clearsight` command line. It translates typed errors into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from retrieval.errors import ClearsightError
+
+app = typer.Typer(
+    name="clearsight",
+    help="Explainable image search: index a folder of images, search it by text and image, see why.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the catalog and index live [default: $CLEARSIGHT_DATA_DIR, else ~/.local/share/clearsight]",
+        show_default=False,
+    ),
+]
+Model = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Encoder: registry name, hub id or local directory (see `clearsight models`)"),
+]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")]
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"clearsight: error: {msg}", err=True)
+
+
+def boundary(fn: F) -> F:
+    """Errors become one line on stderr and an exit code; never a stack trace for expected failures."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClearsightError as exc:
+            _err(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted; work committed so far is kept, run the command again to finish")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings_data_dir(data_dir: Path | None) -> Path:
+    from .settings import get_settings
+
+    return data_dir or get_settings().data_dir
+
+
+def _progress_enabled(quiet: bool) -> bool:
+    return not quiet
+
+
+@app.command("index")
+@boundary
+def index_cmd(
+    path: Annotated[Path, typer.Argument(help="Folder of images (searched recursively)")],
+    model: Model = None,
+    data_dir: DataDir = None,
+    index: Annotated[
+        str | None, typer.Option("--index", help="flat (exact, default), hnsw, ivfpq, or a FAISS factory string")
+    ] = None,
+    captions: Annotated[
+        Path | None, typer.Option("--captions", help="JSONL of {image, captions} [default: PATH/captions.jsonl]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Decode threads")] = 2,
+    device: Device = "auto",
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Replace an index built with another model")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Index (or update the index of) every image under PATH."""
+    from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder, ingest
+
+    ddir = _settings_data_dir(data_dir)
+    collection = Collection(ddir)
+    if model is None and collection.store.exists() and not rebuild:
+        model = collection.store.read_manifest().model_id  # keep indexing with the index's own model
+    encoder = create_encoder(EncoderConfig(model=model, device=device))
+    cfg = IngestConfig(
+        batch_size=batch_size,
+        workers=workers,
+        factory=index,
+        captions_file=captions,
+        rebuild=rebuild,
+        progress=_progress_enabled(quiet),
+    )
+    summary = ingest(path, collection, encoder, cfg, log=lambda m: typer.echo(m, err=True))
+    if json_out:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    s = summary
+    typer.echo(
+        f"scanned {s.scanned} files: {s.new} new, {s.changed} changed, {s.unchanged} unchanged, "
+        f"{s.deleted} removed; encoded {s.encoded} ({s.rate:.1f} img/s), {s.reused} identical reused, "
+        f"{s.failed} failed"
+    )
+    for reason, n in sorted(s.failures.items()):
+        typer.echo(f"  failed: {n} x {reason}")
+    if s.index:
+        typer.echo(
+            f"index: {s.index.images} images, {s.index.captions} captions ({s.index.built_factory}) in {ddir}"
+        )
+
+
+@app.command("search")
+@boundary
+def search_cmd(
+    text: Annotated[str | None, typer.Argument(help="Text query")] = None,
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="Image query (alone or with text)")] = None,
+    weight: Annotated[float, typer.Option("--weight", "-w", help="Text's share in a text+image query, 0..1")] = 0.5,
+    negative: Annotated[str | None, typer.Option("--negative", help="Text to steer away from")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Results per page")] = 10,
+    offset: Annotated[int, typer.Option("--offset", help="Skip this many results (paging)")] = 0,
+    min_score: Annotated[float | None, typer.Option("--min-score", help="Drop results scoring below this")] = None,
+    captions: Annotated[bool, typer.Option("--captions", help="Return captions (image→text) instead of images")] = False,
+    model: Model = None,
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Search the collection by text, image, or both."""
+    from retrieval import Query, Searcher, load_query_image
+
+    searcher = Searcher.open(_settings_data_dir(data_dir), model=model, device=device)
+    qimage, qkey = load_query_image(image) if image else (None, None)
+    q = Query(
+        text=text,
+        image=qimage,
+        weight=weight,
+        negative=negative,
+        top_k=top_k,
+        offset=offset,
+        min_score=min_score,
+        image_key=qkey,
+    )
+    result = searcher.search_captions(q) if captions else searcher.search(q)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        return
+    _print_table(result.to_dict())
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    rows = result["results"]
+    target = result["target"]
+    typer.echo(
+        f"{len(rows)} {target} for a {result['query_kind']} query "
+        f"({result['total']} indexed, model {result['model']}, {result['index_factory']})"
+    )
+    if not rows:
+        return
+    width = max(40, min(100, os.get_terminal_size(sys.stdout.fileno()).columns - 20) if sys.stdout.isatty() else 100)
+    typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>6}  {'caption' if target == 'captions' else 'path'}")
+    for r in rows:
+        label = f"{r['text']}  [{Path(r['path']).name}]" if target == "captions" else r["path"]
+        if len(label) > width:
+            label = "…" + label[-(width - 1) :]
+        typer.echo(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['id']:>6}  {label}")
+
+
+@app.command("models")
+@boundary
+def models_cmd(json_out: JsonOut = False) -> None:
+    """List the encoders the registry knows."""
+    from dataclasses import asdict
+
+    from retrieval.registry import list_encoders
+
+    specs = [asdict(s) for s in list_encoders()]
+    if json_out:
+        typer.echo(json.dumps({"encoders": specs}, indent=2))
+        return
+    for s in specs:
+        star = "*" if s["default"] else " "
+        typer.echo(f"{star} {s['name']:<26} {s['hub_id']:<36} dim {s['dim']:<4} {s['licence']}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

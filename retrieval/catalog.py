@@ -1,0 +1,393 @@
+"""The catalog: one SQLite database (WAL) that is the source of truth for a collection.
+
+It records every image file seen (path, content hash, sizes, mtime, state, failure reason), the
+captions attached to images, and the embeddings computed for each *content hash* and model. The
+FAISS indexes are derived from it, which is what makes ingest resumable after `kill -9`: a batch
+of embeddings and the state change of its images commit in one transaction, and the index is
+rebuilt from whatever committed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IndexCorrupt, ShapeError
+from .types import Float32Array
+
+SCHEMA_VERSION = 2
+
+# Each entry migrates from version i to i+1. Never edit a released entry; append a new one.
+_MIGRATIONS: list[str] = [
+    # 0 -> 1: the first schema
+    """
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        content_hash TEXT,
+        byte_size INTEGER,
+        width INTEGER,
+        height INTEGER,
+        mtime_ns INTEGER,
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'indexed', 'failed')),
+        reason TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX images_hash ON images(content_hash);
+    CREATE INDEX images_state ON images(state);
+    CREATE TABLE captions (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        text TEXT NOT NULL,
+        source TEXT NOT NULL,
+        UNIQUE (image_id, source, text)
+    );
+    CREATE TABLE embeddings (
+        content_hash TEXT NOT NULL,
+        model TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        PRIMARY KEY (content_hash, model)
+    ) WITHOUT ROWID;
+    CREATE TABLE text_embeddings (
+        text TEXT NOT NULL,
+        model TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        PRIMARY KEY (text, model)
+    ) WITHOUT ROWID;
+    """,
+    # 1 -> 2: generated captions are cached by content hash and captioner, not by image row,
+    # so an image is captioned once whatever its path; and a small key/value table for state.
+    """
+    CREATE TABLE generated_captions (
+        content_hash TEXT NOT NULL,
+        model TEXT NOT NULL,
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (content_hash, model)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    path: str
+    content_hash: str | None
+    byte_size: int | None
+    width: int | None
+    height: int | None
+    mtime_ns: int | None
+    state: str
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    id: int
+    image_id: int
+    text: str
+    source: str
+
+
+_IMAGE_COLS = "id, path, content_hash, byte_size, width, height, mtime_ns, state, reason"
+
+
+class Catalog:
+    """Thread-safe access to the catalog database; one connection guarded by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raise IndexCorrupt(f"catalog {self.path} cannot be opened: {exc}") from exc
+        self._lock = threading.RLock()
+        self._migrate()
+
+    # -- schema ------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        with self._lock:
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise IndexCorrupt(
+                    f"catalog {self.path} has schema {version}, newer than this Clearsight "
+                    f"understands ({SCHEMA_VERSION}); upgrade Clearsight"
+                )
+            for v in range(version, SCHEMA_VERSION):
+                with self._db:  # each step in its own transaction
+                    self._db.executescript("BEGIN;" + _MIGRATIONS[v] + f"PRAGMA user_version={v + 1};")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._db:
+            yield self._db
+
+    # -- images ------------------------------------------------------------------------------
+    def get_image(self, image_id: int) -> ImageRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE id=?", (image_id,)).fetchone()
+        return ImageRecord(*row) if row else None
+
+    def get_images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        out: dict[int, ImageRecord] = {}
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = [int(x) for x in ids[i : i + 500]]
+                q = f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+                for row in self._db.execute(q, chunk):
+                    out[row[0]] = ImageRecord(*row)
+        return out
+
+    def image_by_path(self, path: str) -> ImageRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE path=?", (path,)).fetchone()
+        return ImageRecord(*row) if row else None
+
+    def images_under(self, root: str) -> dict[str, ImageRecord]:
+        """Every record whose path lies under `root` (a directory path with no trailing slash)."""
+        prefix = root.rstrip("/") + "/"
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall()
+        return {r[1]: ImageRecord(*r) for r in rows}
+
+    def iter_images(self, state: str | None = None) -> list[ImageRecord]:
+        with self._lock:
+            if state is None:
+                rows = self._db.execute(f"SELECT {_IMAGE_COLS} FROM images ORDER BY id").fetchall()
+            else:
+                rows = self._db.execute(
+                    f"SELECT {_IMAGE_COLS} FROM images WHERE state=? ORDER BY id", (state,)
+                ).fetchall()
+        return [ImageRecord(*r) for r in rows]
+
+    def upsert_pending(self, path: str, byte_size: int, mtime_ns: int) -> int:
+        """Mark a new or changed file as pending; its id is kept across changes so links survive."""
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute(
+                """INSERT INTO images(path, byte_size, mtime_ns, state, updated_at)
+                   VALUES (?, ?, ?, 'pending', ?)
+                   ON CONFLICT(path) DO UPDATE SET byte_size=excluded.byte_size, mtime_ns=excluded.mtime_ns,
+                     content_hash=NULL, width=NULL, height=NULL, state='pending', reason=NULL,
+                     updated_at=excluded.updated_at""",
+                (path, byte_size, mtime_ns, now),
+            )
+            row = self._db.execute("SELECT id FROM images WHERE path=?", (path,)).fetchone()
+        return int(row[0])
+
+    def mark_failed(self, image_id: int, reason: str, content_hash: str | None = None) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE images SET state='failed', reason=?, content_hash=?, updated_at=? WHERE id=?",
+                (reason, content_hash, time.time(), image_id),
+            )
+
+    def delete_images(self, ids: Iterable[int]) -> int:
+        ids = [int(i) for i in ids]
+        with self._lock, self._db:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                self._db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        return len(ids)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM images GROUP BY state").fetchall()
+        out = {"pending": 0, "indexed": 0, "failed": 0}
+        out.update({s: int(n) for s, n in rows})
+        return out
+
+    def failures(self, limit: int = 1000) -> list[tuple[str, str]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, reason FROM images WHERE state='failed' ORDER BY path LIMIT ?", (limit,)
+            ).fetchall()
+        return [(str(p), str(r)) for p, r in rows]
+
+    # -- embeddings --------------------------------------------------------------------------
+    def get_embeddings(self, hashes: Sequence[str], model: str) -> dict[str, Float32Array]:
+        out: dict[str, Float32Array] = {}
+        with self._lock:
+            for i in range(0, len(hashes), 500):
+                chunk = list(hashes[i : i + 500])
+                q = (
+                    "SELECT content_hash, vector FROM embeddings WHERE model=? AND content_hash IN "
+                    f"({','.join('?' * len(chunk))})"
+                )
+                for h, blob in self._db.execute(q, [model, *chunk]):
+                    out[h] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def commit_indexed(
+        self,
+        model: str,
+        done: Sequence[tuple[int, str, int, int]],
+        vectors: dict[str, Float32Array],
+    ) -> None:
+        """Store new vectors and mark images indexed, atomically (the unit of crash safety).
+
+        `done` holds (image id, content hash, width, height); `vectors` maps new content hashes
+        to their embeddings (hashes already stored need no entry).
+        """
+        now = time.time()
+        for h, v in vectors.items():
+            if v.dtype != np.float32 or v.ndim != 1:
+                raise ShapeError(f"embedding for {h} must be a 1-d float32 vector, got {v.dtype} {v.shape}")
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO embeddings(content_hash, model, vector) VALUES (?, ?, ?)",
+                [(h, model, v.tobytes()) for h, v in vectors.items()],
+            )
+            self._db.executemany(
+                """UPDATE images SET state='indexed', reason=NULL, content_hash=?, width=?, height=?,
+                   updated_at=? WHERE id=?""",
+                [(h, w, ht, now, i) for i, h, w, ht in done],
+            )
+
+    def indexed_vectors(self, model: str, dim: int) -> tuple[np.ndarray, Float32Array]:
+        """(ids, vectors) of every indexed image that has an embedding for `model`."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT i.id, e.vector FROM images i JOIN embeddings e
+                   ON e.content_hash = i.content_hash AND e.model = ?
+                   WHERE i.state = 'indexed' ORDER BY i.id""",
+                (model,),
+            ).fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.zeros((len(rows), dim), dtype=np.float32)
+        for k, (_, blob) in enumerate(rows):
+            vecs[k] = np.frombuffer(blob, dtype=np.float32)
+        return ids, vecs
+
+    def indexed_ids(self) -> set[int]:
+        with self._lock:
+            return {int(r[0]) for r in self._db.execute("SELECT id FROM images WHERE state='indexed'")}
+
+    # -- captions ----------------------------------------------------------------------------
+    def set_captions(self, image_id: int, source: str, texts: Sequence[str]) -> bool:
+        """Replace the captions of one source for an image; True when anything changed."""
+        clean = list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
+        with self._lock, self._db:
+            old = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT text FROM captions WHERE image_id=? AND source=? ORDER BY id", (image_id, source)
+                )
+            ]
+            if old == clean:
+                return False
+            self._db.execute("DELETE FROM captions WHERE image_id=? AND source=?", (image_id, source))
+            self._db.executemany(
+                "INSERT INTO captions(image_id, text, source) VALUES (?, ?, ?)",
+                [(image_id, t, source) for t in clean],
+            )
+        return True
+
+    def captions_for(self, image_ids: Sequence[int]) -> dict[int, list[CaptionRecord]]:
+        out: dict[int, list[CaptionRecord]] = {}
+        with self._lock:
+            for i in range(0, len(image_ids), 500):
+                chunk = [int(x) for x in image_ids[i : i + 500]]
+                q = (
+                    "SELECT id, image_id, text, source FROM captions WHERE image_id IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY id"
+                )
+                for row in self._db.execute(q, chunk):
+                    out.setdefault(row[1], []).append(CaptionRecord(*row))
+        return out
+
+    def all_captions(self) -> list[CaptionRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT c.id, c.image_id, c.text, c.source FROM captions c
+                   JOIN images i ON i.id = c.image_id WHERE i.state = 'indexed' ORDER BY c.id"""
+            ).fetchall()
+        return [CaptionRecord(*r) for r in rows]
+
+    def get_captions(self, caption_ids: Sequence[int]) -> dict[int, CaptionRecord]:
+        out: dict[int, CaptionRecord] = {}
+        with self._lock:
+            for i in range(0, len(caption_ids), 500):
+                chunk = [int(x) for x in caption_ids[i : i + 500]]
+                q = f"SELECT id, image_id, text, source FROM captions WHERE id IN ({','.join('?' * len(chunk))})"
+                for row in self._db.execute(q, chunk):
+                    out[row[0]] = CaptionRecord(*row)
+        return out
+
+    def get_text_embeddings(self, texts: Sequence[str], model: str) -> dict[str, Float32Array]:
+        out: dict[str, Float32Array] = {}
+        with self._lock:
+            for i in range(0, len(texts), 500):
+                chunk = list(texts[i : i + 500])
+                q = (
+                    "SELECT text, vector FROM text_embeddings WHERE model=? AND text IN "
+                    f"({','.join('?' * len(chunk))})"
+                )
+                for t, blob in self._db.execute(q, [model, *chunk]):
+                    out[t] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def put_text_embeddings(self, model: str, vectors: dict[str, Float32Array]) -> None:
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO text_embeddings(text, model, vector) VALUES (?, ?, ?)",
+                [(t, model, np.asarray(v, np.float32).tobytes()) for t, v in vectors.items()],
+            )
+
+    # -- generated captions (cache by content, not by file) -----------------------------------
+    def get_generated_captions(self, hashes: Sequence[str], model: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        with self._lock:
+            for i in range(0, len(hashes), 500):
+                chunk = list(hashes[i : i + 500])
+                q = (
+                    "SELECT content_hash, text FROM generated_captions WHERE model=? AND content_hash IN "
+                    f"({','.join('?' * len(chunk))})"
+                )
+                for h, t in self._db.execute(q, [model, *chunk]):
+                    out[h] = t
+        return out
+
+    def put_generated_captions(self, model: str, captions: dict[str, str]) -> None:
+        now = time.time()
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO generated_captions(content_hash, model, text, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                [(h, model, t, now) for h, t in captions.items()],
+            )
+
+    # -- meta --------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))

@@ -1,0 +1,331 @@
+"""`clearsight index PATH`: walk a folder, encode what is new or changed, and update the indexes.
+
+Decoding and preprocessing run in worker threads (Pillow and NumPy release the GIL) while the main
+thread runs the encoder on full batches, so decoding hides behind compute. Each encoded batch
+commits to the catalog in one transaction; the FAISS indexes are brought in line at the end. A run
+killed at any point loses at most the batch in flight, and the next run finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import imageio
+from .builder import SyncReport, sync_indexes
+from .catalog import ImageRecord
+from .collection import Collection
+from .encoders import Encoder
+from .errors import BadImage, ConfigError, IndexMismatch
+from .types import Float32Array
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    batch_size: int = 32
+    workers: int = 2  # decode threads
+    factory: str | None = None  # None: keep the index's factory (flat for a new index)
+    captions_file: Path | None = None  # generic JSONL {"image", "captions"}; default: PATH/captions.jsonl
+    max_pixels: int = imageio.DEFAULT_MAX_PIXELS
+    rebuild: bool = False  # re-encode everything with this model, replacing an index of another model
+    progress: bool = True
+
+
+@dataclass
+class IngestSummary:
+    root: str
+    scanned: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    encoded: int = 0
+    reused: int = 0  # identical content found already encoded
+    failed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    captioned: int = 0
+    seconds: float = 0.0
+    index: SyncReport | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        d = {k: v for k, v in self.__dict__.items() if k != "index"}
+        d["images_per_second"] = round(self.rate, 2)
+        if self.index:
+            d["index"] = dict(self.index.__dict__)
+        return d
+
+
+# -- walking -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FoundFile:
+    path: str
+    size: int
+    mtime_ns: int
+    error: str | None = None  # a reason when the file cannot even be stat'ed
+
+
+def walk(root: Path) -> Iterator[FoundFile]:
+    """Every image-suffixed file under root, following directory symlinks without looping."""
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:  # a symlink loop or a second link to a directory already walked
+            dirnames[:] = []
+            continue
+        seen_dirs.add(key)
+        dirnames.sort()
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() not in imageio.IMAGE_SUFFIXES or name.startswith("._"):
+                continue
+            p = os.path.join(dirpath, name)
+            try:
+                fst = os.stat(p)
+            except FileNotFoundError:
+                yield FoundFile(p, 0, 0, imageio.BROKEN_LINK if os.path.islink(p) else imageio.UNREADABLE)
+                continue
+            except OSError:
+                yield FoundFile(p, 0, 0, imageio.UNREADABLE)
+                continue
+            yield FoundFile(p, fst.st_size, fst.st_mtime_ns)
+
+
+# -- dataset captions ----------------------------------------------------------------------------
+def read_caption_file(path: Path, root: Path) -> dict[str, list[str]]:
+    """Generic JSONL captions keyed by absolute image path."""
+    out: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                image, caps = obj["image"], obj["captions"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"{path}:{n}: expected a JSON object with 'image' and 'captions' ({exc})"
+                ) from exc
+            p = Path(image)
+            key = str(p if p.is_absolute() else root / p)
+            out[key] = [str(c) for c in (caps if isinstance(caps, list) else [caps])]
+    return out
+
+
+# -- work items ----------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    image_id: int
+    path: str
+    content_hash: str | None = None
+    width: int = 0
+    height: int = 0
+    pixels: Float32Array | None = None
+    reused: bool = False
+    error: BadImage | None = None
+
+
+def ingest(
+    root: Path | str,
+    collection: Collection,
+    encoder: Encoder,
+    config: IngestConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> IngestSummary:
+    """Index every image under `root` into `collection`; see the module docstring."""
+    config = config or IngestConfig()
+    root = Path(root).expanduser().absolute()
+    if not root.exists():
+        raise ConfigError(f"{root} does not exist")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a directory: pass the folder that holds the images")
+    started = time.perf_counter()
+    summary = IngestSummary(root=str(root))
+    cat = collection.catalog
+    fp = encoder.info.fingerprint
+    with collection.writer_lock():
+        if collection.store.exists() and not config.rebuild:
+            manifest = collection.store.read_manifest()
+            if manifest.fingerprint != fp:
+                raise IndexMismatch(
+                    f"{collection.data_dir} holds an index built with {manifest.model_name!r}; to index with "
+                    f"{encoder.info.name!r} use another --data-dir, or pass --rebuild to replace it"
+                )
+
+        # 1. scan and reconcile with the catalog
+        known = cat.images_under(str(root))
+        seen: set[str] = set()
+        todo: list[int] = []
+        for f in walk(root):
+            summary.scanned += 1
+            seen.add(f.path)
+            rec = known.get(f.path)
+            if f.error:
+                image_id = rec.id if rec else cat.upsert_pending(f.path, 0, 0)
+                if not rec or rec.state != "failed" or rec.reason != f.error:
+                    cat.mark_failed(image_id, f.error)
+                continue
+            if rec and rec.byte_size == f.size and rec.mtime_ns == f.mtime_ns and rec.state != "pending":
+                summary.unchanged += 1
+                continue
+            if rec is None:
+                summary.new += 1
+            elif rec.state != "pending":
+                summary.changed += 1
+            todo.append(cat.upsert_pending(f.path, f.size, f.mtime_ns))
+        gone = [r.id for p, r in known.items() if p not in seen]
+        summary.deleted = cat.delete_images(gone)
+        # images indexed under another model (after --rebuild) need this model's embedding too
+        todo.extend(_missing_embeddings(collection, fp, exclude=set(todo)))
+
+        # 2. dataset captions
+        cap_file = config.captions_file or (root / "captions.jsonl")
+        if config.captions_file and not cap_file.exists():
+            raise ConfigError(f"captions file {cap_file} does not exist")
+        if cap_file.exists():
+            for path, texts in read_caption_file(cap_file, root).items():
+                rec = cat.image_by_path(path)
+                if rec and cat.set_captions(rec.id, "dataset", texts):
+                    summary.captioned += 1
+
+        # 3. decode in threads, encode in batches, commit each batch
+        if todo:
+            _encode_all(collection, encoder, todo, config, summary)
+
+        # 4. derive the indexes from the catalog
+        summary.index = sync_indexes(
+            collection, encoder, factory=config.factory, force_rebuild=config.rebuild, progress=config.progress
+        )
+    summary.failed = sum(1 for _ in cat.failures(limit=10**9) if _[0].startswith(str(root).rstrip("/") + "/"))
+    summary.failures = dict(
+        Counter(r for p, r in cat.failures(limit=10**9) if p.startswith(str(root).rstrip("/") + "/"))
+    )
+    summary.seconds = time.perf_counter() - started
+    if log and summary.index and summary.index.note:
+        log(summary.index.note)
+    return summary
+
+
+def _missing_embeddings(collection: Collection, fp: str, exclude: set[int]) -> list[int]:
+    indexed = [r for r in collection.catalog.iter_images("indexed") if r.id not in exclude]
+    hashes = [r.content_hash for r in indexed if r.content_hash]
+    have = collection.catalog.get_embeddings(hashes, fp) if hashes else {}
+    return [r.id for r in indexed if r.content_hash not in have]
+
+
+def _encode_all(
+    collection: Collection,
+    encoder: Encoder,
+    todo: list[int],
+    config: IngestConfig,
+    summary: IngestSummary,
+) -> None:
+    cat = collection.catalog
+    fp = encoder.info.fingerprint
+    records = cat.get_images(todo)
+    draft = max(encoder.info.image_size, 1)
+    claimed: dict[str, int] = {}  # content hash -> image id whose decode will produce it this run
+
+    def prepare(rec: ImageRecord) -> Prepared:
+        item = Prepared(rec.id, rec.path)
+        try:
+            data = imageio.read_bytes(Path(rec.path))
+            item.content_hash = h = imageio.content_hash(data)
+            if cat.get_embeddings([h], fp) or claimed.setdefault(h, rec.id) != rec.id:
+                # identical content: encoded already, or being encoded by another item of this run
+                dims = imageio.decode(data, draft_size=16, max_pixels=config.max_pixels)
+                item.width, item.height, item.reused = dims.width, dims.height, True
+                return item
+            dec = imageio.decode(data, draft_size=draft, max_pixels=config.max_pixels)
+            item.width, item.height = dec.width, dec.height
+            item.pixels = encoder.preprocess([dec.image])[0]
+        except BadImage as exc:
+            item.error = exc
+        return item
+
+    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not config.progress, smoothing=0.1)
+    batch: list[Prepared] = []
+    waiting: list[Prepared] = []  # duplicates whose content is encoded by an item still in flight
+    failed_hash: dict[str, BadImage] = {}
+
+    def flush() -> None:
+        nonlocal batch, waiting
+        new_vectors: dict[str, Float32Array] = {}
+        to_encode = [b for b in batch if b.pixels is not None]
+        if to_encode:
+            vecs = encoder.encode_pixels(np.stack([b.pixels for b in to_encode]))  # type: ignore[misc]
+            for b, v in zip(to_encode, vecs, strict=True):
+                new_vectors[b.content_hash] = v  # type: ignore[index]
+            summary.encoded += len(to_encode)
+        done = [b for b in batch if b.pixels is not None]
+        ready_hashes = set(new_vectors) | set(
+            cat.get_embeddings([w.content_hash for w in batch + waiting if w.pixels is None], fp)  # type: ignore[misc]
+        )
+        still: list[Prepared] = []
+        for w in [b for b in batch if b.pixels is None] + waiting:
+            if w.content_hash in ready_hashes:
+                done.append(w)
+                summary.reused += 1
+            elif w.content_hash in failed_hash:
+                err = failed_hash[w.content_hash]
+                cat.mark_failed(w.image_id, err.reason, w.content_hash)
+            else:
+                still.append(w)
+        cat.commit_indexed(
+            fp, [(b.image_id, b.content_hash, b.width, b.height) for b in done], new_vectors  # type: ignore[misc]
+        )
+        for b in batch:
+            b.pixels = None  # free the pixel memory of the committed batch
+        batch, waiting = [], still
+
+    ordered = [records[i] for i in todo if i in records]
+    window = max(config.batch_size * 2, config.workers * 4)
+    with ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="decode") as pool:
+        inflight: deque[Future[Prepared]] = deque()
+        it = iter(ordered)
+        for rec in it:
+            inflight.append(pool.submit(prepare, rec))
+            if len(inflight) >= window:
+                break
+        while inflight:
+            item = inflight.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                inflight.append(pool.submit(prepare, nxt))
+            bar.update(1)
+            if item.error is not None:
+                cat.mark_failed(item.image_id, item.error.reason, item.content_hash)
+                if item.content_hash:
+                    failed_hash[item.content_hash] = item.error
+                continue
+            batch.append(item)
+            if sum(1 for b in batch if b.pixels is not None) >= config.batch_size:
+                flush()
+        if batch or waiting:
+            flush()
+        # anything still waiting lost its twin (it failed after being claimed): encode it alone
+        for w in waiting:
+            try:
+                dec = imageio.open_image(Path(w.path), draft_size=draft, max_pixels=config.max_pixels)
+                v = encoder.encode_images([dec.image])[0]
+                cat.commit_indexed(fp, [(w.image_id, w.content_hash, dec.width, dec.height)], {w.content_hash: v})  # type: ignore[dict-item, list-item]
+                summary.encoded += 1
+            except BadImage as exc:
+                cat.mark_failed(w.image_id, exc.reason, w.content_hash)
+    bar.close()

@@ -1,0 +1,230 @@
+"""Search a collection four ways: text→image, image→image, text+image (hybrid), image→text."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import imageio
+from .collection import Collection
+from .encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
+from .errors import BadQuery
+from .index import LoadedIndex, SearchParams
+from .types import Float32Array
+
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the user asked. `weight` is the text's share in a text+image query (0..1)."""
+
+    text: str | None = None
+    image: Image.Image | None = None
+    weight: float = 0.5
+    negative: str | None = None
+    negative_weight: float = 0.5
+    top_k: int = 10
+    offset: int = 0
+    min_score: float | None = None
+    image_key: str | None = None  # content hash of the query image, for caches
+
+    @property
+    def kind(self) -> str:
+        if self.text and self.image is not None:
+            return "text+image"
+        return "image" if self.image is not None else "text"
+
+    def validate(self) -> None:
+        if not (self.text and self.text.strip()) and self.image is None:
+            raise BadQuery("give a text query, an image (--image), or both")
+        if not 0.0 <= self.weight <= 1.0:
+            raise BadQuery(f"weight must be between 0 and 1 (the text's share), got {self.weight}")
+        if not 0.0 <= self.negative_weight <= 1.0:
+            raise BadQuery(f"negative weight must be between 0 and 1, got {self.negative_weight}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise BadQuery(f"top-k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
+        if self.offset < 0:
+            raise BadQuery(f"offset must be 0 or more, got {self.offset}")
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    score: float
+    rank: int  # 1-based, counted over the whole result list (offset included)
+    width: int | None = None
+    height: int | None = None
+    content_hash: str | None = None
+    captions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class CaptionHit:
+    id: int  # caption id
+    text: str
+    source: str
+    image_id: int
+    path: str
+    score: float
+    rank: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    query_kind: str
+    model: str
+    index_factory: str
+    total: int  # vectors in the searched index
+    results: list[Hit] | list[CaptionHit]
+    target: str = "images"  # or "captions"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "query_kind": self.query_kind,
+            "target": self.target,
+            "model": self.model,
+            "index_factory": self.index_factory,
+            "total": self.total,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+def load_query_image(path: Path | str, max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """Decode a query image, turning every decoding problem into a BadQuery the user can act on."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise BadQuery(f"query image {p} does not exist")
+    data = imageio.read_bytes(p)
+    return imageio.decode(data, max_pixels=max_pixels).image, imageio.content_hash(data)
+
+
+class Searcher:
+    """A loaded index plus its encoder; build once (per process), query many times."""
+
+    def __init__(
+        self,
+        collection: Collection,
+        encoder: Encoder,
+        index: LoadedIndex,
+        params: SearchParams | None = None,
+    ) -> None:
+        self.collection = collection
+        self.encoder = encoder
+        self.index = index
+        self.params = params or SearchParams()
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path | str | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        encoder: Encoder | None = None,
+    ) -> Searcher:
+        """Open a collection with the model recorded at index time, unless another is named."""
+        collection = Collection(data_dir)
+        manifest = collection.store.read_manifest()
+        if encoder is None:
+            encoder = create_encoder(EncoderConfig(model=model or manifest.model_id, device=device))
+        index = collection.store.load(expect_fingerprint=encoder.info.fingerprint, expect_model=model)
+        return cls(collection, encoder, index)
+
+    def reload(self) -> bool:
+        """Pick up a newer index version written by a running ingest; True when it changed."""
+        version = self.collection.store.current_version()
+        if version is None or version == self.index.version:
+            return False
+        self.index = self.collection.store.load(expect_fingerprint=self.encoder.info.fingerprint)
+        return True
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.collection.close()
+
+    # -- query embedding ---------------------------------------------------------------------
+    def embed_query(self, q: Query) -> Float32Array:
+        q.validate()
+        parts: list[Float32Array] = []
+        if q.text and q.text.strip():
+            parts.append(q.weight * self.encoder.encode_texts([q.text])[0] if q.image is not None else self.encoder.encode_texts([q.text])[0])
+        if q.image is not None:
+            img = self.encoder.encode_images([q.image])[0]
+            parts.append((1.0 - q.weight) * img if q.text else img)
+        vec = np.sum(parts, axis=0)
+        if q.negative and q.negative.strip():
+            vec = l2_normalise(vec[None])[0] - q.negative_weight * self.encoder.encode_texts([q.negative])[0]
+        if float(np.linalg.norm(vec)) < 1e-6:
+            raise BadQuery("the query cancels out (weights and negative text leave nothing to search for)")
+        return l2_normalise(vec[None])
+
+    # -- searches ----------------------------------------------------------------------------
+    def search(self, q: Query) -> SearchResult:
+        vec = self.embed_query(q)
+        return self.search_vector(vec, q, kind=q.kind)
+
+    def search_vector(self, vec: Float32Array, q: Query, kind: str = "vector") -> SearchResult:
+        idx = self.index.images
+        # ask for a little more than needed: ids deleted since the index was written are dropped
+        want = q.offset + q.top_k
+        scores, ids = idx.search(vec, want + 16, self.params)
+        records = self.collection.catalog.get_images([int(i) for i in ids[0] if i >= 0])
+        caps = self.collection.catalog.captions_for(list(records))
+        hits: list[Hit] = []
+        for s, i in zip(scores[0], ids[0], strict=True):
+            rec = records.get(int(i))
+            if rec is None or rec.state != "indexed":
+                continue
+            if q.min_score is not None and float(s) < q.min_score:
+                break
+            hits.append(
+                Hit(
+                    id=rec.id,
+                    path=rec.path,
+                    score=round(float(s), 6),
+                    rank=len(hits) + 1,
+                    width=rec.width,
+                    height=rec.height,
+                    content_hash=rec.content_hash,
+                    captions=[c.text for c in caps.get(rec.id, [])],
+                )
+            )
+        page = hits[q.offset : q.offset + q.top_k]
+        m = self.index.manifest
+        return SearchResult(kind, m.model_name, m.built_factory, idx.ntotal, page)
+
+    def search_captions(self, q: Query) -> SearchResult:
+        """Image→text (or text→text): captions nearest the query, each with the image it belongs to."""
+        vec = self.embed_query(q)
+        idx = self.index.captions
+        if idx.ntotal == 0:
+            raise BadQuery(
+                "this collection has no captions to search: index a folder with a captions.jsonl, "
+                "pass --captions FILE to `clearsight index`, or generate captions with `clearsight caption`"
+            )
+        want = q.offset + q.top_k
+        scores, ids = idx.search(vec, want + 16, self.params)
+        cat = self.collection.catalog
+        caps = cat.get_captions([int(i) for i in ids[0] if i >= 0])
+        images = cat.get_images(sorted({c.image_id for c in caps.values()}))
+        hits: list[CaptionHit] = []
+        for s, i in zip(scores[0], ids[0], strict=True):
+            c = caps.get(int(i))
+            rec = images.get(c.image_id) if c else None
+            if c is None or rec is None or rec.state != "indexed":
+                continue
+            if q.min_score is not None and float(s) < q.min_score:
+                break
+            hits.append(CaptionHit(c.id, c.text, c.source, rec.id, rec.path, round(float(s), 6), len(hits) + 1))
+        m = self.index.manifest
+        return SearchResult(q.kind, m.model_name, "Flat", idx.ntotal, hits[q.offset : q.offset + q.top_k], "captions")
