@@ -29,13 +29,16 @@ DataDir = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="Where the catalog and index live [default: $CLEARSIGHT_DATA_DIR, else ~/.local/share/clearsight]",
+        help="Where the catalog and index live "
+        "[default: $CLEARSIGHT_DATA_DIR, else ~/.local/share/clearsight]",
         show_default=False,
     ),
 ]
 Model = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Encoder: registry name, hub id or local directory (see `clearsight models`)"),
+    typer.Option(
+        "--model", "-m", help="Encoder: registry name, hub id or local directory (see `clearsight models`)"
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")]
@@ -79,15 +82,19 @@ def index_cmd(
     model: Model = None,
     data_dir: DataDir = None,
     index: Annotated[
-        str | None, typer.Option("--index", help="flat (exact, default), hnsw, ivfpq, or a FAISS factory string")
+        str | None,
+        typer.Option("--index", help="flat (exact, default), hnsw, ivfpq, or a FAISS factory string"),
     ] = None,
     captions: Annotated[
-        Path | None, typer.Option("--captions", help="JSONL of {image, captions} [default: PATH/captions.jsonl]")
+        Path | None,
+        typer.Option("--captions", help="JSONL of {image, captions} [default: PATH/captions.jsonl]"),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Decode threads")] = 2,
     device: Device = "auto",
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Replace an index built with another model")] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Replace an index built with another model")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -129,13 +136,21 @@ def index_cmd(
 @boundary
 def search_cmd(
     text: Annotated[str | None, typer.Argument(help="Text query")] = None,
-    image: Annotated[Path | None, typer.Option("--image", "-i", help="Image query (alone or with text)")] = None,
-    weight: Annotated[float, typer.Option("--weight", "-w", help="Text's share in a text+image query, 0..1")] = 0.5,
+    image: Annotated[
+        Path | None, typer.Option("--image", "-i", help="Image query (alone or with text)")
+    ] = None,
+    weight: Annotated[
+        float, typer.Option("--weight", "-w", help="Text's share in a text+image query, 0..1")
+    ] = 0.5,
     negative: Annotated[str | None, typer.Option("--negative", help="Text to steer away from")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Results per page")] = 10,
     offset: Annotated[int, typer.Option("--offset", help="Skip this many results (paging)")] = 0,
-    min_score: Annotated[float | None, typer.Option("--min-score", help="Drop results scoring below this")] = None,
-    captions: Annotated[bool, typer.Option("--captions", help="Return captions (image→text) instead of images")] = False,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Drop results scoring below this")
+    ] = None,
+    captions: Annotated[
+        bool, typer.Option("--captions", help="Return captions (image→text) instead of images")
+    ] = False,
     model: Model = None,
     data_dir: DataDir = None,
     device: Device = "auto",
@@ -172,7 +187,9 @@ def _print_table(result: dict[str, Any]) -> None:
     )
     if not rows:
         return
-    width = max(40, min(100, os.get_terminal_size(sys.stdout.fileno()).columns - 20) if sys.stdout.isatty() else 100)
+    width = max(
+        40, min(100, os.get_terminal_size(sys.stdout.fileno()).columns - 20) if sys.stdout.isatty() else 100
+    )
     typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>6}  {'caption' if target == 'captions' else 'path'}")
     for r in rows:
         label = f"{r['text']}  [{Path(r['path']).name}]" if target == "captions" else r["path"]

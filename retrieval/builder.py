@@ -99,7 +99,11 @@ def sync_indexes(
     cap_ids = np.asarray([c.id for c in caps], dtype=np.int64)
     cap_vecs = embed_texts_cached(collection, encoder, [c.text for c in caps], progress=progress)
     captions_changed = current is None or not np.array_equal(np.sort(current.captions.ids()), cap_ids)
-    captions = VectorIndex.build(cap_ids, cap_vecs, "Flat", info.dim) if captions_changed else current.captions  # type: ignore[union-attr]
+    captions = (
+        current.captions
+        if current is not None and not captions_changed
+        else VectorIndex.build(cap_ids, cap_vecs, "Flat", info.dim)
+    )
 
     changed = rebuilt or added or removed or captions_changed
     version = None

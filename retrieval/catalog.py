@@ -29,7 +29,7 @@ _MIGRATIONS: list[str] = [
     # 0 -> 1: the first schema
     """
     CREATE TABLE images (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused: the index keys on them
         path TEXT NOT NULL UNIQUE,
         content_hash TEXT,
         byte_size INTEGER,
@@ -43,7 +43,7 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX images_hash ON images(content_hash);
     CREATE INDEX images_state ON images(state);
     CREATE TABLE captions (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
         text TEXT NOT NULL,
         source TEXT NOT NULL,
@@ -185,20 +185,21 @@ class Catalog:
                 ).fetchall()
         return [ImageRecord(*r) for r in rows]
 
-    def upsert_pending(self, path: str, byte_size: int, mtime_ns: int) -> int:
-        """Mark a new or changed file as pending; its id is kept across changes so links survive."""
+    def add_pending(self, path: str, byte_size: int, mtime_ns: int) -> int:
+        """Record a new or changed file as pending under a fresh id.
+
+        A changed file gets a new id: it is a different image, and the index, which only ever adds
+        and removes ids, then replaces its vector without having to compare contents.
+        """
         now = time.time()
         with self._lock, self._db:
-            self._db.execute(
-                """INSERT INTO images(path, byte_size, mtime_ns, state, updated_at)
-                   VALUES (?, ?, ?, 'pending', ?)
-                   ON CONFLICT(path) DO UPDATE SET byte_size=excluded.byte_size, mtime_ns=excluded.mtime_ns,
-                     content_hash=NULL, width=NULL, height=NULL, state='pending', reason=NULL,
-                     updated_at=excluded.updated_at""",
+            self._db.execute("DELETE FROM images WHERE path=?", (path,))
+            cur = self._db.execute(
+                "INSERT INTO images(path, byte_size, mtime_ns, state, updated_at) "
+                "VALUES (?, ?, ?, 'pending', ?)",
                 (path, byte_size, mtime_ns, now),
             )
-            row = self._db.execute("SELECT id FROM images WHERE path=?", (path,)).fetchone()
-        return int(row[0])
+        return int(cur.lastrowid or 0)
 
     def mark_failed(self, image_id: int, reason: str, content_hash: str | None = None) -> None:
         with self._lock, self._db:
@@ -334,7 +335,8 @@ class Catalog:
         with self._lock:
             for i in range(0, len(caption_ids), 500):
                 chunk = [int(x) for x in caption_ids[i : i + 500]]
-                q = f"SELECT id, image_id, text, source FROM captions WHERE id IN ({','.join('?' * len(chunk))})"
+                marks = ",".join("?" * len(chunk))
+                q = f"SELECT id, image_id, text, source FROM captions WHERE id IN ({marks})"
                 for row in self._db.execute(q, chunk):
                     out[row[0]] = CaptionRecord(*row)
         return out

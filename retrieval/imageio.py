@@ -101,8 +101,8 @@ def decode(
             if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
                 im.draft(im.mode, (draft_size, draft_size))
             im.load()
-            im = ImageOps.exif_transpose(im) or im
-            return Decoded(to_rgb(im), w, h)
+            shown: Image.Image = ImageOps.exif_transpose(im) or im
+            return Decoded(to_rgb(shown), w, h)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -110,6 +110,18 @@ def decode(
     except UnidentifiedImageError as exc:
         raise BadImage(NOT_IMAGE, str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error()) as exc:
+        raise BadImage(TRUNCATED, str(exc)) from exc
+
+
+def probe_size(data: bytes) -> tuple[int, int]:
+    """Displayed (width, height) from the header alone, for content that needs no decoding."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w
+        return w, h
+    except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(TRUNCATED, str(exc)) from exc
 
 

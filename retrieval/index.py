@@ -74,7 +74,9 @@ def check_vectors(x: Any, dim: int, what: str = "vectors") -> Float32Array:
     """Refuse arrays that would silently corrupt an inner-product index."""
     arr = np.asarray(x)
     if arr.ndim != 2 or arr.shape[1] != dim:
-        raise ShapeError(f"{what} must have shape (n, {dim}), got {arr.shape}: was the index built with another model?")
+        raise ShapeError(
+            f"{what} must have shape (n, {dim}), got {arr.shape}: was the index built with another model?"
+        )
     if arr.dtype != np.float32:
         raise ShapeError(f"{what} must be float32, got {arr.dtype}: convert with .astype(np.float32)")
     if not np.isfinite(arr).all():
@@ -103,10 +105,10 @@ def resolve_factory(requested: str, n: int, dim: int) -> tuple[str, str]:
         nlist = max(16, min(nlist, n // 39, 65536))
         m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, dim // 8))
         return f"IVF{nlist},PQ{m}", ""
-    m = re.match(r"^IVF(\d+)", name)
-    if m and n < 39 * int(m.group(1)):
+    ivf = re.match(r"^IVF(\d+)", name)
+    if ivf and n < 39 * int(ivf.group(1)):
         return "Flat", (
-            f"{name} needs at least {39 * int(m.group(1))} vectors to train ({n} so far): "
+            f"{name} needs at least {39 * int(ivf.group(1))} vectors to train ({n} so far): "
             "exact search is used until then"
         )
     try:  # validate the string before anything is written
@@ -185,7 +187,9 @@ class VectorIndex:
         try:
             index = faiss.read_index(str(path))
         except Exception as exc:
-            raise IndexCorrupt(f"cannot read {path}: {exc}; rebuild with `clearsight index --rebuild`") from exc
+            raise IndexCorrupt(
+                f"cannot read {path}: {exc}; rebuild with `clearsight index --rebuild`"
+            ) from exc
         if index.d != dim:
             raise IndexCorrupt(f"{path} holds {index.d}-d vectors but the manifest says {dim}")
         return cls(index, dim, factory)

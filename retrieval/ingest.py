@@ -136,9 +136,17 @@ class Prepared:
     content_hash: str | None = None
     width: int = 0
     height: int = 0
-    pixels: Float32Array | None = None
-    reused: bool = False
+    pixels: Float32Array | None = None  # None: no decode needed, the content is encoded elsewhere
     error: BadImage | None = None
+
+
+@dataclass(frozen=True)
+class Ready:
+    image_id: int
+    content_hash: str
+    width: int
+    height: int
+    pixels: Float32Array | None
 
 
 def ingest(
@@ -150,7 +158,7 @@ def ingest(
 ) -> IngestSummary:
     """Index every image under `root` into `collection`; see the module docstring."""
     config = config or IngestConfig()
-    root = Path(root).expanduser().absolute()
+    root = Path(os.path.abspath(Path(root).expanduser()))  # normalised, symlinks kept as the user named them
     if not root.exists():
         raise ConfigError(f"{root} does not exist")
     if not root.is_dir():
@@ -177,18 +185,21 @@ def ingest(
             seen.add(f.path)
             rec = known.get(f.path)
             if f.error:
-                image_id = rec.id if rec else cat.upsert_pending(f.path, 0, 0)
                 if not rec or rec.state != "failed" or rec.reason != f.error:
-                    cat.mark_failed(image_id, f.error)
+                    cat.mark_failed(rec.id if rec else cat.add_pending(f.path, 0, 0), f.error)
                 continue
-            if rec and rec.byte_size == f.size and rec.mtime_ns == f.mtime_ns and rec.state != "pending":
-                summary.unchanged += 1
+            same_file = rec is not None and rec.byte_size == f.size and rec.mtime_ns == f.mtime_ns
+            if rec is not None and same_file:
+                if rec.state == "pending":  # left over by an interrupted run
+                    todo.append(rec.id)
+                else:
+                    summary.unchanged += 1
                 continue
             if rec is None:
                 summary.new += 1
-            elif rec.state != "pending":
+            else:
                 summary.changed += 1
-            todo.append(cat.upsert_pending(f.path, f.size, f.mtime_ns))
+            todo.append(cat.add_pending(f.path, f.size, f.mtime_ns))
         gone = [r.id for p, r in known.items() if p not in seen]
         summary.deleted = cat.delete_images(gone)
         # images indexed under another model (after --rebuild) need this model's embedding too
@@ -210,7 +221,11 @@ def ingest(
 
         # 4. derive the indexes from the catalog
         summary.index = sync_indexes(
-            collection, encoder, factory=config.factory, force_rebuild=config.rebuild, progress=config.progress
+            collection,
+            encoder,
+            factory=config.factory,
+            force_rebuild=config.rebuild,
+            progress=config.progress,
         )
     summary.failed = sum(1 for _ in cat.failures(limit=10**9) if _[0].startswith(str(root).rstrip("/") + "/"))
     summary.failures = dict(
@@ -249,8 +264,7 @@ def _encode_all(
             item.content_hash = h = imageio.content_hash(data)
             if cat.get_embeddings([h], fp) or claimed.setdefault(h, rec.id) != rec.id:
                 # identical content: encoded already, or being encoded by another item of this run
-                dims = imageio.decode(data, draft_size=16, max_pixels=config.max_pixels)
-                item.width, item.height, item.reused = dims.width, dims.height, True
+                item.width, item.height = imageio.probe_size(data)
                 return item
             dec = imageio.decode(data, draft_size=draft, max_pixels=config.max_pixels)
             item.width, item.height = dec.width, dec.height
@@ -260,72 +274,52 @@ def _encode_all(
         return item
 
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not config.progress, smoothing=0.1)
-    batch: list[Prepared] = []
-    waiting: list[Prepared] = []  # duplicates whose content is encoded by an item still in flight
-    failed_hash: dict[str, BadImage] = {}
+    batch: list[Ready] = []  # decoded items awaiting the encoder
+    waiting: list[Ready] = []  # identical content whose vector another item will produce
+    failed_hash: dict[str, str] = {}  # content hash -> reason, so identical copies fail alike
 
     def flush() -> None:
         nonlocal batch, waiting
         new_vectors: dict[str, Float32Array] = {}
-        to_encode = [b for b in batch if b.pixels is not None]
-        if to_encode:
-            vecs = encoder.encode_pixels(np.stack([b.pixels for b in to_encode]))  # type: ignore[misc]
-            for b, v in zip(to_encode, vecs, strict=True):
-                new_vectors[b.content_hash] = v  # type: ignore[index]
-            summary.encoded += len(to_encode)
-        done = [b for b in batch if b.pixels is not None]
-        ready_hashes = set(new_vectors) | set(
-            cat.get_embeddings([w.content_hash for w in batch + waiting if w.pixels is None], fp)  # type: ignore[misc]
-        )
-        still: list[Prepared] = []
-        for w in [b for b in batch if b.pixels is None] + waiting:
-            if w.content_hash in ready_hashes:
-                done.append(w)
+        if batch:
+            vecs = encoder.encode_pixels(np.stack([b.pixels for b in batch if b.pixels is not None]))
+            new_vectors = {b.content_hash: v for b, v in zip(batch, vecs, strict=True)}
+            summary.encoded += len(batch)
+        done = [(b.image_id, b.content_hash, b.width, b.height) for b in batch]
+        stored = cat.get_embeddings([w.content_hash for w in waiting], fp)
+        still: list[Ready] = []
+        for w in waiting:
+            if w.content_hash in new_vectors or w.content_hash in stored:
+                done.append((w.image_id, w.content_hash, w.width, w.height))
                 summary.reused += 1
             elif w.content_hash in failed_hash:
-                err = failed_hash[w.content_hash]
-                cat.mark_failed(w.image_id, err.reason, w.content_hash)
+                cat.mark_failed(w.image_id, failed_hash[w.content_hash], w.content_hash)
             else:
                 still.append(w)
-        cat.commit_indexed(
-            fp, [(b.image_id, b.content_hash, b.width, b.height) for b in done], new_vectors  # type: ignore[misc]
-        )
-        for b in batch:
-            b.pixels = None  # free the pixel memory of the committed batch
+        cat.commit_indexed(fp, done, new_vectors)
         batch, waiting = [], still
 
     ordered = [records[i] for i in todo if i in records]
     window = max(config.batch_size * 2, config.workers * 4)
     with ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="decode") as pool:
-        inflight: deque[Future[Prepared]] = deque()
-        it = iter(ordered)
-        for rec in it:
-            inflight.append(pool.submit(prepare, rec))
-            if len(inflight) >= window:
-                break
+        inflight: deque[Future[Prepared]] = deque(pool.submit(prepare, r) for r in ordered[:window])
+        rest = iter(ordered[window:])
         while inflight:
             item = inflight.popleft().result()
-            nxt = next(it, None)
+            nxt = next(rest, None)
             if nxt is not None:
                 inflight.append(pool.submit(prepare, nxt))
             bar.update(1)
-            if item.error is not None:
-                cat.mark_failed(item.image_id, item.error.reason, item.content_hash)
+            if item.error is not None or item.content_hash is None:
+                reason = item.error.reason if item.error else imageio.UNREADABLE
+                cat.mark_failed(item.image_id, reason, item.content_hash)
                 if item.content_hash:
-                    failed_hash[item.content_hash] = item.error
+                    failed_hash[item.content_hash] = reason
                 continue
-            batch.append(item)
-            if sum(1 for b in batch if b.pixels is not None) >= config.batch_size:
+            ready = Ready(item.image_id, item.content_hash, item.width, item.height, item.pixels)
+            (waiting if item.pixels is None else batch).append(ready)
+            if len(batch) >= config.batch_size:
                 flush()
-        if batch or waiting:
-            flush()
-        # anything still waiting lost its twin (it failed after being claimed): encode it alone
-        for w in waiting:
-            try:
-                dec = imageio.open_image(Path(w.path), draft_size=draft, max_pixels=config.max_pixels)
-                v = encoder.encode_images([dec.image])[0]
-                cat.commit_indexed(fp, [(w.image_id, w.content_hash, dec.width, dec.height)], {w.content_hash: v})  # type: ignore[dict-item, list-item]
-                summary.encoded += 1
-            except BadImage as exc:
-                cat.mark_failed(w.image_id, exc.reason, w.content_hash)
+        flush()
+    # Whatever still waits keeps its 'pending' state and is picked up by the next run.
     bar.close()

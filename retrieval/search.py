@@ -100,7 +100,9 @@ class SearchResult:
         }
 
 
-def load_query_image(path: Path | str, max_pixels: int = imageio.DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+def load_query_image(
+    path: Path | str, max_pixels: int = imageio.DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, str]:
     """Decode a query image, turning every decoding problem into a BadQuery the user can act on."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -157,7 +159,11 @@ class Searcher:
         q.validate()
         parts: list[Float32Array] = []
         if q.text and q.text.strip():
-            parts.append(q.weight * self.encoder.encode_texts([q.text])[0] if q.image is not None else self.encoder.encode_texts([q.text])[0])
+            parts.append(
+                q.weight * self.encoder.encode_texts([q.text])[0]
+                if q.image is not None
+                else self.encoder.encode_texts([q.text])[0]
+            )
         if q.image is not None:
             img = self.encoder.encode_images([q.image])[0]
             parts.append((1.0 - q.weight) * img if q.text else img)
@@ -225,6 +231,10 @@ class Searcher:
                 continue
             if q.min_score is not None and float(s) < q.min_score:
                 break
-            hits.append(CaptionHit(c.id, c.text, c.source, rec.id, rec.path, round(float(s), 6), len(hits) + 1))
+            hits.append(
+                CaptionHit(c.id, c.text, c.source, rec.id, rec.path, round(float(s), 6), len(hits) + 1)
+            )
         m = self.index.manifest
-        return SearchResult(q.kind, m.model_name, "Flat", idx.ntotal, hits[q.offset : q.offset + q.top_k], "captions")
+        return SearchResult(
+            q.kind, m.model_name, "Flat", idx.ntotal, hits[q.offset : q.offset + q.top_k], "captions"
+        )

@@ -44,7 +44,9 @@ class HFDualEncoder:
         processor = hub.load(src, AutoProcessor.from_pretrained, "encoder's processor")
         family = str(getattr(model.config, "model_type", ""))
         if family not in _SUPPORTED:
-            raise ModelUnavailable(f"{name!r} is a {family or 'unknown'} model; supported: {', '.join(_SUPPORTED)}")
+            raise ModelUnavailable(
+                f"{name!r} is a {family or 'unknown'} model; supported: {', '.join(_SUPPORTED)}"
+            )
         self.device = select_device(device)
         self.precision = default_dtype(self.device, precision)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
@@ -68,9 +70,7 @@ class HFDualEncoder:
             dim=dim,
             image_size=int(vcfg.image_size),
             patch_size=int(vcfg.patch_size),
-            context_length=int(
-                spec.context_length if spec else getattr(tcfg, "max_position_embeddings", 77)
-            ),
+            context_length=int(spec.context_length if spec else getattr(tcfg, "max_position_embeddings", 77)),
         )
         self._lock = threading.Lock()  # one forward pass at a time on a shared model
 
@@ -129,7 +129,7 @@ class HFDualEncoder:
 
         import torch
 
-        self.model = None  # type: ignore[assignment]
+        self.model = None
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

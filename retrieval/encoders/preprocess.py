@@ -52,7 +52,7 @@ class PreprocessConfig:
         rescale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0
         mean = tuple(ip.image_mean) if getattr(ip, "do_normalize", True) else (0.0, 0.0, 0.0)
         std = tuple(ip.image_std) if getattr(ip, "do_normalize", True) else (1.0, 1.0, 1.0)
-        return cls(shortest, hw, crop, resample, rescale, mean, std)  # type: ignore[arg-type]
+        return cls(shortest, hw, crop, resample, rescale, mean, std)
 
 
 def _resize(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny CLIP saved with save_pretrained and loaded like a hub model, and image helpers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder
+from retrieval.tiny import make_clip
+
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the user's data dir, a .env, or the network."""
+    monkeypatch.setenv("CLEARSIGHT_DATA_DIR", str(tmp_path / "default-data"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.delenv("GROQ_API_KEY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("tiny-clip"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second model with other weights, for mismatch checks."""
+    return make_clip(tmp_path_factory.mktemp("other-clip"), "tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_clip_dir: Path) -> Iterator[Encoder]:
+    enc = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu"))
+    yield enc
+
+
+def draw_shape(path: Path, i: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
+    """A distinct synthetic photo: shape, colour and position vary with i."""
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    c = COLOURS[i % len(COLOURS)]
+    x = (i * 7) % max(1, size[0] - 40)
+    if (i // len(COLOURS)) % 2:
+        d.ellipse([x, 10, x + 36, 46], fill=c)
+    else:
+        d.rectangle([x, 20, x + 30, 50], fill=c)
+    d.text((2, size[1] - 12), str(i), fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format=fmt)
+    return path
+
+
+def make_folder(root: Path, n: int, start: int = 0) -> list[Path]:
+    return [draw_shape(root / f"img_{i:04d}.jpg", i) for i in range(start, start + n)]
+
+
+def env_offline() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
