@@ -227,10 +227,9 @@ def ingest(
             force_rebuild=config.rebuild,
             progress=config.progress,
         )
-    summary.failed = sum(1 for _ in cat.failures(limit=10**9) if _[0].startswith(str(root).rstrip("/") + "/"))
-    summary.failures = dict(
-        Counter(r for p, r in cat.failures(limit=10**9) if p.startswith(str(root).rstrip("/") + "/"))
-    )
+    prefix = str(root).rstrip("/") + "/"
+    reasons = [r for p, r in cat.failures(limit=10**9) if p.startswith(prefix)]
+    summary.failed, summary.failures = len(reasons), dict(Counter(reasons))
     summary.seconds = time.perf_counter() - started
     if log and summary.index and summary.index.note:
         log(summary.index.note)

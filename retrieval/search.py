@@ -156,18 +156,16 @@ class Searcher:
 
     # -- query embedding ---------------------------------------------------------------------
     def embed_query(self, q: Query) -> Float32Array:
+        """Weighted sum of the normalised text and image embeddings, minus the negative, renormalised."""
         q.validate()
-        parts: list[Float32Array] = []
-        if q.text and q.text.strip():
-            parts.append(
-                q.weight * self.encoder.encode_texts([q.text])[0]
-                if q.image is not None
-                else self.encoder.encode_texts([q.text])[0]
-            )
+        has_text = bool(q.text and q.text.strip())
+        vec = np.zeros(self.encoder.info.dim, dtype=np.float32)
+        if has_text:
+            share = q.weight if q.image is not None else 1.0
+            vec += share * self.encoder.encode_texts([q.text or ""])[0]
         if q.image is not None:
-            img = self.encoder.encode_images([q.image])[0]
-            parts.append((1.0 - q.weight) * img if q.text else img)
-        vec = np.sum(parts, axis=0)
+            share = (1.0 - q.weight) if has_text else 1.0
+            vec += share * self.encoder.encode_images([q.image])[0]
         if q.negative and q.negative.strip():
             vec = l2_normalise(vec[None])[0] - q.negative_weight * self.encoder.encode_texts([q.negative])[0]
         if float(np.linalg.norm(vec)) < 1e-6:
