@@ -1,0 +1,1 @@
+"""Clearsight application layer: captions, explanations, cards, server and CLI."""
