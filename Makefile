@@ -29,8 +29,8 @@ run: $(STAMP)
 	@echo "search it with: $(BIN)/clearsight search 'a dog on a beach'"
 
 lint: $(STAMP)
-	$(BIN)/ruff check retrieval explainer tests bench
-	$(BIN)/ruff format --check retrieval explainer tests bench
+	$(BIN)/ruff check retrieval explainer tests $(wildcard bench)
+	$(BIN)/ruff format --check retrieval explainer tests $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy retrieval explainer
