@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -140,6 +141,17 @@ class Catalog:
         with self._lock:
             self._db.close()
 
+    def _select_in(
+        self, sql: str, keys: Sequence[object], params: Sequence[object] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run `sql` (ending in `IN ({marks})`) over `keys` in chunks below SQLite's variable limit."""
+        rows: list[tuple[Any, ...]] = []
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i : i + 500])
+                rows.extend(self._db.execute(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk]))
+        return rows
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock, self._db:
@@ -152,14 +164,10 @@ class Catalog:
         return ImageRecord(*row) if row else None
 
     def get_images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
-        out: dict[int, ImageRecord] = {}
-        with self._lock:
-            for i in range(0, len(ids), 500):
-                chunk = [int(x) for x in ids[i : i + 500]]
-                q = f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
-                for row in self._db.execute(q, chunk):
-                    out[row[0]] = ImageRecord(*row)
-        return out
+        rows = self._select_in(
+            f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({{marks}})", [int(x) for x in ids]
+        )
+        return {r[0]: ImageRecord(*r) for r in rows}
 
     def image_by_path(self, path: str) -> ImageRecord | None:
         with self._lock:
@@ -211,9 +219,7 @@ class Catalog:
     def delete_images(self, ids: Iterable[int]) -> int:
         ids = [int(i) for i in ids]
         with self._lock, self._db:
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                self._db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            self._select_in("DELETE FROM images WHERE id IN ({marks})", ids)
         return len(ids)
 
     def counts(self) -> dict[str, int]:
@@ -232,17 +238,8 @@ class Catalog:
 
     # -- embeddings --------------------------------------------------------------------------
     def get_embeddings(self, hashes: Sequence[str], model: str) -> dict[str, Float32Array]:
-        out: dict[str, Float32Array] = {}
-        with self._lock:
-            for i in range(0, len(hashes), 500):
-                chunk = list(hashes[i : i + 500])
-                q = (
-                    "SELECT content_hash, vector FROM embeddings WHERE model=? AND content_hash IN "
-                    f"({','.join('?' * len(chunk))})"
-                )
-                for h, blob in self._db.execute(q, [model, *chunk]):
-                    out[h] = np.frombuffer(blob, dtype=np.float32)
-        return out
+        sql = "SELECT content_hash, vector FROM embeddings WHERE model=? AND content_hash IN ({marks})"
+        return {h: np.frombuffer(b, dtype=np.float32) for h, b in self._select_in(sql, hashes, [model])}
 
     def commit_indexed(
         self,
@@ -310,16 +307,10 @@ class Catalog:
         return True
 
     def captions_for(self, image_ids: Sequence[int]) -> dict[int, list[CaptionRecord]]:
+        sql = "SELECT id, image_id, text, source FROM captions WHERE image_id IN ({marks}) ORDER BY id"
         out: dict[int, list[CaptionRecord]] = {}
-        with self._lock:
-            for i in range(0, len(image_ids), 500):
-                chunk = [int(x) for x in image_ids[i : i + 500]]
-                q = (
-                    "SELECT id, image_id, text, source FROM captions WHERE image_id IN "
-                    f"({','.join('?' * len(chunk))}) ORDER BY id"
-                )
-                for row in self._db.execute(q, chunk):
-                    out.setdefault(row[1], []).append(CaptionRecord(*row))
+        for row in self._select_in(sql, [int(x) for x in image_ids]):
+            out.setdefault(row[1], []).append(CaptionRecord(*row))
         return out
 
     def all_captions(self) -> list[CaptionRecord]:
@@ -331,28 +322,12 @@ class Catalog:
         return [CaptionRecord(*r) for r in rows]
 
     def get_captions(self, caption_ids: Sequence[int]) -> dict[int, CaptionRecord]:
-        out: dict[int, CaptionRecord] = {}
-        with self._lock:
-            for i in range(0, len(caption_ids), 500):
-                chunk = [int(x) for x in caption_ids[i : i + 500]]
-                marks = ",".join("?" * len(chunk))
-                q = f"SELECT id, image_id, text, source FROM captions WHERE id IN ({marks})"
-                for row in self._db.execute(q, chunk):
-                    out[row[0]] = CaptionRecord(*row)
-        return out
+        sql = "SELECT id, image_id, text, source FROM captions WHERE id IN ({marks})"
+        return {r[0]: CaptionRecord(*r) for r in self._select_in(sql, [int(x) for x in caption_ids])}
 
     def get_text_embeddings(self, texts: Sequence[str], model: str) -> dict[str, Float32Array]:
-        out: dict[str, Float32Array] = {}
-        with self._lock:
-            for i in range(0, len(texts), 500):
-                chunk = list(texts[i : i + 500])
-                q = (
-                    "SELECT text, vector FROM text_embeddings WHERE model=? AND text IN "
-                    f"({','.join('?' * len(chunk))})"
-                )
-                for t, blob in self._db.execute(q, [model, *chunk]):
-                    out[t] = np.frombuffer(blob, dtype=np.float32)
-        return out
+        sql = "SELECT text, vector FROM text_embeddings WHERE model=? AND text IN ({marks})"
+        return {t: np.frombuffer(b, dtype=np.float32) for t, b in self._select_in(sql, texts, [model])}
 
     def put_text_embeddings(self, model: str, vectors: dict[str, Float32Array]) -> None:
         with self._lock, self._db:
@@ -363,17 +338,8 @@ class Catalog:
 
     # -- generated captions (cache by content, not by file) -----------------------------------
     def get_generated_captions(self, hashes: Sequence[str], model: str) -> dict[str, str]:
-        out: dict[str, str] = {}
-        with self._lock:
-            for i in range(0, len(hashes), 500):
-                chunk = list(hashes[i : i + 500])
-                q = (
-                    "SELECT content_hash, text FROM generated_captions WHERE model=? AND content_hash IN "
-                    f"({','.join('?' * len(chunk))})"
-                )
-                for h, t in self._db.execute(q, [model, *chunk]):
-                    out[h] = t
-        return out
+        sql = "SELECT content_hash, text FROM generated_captions WHERE model=? AND content_hash IN ({marks})"
+        return {h: t for h, t in self._select_in(sql, hashes, [model])}
 
     def put_generated_captions(self, model: str, captions: dict[str, str]) -> None:
         now = time.time()
