@@ -88,6 +88,11 @@ DEFAULT_WORDS = [
     "car",
     "tree",
     "house",
+    # the rest of the synthetic scenes' caption vocabulary (retrieval/synthetic.py)
+    "there",
+    "shows",
+    "plain",
+    "background",
 ]
 
 

@@ -1,0 +1,490 @@
+"""The standard cross-modal retrieval protocol on a captioned dataset, run through the product's own code.
+
+An evaluation is only worth its numbers if it measures what users get, so images are decoded by
+`imageio` and embedded by the encoder exactly as ingest does, and rankings come from `VectorIndex`
+searches with the same FAISS factories (exact by default). Embeddings are cached in a catalog-schema
+SQLite file keyed by model fingerprint and content hash (images) or text (captions): re-running an
+evaluation, or evaluating another split of the same data, costs only the search.
+
+Approximate indexes return their top `approx_k` items; anything they do not return ranks last
+(pessimistically, like ties in `metrics`), so mean and median ranks are lower bounds of quality there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import imageio
+from .catalog import Catalog
+from .datasets import DatasetItem, LoadedDataset, LoadReport, format_report
+from .encoders import Encoder
+from .errors import BadImage, ConfigError, NotEnoughData
+from .index import VectorIndex, resolve_factory
+from .metrics import DirectionMetrics, RetrievalMetrics, image_to_text_metrics, text_to_image_metrics
+from .types import Float32Array, Int64Array
+
+#: Cosine similarities live in [-1, 1]; items an approximate search did not return get this score.
+NOT_RETURNED = np.float32(-2.0)
+CACHE_FILE = "eval-cache.sqlite"
+#: The recall@K plot runs from K=1 to this.
+CURVE_K = 50
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    index: str = "flat"  # flat (exact), hnsw, ivfpq, or a FAISS factory string
+    batch_size: int = 32  # images per encoder call
+    text_batch_size: int = 256
+    workers: int = 2  # decode threads
+    cache_dir: Path | None = None  # None: no embedding cache (fine-tuning evaluates a moving model)
+    out_dir: Path | None = None  # None: nothing written; else report.json, report.md, ranks, plots
+    approx_k: int = 100  # depth of approximate searches
+    search_chunk: int = 2048  # queries per FAISS call, bounding the temporary result arrays
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "text_batch_size", "workers", "approx_k", "search_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    path: str | None
+    image_hits: int
+    images_encoded: int
+    text_hits: int
+    texts_encoded: int
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    requested: str
+    factory: str  # what was built and searched
+    exact: bool
+    note: str
+
+
+@dataclass
+class EvalReport:
+    """Metrics plus everything needed to trace them back to data, model and index."""
+
+    metrics: RetrievalMetrics
+    model: dict[str, object]
+    index: IndexInfo
+    dataset_format: str
+    split: str | None
+    load_report: LoadReport
+    n_unreadable: int
+    cache: CacheStats
+    seconds: dict[str, float]
+    image_ids: list[str] = field(repr=False)
+    captions: list[str] = field(repr=False)
+    caption_to_image: Int64Array = field(repr=False)
+    unreadable: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "images": len(self.image_ids),
+            "captions": len(self.captions),
+            "images_missing": self.load_report.missing_images.count,
+            "images_unreadable": self.n_unreadable,
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON report; `counts` sits in each direction too, so either object stands on its own."""
+        counts = self.counts
+        return {
+            "text_to_image": {**self.metrics.text_to_image.to_dict(), "counts": counts},
+            "image_to_text": {**self.metrics.image_to_text.to_dict(), "counts": counts},
+            "counts": counts,
+            "rsum": self.metrics.rsum,
+            "mean_recall": self.metrics.mean_recall,
+            "model": self.model,
+            "index": asdict(self.index),
+            "dataset": {"format": self.dataset_format, "split": self.split},
+            "load_report": {**asdict(self.load_report), "summary": format_report(self.load_report)},
+            "unreadable_examples": [f"{p}: {r}" for p, r in self.unreadable[:5]],
+            "cache": asdict(self.cache),
+            "seconds": self.seconds,
+            "files": self.files,
+        }
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+@dataclass
+class _Prepared:
+    item: DatasetItem
+    content_hash: str | None = None
+    pixels: Float32Array | None = None  # None when the cache already holds this content
+    error: str | None = None
+
+
+def _batches(seq: Sequence[DatasetItem], size: int) -> Iterator[Sequence[DatasetItem]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+class _Embedder:
+    """Encodes through an optional cache; one instance per evaluation so hit counts are per run."""
+
+    def __init__(self, encoder: Encoder, config: EvalConfig) -> None:
+        self.encoder = encoder
+        self.config = config
+        self.fp = encoder.info.fingerprint
+        self.cache: Catalog | None = None
+        if config.cache_dir is not None:
+            self.cache = Catalog(Path(config.cache_dir) / CACHE_FILE)
+        self.image_hits = self.images_encoded = self.text_hits = self.texts_encoded = 0
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def _prepare(self, item: DatasetItem) -> _Prepared:
+        out = _Prepared(item)
+        try:
+            data = imageio.read_bytes(item.path)
+            out.content_hash = imageio.content_hash(data)
+            if self.cache is not None and self.cache.get_embeddings([out.content_hash], self.fp):
+                return out
+            decoded = imageio.decode(data, draft_size=max(self.encoder.info.image_size, 1))
+            out.pixels = self.encoder.preprocess([decoded.image])[0]
+        except BadImage as exc:
+            out.error = exc.reason
+        return out
+
+    def images(
+        self, items: Sequence[DatasetItem]
+    ) -> tuple[list[DatasetItem], Float32Array, list[tuple[str, str]]]:
+        """Embeddings of the decodable items (in order), and (path, reason) of the others."""
+        dim = self.encoder.info.dim
+        kept: list[DatasetItem] = []
+        vectors: list[Float32Array] = []
+        failed: list[tuple[str, str]] = []
+        bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.config.progress)
+        with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="eval-decode") as pool:
+            batches = _batches(items, self.config.batch_size)
+            # Decoding of the next batch runs in the threads while the encoder works on this one.
+            pending: list[Future[_Prepared]] | None = None
+            first = next(batches, None)
+            if first is not None:
+                pending = [pool.submit(self._prepare, it) for it in first]
+            while pending is not None:
+                prepared = [f.result() for f in pending]
+                following = next(batches, None)
+                pending = None if following is None else [pool.submit(self._prepare, it) for it in following]
+                vectors.extend(self._encode_batch(prepared, kept, failed, dim))
+                bar.update(len(prepared))
+        bar.close()
+        stacked = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+        return kept, stacked, failed
+
+    def _encode_batch(
+        self,
+        prepared: list[_Prepared],
+        kept: list[DatasetItem],
+        failed: list[tuple[str, str]],
+        dim: int,
+    ) -> list[Float32Array]:
+        good = [p for p in prepared if p.error is None and p.content_hash is not None]
+        failed.extend((str(p.item.path), p.error or imageio.UNREADABLE) for p in prepared if p not in good)
+        hashes = [p.content_hash for p in good if p.content_hash is not None]
+        known = self.cache.get_embeddings(hashes, self.fp) if self.cache is not None and hashes else {}
+        todo = {
+            p.content_hash: p.pixels for p in good if p.content_hash not in known and p.pixels is not None
+        }
+        fresh: dict[str, Float32Array] = {}
+        if todo:
+            encoded = self.encoder.encode_pixels(np.stack(list(todo.values())))
+            fresh = {h: v for h, v in zip(todo, encoded, strict=True) if h is not None}
+            if self.cache is not None:
+                self.cache.commit_indexed(self.fp, [], fresh)
+        out = []
+        for p in good:
+            h = p.content_hash or ""
+            if h in known:
+                self.image_hits += 1
+                vec = known[h]
+            elif h in fresh:
+                self.images_encoded += 1
+                vec = fresh[h]
+            else:  # found in the cache while decoding, gone by now: another process cleared it
+                raise ConfigError(
+                    f"the embedding cache {self.config.cache_dir} changed during the run; rerun"
+                )
+            if vec.shape != (dim,):
+                raise ConfigError(
+                    f"cached embedding for {p.item.path} has shape {vec.shape}, expected ({dim},): "
+                    f"delete {self.config.cache_dir}/{CACHE_FILE}"
+                )
+            kept.append(p.item)
+            out.append(vec)
+        return out
+
+    def texts(self, texts: Sequence[str]) -> Float32Array:
+        unique = list(dict.fromkeys(texts))
+        known = self.cache.get_text_embeddings(unique, self.fp) if self.cache is not None else {}
+        missing = [t for t in unique if t not in known]
+        self.text_hits += len(unique) - len(missing)
+        size = self.config.text_batch_size
+        bar = tqdm(total=len(missing), desc="captions", unit="txt", disable=not self.config.progress)
+        for start in range(0, len(missing), size):
+            chunk = missing[start : start + size]
+            vecs = self.encoder.encode_texts(chunk, batch_size=size)
+            fresh = dict(zip(chunk, vecs, strict=True))
+            if self.cache is not None:
+                self.cache.put_text_embeddings(self.fp, fresh)
+            known.update(fresh)
+            self.texts_encoded += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+        dim = self.encoder.info.dim
+        return (
+            np.stack([known[t] for t in texts]).astype(np.float32)
+            if texts
+            else np.zeros((0, dim), np.float32)
+        )
+
+    def stats(self) -> CacheStats:
+        path = str(Path(self.config.cache_dir) / CACHE_FILE) if self.config.cache_dir is not None else None
+        return CacheStats(path, self.image_hits, self.images_encoded, self.text_hits, self.texts_encoded)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _similarities(
+    index: VectorIndex, queries: Float32Array, n_items: int, k: int, chunk: int, desc: str, progress: bool
+) -> Float32Array:
+    """Queries × items scores from index searches; items a search did not return score NOT_RETURNED."""
+    sim = np.full((len(queries), n_items), NOT_RETURNED, dtype=np.float32)
+    bar = tqdm(total=len(queries), desc=desc, unit="q", disable=not progress)
+    for start in range(0, len(queries), chunk):
+        scores, ids = index.search(queries[start : start + chunk], k)
+        rows = np.repeat(np.arange(start, start + len(ids)), ids.shape[1]).reshape(ids.shape)
+        ok = ids >= 0
+        sim[rows[ok], ids[ok]] = scores[ok]
+        bar.update(len(ids))
+    bar.close()
+    return sim
+
+
+def _rank_both(
+    image_vecs: Float32Array,
+    text_vecs: Float32Array,
+    caption_to_image: Int64Array,
+    config: EvalConfig,
+) -> tuple[DirectionMetrics, DirectionMetrics, IndexInfo]:
+    n_images, dim = image_vecs.shape
+    n_captions = len(text_vecs)
+    factory, note = resolve_factory(config.index, n_images, dim)
+    exact = factory == "Flat"
+    images = VectorIndex.build(np.arange(n_images, dtype=np.int64), image_vecs, factory, dim)
+    k = n_images if exact else min(n_images, config.approx_k)
+    t2i = _similarities(images, text_vecs, n_images, k, config.search_chunk, "text→image", config.progress)
+    if exact:
+        # Exact scores are symmetric: the image→text matrix is the transpose, no second index needed.
+        i2t = np.ascontiguousarray(t2i.T)
+    else:
+        cap_factory, _ = resolve_factory(config.index, n_captions, dim)
+        captions = VectorIndex.build(np.arange(n_captions, dtype=np.int64), text_vecs, cap_factory, dim)
+        kc = min(n_captions, config.approx_k * max(1, round(n_captions / n_images)))
+        i2t = _similarities(
+            captions, image_vecs, n_captions, kc, config.search_chunk, "image→text", config.progress
+        )
+    info = IndexInfo(requested=config.index, factory=factory, exact=exact, note=note)
+    return text_to_image_metrics(t2i, caption_to_image), image_to_text_metrics(i2t, caption_to_image), info
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def evaluate(dataset: LoadedDataset, encoder: Encoder, config: EvalConfig | None = None) -> EvalReport:
+    """Text→image and image→text retrieval metrics of `encoder` on `dataset` (see the module docstring)."""
+    config = config or EvalConfig()
+    if not dataset.items:
+        raise NotEnoughData(
+            f"no usable images in the dataset ({format_report(dataset.report)}); check --images and --split"
+        )
+    started = time.perf_counter()
+    embedder = _Embedder(encoder, config)
+    try:
+        kept, image_vecs, unreadable = embedder.images(dataset.items)
+        t_images = time.perf_counter()
+        if not kept:
+            raise NotEnoughData(f"none of the {len(dataset.items)} images could be decoded: {unreadable[:3]}")
+        captions = [c for item in kept for c in item.captions]
+        caption_to_image = np.repeat(
+            np.arange(len(kept), dtype=np.int64), [len(item.captions) for item in kept]
+        ).astype(np.int64)
+        text_vecs = embedder.texts(captions)
+        t_texts = time.perf_counter()
+        stats = embedder.stats()
+    finally:
+        embedder.close()
+    t2i, i2t, info = _rank_both(image_vecs, text_vecs, caption_to_image, config)
+    done = time.perf_counter()
+    report = EvalReport(
+        metrics=RetrievalMetrics(t2i, i2t),
+        model={
+            "name": encoder.info.name,
+            "model_id": encoder.info.model_id,
+            "fingerprint": encoder.info.fingerprint,
+            "family": encoder.info.family,
+            "dim": encoder.info.dim,
+        },
+        index=info,
+        dataset_format=dataset.format,
+        split=dataset.split,
+        load_report=dataset.report,
+        n_unreadable=len(unreadable),
+        cache=stats,
+        seconds={
+            "images": round(t_images - started, 3),
+            "captions": round(t_texts - t_images, 3),
+            "search": round(done - t_texts, 3),
+            "total": round(done - started, 3),
+        },
+        image_ids=[item.image_id for item in kept],
+        captions=captions,
+        caption_to_image=caption_to_image,
+        unreadable=unreadable,
+    )
+    if config.out_dir is not None:
+        report.files = {name: str(path) for name, path in write_report(report, Path(config.out_dir)).items()}
+    return report
+
+
+# --------------------------------------------------------------------------- report files
+
+_TABLE_ROWS = [
+    ("R@1", "recall@1", True),
+    ("R@5", "recall@5", True),
+    ("R@10", "recall@10", True),
+    ("MRR", "mrr", True),
+    ("nDCG@10", "ndcg@10", True),
+    ("P@1", "precision@1", True),
+    ("P@5", "precision@5", True),
+    ("P@10", "precision@10", True),
+    ("median rank", "median_rank", False),
+    ("mean rank", "mean_rank", False),
+    ("queries", "n_queries", False),
+]
+
+
+def markdown_table(report: EvalReport) -> str:
+    """The table papers print (fractions shown as percentages), with what was evaluated underneath."""
+    t2i, i2t = report.metrics.text_to_image.to_dict(), report.metrics.image_to_text.to_dict()
+
+    def cell(value: float | int, percent: bool) -> str:
+        if percent:
+            return f"{100 * value:.1f}"
+        return str(value) if isinstance(value, int) else f"{value:.1f}"
+
+    lines = ["| metric | text→image | image→text |", "|---|---:|---:|"]
+    lines += [f"| {label} | {cell(t2i[k], pct)} | {cell(i2t[k], pct)} |" for label, k, pct in _TABLE_ROWS]
+    c = report.counts
+    lines += [
+        "",
+        f"rsum {report.metrics.rsum:.1f} · mean recall {report.metrics.mean_recall:.2f} · "
+        f"model `{report.model['name']}` · index {report.index.factory}"
+        + (" (exact)" if report.index.exact else " (approximate)"),
+        f"dataset {report.dataset_format}, split {report.split or 'all'}: {c['images']} images, "
+        f"{c['captions']} captions; {c['images_missing']} listed images missing, "
+        f"{c['images_unreadable']} unreadable.",
+    ]
+    if report.index.note:
+        lines.append(f"note: {report.index.note}")
+    return "\n".join(lines) + "\n"
+
+
+def _save_plots(report: EvalReport, out_dir: Path) -> dict[str, Path]:
+    # The object-oriented API with an Agg canvas leaves pyplot's global backend alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    directions = {
+        "text→image": report.metrics.text_to_image.ranks,
+        "image→text": report.metrics.image_to_text.ranks,
+    }
+    ks = np.arange(1, CURVE_K + 1)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, ranks in directions.items():
+        ax.plot(ks, [100 * float(np.mean(ranks <= k)) for k in ks], label=name)
+    ax.set(xlabel="K", ylabel="recall@K (%)", ylim=(0, 100), xlim=(1, ks[-1]))
+    ax.set_title(f"Recall@K · {Path(str(report.model['name'])).name}"[:70], fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths = {"recall_curve": out_dir / "recall_at_k.png"}
+    fig.savefig(paths["recall_curve"])
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    top = max(int(r.max()) for r in directions.values())
+    edges = [float(e) for e in np.unique(np.geomspace(1, top + 1, num=min(40, top + 1)).astype(int))]
+    if len(edges) < 2:
+        edges = [1.0, 2.0]
+    for name, ranks in directions.items():
+        # Shares, not counts: text→image has several queries per image-to-text query.
+        ax.hist(ranks, bins=edges, weights=np.full(len(ranks), 100.0 / len(ranks)), alpha=0.55, label=name)
+    ax.set(xlabel="rank of the first relevant item", ylabel="% of queries")
+    if len(edges) > 2:
+        ax.set_xscale("log")
+    ax.set_title("Rank histogram (1 is best)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    paths["rank_histogram"] = out_dir / "rank_histogram.png"
+    fig.savefig(paths["rank_histogram"])
+    return paths
+
+
+def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
+    """Write report.json, report.md, per-query rank CSVs and PNG plots into `out_dir`."""
+    import csv
+    import json
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
+    paths = {
+        "ranks_text_to_image": out_dir / "ranks_text_to_image.csv",
+        "ranks_image_to_text": out_dir / "ranks_image_to_text.csv",
+    }
+    with paths["ranks_text_to_image"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["caption", "image", "rank"])
+        ranks = report.metrics.text_to_image.ranks
+        for caption, image, rank in zip(report.captions, report.caption_to_image, ranks, strict=True):
+            writer.writerow([caption, report.image_ids[int(image)], int(rank)])
+    with paths["ranks_image_to_text"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "captions", "rank"])
+        per_image = np.bincount(report.caption_to_image, minlength=len(report.image_ids))
+        ranks = report.metrics.image_to_text.ranks
+        for image, n, rank in zip(report.image_ids, per_image, ranks, strict=True):
+            writer.writerow([image, int(n), int(rank)])
+    paths.update(_save_plots(report, out_dir))
+    paths["markdown"] = out_dir / "report.md"
+    paths["markdown"].write_text(markdown_table(report), encoding="utf-8")
+    paths["json"] = out_dir / "report.json"
+    report.files = {name: str(path) for name, path in paths.items()}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+    return paths

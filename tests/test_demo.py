@@ -1,0 +1,43 @@
+"""`clearsight demo --no-serve` end to end, then `clearsight search` on what it built.
+
+The demo is shrunk (300 training scenes, 4 epochs) to keep the test short; the full-size demo is the
+same code with bigger numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from explainer.cli import app
+
+runner = CliRunner()
+SMALL = ["--train-scenes", "300", "--test-scenes", "30", "--epochs", "4", "--device", "cpu", "-q"]
+
+
+@pytest.mark.slow
+def test_demo_builds_a_searchable_collection_and_reuses_its_model(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    built = runner.invoke(app, ["demo", "--no-serve", "--data-dir", str(data), *SMALL, "--json"])
+    assert built.exit_code == 0, built.output
+    result = json.loads(built.stdout)
+    model_dir = Path(result["model_dir"])
+    assert result["trained"] and "demo" in model_dir.name
+    assert "DEMO MODEL" in (model_dir / "DEMO.md").read_text()
+    assert result["indexed"]["images"] == 30 and result["chance_r1"] == pytest.approx(1 / 30)
+    assert result["val_r1"] > result["start_val_r1"]  # the guard compared it with the random start
+
+    found = runner.invoke(app, ["search", result["sample_query"], "--data-dir", str(data), "--json"])
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.stdout)["results"]
+    assert len(hits) == 10
+    assert all(Path(h["path"]).resolve().parent == Path(result["images_dir"]).resolve() for h in hits)
+    assert all(h["captions"] for h in hits)  # the dataset captions were attached by ingest
+
+    again = runner.invoke(app, ["demo", "--no-serve", "--data-dir", str(data), *SMALL])
+    assert again.exit_code == 0, again.output
+    assert "DEMO model (reused)" in again.stdout and "sample query" in again.stdout
+    assert "clearsight search" in again.output  # it says how to search
