@@ -97,6 +97,50 @@ class HFDualEncoder:
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.info.dim), np.float32)
 
+    def patch_embeddings(self, pixels: Float32Array, surgery: bool = True) -> Float32Array:
+        """Per-patch embeddings in the joint space, shape (n, rows, cols, dim), L2-normalised.
+
+        CLIP's last block lets every patch attend to the whole image (q-k attention) and adds the
+        residual and MLP, which makes patch-vs-text similarities noisy and favour the background.
+        With `surgery` the last block uses value-value attention and keeps only the attention path
+        for patch tokens (CLIP Surgery, ClearCLIP); without it the patch tokens of the normal last
+        block are projected, the noisy baseline.
+        """
+        import torch
+
+        from ..errors import ConfigError
+
+        if self.info.family != "clip":
+            raise ConfigError(
+                f"dense evidence needs a CLIP model; {self.info.family} has no per-patch projection: "
+                "use grid evidence"
+            )
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise BadQuery(f"pixel batch must have shape (n, 3, H, W), got {pixels.shape}")
+        rows, cols = pixels.shape[2] // self.info.patch_size, pixels.shape[3] // self.info.patch_size
+        if len(pixels) == 0:
+            return np.zeros((0, rows, cols, self.info.dim), dtype=np.float32)
+        vision = self.model.vision_model
+        with self._lock, torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, self._torch_dtype)
+            h = vision.pre_layrnorm(vision.embeddings(t))
+            layers = vision.encoder.layers
+            for layer in layers[:-1]:
+                h = layer(h, None)
+            last = layers[-1]
+            if surgery:
+                attn = last.self_attn
+                x = last.layer_norm1(h)
+                n, length, width = x.shape
+                v = attn.v_proj(x).view(n, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+                weights = torch.softmax((v @ v.transpose(-1, -2)) * attn.scale, dim=-1)
+                h = attn.out_proj((weights @ v).transpose(1, 2).reshape(n, length, width))
+            else:
+                h = last(h, None)
+            patches = self.model.visual_projection(vision.post_layernorm(h[:, 1:, :]))
+            out = l2_normalise(patches.float().cpu().numpy())
+        return out.reshape(len(pixels), rows, cols, -1)
+
     # -- texts ----------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Float32Array:
         import torch

@@ -1,0 +1,254 @@
+"""Dense evidence: one forward pass per hit gives a per-patch similarity map, turned into a heatmap and boxes.
+
+Grid evidence costs one encoder pass per cell; here each hit costs one pass (batched across hits),
+and with patch features stored at index time none at all. Raw CLIP patch tokens match the text
+poorly and light up the background, so the encoder's `patch_embeddings` applies value-value
+attention in the last block (CLIP Surgery, ClearCLIP) before the projection.
+
+The model only sees its own input crop (resize the shorter side, then centre crop), so the map is
+mapped back through that geometry: boxes land in the displayed image's pixels, and parts of a
+non-square image outside the centre crop carry no dense evidence (grid evidence covers them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from ..encoders import Encoder
+from ..encoders.preprocess import PreprocessConfig
+from ..errors import BadImage, ConfigError
+from ..types import Float32Array
+from .types import (
+    Box,
+    Evidence,
+    EvidenceConfig,
+    EvidenceTarget,
+    Region,
+    preprocess_config,
+    query_row,
+    unreadable,
+)
+
+
+@runtime_checkable
+class PatchEncoder(Protocol):
+    """An encoder that can return per-patch embeddings in the joint space (HFDualEncoder for CLIP)."""
+
+    def patch_embeddings(self, pixels: Float32Array, surgery: bool = True) -> Float32Array: ...
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Where the model's input crop sits in the displayed image.
+
+    Crop pixel (u, v) shows displayed pixel (ox + u * sx, oy + v * sy); the crop is `crop_w` x `crop_h`.
+    """
+
+    ox: float
+    oy: float
+    sx: float
+    sy: float
+    crop_w: int
+    crop_h: int
+
+    def to_image(self, u0: float, v0: float, u1: float, v1: float, width: int, height: int) -> Box:
+        """A crop-space rectangle as a non-empty box inside the displayed image."""
+        x0 = min(width - 1, max(0, math.floor(self.ox + u0 * self.sx)))
+        y0 = min(height - 1, max(0, math.floor(self.oy + v0 * self.sy)))
+        x1 = max(x0 + 1, min(width, math.ceil(self.ox + u1 * self.sx - 1e-6)))
+        y1 = max(y0 + 1, min(height, math.ceil(self.oy + v1 * self.sy - 1e-6)))
+        return (x0, y0, x1, y1)
+
+    def crop_box(self) -> Box:
+        """The whole crop in displayed pixels, unclipped (it reaches past the image where padded)."""
+        return (
+            round(self.ox),
+            round(self.oy),
+            round(self.ox + self.crop_w * self.sx),
+            round(self.oy + self.crop_h * self.sy),
+        )
+
+
+def view_geometry(width: int, height: int, pre: PreprocessConfig) -> ViewGeometry:
+    """Undo the encoder's preprocessing (same arithmetic as `preprocess_one`) for a width x height image."""
+    if pre.resize_hw:
+        rh, rw = pre.resize_hw
+    elif pre.resize_shortest:
+        s = pre.resize_shortest
+        rw, rh = (
+            (s, max(1, int(s * height / width))) if width <= height else (max(1, int(s * width / height)), s)
+        )
+    else:
+        rw, rh = width, height
+    if pre.crop_hw:
+        ch, cw = pre.crop_hw
+        ph, pw = max(rh, ch), max(rw, cw)
+        off_x = (pw - cw) // 2 - (pw - rw) // 2  # centre crop offset minus centre padding offset
+        off_y = (ph - ch) // 2 - (ph - rh) // 2
+    else:
+        ch, cw, off_x, off_y = rh, rw, 0, 0
+    sx, sy = width / rw, height / rh
+    return ViewGeometry(off_x * sx, off_y * sy, sx, sy, cw, ch)
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a boolean mask, labelled 1..n (0 is background).
+
+    Each cell repeatedly takes the smallest label among itself and its neighbours; on maps of a few
+    hundred cells this converges in a handful of vectorised steps (scipy is not a dependency).
+    """
+    rows, cols = mask.shape
+    big = rows * cols + 1
+    labels = np.where(mask, np.arange(1, rows * cols + 1).reshape(rows, cols), big)
+    while True:
+        m = labels.copy()
+        m[1:, :] = np.minimum(m[1:, :], labels[:-1, :])
+        m[:-1, :] = np.minimum(m[:-1, :], labels[1:, :])
+        m[:, 1:] = np.minimum(m[:, 1:], labels[:, :-1])
+        m[:, :-1] = np.minimum(m[:, :-1], labels[:, 1:])
+        m = np.where(mask, m, big)
+        if np.array_equal(m, labels):
+            break
+        labels = m
+    roots = np.unique(labels[mask])
+    out = np.zeros((rows, cols), np.int32)
+    lookup = {int(r): k for k, r in enumerate(roots, start=1)}
+    for r, k in lookup.items():
+        out[labels == r] = k
+    return out, len(roots)
+
+
+def _upsample(sim: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return sim.astype(np.float32)
+    rows, cols = sim.shape
+    im = Image.fromarray(sim.astype(np.float32), mode="F")
+    return np.asarray(im.resize((cols * factor, rows * factor), Image.Resampling.BILINEAR), np.float32)
+
+
+def evidence_from_patches(
+    target_id: int,
+    patches: Float32Array,
+    q: Float32Array,
+    width: int,
+    height: int,
+    pre: PreprocessConfig,
+    config: EvidenceConfig,
+    method: str = "dense",
+) -> Evidence:
+    """Heatmap and boxes from unit patch embeddings (rows, cols, dim) and a unit query.
+
+    Boxes are the connected components of the sub-patch map above `threshold` of its range, ranked
+    by their best similarity; a flat map (a blank image) yields the whole view as one region.
+    """
+    geom = view_geometry(width, height, pre)
+    sim = (patches @ q).astype(np.float32)
+    lo, hi = float(sim.min()), float(sim.max())
+    spread = hi - lo
+    heat = ((sim - lo) / spread if spread > 1e-6 else np.zeros_like(sim)).astype(np.float32)
+    regions: list[tuple[float, Box, int]] = []
+    if spread > 1e-6:
+        fine = _upsample(sim, config.upsample)
+        labels, n = label_components((fine - lo) / spread >= config.threshold)
+        cell_u, cell_v = geom.crop_w / fine.shape[1], geom.crop_h / fine.shape[0]
+        min_area = max(1, config.upsample**2 // 2)  # drop slivers smaller than half a patch
+        for k in range(1, n + 1):
+            ys, xs = np.nonzero(labels == k)
+            box = geom.to_image(
+                xs.min() * cell_u,
+                ys.min() * cell_v,
+                (xs.max() + 1) * cell_u,
+                (ys.max() + 1) * cell_v,
+                width,
+                height,
+            )
+            regions.append((float(fine[ys, xs].max()), box, len(xs)))
+        big = [r for r in regions if r[2] >= min_area]
+        regions = big or regions
+    regions.sort(key=lambda r: -r[0])
+    # On tiny images several components map to the same pixels: keep the best of each box.
+    best: dict[Box, tuple[float, Box, int]] = {}
+    for r in regions:
+        best.setdefault(r[1], r)
+    regions = list(best.values())
+    picked = tuple(
+        Region(box, score, rank, f"component {rank}")
+        for rank, (score, box, _) in enumerate(regions[: config.max_regions], start=1)
+    )
+    if not picked:
+        whole = geom.to_image(0, 0, geom.crop_w, geom.crop_h, width, height)
+        picked = (Region(whole, float(sim.mean()), 1, "whole view"),)
+    return Evidence(target_id, picked, method, (width, height), heat, geom.crop_box())
+
+
+def patch_encoder(encoder: Encoder) -> PatchEncoder:
+    if not isinstance(encoder, PatchEncoder):
+        raise ConfigError(
+            f"{type(encoder).__name__} cannot return patch embeddings; "
+            "use grid evidence (--evidence-method grid)"
+        )
+    return encoder
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """Patch embeddings of one target, with the displayed size they were computed for."""
+
+    target: EvidenceTarget
+    width: int
+    height: int
+    patches: Float32Array
+
+
+def compute_patches(
+    encoder: Encoder, targets: Sequence[EvidenceTarget], config: EvidenceConfig
+) -> list[PatchResult | Evidence]:
+    """Patch embeddings for each target (one batched forward pass per chunk), or a note when unreadable."""
+    pe = patch_encoder(encoder)
+    size = encoder.info.image_size
+
+    def prepare(t: EvidenceTarget) -> tuple[EvidenceTarget, int, int, Float32Array] | Evidence:
+        try:
+            image, width, height = t.load(draft_size=size)
+        except BadImage as exc:
+            return unreadable(t, "dense", str(exc))
+        return t, width, height, encoder.preprocess([image])[0]
+
+    with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="evidence") as pool:
+        loaded = list(pool.map(prepare, targets))
+    ready = [x for x in loaded if not isinstance(x, Evidence)]
+    feats: list[Float32Array] = []
+    for i in range(0, len(ready), config.batch_size):
+        chunk = np.stack([x[3] for x in ready[i : i + config.batch_size]])
+        feats.append(pe.patch_embeddings(chunk, surgery=config.surgery))
+    all_feats = np.concatenate(feats) if feats else np.zeros((0, 1, 1, encoder.info.dim), np.float32)
+    out: list[PatchResult | Evidence] = []
+    j = 0
+    for x in loaded:
+        if isinstance(x, Evidence):
+            out.append(x)
+        else:
+            out.append(PatchResult(x[0], x[1], x[2], all_feats[j]))
+            j += 1
+    return out
+
+
+def dense_evidence(
+    encoder: Encoder, query_vec: Float32Array, targets: Sequence[EvidenceTarget], config: EvidenceConfig
+) -> list[Evidence]:
+    """Dense evidence for all targets, one batched forward pass through the (patched) vision tower."""
+    q = query_row(query_vec)
+    pre = preprocess_config(encoder)
+    return [
+        r
+        if isinstance(r, Evidence)
+        else evidence_from_patches(r.target.id, r.patches, q, r.width, r.height, pre, config)
+        for r in compute_patches(encoder, targets, config)
+    ]
