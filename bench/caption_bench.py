@@ -1,0 +1,157 @@
+"""Captioning throughput: BLIP-base batched vs one image at a time, in one process on the same images.
+
+    .venv/bin/python bench/caption_bench.py                      # 8 images, batch 8, 20 tokens, CPU
+    .venv/bin/python bench/caption_bench.py --device cuda        # on a GPU, in half precision
+    .venv/bin/python bench/caption_bench.py --model DIR --beams 3
+
+Without --model the captioner is Salesforce/blip-image-captioning-base's architecture with random
+weights (`explainer.captioner.make_blip(..., "base")`, vocabulary of the real size), loaded through
+`create_captioner` like downloaded weights: speed does not depend on the weights' values. Every
+caption is forced to exactly --tokens new tokens (min = max), so random weights cannot stop early
+and both modes do the same work. Images are decoded before timing: this measures the model.
+
+Both modes run in the same process, one after the other (the order alternates over --rounds), and
+each prints the share of the machine that other processes used meanwhile, since on a shared
+2-core machine a disturbed measurement is otherwise invisible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from explainer.captioner import Captioner, CaptionerConfig, GenerationSettings, create_captioner, make_blip
+
+REPO = Path(__file__).resolve().parent.parent
+COCO = (REPO / ".." / "shared" / "data" / "coco-mini" / "images").resolve()
+
+
+@dataclass(frozen=True)
+class Timing:
+    images: int
+    wall: float
+    own_cpu: float  # CPU seconds of this process
+    others: float  # share of the machine other processes used meanwhile (0..1); -1 when unknown
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.wall if self.wall > 0 else float("inf")
+
+    def line(self, label: str) -> str:
+        others = f"{self.others:.0%}" if self.others >= 0 else "n/a"
+        return (
+            f"{label:<22} {self.rate:7.3f} img/s  ({self.images} in {self.wall:6.1f} s; "
+            f"this process {self.own_cpu / self.wall:.2f} cores, other processes {others} of the machine)"
+        )
+
+
+def _machine_busy_seconds() -> float | None:
+    """Non-idle CPU seconds of the whole machine since boot (Linux /proc/stat)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(n: int, work: Callable[[], object], sync: Callable[[], None]) -> Timing:
+    busy0, cpu0, t0 = _machine_busy_seconds(), os.times(), time.perf_counter()
+    work()
+    sync()
+    wall = time.perf_counter() - t0
+    busy1, cpu1 = _machine_busy_seconds(), os.times()
+    own = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    others = -1.0
+    if busy0 is not None and busy1 is not None:
+        others = min(1.0, max(0.0, (busy1 - busy0 - own) / (wall * (os.cpu_count() or 1))))
+    return Timing(n, wall, own, others)
+
+
+def load_images(n: int) -> tuple[list[Image.Image], str]:
+    files = sorted(COCO.rglob("*.jpg"))[:n] if COCO.is_dir() else []
+    images = [Image.open(f).convert("RGB") for f in files]
+    for i in range(len(images), n):  # synthetic photos when coco-mini is absent or short
+        im = Image.new("RGB", (640, 480), (40 * i % 256, 90, 160))
+        ImageDraw.Draw(im).ellipse([50 + 20 * i, 60, 300 + 20 * i, 330], fill=(230, 200 - 10 * i, 40))
+        images.append(im)
+    source = f"{len(files)} coco-mini photos" + (f" + {n - len(files)} synthetic" if len(files) < n else "")
+    return images, source
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=8, help="images captioned by each mode")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=20, help="new tokens per caption (forced: min = max)")
+    ap.add_argument("--beams", type=int, default=1, help="1 = greedy (the default setting)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat both modes; the best round of each counts")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (GPU: half precision)")
+    ap.add_argument("--model", default=None, help="a BLIP directory or hub id instead of random BLIP-base")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"CUDA is not available on this machine: the {args.device} path was not run.")
+        return 0
+    sync: Callable[[], None] = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    command = "python bench/caption_bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"# {command}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.2f}"
+    )
+    generation = GenerationSettings(
+        num_beams=args.beams, max_new_tokens=args.tokens, min_new_tokens=args.tokens, repetition_penalty=1.0
+    )
+    with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
+        model = args.model
+        if model is None:
+            t0 = time.perf_counter()
+            model = str(make_blip(Path(tmp) / "blip-base-random", "base", seed=0))
+            print(f"# built random-weight BLIP-base in {time.perf_counter() - t0:.0f} s")
+        cfg = CaptionerConfig(
+            model=model, device=args.device, batch_size=args.batch_size, generation=generation
+        )
+        captioner: Captioner = create_captioner(cfg)
+        images, source = load_images(args.images)
+        print(
+            f"# {source}; {args.tokens} new tokens per caption, beams {args.beams}, "
+            f"batch {args.batch_size}, device {args.device}"
+        )
+        captioner.caption(images[:1])  # warm-up: first-call allocations are not throughput
+
+        best: dict[str, Timing] = {}
+        for r in range(args.rounds):
+            modes = ["batched", "one at a time"]
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                if mode == "batched":
+                    t = timed(len(images), lambda: captioner.caption(images), sync)
+                else:
+                    t = timed(len(images), lambda: [captioner.caption([im]) for im in images], sync)
+                print(t.line(f"round {r + 1} {mode}"))
+                if mode not in best or t.rate > best[mode].rate:
+                    best[mode] = t
+        captioner.close()
+
+    b, s = best["batched"], best["one at a time"]
+    print(f"batched (batch {args.batch_size}):   {b.rate:.3f} img/s  ({1 / b.rate:.2f} s per image)")
+    print(f"one at a time:        {s.rate:.3f} img/s  ({1 / s.rate:.2f} s per image)")
+    print(f"batched / one at a time: {b.rate / s.rate:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
