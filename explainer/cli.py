@@ -30,7 +30,7 @@ DataDir = Annotated[
     typer.Option(
         "--data-dir",
         help="Where the catalog and index live "
-        "[default: $CLEARSIGHT_DATA_DIR, else ~/.local/share/clearsight]",
+        "(default: $CLEARSIGHT_DATA_DIR, else ~/.local/share/clearsight)",
         show_default=False,
     ),
 ]
@@ -87,7 +87,7 @@ def index_cmd(
     ] = None,
     captions: Annotated[
         Path | None,
-        typer.Option("--captions", help="JSONL of {image, captions} [default: PATH/captions.jsonl]"),
+        typer.Option("--captions", help="JSONL of {image, captions} (default: PATH/captions.jsonl)"),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Decode threads")] = 2,
@@ -155,6 +155,18 @@ def search_cmd(
     data_dir: DataDir = None,
     device: Device = "auto",
     json_out: JsonOut = False,
+    evidence: Annotated[
+        Path | None,
+        typer.Option("--evidence", help="Write one annotated PNG per hit into DIR; --json gets the boxes"),
+    ] = None,
+    evidence_method: Annotated[
+        str | None,
+        typer.Option(
+            "--evidence-method",
+            help="grid, dense or stored (dense from saved patch features) "
+            "(default: dense for CLIP, else grid)",
+        ),
+    ] = None,
 ) -> None:
     """Search the collection by text, image, or both."""
     from retrieval import Query, Searcher, load_query_image
@@ -172,10 +184,19 @@ def search_cmd(
         image_key=qkey,
     )
     result = searcher.search_captions(q) if captions else searcher.search(q)
+    payload = result.to_dict()
+    pngs: list[Path | None] = []
+    if evidence is not None or evidence_method is not None:
+        from retrieval.evidence import EvidenceConfig, annotate_results
+
+        config = EvidenceConfig(method=evidence_method or "auto")
+        pngs = annotate_results(searcher, q, result, payload, config, evidence)
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
-    _print_table(result.to_dict())
+    _print_table(payload)
+    if evidence is not None:
+        typer.echo(f"evidence: {sum(p is not None for p in pngs)} annotated PNGs in {evidence}")
 
 
 def _print_table(result: dict[str, Any]) -> None:
@@ -220,6 +241,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
 
+
+# The other commands live in their own modules and register themselves on `app` when imported.
+from . import cli_caption, cli_serve, cli_train  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -24,9 +24,39 @@ class Settings(BaseSettings):
     batch_size: int = 32
     workers: int = 2
 
+    # Captioner (BLIP). Greedy decoding by default: on a CPU each beam multiplies the decoder's cost,
+    # and captions are precomputed once per image, so the cheap setting is the one most users can run.
+    caption_model: str | None = None  # None: the registry's default captioner
+    caption_num_beams: int = Field(default=1, ge=1, le=16)
+    caption_max_new_tokens: int = Field(default=30, ge=1, le=512)
+    caption_min_new_tokens: int = Field(default=5, ge=0, le=512)
+    caption_repetition_penalty: float = Field(default=1.0, gt=0.0)
+    caption_batch_size: int = Field(default=8, ge=1, le=1024)
+    caption_prefix: str | None = None  # e.g. "a photography of": BLIP then completes the sentence
+
     # Groq: the key is read from GROQ_API_KEY too (the name Groq's own tools use).
     groq_api_key: SecretStr | None = Field(default=None, validation_alias="GROQ_API_KEY")
     groq_base_url: str | None = Field(default=None, validation_alias="GROQ_BASE_URL")
+
+    # Server (`clearsight serve`). Limits are enforced before any work is done on a request, so a
+    # hostile client cannot make the server buffer or decode more than these.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_upload_pixels: int = Field(default=40_000_000, ge=64)
+    keep_uploads: bool = False  # uploaded query images stay in memory only, unless this is set
+    upload_dir: Path | None = None  # None: <data_dir>/uploads (used only with keep_uploads)
+    thumb_dir: Path | None = None  # None: <data_dir>/thumbs
+    top_k_max: int = Field(default=100, ge=1, le=1000)
+    offset_max: int = Field(default=10_000, ge=0)
+    default_top_k: int = Field(default=12, ge=1, le=1000)
+    explain_backend: str = "auto"  # auto: Groq with a key, else offline
+    explain_model: str | None = None  # None: the LLM config's default Groq model
+    explain_concurrency: int = Field(default=4, ge=1, le=64)
+    explain_timeout_s: float = Field(default=20.0, gt=0)
+    explain_max_retries: int = Field(default=2, ge=0, le=10)
+    evidence_regions: int = Field(default=3, ge=0, le=16)  # boxes per card; 0 turns evidence off
+    reload_interval_s: float = Field(default=2.0, ge=0)  # 0: never look for a newer index version
 
 
 @lru_cache(maxsize=1)

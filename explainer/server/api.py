@@ -1,0 +1,300 @@
+"""JSON routes: each parses and bounds its input, hands the work to the pipeline, and shapes the answer."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import FileResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from retrieval.search import Query as LibraryQuery
+
+from ..cards import DETAIL_SIZE, THUMB_SIZES, QueryEcho, public_model_name
+from ..errors import BadQuery
+from ..explain_types import QueryKind
+from ..pipeline import CardPipeline, ResultPage
+from . import images
+from .app import ServerState, state_of
+from .queries import QueryInput, decode_base64, resolve
+from .schemas import (
+    IMAGE_KEY_PATTERN,
+    ExplainedHit,
+    ExplainRequest,
+    ExplainResponse,
+    HealthIndex,
+    HealthResponse,
+    SearchRequest,
+    SearchResponse,
+    error_responses,
+)
+
+router = APIRouter(prefix="/api", tags=["api"])
+
+ImageId = Annotated[int, Path(ge=1, le=2**62, description="Catalog id of an indexed image")]
+
+_SEARCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/SearchForm"}},
+        },
+    }
+}
+
+
+async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequest, bytes | None]:
+    """The request as a SearchRequest plus the raw image bytes; 415 for other content types."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = state.settings.max_upload_bytes
+    if ctype == "application/json":
+        try:
+            req = SearchRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        data = decode_base64(req.image_base64, limit) if req.image_base64 is not None else None
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form(max_files=1, max_fields=20)
+        try:
+            fields: dict[str, Any] = {}
+            data = None
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if name != "image":
+                        raise BadQuery(f"unexpected file field {name!r}; send the image as 'image'")
+                    data = await value.read(limit + 1) or None
+                elif value != "":
+                    fields[name] = value
+        finally:
+            await form.close()
+        if data is not None and len(data) > limit:
+            raise HTTPException(413, f"the image is larger than the limit of {limit} bytes")
+        if "image_base64" in fields:
+            raise BadQuery("send the image as the file field 'image' in a form")
+        try:
+            req = SearchRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        if data is not None and (req.image_key is not None or req.like_id is not None):
+            raise BadQuery("give at most one query image: an upload, image_key or like_id")
+    else:
+        raise HTTPException(415, "send the search as application/json or multipart/form-data")
+    if data is not None and len(data) > limit:
+        raise HTTPException(413, f"the image is larger than the limit of {limit} bytes")
+    return req, data
+
+
+def _invalid(exc: ValidationError) -> Exception:
+    from fastapi.exceptions import RequestValidationError
+
+    return RequestValidationError(
+        [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors(include_input=False)]
+    )
+
+
+def _check_bounds(state: ServerState, top_k: int, offset: int) -> None:
+    s = state.settings
+    if top_k > s.top_k_max:
+        raise BadQuery(f"top_k must be at most {s.top_k_max}, got {top_k}")
+    if offset > s.offset_max:
+        raise BadQuery(f"offset must be at most {s.offset_max}, got {offset}")
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    summary="Search by text, image, or both",
+    description="A JSON body (SearchRequest, image as base64) or a multipart form (SearchForm, image file).",
+    openapi_extra=_SEARCH_BODY,
+    responses=error_responses(413, 415, 422, 503),
+)
+async def search(request: Request) -> SearchResponse:
+    state = state_of(request)
+    req, data = await _read_search(request, state)
+    _check_bounds(state, req.top_k, req.offset)
+    inp = QueryInput(
+        req.text,
+        data,
+        req.image_key,
+        req.like_id,
+        req.weight,
+        req.negative,
+        req.top_k,
+        req.offset,
+        req.min_score,
+    )
+    if not inp.has_query:
+        raise BadQuery("give a text query, an image, or both")
+    pipeline = await state.ready()
+    page = await anyio.to_thread.run_sync(_search_sync, state, pipeline, inp)
+    if req.explain:
+        await pipeline.explain_cards(page)
+    return SearchResponse.from_page(page)
+
+
+def _search_sync(state: ServerState, pipeline: CardPipeline, inp: QueryInput) -> ResultPage:
+    query, echo = resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)
+    return pipeline.search(query, echo)
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    summary="Explanations for given hits of a query",
+    responses=error_responses(422, 503),
+)
+async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
+    state = state_of(request)
+    pipeline = await state.ready()
+    inp = QueryInput(body.text, None, body.image_key, body.like_id, body.weight, body.negative)
+    text = body.text.strip() if body.text and body.text.strip() else None
+    has_image = body.image_key is not None or body.like_id is not None
+    kind: QueryKind = "text+image" if text and has_image else ("image" if has_image else "text")
+    negative = body.negative.strip() if body.negative and body.negative.strip() else None
+    echo = QueryEcho(
+        text=text,
+        kind=kind,
+        image_key=body.image_key,
+        like_id=body.like_id,
+        weight=body.weight,
+        negative=negative,
+    )
+    items = list(zip(body.ids, body.ranks or [1] * len(body.ids), strict=True))
+
+    def make_query() -> LibraryQuery:
+        return resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)[0]
+
+    contexts = await anyio.to_thread.run_sync(pipeline.contexts, make_query, echo, items)
+    found = [i for i in dict.fromkeys(body.ids) if i in contexts]
+    outs = await pipeline.explain([contexts[i] for i in found])
+    return ExplainResponse(
+        explanations=[
+            ExplainedHit(id=i, explanation=o, caption=contexts[i].caption)
+            for i, o in zip(found, outs, strict=True)
+        ],
+        missing=[i for i in dict.fromkeys(body.ids) if i not in contexts],
+    )
+
+
+@router.get(
+    "/images/{image_id}",
+    summary="The image file",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/*": {}}}, **error_responses(404, 503)},
+)
+async def image_file(image_id: ImageId, request: Request) -> Response:
+    pipeline = await state_of(request).ready()
+    rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
+    if not await anyio.Path(rec.path).is_file():
+        raise HTTPException(404, f"image {image_id} is no longer on disk")
+    return FileResponse(
+        rec.path, media_type=images.media_type(rec.path), headers={"Cache-Control": "max-age=3600"}
+    )
+
+
+@router.get(
+    "/images/{image_id}/thumb",
+    summary="A cached JPEG thumbnail (EXIF orientation applied)",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/jpeg": {}}}, **error_responses(404, 422, 503)},
+)
+async def thumbnail(
+    image_id: ImageId,
+    request: Request,
+    size: Annotated[int, Query(ge=16, le=THUMB_SIZES[-1], description="Longest side in pixels")] = 384,
+) -> Response:
+    state = state_of(request)
+    pipeline = await state.ready()
+    rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
+    path = await anyio.to_thread.run_sync(_thumbs(state).path_for, rec, size)
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+
+def _thumbs(state: ServerState) -> images.Thumbnails:
+    root = state.settings.thumb_dir or state.data_dir / "thumbs"
+    return images.Thumbnails(root, state.settings.max_upload_pixels)
+
+
+@router.get(
+    "/images/{image_id}/evidence.png",
+    summary="The image with the evidence regions for a query drawn on",
+    responses={200: {"content": {"image/png": {}}}, **error_responses(404, 422, 503)},
+)
+async def evidence_png(
+    image_id: ImageId,
+    request: Request,
+    q: Annotated[str | None, Query(max_length=1000, description="Text query")] = None,
+    qimg: Annotated[str | None, Query(pattern=IMAGE_KEY_PATTERN, description="Uploaded image key")] = None,
+    like: Annotated[int | None, Query(ge=1, le=2**62, description="Query image by catalog id")] = None,
+    w: Annotated[float, Query(ge=0.0, le=1.0, description="Text's share")] = 0.5,
+    neg: Annotated[str | None, Query(max_length=1000)] = None,
+    size: Annotated[int, Query(ge=64, le=DETAIL_SIZE)] = DETAIL_SIZE,
+) -> Response:
+    state = state_of(request)
+    pipeline = await state.ready()
+    inp = QueryInput(q, None, qimg, like, w, neg)
+    if not inp.has_query:
+        raise BadQuery("give the query (q, qimg or like) whose evidence to draw")
+    rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
+
+    def draw() -> bytes:
+        max_pixels = state.settings.max_upload_pixels
+        query, echo = resolve(inp, pipeline.searcher, state.query_images, max_pixels)
+        view = images.view(rec, size, max_pixels)
+        picture = pipeline.evidence_picture(image_id, query, view)
+        if picture is not None:
+            return images.png_bytes(picture)
+        card = pipeline.card_for(image_id, query, echo)
+        return images.draw_boxes(rec, view, card.evidence if card is not None else [])
+
+    png = await anyio.to_thread.run_sync(draw)
+    return Response(png, media_type="image/png")
+
+
+@router.get(
+    "/query-images/{key}",
+    summary="An uploaded query image the server still holds (PNG)",
+    responses={200: {"content": {"image/png": {}}}, **error_responses(404, 422)},
+)
+async def query_image(key: Annotated[str, Path(pattern=IMAGE_KEY_PATTERN)], request: Request) -> Response:
+    image = state_of(request).query_images.get(key)
+    if image is None:
+        raise HTTPException(404, "that query image is no longer held by the server")
+    buf = io.BytesIO()
+    await anyio.to_thread.run_sync(lambda: image.save(buf, format="PNG"))
+    return Response(
+        buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+    )
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    summary="Liveness and readiness: 200 when searches can be served, 503 with the reason otherwise",
+    responses={503: {"model": HealthResponse, "description": "Degraded: the reason says what to do"}},
+)
+async def health(request: Request) -> Response:
+    state = state_of(request)
+    try:
+        pipeline = await state.ready()
+    except Exception:
+        body = HealthResponse(status="degraded", reason=state.problem or "not ready")
+        return Response(body.model_dump_json(), status_code=503, media_type="application/json")
+    index = pipeline.searcher.index
+    explainer = pipeline.explainer.label if pipeline.explainer is not None else None
+    body = HealthResponse(
+        status="ok",
+        index=HealthIndex(
+            version=index.version,
+            images=index.images.ntotal,
+            model=public_model_name(index.manifest.model_name),
+        ),
+        explainer=explainer,
+        evidence=pipeline.evidence.name,
+    )
+    return Response(body.model_dump_json(), media_type="application/json")

@@ -1,0 +1,95 @@
+"""Refuse oversized request bodies before they are buffered.
+
+A declared Content-Length over the limit is refused without reading the body into memory; a body
+without one (chunked) is counted as it streams and refused the moment it passes the limit. Before
+answering, the rest of the body is read and thrown away (up to a cap): a client still writing its
+upload would otherwise see the connection reset instead of the 413, the same reason web servers
+do a "lingering close".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+#: Renders the 413 answer; the app passes one that speaks JSON under /api and HTML elsewhere.
+Renderer = Callable[[Request, int, str], Awaitable[Response]]
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+
+
+async def _drain(receive: Receive, cap: int) -> bool:
+    """Read and discard the rest of a body, at most `cap` bytes; True when the body ended."""
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+        if seen > cap:
+            return False
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware; `limit` bounds every request body, `drain_cap` bounds what is thrown away."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        render: Renderer,
+        message: str | None = None,
+        drain_cap: int | None = None,
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.render = render
+        self.message = message or f"the request body is larger than the limit of {limit} bytes"
+        self.drain_cap = drain_cap if drain_cap is not None else max(8 * limit, 64 * 1024 * 1024)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        declared = _content_length(request)
+        if declared is not None and declared > self.limit:
+            if declared <= self.drain_cap and "100-continue" not in request.headers.get("expect", "").lower():
+                await _drain(receive, self.drain_cap)
+            response = await self.render(request, 413, self.message)
+            await response(scope, receive, send)
+            return
+
+        total = 0
+
+        async def counted() -> Message:
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.limit:
+                    if message.get("more_body", False):
+                        await _drain(receive, self.drain_cap)
+                    raise BodyTooLarge(self.message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None

@@ -1,0 +1,192 @@
+"""Page routes: the search page and the image detail view, rendered from the same cards as the API.
+
+The page never waits for explanations: cards are rendered with image, score, evidence and caption,
+and a few lines of JavaScript ask /api/explain for each card. Errors are shown on the page itself,
+with the search form kept, and with the HTTP status that the API would have given.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import anyio
+from fastapi import APIRouter, Form, Path, Query, Request, UploadFile
+from fastapi.responses import RedirectResponse, Response
+from starlette.exceptions import HTTPException
+
+from ..cards import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
+from ..errors import BadImage, ClearsightError
+from ..pipeline import CardPipeline, ResultPage
+from .app import ServerState, state_of
+from .queries import QueryInput, resolve
+from .schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
+
+router = APIRouter(include_in_schema=False)
+
+Text = Annotated[str | None, Query(max_length=TEXT_MAX)]
+ImageKey = Annotated[str | None, Query(pattern=IMAGE_KEY_PATTERN)]
+LikeId = Annotated[int | None, Query(ge=1, le=2**62)]
+Weight = Annotated[float, Query(ge=0.0, le=1.0)]
+
+
+def _page_url(echo: QueryEcho, top_k: int, offset: int) -> str:
+    params = {**query_params(echo), "k": str(top_k)}
+    if offset:
+        params["o"] = str(offset)
+    return "/?" + urlencode(params)
+
+
+def _form(
+    text: str | None, weight: float, top_k: int, neg: str | None, qimg: str | None, like: int | None
+) -> dict[str, Any]:
+    return {
+        "text": text or "",
+        "weight": weight,
+        "top_k": top_k,
+        "negative": neg or "",
+        "qimg": qimg,
+        "like": like,
+    }
+
+
+def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
+    pipeline = state.pipeline
+    status: dict[str, Any] = {"ready": pipeline is not None, "problem": state.problem}
+    if pipeline is not None:
+        status["images"] = pipeline.searcher.index.images.ntotal
+        status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
+    return {"status": status, "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING), **extra}
+
+
+@router.get("/", name="index")
+async def index(
+    request: Request,
+    q: Text = None,
+    qimg: ImageKey = None,
+    like: LikeId = None,
+    w: Weight = 0.5,
+    neg: Text = None,
+    k: Annotated[int | None, Query(ge=1, le=TOP_K_CEILING)] = None,
+    o: Annotated[int, Query(ge=0, le=OFFSET_CEILING)] = 0,
+) -> Response:
+    state = state_of(request)
+    top_k = min(k or state.settings.default_top_k, state.settings.top_k_max)
+    inp = QueryInput(q, None, qimg, like, w, neg, top_k, min(o, state.settings.offset_max))
+    form = _form(q, w, top_k, neg, qimg, like)
+    if not inp.has_query:
+        return state.templates.TemplateResponse(request, "index.html", _context(state, form=form))
+    try:
+        pipeline = await state.ready()
+        page: ResultPage = await anyio.to_thread.run_sync(_search, state, pipeline, inp)
+    except (ClearsightError, HTTPException) as exc:
+        status, message = _status_message(state, exc)
+        ctx = _context(state, form=form, error={"status": status, "message": message})
+        return state.templates.TemplateResponse(request, "index.html", ctx, status_code=status)
+    echo = page.query
+    nav = {
+        "prev": _page_url(echo, top_k, max(0, page.offset - top_k)) if page.offset > 0 else None,
+        "next": _page_url(echo, top_k, page.offset + top_k) if page.has_more else None,
+        "first": page.offset + 1,
+        "last": page.offset + len(page.cards),
+    }
+    ctx = _context(state, form=form, page=page, cards=page.cards, query=echo.model_dump(), nav=nav)
+    return state.templates.TemplateResponse(request, "index.html", ctx)
+
+
+def _search(state: ServerState, pipeline: CardPipeline, inp: QueryInput) -> ResultPage:
+    query, echo = resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)
+    return pipeline.search(query, echo)
+
+
+def _status_message(state: ServerState, exc: Exception) -> tuple[int, str]:
+    if isinstance(exc, ClearsightError):
+        return exc.http_status, state.public(str(exc))
+    assert isinstance(exc, HTTPException)
+    return exc.status_code, str(exc.detail)
+
+
+@router.post("/", name="upload")
+async def upload(
+    request: Request,
+    text: Annotated[str | None, Form(max_length=TEXT_MAX)] = None,
+    image: UploadFile | None = None,
+    w: Annotated[float, Form(ge=0.0, le=1.0)] = 0.5,
+    k: Annotated[int | None, Form(ge=1, le=TOP_K_CEILING)] = None,
+    neg: Annotated[str | None, Form(max_length=TEXT_MAX)] = None,
+    qimg: Annotated[str | None, Form(pattern=IMAGE_KEY_PATTERN)] = None,
+    like: Annotated[int | None, Form(ge=1, le=2**62)] = None,
+) -> Response:
+    """The form with a file: remember the image, then redirect to a plain GET page that names it.
+
+    Without a new file, an image the page already searched with (qimg or like) is kept.
+    """
+    state = state_of(request)
+    params: dict[str, str] = {}
+    if text and text.strip():
+        params["q"] = text.strip()
+    if neg and neg.strip():
+        params["neg"] = neg.strip()
+    if k:
+        params["k"] = str(k)
+    data = await image.read(state.settings.max_upload_bytes + 1) if image is not None else b""
+    if image is not None:
+        await image.close()
+    if len(data) > state.settings.max_upload_bytes:
+        raise HTTPException(
+            413, f"the image is larger than the limit of {state.settings.max_upload_bytes} bytes"
+        )
+    if data:
+        try:
+            _, key = await anyio.to_thread.run_sync(
+                state.query_images.add, data, state.settings.max_upload_pixels
+            )
+        except BadImage as exc:
+            form = _form(text, w, k or state.settings.default_top_k, neg, None, None)
+            message = f"That upload could not be used as a query image: {exc.reason}."
+            ctx = _context(state, form=form, error={"status": 422, "message": message})
+            return state.templates.TemplateResponse(request, "index.html", ctx, status_code=422)
+        params["qimg"] = key
+    elif qimg:
+        params["qimg"] = qimg
+    elif like:
+        params["like"] = str(like)
+    if "q" in params and ("qimg" in params or "like" in params):
+        params["w"] = f"{w:g}"
+    return RedirectResponse("/?" + urlencode(params), status_code=303)
+
+
+@router.get("/images/{image_id}", name="detail")
+async def detail(
+    request: Request,
+    image_id: Annotated[int, Path(ge=1, le=2**62)],
+    q: Text = None,
+    qimg: ImageKey = None,
+    like: LikeId = None,
+    w: Weight = 0.5,
+    neg: Text = None,
+    r: Annotated[int, Query(ge=1, le=10**6)] = 1,
+) -> Response:
+    state = state_of(request)
+    pipeline = await state.ready()
+    inp = QueryInput(q, None, qimg, like, w, neg)
+
+    def build() -> tuple[Any, QueryEcho | None]:
+        if not inp.has_query:
+            return pipeline.card_for(image_id, None, None, rank=r), None
+        query, echo = resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)
+        return pipeline.card_for(image_id, query, echo, rank=r), echo
+
+    card, echo = await anyio.to_thread.run_sync(build)
+    if card is None:
+        raise HTTPException(404, f"no indexed image with id {image_id}")
+    ctx = _context(
+        state,
+        card=card,
+        query=echo.model_dump() if echo is not None else None,
+        back_url=_page_url(echo, state.settings.default_top_k, 0) if echo is not None else "/",
+        large_url=thumb_url(card.id, DETAIL_SIZE),
+        evidence_url=evidence_png_url(card.id, echo) if echo is not None else None,
+        form=_form(q, w, state.settings.default_top_k, neg, qimg, like),
+    )
+    return state.templates.TemplateResponse(request, "detail.html", ctx)

@@ -1,0 +1,161 @@
+"""Turning what a client sent into a library `Query`: uploads, base64, remembered images, "more like this".
+
+Uploaded query images are decoded under the server's pixel limit and kept in a small in-memory
+store by content hash, so paging, the per-card explanation calls and the evidence images can
+refer to the same query without uploading it again. They touch the disk only when the operator
+asks for it (`keep_uploads`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from retrieval import imageio
+from retrieval.search import Query, Searcher
+
+from ..cards import QueryEcho
+from ..errors import BadQuery
+
+log = logging.getLogger(__name__)
+
+#: Query images are kept at most this big: the encoder sees 224 pixels, the page a small preview.
+_STORED_EDGE = 768
+
+
+@dataclass(frozen=True)
+class QueryInput:
+    """The query part of a request, already bounds-checked by the request schema."""
+
+    text: str | None = None
+    image_bytes: bytes | None = None
+    image_key: str | None = None
+    like_id: int | None = None
+    weight: float = 0.5
+    negative: str | None = None
+    top_k: int = 12
+    offset: int = 0
+    min_score: float | None = None
+
+    @property
+    def has_query(self) -> bool:
+        return bool(self.text and self.text.strip()) or any(
+            v is not None for v in (self.image_bytes, self.image_key, self.like_id)
+        )
+
+
+def decode_base64(data: str, max_bytes: int) -> bytes:
+    """Base64 (optionally a data: URL) to bytes, refusing anything that would decode past `max_bytes`."""
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    if len(data) > (max_bytes * 4) // 3 + 8:
+        raise HTTPException(413, f"the image is larger than the limit of {max_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadQuery("image_base64 is not valid base64") from None
+
+
+class QueryImages:
+    """Recently uploaded query images by content hash: a bounded LRU, optionally mirrored to disk."""
+
+    def __init__(self, capacity: int = 64, keep_dir: Path | None = None) -> None:
+        self._capacity = capacity
+        self._keep_dir = keep_dir
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+        """Decode (raising BadImage with the reason) and remember an upload; returns (image, key)."""
+        decoded = imageio.decode(data, draft_size=_STORED_EDGE, max_pixels=max_pixels)
+        image = decoded.image
+        if max(image.size) > _STORED_EDGE:
+            image = image.copy()
+            image.thumbnail((_STORED_EDGE, _STORED_EDGE))
+        key = imageio.content_hash(data)
+        with self._lock:
+            self._images[key] = image
+            self._images.move_to_end(key)
+            while len(self._images) > self._capacity:
+                self._images.popitem(last=False)
+        if self._keep_dir is not None:
+            self._keep(key, image)
+        return image, key
+
+    def get(self, key: str) -> Image.Image | None:
+        with self._lock:
+            image = self._images.get(key)
+            if image is not None:
+                self._images.move_to_end(key)
+                return image
+        if self._keep_dir is not None:
+            path = self._keep_dir / f"{key}.png"
+            if path.is_file():
+                return imageio.open_image(path).image
+        return None
+
+    def _keep(self, key: str, image: Image.Image) -> None:
+        assert self._keep_dir is not None
+        try:
+            self._keep_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._keep_dir / f".{key}.tmp"
+            image.save(tmp, format="PNG")
+            tmp.replace(self._keep_dir / f"{key}.png")
+        except OSError as exc:
+            log.warning("could not keep an uploaded query image: %s", exc)
+
+
+def resolve(
+    inp: QueryInput, searcher: Searcher, images: QueryImages, max_pixels: int
+) -> tuple[Query, QueryEcho]:
+    """The library query and its public echo; raises BadQuery (422) or HTTPException (404)."""
+    if not inp.has_query:
+        raise BadQuery("give a text query, an image, or both")
+    image: Image.Image | None = None
+    key: str | None = None
+    image_key_for_cache: str | None = None
+    if inp.image_bytes is not None:
+        image, key = images.add(inp.image_bytes, max_pixels)
+        image_key_for_cache = key
+    elif inp.image_key is not None:
+        image = images.get(inp.image_key)
+        if image is None:
+            raise BadQuery("the query image is no longer held by the server: upload it again")
+        key = image_key_for_cache = inp.image_key
+    elif inp.like_id is not None:
+        rec = searcher.collection.catalog.get_image(inp.like_id)
+        if rec is None or rec.state != "indexed":
+            raise HTTPException(404, f"no indexed image with id {inp.like_id}")
+        image = imageio.open_image(Path(rec.path), draft_size=_STORED_EDGE, max_pixels=max_pixels).image
+        image_key_for_cache = rec.content_hash
+    text = inp.text.strip() if inp.text and inp.text.strip() else None
+    negative = inp.negative.strip() if inp.negative and inp.negative.strip() else None
+    query = Query(
+        text=text,
+        image=image,
+        weight=inp.weight,
+        negative=negative,
+        top_k=inp.top_k,
+        offset=inp.offset,
+        min_score=inp.min_score,
+        image_key=image_key_for_cache,
+    )
+    query.validate()
+    echo = QueryEcho(
+        text=text,
+        kind=query.kind,  # type: ignore[arg-type]
+        image_key=key,
+        like_id=inp.like_id if inp.image_bytes is None and inp.image_key is None else None,
+        weight=inp.weight,
+        negative=negative,
+        min_score=inp.min_score,
+    )
+    return query, echo

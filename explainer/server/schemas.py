@@ -1,0 +1,169 @@
+"""Request and response schemas of the JSON API.
+
+They are the public contract (what OpenAPI documents and clients send), kept apart from the
+library's internal types so that either can change without silently changing the other. Bounds
+live here, so a malformed request is refused with a 422 before any model work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..cards import Card, ExplanationOut, QueryEcho
+from ..pipeline import ResultPage
+
+#: Hard ceiling of `top_k`; `Settings.top_k_max` may lower it.
+TOP_K_CEILING = 100
+#: Hard ceiling of `offset`; `Settings.offset_max` may lower it.
+OFFSET_CEILING = 10_000
+#: Most images one /api/explain call may ask about (a page's worth, with room).
+EXPLAIN_MAX_IDS = 100
+TEXT_MAX = 1000
+IMAGE_KEY_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class QueryFields(BaseModel):
+    """What to search for; shared by search and explain so both speak of a query the same way."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(default=None, max_length=TEXT_MAX, description="Text query")
+    image_key: str | None = Field(
+        default=None,
+        pattern=IMAGE_KEY_PATTERN,
+        description="Handle of an image uploaded earlier (echoed as query.image_key); avoids re-uploading",
+    )
+    like_id: int | None = Field(
+        default=None, ge=1, le=2**62, description='"More like this": use this catalog image as the query'
+    )
+    weight: float = Field(default=0.5, ge=0.0, le=1.0, description="Text's share in a text+image query")
+    negative: str | None = Field(default=None, max_length=TEXT_MAX, description="Text to steer away from")
+
+
+class SearchRequest(QueryFields):
+    """A search. Send it as JSON (image as `image_base64`) or as multipart form fields (image as `image`)."""
+
+    image_base64: str | None = Field(
+        default=None, description="Query image, base64 (a data: URL prefix is accepted)"
+    )
+    top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING)
+    offset: int = Field(default=0, ge=0, le=OFFSET_CEILING)
+    min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
+    explain: bool = Field(
+        default=True, description="Explain every card now; false returns at once and leaves explanation null"
+    )
+
+    @model_validator(mode="after")
+    def _one_image(self) -> SearchRequest:
+        given = [n for n in ("image_base64", "image_key", "like_id") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one query image, got {' and '.join(given)}")
+        return self
+
+
+class SearchForm(BaseModel):
+    """The multipart form twin of SearchRequest (documentation only: the route parses the form)."""
+
+    text: str | None = Field(default=None, max_length=TEXT_MAX)
+    image: bytes | None = Field(default=None, json_schema_extra={"format": "binary"})
+    image_key: str | None = Field(default=None, pattern=IMAGE_KEY_PATTERN)
+    like_id: int | None = Field(default=None, ge=1)
+    weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    negative: str | None = Field(default=None, max_length=TEXT_MAX)
+    top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING)
+    offset: int = Field(default=0, ge=0, le=OFFSET_CEILING)
+    min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
+    explain: bool = True
+
+
+class SearchResponse(BaseModel):
+    results: list[Card]
+    query: QueryEcho
+    total: int = Field(description="Images in the searched index")
+    offset: int
+    top_k: int
+    has_more: bool
+    model: str
+
+    @classmethod
+    def from_page(cls, page: ResultPage) -> SearchResponse:
+        return cls(
+            results=page.cards,
+            query=page.query,
+            total=page.total,
+            offset=page.offset,
+            top_k=page.top_k,
+            has_more=page.has_more,
+            model=page.model,
+        )
+
+
+class ExplainRequest(QueryFields):
+    """Explanations for some hits of a query (the page asks per card)."""
+
+    ids: list[int] = Field(min_length=1, max_length=EXPLAIN_MAX_IDS, description="Catalog ids of the hits")
+    ranks: list[int] | None = Field(
+        default=None, description="The hits' ranks, same length as ids (used when the page is not remembered)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ExplainRequest:
+        if any(i < 1 or i > 2**62 for i in self.ids):
+            raise ValueError("ids must be positive catalog ids")
+        if self.ranks is not None and (
+            len(self.ranks) != len(self.ids) or any(r < 1 or r > 10**6 for r in self.ranks)
+        ):
+            raise ValueError("ranks must have one positive rank per id")
+        if not (self.text and self.text.strip()) and self.image_key is None and self.like_id is None:
+            raise ValueError("give the query: text, image_key or like_id")
+        return self
+
+
+class ExplainedHit(BaseModel):
+    id: int
+    explanation: ExplanationOut
+    caption: str | None = None
+    caption_source: str | None = None
+
+
+class ExplainResponse(BaseModel):
+    explanations: list[ExplainedHit]
+    missing: list[int] = Field(default_factory=list, description="Requested ids that are not indexed images")
+
+
+class HealthIndex(BaseModel):
+    version: str
+    images: int
+    model: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    reason: str | None = None
+    index: HealthIndex | None = None
+    explainer: str | None = None
+    evidence: str | None = None
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer with."""
+    text = {
+        404: "Unknown image id",
+        413: "Upload or body too large",
+        415: "Unsupported content type",
+        422: "Malformed request or unusable query",
+        503: "Index or model unavailable",
+    }
+    return {c: {"model": ErrorResponse, "description": text.get(c, "Error")} for c in codes}

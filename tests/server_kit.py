@@ -1,0 +1,116 @@
+"""Shared pieces of the server tests: a small indexed collection, settings that read nothing from
+the developer's machine, and stand-ins for a failing model and for deterministic search/evidence."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from conftest import COLOURS, make_folder
+from PIL import Image
+
+from explainer.cards import EvidenceBox
+from explainer.settings import Settings
+from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder, ingest
+from retrieval.search import Hit, Query, Searcher, SearchResult
+from retrieval.types import Float32Array
+
+#: Generated captions are attached under this source, as `clearsight caption` does.
+GENERATED_SOURCE = "generated:tiny-blip"
+
+
+def build_collection(root: Path, clip_dir: Path, n: int = 12) -> Path:
+    """Index `n` synthetic images with dataset captions; the first third also get a generated caption."""
+    images = root / "images"
+    paths = make_folder(images, n)
+    with (images / "captions.jsonl").open("w") as fh:
+        for i, p in enumerate(paths):
+            shape = "circle" if (i // len(COLOURS)) % 2 else "square"
+            fh.write(
+                json.dumps({"image": p.name, "captions": [f"a {COLOURS[i % len(COLOURS)]} {shape}"]}) + "\n"
+            )
+    data = root / "data"
+    encoder = create_encoder(EncoderConfig(model=str(clip_dir), device="cpu"))
+    with Collection(data) as collection:
+        ingest(images, collection, encoder, IngestConfig(batch_size=8, progress=False))
+        for rec in collection.catalog.iter_images("indexed")[: n // 3]:
+            caps = collection.catalog.captions_for([rec.id]).get(rec.id, [])
+            text = f"a picture of {caps[0].text[2:]}" if caps else "a picture"
+            collection.catalog.set_captions(rec.id, GENERATED_SOURCE, [text])
+    encoder.close()
+    return data
+
+
+def server_settings(data_dir: Path, tmp: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: offline explainer, no reload loop, nothing read from a .env."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "thumb_dir": tmp / "thumbs",
+        "explain_backend": "offline",
+        "reload_interval_s": 0.0,
+        "explain_max_retries": 0,
+        "explain_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+class FailingSearcher(Searcher):
+    """A searcher whose model breaks at query time, as a crashed or unloadable model would."""
+
+    def embed_query(self, q: Query) -> Float32Array:
+        raise RuntimeError("simulated model failure")
+
+
+class FixedSearcher(Searcher):
+    """Returns the indexed images in id order with fixed scores, whatever the query: stable page snapshots."""
+
+    def search_vector(self, vec: Float32Array, q: Query, kind: str = "vector") -> SearchResult:
+        records = self.collection.catalog.iter_images("indexed")
+        caps = self.collection.catalog.captions_for([r.id for r in records])
+        hits = [
+            Hit(
+                r.id,
+                r.path,
+                round(0.9 - 0.05 * i, 6),
+                i + 1,
+                r.width,
+                r.height,
+                r.content_hash,
+                [c.text for c in caps.get(r.id, [])],
+            )
+            for i, r in enumerate(records)
+        ]
+        page = hits[q.offset : q.offset + q.top_k]
+        return SearchResult(kind, "tiny-clip", "Flat", len(records), page)
+
+
+class FixedEvidence:
+    """One box in the top-left quarter and one in the centre of every image."""
+
+    name = "fixed"
+
+    def for_hits(
+        self,
+        searcher: Searcher,
+        query: Query,
+        hits: Sequence[Hit],
+        limit: int | None = None,
+        query_vec: Float32Array | None = None,
+    ) -> list[list[EvidenceBox]]:
+        out = []
+        for h in hits:
+            w, ht = h.width or 4, h.height or 4
+            boxes = [
+                EvidenceBox(box=(0, 0, w // 2, ht // 2), score=0.5, rank=1, label="top-left"),
+                EvidenceBox(
+                    box=(w // 4, ht // 4, 3 * w // 4, 3 * ht // 4), score=0.4, rank=2, label="centre"
+                ),
+            ]
+            out.append(boxes[: limit or 2])
+        return out
+
+    def render(self, searcher: Searcher, query: Query, hit: Hit, image: Image.Image) -> Image.Image | None:
+        return None
