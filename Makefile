@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck clean
+.PHONY: setup browser run test lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,15 +18,26 @@ $(STAMP): pyproject.toml
 	# torch first, exactly as pinned, so nothing later can pull a CUDA build in its place
 	$(BIN)/python -m pip install --quiet "$$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# Debian's chromium for the browser tests (Playwright drives it; no browser download from the web).
+# Installed when apt-get can run as root; elsewhere those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the browser tests will be skipped"; \
+	else echo "note: chromium not installed and apt-get not usable here; the browser tests will be skipped"; fi
 
 setup: $(STAMP)
 
-# Index DIR (or run the offline demo when DIR is empty) and serve the page.
+# Index DIR and serve the page on HOST:PORT. Without DIR, or without the default encoder's weights,
+# the offline demo (synthetic scenes, a tiny model trained on them) is built and served instead.
 run: $(STAMP)
-	@if [ -z "$(DIR)" ]; then echo "usage: make run DIR=/path/to/images"; exit 2; fi
-	$(BIN)/clearsight index "$(DIR)"
-	@echo "search it with: $(BIN)/clearsight search 'a dog on a beach'"
+	$(BIN)/clearsight run $(if $(DIR),"$(DIR)") --host "$(HOST)" --port "$(PORT)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check retrieval explainer tests $(wildcard bench)

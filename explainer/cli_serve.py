@@ -8,19 +8,18 @@ from typing import Annotated
 
 import typer
 
-from .cli import DataDir, app, boundary
+from .cli import DataDir, Device, Model, _settings_data_dir, app, boundary
+
+Host = Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: 127.0.0.1)")]
+Port = Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Port (default: 8000)")]
 
 
 @app.command("serve")
 @boundary
 def serve_cmd(
     data_dir: DataDir = None,
-    host: Annotated[
-        str | None, typer.Option("--host", help="Interface to listen on (default: 127.0.0.1)")
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option("--port", "-p", min=0, max=65535, help="Port (default: 8000)")
-    ] = None,
+    host: Host = None,
+    port: Port = None,
     reload_interval: Annotated[
         float | None,
         typer.Option(
@@ -32,6 +31,17 @@ def serve_cmd(
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error")] = "info",
 ) -> None:
     """Serve the search page and the JSON API (models load once, at start-up)."""
+    run_server(data_dir, host, port, reload_interval, log_level)
+
+
+def run_server(
+    data_dir: Path | None,
+    host: str | None = None,
+    port: int | None = None,
+    reload_interval: float | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve one collection with uvicorn until interrupted; None means "from settings"."""
     import uvicorn
 
     from .server import create_app
@@ -60,3 +70,46 @@ def serve_cmd(
         proxy_headers=False,
         server_header=False,
     )
+
+
+@app.command("run")
+@boundary
+def run_cmd(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="Folder of images to index and serve; without it, the offline demo"),
+    ] = None,
+    model: Model = None,
+    data_dir: DataDir = None,
+    host: Host = None,
+    port: Port = None,
+    device: Device = "auto",
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Index (or build the demo) and exit")] = False,
+) -> None:
+    """The main job: index PATH, then serve it. Falls back to the offline demo without default weights."""
+    from retrieval.errors import ModelUnavailable
+
+    from .cli import index_cmd
+    from .cli_train import demo_cmd
+
+    serve_dir = data_dir
+    if path is not None:
+        try:
+            # the undecorated command, so a missing model reaches this function instead of exiting
+            index_cmd.__wrapped__(path=path, model=model, data_dir=data_dir, device=device)  # type: ignore[attr-defined]
+        except ModelUnavailable as exc:
+            if model is not None:
+                raise  # the user named this model: falling back would hide their mistake
+            typer.echo(f"clearsight: {exc}", err=True)
+            typer.echo(
+                "clearsight: the default encoder's weights are not on this machine, so this runs the "
+                "offline DEMO instead (synthetic scenes and a tiny model trained on them, not your photos)",
+                err=True,
+            )
+            path = None
+    if path is None:
+        demo_dir = (data_dir or _settings_data_dir(None)) / "demo"
+        demo_cmd.__wrapped__(data_dir=demo_dir, no_serve=True, device=device)  # type: ignore[attr-defined]
+        serve_dir = demo_dir
+    if not no_serve:
+        run_server(serve_dir, host, port)

