@@ -5,11 +5,17 @@ It never imports `explainer`; notebooks can use it on its own:
     from retrieval import Searcher, Query
     s = Searcher.open("~/.local/share/clearsight")
     s.search(Query(text="a dog on a beach", top_k=5)).results
+
+Indexing a folder is `retrieval.ingest.ingest`: the function is deliberately not re-exported here,
+because a package attribute named `ingest` would hide the submodule `retrieval.ingest` (then
+`import retrieval.ingest as m` or `monkeypatch.setattr("retrieval.ingest.X", ...)` get the function).
+
+    from retrieval.ingest import ingest
 """
 
 from .collection import Collection
 from .encoders import Encoder, EncoderConfig, create_encoder, list_encoders
-from .ingest import IngestConfig, IngestSummary, ingest
+from .ingest import IngestConfig, IngestSummary
 from .search import CaptionHit, Hit, Query, Searcher, SearchResult, load_query_image
 
 __all__ = [
@@ -24,7 +30,6 @@ __all__ = [
     "SearchResult",
     "Searcher",
     "create_encoder",
-    "ingest",
     "list_encoders",
     "load_query_image",
 ]

@@ -14,7 +14,15 @@ from tqdm import tqdm
 from .collection import Collection
 from .encoders import Encoder
 from .errors import IndexMismatch
-from .index import LoadedIndex, Manifest, VectorIndex, resolve_factory
+from .index import (
+    DEFAULT_EF_CONSTRUCTION,
+    LoadedIndex,
+    Manifest,
+    SearchParams,
+    VectorIndex,
+    resolve_factory,
+    same_layout,
+)
 from .types import Float32Array
 
 
@@ -59,7 +67,14 @@ def sync_indexes(
     factory: str | None = None,
     force_rebuild: bool = False,
     progress: bool = False,
+    search: SearchParams | None = None,
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION,
 ) -> SyncReport:
+    """Update (or rebuild) the indexes from the catalog.
+
+    `search` sets the query-time knobs recorded in the manifest (default: keep what the current
+    index records); `ef_construction` applies when an HNSW index is (re)built.
+    """
     info = encoder.info
     store = collection.store
     current: LoadedIndex | None = None
@@ -72,23 +87,30 @@ def sync_indexes(
             )
         current = store.load()
         factory = factory or manifest.factory
+        search = search or current.images.params.search
     factory = factory or "flat"
 
     ids, vecs = collection.catalog.indexed_vectors(info.fingerprint, info.dim)
     built, note = resolve_factory(factory, len(ids), info.dim)
     added = removed = 0
-    rebuilt = False
+    rebuilt = params_changed = False
     images: VectorIndex
-    if current is None or current.manifest.built_factory != built:
-        images = VectorIndex.build(ids, vecs, built, info.dim)
+    if current is None or not same_layout(current.manifest.built_factory, built):
+        images = VectorIndex.build(ids, vecs, built, info.dim, ef_construction=ef_construction, search=search)
         rebuilt, added = True, len(ids)
     else:
         images = current.images
+        if search is not None and images.params.with_search(search) != images.params:
+            params = images.params.with_search(search)
+            images = VectorIndex(images.index, info.dim, images.factory, params)
+            params_changed = True
         have = images.ids()
         to_remove = np.setdiff1d(have, ids, assume_unique=True)
         to_add = np.isin(ids, have, invert=True)
         if len(to_remove) and not images.supports_remove:
-            images = VectorIndex.build(ids, vecs, built, info.dim)
+            images = VectorIndex.build(
+                ids, vecs, built, info.dim, ef_construction=ef_construction, search=search
+            )
             rebuilt, added, removed = True, len(ids), len(to_remove)
         else:
             images.remove(to_remove)
@@ -105,7 +127,7 @@ def sync_indexes(
         else VectorIndex.build(cap_ids, cap_vecs, "Flat", info.dim)
     )
 
-    changed = rebuilt or added or removed or captions_changed
+    changed = rebuilt or added or removed or captions_changed or params_changed
     version = None
     if changed:
         manifest = Manifest(
@@ -114,10 +136,11 @@ def sync_indexes(
             fingerprint=info.fingerprint,
             dim=info.dim,
             factory=factory,
-            built_factory=built,
+            built_factory=images.factory,  # an index kept by `same_layout` says what it really is
             count=images.ntotal,
             captions_count=captions.ntotal,
             note=note,
+            params=images.params,
         )
         version = store.save(manifest, images, captions)
-    return SyncReport(images.ntotal, captions.ntotal, added, removed, rebuilt, version, built, note)
+    return SyncReport(images.ntotal, captions.ntotal, added, removed, rebuilt, version, images.factory, note)

@@ -8,7 +8,8 @@ Layout of `<data-dir>/index/`:
 A new version is written into a temporary directory, fsynced, renamed into place, and only then
 does CURRENT point to it, so a crash at any instant leaves the previous version intact and no
 reader ever sees a half-written index. The manifest records what the vectors mean (model,
-dimension, factory); loading an index under a different model is refused.
+dimension, factory) and the knobs the index was built and is searched with (`IndexParams`), so a
+loaded index searches as it was configured; loading an index under a different model is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +33,100 @@ import numpy as np
 from .errors import ConfigError, IndexCorrupt, IndexMismatch, IndexMissing, ShapeError
 from .types import Float32Array, Int64Array
 
-INDEX_SCHEMA_VERSION = 1
+#: 2 added `params` (nlist, m, efConstruction, efSearch, nprobe); version 1 manifests are migrated.
+INDEX_SCHEMA_VERSION = 2
+
+#: faiss's bundled type stubs lack SearchParametersHNSW and the keyword constructors of the SWIG classes.
+_faiss_untyped: Any = faiss
 
 #: Friendly names for the factory strings users ask for.
 ALIASES: dict[str, str] = {"flat": "Flat", "exact": "Flat", "hnsw": "HNSW32", "ivfpq": "ivfpq"}
 #: The auto IVF-PQ layout needs this many vectors before it can be trained.
 IVFPQ_MIN_VECTORS = 1024
 
+DEFAULT_NPROBE = 32
+DEFAULT_EF_SEARCH = 128
+#: HNSW build beam. faiss's default (40) left recall@10 at 0.887 on 1M clustered vectors, where
+#: 128 reached 0.988 for about twice the build time (bench/RESULTS.md).
+DEFAULT_EF_CONSTRUCTION = 128
+#: faiss's default efConstruction, which every HNSW index written under manifest schema 1 was built with.
+FAISS_DEFAULT_EF_CONSTRUCTION = 40
+
 
 @dataclass(frozen=True)
 class SearchParams:
-    """Query-time knobs of approximate indexes (ignored by exact search)."""
+    """Query-time knobs of approximate indexes (ignored by exact search).
 
-    nprobe: int = 32
-    ef_search: int = 128
+    `single_query_threads` caps faiss's OpenMP team while one query vector is searched: there is
+    nothing to split across threads, and waking them costs more than it saves (it stalls for a
+    scheduler tick when another process holds a core). None leaves faiss's setting alone.
+    """
+
+    nprobe: int = DEFAULT_NPROBE
+    ef_search: int = DEFAULT_EF_SEARCH
+    single_query_threads: int | None = 1
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """What an index was built with and searches with by default, recorded in the manifest.
+
+    `nlist`, `pq_m` and `hnsw_m` are read from the factory string (`IVF{nlist}`, `PQ{m}`,
+    `HNSW{M}`); the others are not expressible there. A field is None when the index has no such knob.
+    """
+
+    nlist: int | None = None
+    pq_m: int | None = None
+    hnsw_m: int | None = None
+    ef_construction: int | None = None
+    ef_search: int | None = None
+    nprobe: int | None = None
+
+    @classmethod
+    def for_factory(
+        cls,
+        factory: str,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        search: SearchParams | None = None,
+    ) -> IndexParams:
+        search = search or SearchParams()
+        nlist = pq_m = hnsw_m = None
+        for part in factory.split(","):
+            part = part.strip()
+            if found := re.match(r"^IVF(\d+)", part):
+                nlist = int(found.group(1))
+            elif found := re.match(r"^PQ(\d+)", part):
+                pq_m = int(found.group(1))
+            elif found := re.match(r"^HNSW(\d+)", part):
+                hnsw_m = int(found.group(1))
+        hnsw = hnsw_m is not None
+        return cls(
+            nlist=nlist,
+            pq_m=pq_m,
+            hnsw_m=hnsw_m,
+            ef_construction=ef_construction if hnsw else None,
+            ef_search=search.ef_search if hnsw else None,
+            nprobe=search.nprobe if nlist is not None else None,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IndexParams:
+        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__ and v is not None})
+
+    def with_search(self, search: SearchParams) -> IndexParams:
+        """These parameters with other query-time knobs, where the index has them."""
+        return replace(
+            self,
+            ef_search=search.ef_search if self.hnsw_m is not None else None,
+            nprobe=search.nprobe if self.nlist is not None else None,
+        )
+
+    @property
+    def search(self) -> SearchParams:
+        """The recorded query-time knobs, defaults where the index has none."""
+        return SearchParams(
+            nprobe=self.nprobe or DEFAULT_NPROBE, ef_search=self.ef_search or DEFAULT_EF_SEARCH
+        )
 
 
 @dataclass
@@ -60,14 +143,33 @@ class Manifest:
     metric: str = "inner_product"
     created_at: float = field(default_factory=time.time)
     note: str = ""
+    params: IndexParams = field(default_factory=IndexParams)  # of the image index; captions are Flat
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        data = _migrate_manifest(json.loads(text))
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["params"] = IndexParams.from_dict(fields.get("params") or {})
+        return cls(**fields)
+
+
+def _migrate_manifest(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older manifest up to the current schema (a newer one is refused by the store)."""
+    if int(data.get("schema_version", 1)) < 2:
+        # Schema 1 recorded no parameters: it built HNSW with faiss's default efConstruction and
+        # searched every index with the SearchParams defaults of the time (nprobe 32, efSearch 128).
+        data = {**data, "schema_version": 2}
+        data["params"] = asdict(
+            IndexParams.for_factory(
+                str(data.get("built_factory", "Flat")),
+                ef_construction=FAISS_DEFAULT_EF_CONSTRUCTION,
+                search=SearchParams(nprobe=32, ef_search=128),
+            )
+        )
+    return data
 
 
 def check_vectors(x: Any, dim: int, what: str = "vectors") -> Float32Array:
@@ -104,7 +206,9 @@ def resolve_factory(requested: str, n: int, dim: int) -> tuple[str, str]:
         nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
         nlist = max(16, min(nlist, n // 39, 65536))
         m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, dim // 8))
-        return f"IVF{nlist},PQ{m}", ""
+        # "np": no polysemous training. Search never uses polysemous codes, and training them was
+        # about 80 % of the build (4.8x slower at 100k vectors, same recall; bench/RESULTS.md).
+        return f"IVF{nlist},PQ{m}np", ""
     ivf = re.match(r"^IVF(\d+)", name)
     if ivf and n < 39 * int(ivf.group(1)):
         return "Flat", (
@@ -120,23 +224,108 @@ def resolve_factory(requested: str, n: int, dim: int) -> tuple[str, str]:
     return name, ""
 
 
+def same_layout(built: str, wanted: str) -> bool:
+    """Whether an index built as `built` can stay when `wanted` is asked for.
+
+    `IVF…,PQ{m}` and `IVF…,PQ{m}np` store the same codes and search the same way (the polysemous
+    training only reorders centroids), so an index built before "np" was added is kept, not rebuilt.
+    """
+    return re.sub(r"(PQ\d+)np\b", r"\1", built) == re.sub(r"(PQ\d+)np\b", r"\1", wanted)
+
+
+@contextmanager
+def omp_threads(n: int | None) -> Iterator[None]:
+    """Cap faiss's OpenMP team at `n` threads in the calling thread, then restore it.
+
+    OpenMP keeps the thread count per calling thread (the nthreads-var ICV belongs to each
+    thread's data environment), so this neither races with nor slows other threads' searches.
+    """
+    before = faiss.omp_get_max_threads()
+    if n is None or before <= n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _unwrap(index: Any) -> tuple[Any, list[float]]:
+    """The index that holds the data, through IDMap, pre-transform and refine wrappers, and the
+    k_factor of each refine wrapper passed, outermost first."""
+    index = faiss.downcast_index(index)
+    refines: list[float] = []
+    for _ in range(8):
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, faiss.IndexRefine):
+            refines.append(float(index.k_factor))
+            index = faiss.downcast_index(index.base_index)
+        else:
+            break
+    return index, refines
+
+
+def _ivf(index: Any) -> Any | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return None
+
+
+def _hnsw(index: Any) -> Any | None:
+    inner, _ = _unwrap(index)
+    return inner.hnsw if hasattr(inner, "hnsw") else None
+
+
 class VectorIndex:
     """A FAISS inner-product index whose ids are catalog ids."""
 
-    def __init__(self, index: Any, dim: int, factory: str) -> None:
+    def __init__(self, index: Any, dim: int, factory: str, params: IndexParams | None = None) -> None:
         self.index = index
         self.dim = dim
         self.factory = factory
+        self.params = params or IndexParams.for_factory(factory)
+        self._ivf = _ivf(index)  # the IVF or HNSW part found through any wrappers, or None
+        self._hnsw = _hnsw(index)
+        self._refines = _unwrap(index)[1]
+        self._set_defaults()
 
     @classmethod
-    def build(cls, ids: Int64Array, vectors: Float32Array, factory: str, dim: int) -> VectorIndex:
+    def build(
+        cls,
+        ids: Int64Array,
+        vectors: Float32Array,
+        factory: str,
+        dim: int,
+        *,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        search: SearchParams | None = None,
+    ) -> VectorIndex:
         vectors = check_vectors(vectors, dim)
         index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+        out = cls(index, dim, factory, IndexParams.for_factory(factory, ef_construction, search))
         if not index.is_trained:
             index.train(vectors)
         if len(ids):
             index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-        return cls(index, dim, factory)
+        return out
+
+    def _set_defaults(self) -> None:
+        """Store the recorded knobs in the faiss object itself, found through any wrappers.
+
+        Searches pass their knobs per call anyway (see `search`); this keeps the serialized index
+        and anyone using `self.index` directly in line with the manifest, and gives later
+        additions to an HNSW graph the recorded efConstruction.
+        """
+        if self._ivf is not None and self.params.nprobe is not None:
+            self._ivf.nprobe = self.params.nprobe
+        if self._hnsw is not None:
+            if self.params.ef_construction is not None:
+                self._hnsw.efConstruction = self.params.ef_construction
+            if self.params.ef_search is not None:
+                self._hnsw.efSearch = self.params.ef_search
 
     @property
     def ntotal(self) -> int:
@@ -147,7 +336,7 @@ class VectorIndex:
 
     @property
     def supports_remove(self) -> bool:
-        return not self.factory.startswith("HNSW")
+        return self._hnsw is None
 
     def add(self, ids: Int64Array, vectors: Float32Array) -> None:
         vectors = check_vectors(vectors, self.dim)
@@ -161,20 +350,37 @@ class VectorIndex:
     def search(
         self, queries: Float32Array, k: int, params: SearchParams | None = None
     ) -> tuple[Float32Array, Int64Array]:
+        """Top-k by inner product; `params` None searches with the knobs the index was built with."""
         queries = check_vectors(queries, self.dim, "queries")
         k = max(0, min(int(k), self.ntotal))
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        self._apply(params or SearchParams())
-        scores, ids = self.index.search(queries, k)
+        params = params or self.params.search
+        threads = params.single_query_threads if len(queries) == 1 else None
+        chain = self._faiss_params(params)
+        with omp_threads(threads):
+            scores, ids = self.index.search(queries, k, params=chain[-1] if chain else None)
         return scores.astype(np.float32), ids.astype(np.int64)
 
-    def _apply(self, params: SearchParams) -> None:
-        inner = faiss.downcast_index(self.index.index)
-        if hasattr(inner, "nprobe"):
-            inner.nprobe = params.nprobe
-        if hasattr(inner, "hnsw"):
-            inner.hnsw.efSearch = params.ef_search
+    def _faiss_params(self, params: SearchParams) -> list[Any]:
+        """Per-call faiss parameters, outermost last (empty for exact search).
+
+        Unlike attributes set on the shared index, they cannot race with another thread's search.
+        faiss hands them through IDMap and pre-transform wrappers by itself; a refine wrapper wants
+        them inside its own parameters, which hold only a raw pointer: the caller keeps the whole
+        list alive until the search returns.
+        """
+        if self._ivf is not None:
+            chain = [_faiss_untyped.SearchParametersIVF(nprobe=params.nprobe)]
+        elif self._hnsw is not None:
+            chain = [_faiss_untyped.SearchParametersHNSW(efSearch=params.ef_search)]
+        else:
+            return []
+        for k_factor in reversed(self._refines):
+            chain.append(
+                _faiss_untyped.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=chain[-1])
+            )
+        return chain
 
     def reconstruct(self, id_: int) -> Float32Array:
         return np.asarray(self.index.reconstruct(int(id_)), dtype=np.float32)
@@ -183,7 +389,7 @@ class VectorIndex:
         return bytes(faiss.serialize_index(self.index))
 
     @classmethod
-    def from_file(cls, path: Path, dim: int, factory: str) -> VectorIndex:
+    def from_file(cls, path: Path, dim: int, factory: str, params: IndexParams | None = None) -> VectorIndex:
         try:
             index = faiss.read_index(str(path))
         except Exception as exc:
@@ -192,7 +398,7 @@ class VectorIndex:
             ) from exc
         if index.d != dim:
             raise IndexCorrupt(f"{path} holds {index.d}-d vectors but the manifest says {dim}")
-        return cls(index, dim, factory)
+        return cls(index, dim, factory, params)
 
 
 @dataclass
@@ -265,7 +471,9 @@ class IndexStore:
         version = self.current_version()
         assert version is not None
         d = self.root / version
-        images = VectorIndex.from_file(d / "images.faiss", manifest.dim, manifest.built_factory)
+        images = VectorIndex.from_file(
+            d / "images.faiss", manifest.dim, manifest.built_factory, manifest.params
+        )
         captions = VectorIndex.from_file(d / "captions.faiss", manifest.dim, "Flat")
         return LoadedIndex(manifest, images, captions, version)
 

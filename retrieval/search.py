@@ -124,7 +124,8 @@ class Searcher:
         self.collection = collection
         self.encoder = encoder
         self.index = index
-        self.params = params or SearchParams()
+        # None: every search uses the knobs recorded in the index's manifest (what it was built with)
+        self.params = params
 
     @classmethod
     def open(

@@ -13,7 +13,8 @@ from PIL import Image
 
 from explainer.cards import EvidenceBox
 from explainer.settings import Settings
-from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder, ingest
+from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
+from retrieval.ingest import ingest
 from retrieval.search import Hit, Query, Searcher, SearchResult
 from retrieval.types import Float32Array
 

@@ -24,8 +24,9 @@ from explainer.captioner import (
 )
 from explainer.cli import app
 from explainer.settings import Settings, get_settings
-from retrieval import Collection, Encoder, IngestConfig, ingest
+from retrieval import Collection, Encoder, IngestConfig
 from retrieval.errors import ConfigError, ModelUnavailable
+from retrieval.ingest import ingest
 
 runner = CliRunner()
 GEN = GenerationSettings(num_beams=1, max_new_tokens=10, min_new_tokens=1)

@@ -9,10 +9,11 @@ import pytest
 from conftest import draw_shape, make_folder
 from PIL import Image
 
-from retrieval import Collection, IngestConfig, Query, Searcher, ingest, load_query_image
+from retrieval import Collection, IngestConfig, Query, Searcher, load_query_image
 from retrieval import imageio as imageio_mod
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.errors import BadImage, BadQuery, ConfigError, IndexMismatch
+from retrieval.ingest import ingest
 
 QUIET = IngestConfig(batch_size=4, workers=2, progress=False)
 
