@@ -103,7 +103,7 @@ class Explainer:
         prompt: PromptFile | None = None,
         cache: ExplanationCache | None = None,
         *,
-        max_concurrency: int = 8,
+        max_concurrency: int = 16,
         offline: OfflineExplainer | None = None,
     ) -> None:
         if max_concurrency < 1:

@@ -99,7 +99,8 @@ def index_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Index (or update the index of) every image under PATH."""
-    from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder, ingest
+    from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
+    from retrieval.ingest import ingest
 
     ddir = _settings_data_dir(data_dir)
     collection = Collection(ddir)
@@ -167,10 +168,38 @@ def search_cmd(
             "(default: dense for CLIP, else grid)",
         ),
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Add each image's caption and an explanation of why it matches "
+            "(Groq with GROQ_API_KEY, else the offline explainer)",
+        ),
+    ] = False,
+    caption: Annotated[
+        bool,
+        typer.Option(
+            "--caption",
+            help="Add each image's caption, generating missing ones with BLIP (cached in the catalog)",
+        ),
+    ] = False,
+    explain_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--explain-backend",
+            help="Explainer for --explain (implies it): auto, offline, groq, local or fake "
+            "(default: $CLEARSIGHT_EXPLAIN_BACKEND, else auto)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Search the collection by text, image, or both."""
     from retrieval import Query, Searcher, load_query_image
+    from retrieval.errors import BadQuery
 
+    explain = explain or explain_backend is not None
+    if (explain or caption) and captions:
+        raise BadQuery("--explain and --caption describe image results; they cannot be used with --captions")
     searcher = Searcher.open(_settings_data_dir(data_dir), model=model, device=device)
     qimage, qkey = load_query_image(image) if image else (None, None)
     q = Query(
@@ -183,7 +212,8 @@ def search_cmd(
         min_score=min_score,
         image_key=qkey,
     )
-    result = searcher.search_captions(q) if captions else searcher.search(q)
+    vec = None if captions else searcher.embed_query(q)
+    result = searcher.search_captions(q) if vec is None else searcher.search_vector(vec, q, kind=q.kind)
     payload = result.to_dict()
     pngs: list[Path | None] = []
     if evidence is not None or evidence_method is not None:
@@ -191,6 +221,23 @@ def search_cmd(
 
         config = EvidenceConfig(method=evidence_method or "auto")
         pngs = annotate_results(searcher, q, result, payload, config, evidence)
+    if explain or caption:
+        from .cli_explain import describe_results
+        from .settings import get_settings
+
+        describe_results(
+            searcher,
+            q,
+            result,
+            payload,
+            get_settings(),
+            explain=explain,
+            caption=caption,
+            backend=explain_backend,
+            device=device,
+            query_vec=vec,
+            warn=lambda m: typer.echo(f"clearsight: {m}", err=True),
+        )
     if json_out:
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
@@ -217,6 +264,11 @@ def _print_table(result: dict[str, Any]) -> None:
         if len(label) > width:
             label = "…" + label[-(width - 1) :]
         typer.echo(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['id']:>6}  {label}")
+        if r.get("caption") or r.get("explanation"):
+            from .cli_explain import detail_lines
+
+            for line in detail_lines(r, width + 20):
+                typer.echo(line)
 
 
 @app.command("models")

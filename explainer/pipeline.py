@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -37,7 +38,7 @@ from .cards import (
 )
 from .chain import Explainer
 from .errors import ClearsightError, ModelUnavailable
-from .explain_types import ExplainContext, RegionEvidence
+from .explain_types import ExplainContext, QueryKind, RegionEvidence
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,22 @@ class CardPipeline:
                 dataset_captions=caps.dataset,
             )
 
+    def cards_for_hits(
+        self,
+        query: Query,
+        echo: QueryEcho,
+        hits: Sequence[Hit],
+        query_vec: Float32Array | None = None,
+    ) -> list[tuple[Card, ExplainContext | None]]:
+        """Cards (without explanations) and their explainer contexts, for hits searched elsewhere.
+
+        The CLI and notebooks search with the `Searcher` themselves; this gives their hits the very
+        evidence, captions and explainer inputs a page's cards get. A context is None for an image
+        without a content hash (nothing to key an explanation on).
+        """
+        with self._model_lock:
+            return self._cards_with_contexts(query, echo, hits, query_vec=query_vec)
+
     def evidence_picture(self, image_id: int, query: Query, image: Image.Image) -> Image.Image | None:
         """`image` (a view of the indexed image) with its evidence for `query` drawn by the evidence
         library (heatmap included); None when that is unavailable and the caller should draw boxes."""
@@ -232,10 +249,20 @@ class CardPipeline:
         limit: int | None = None,
         query_vec: Float32Array | None = None,
     ) -> list[Card]:
+        return [card for card, _ in self._cards_with_contexts(query, echo, hits, limit, query_vec)]
+
+    def _cards_with_contexts(
+        self,
+        query: Query,
+        echo: QueryEcho,
+        hits: Sequence[Hit],
+        limit: int | None = None,
+        query_vec: Float32Array | None = None,
+    ) -> list[tuple[Card, ExplainContext | None]]:
         boxes = self.evidence.for_hits(self.searcher, query, hits, limit, query_vec)
         captions = self.captions.lookup(hits)
         token = query_token(echo)
-        cards: list[Card] = []
+        out: list[tuple[Card, ExplainContext | None]] = []
         for hit, ev, caps in zip(hits, boxes, captions, strict=True):
             card = Card(
                 id=hit.id,
@@ -252,11 +279,11 @@ class CardPipeline:
                 caption_source=caps.source,
                 dataset_captions=caps.dataset,
             )
-            cards.append(card)
             ctx = _context(card, hit, echo)
             if ctx is not None:
                 self._contexts.put((token, hit.id), ctx)
-        return cards
+            out.append((card, ctx))
+        return out
 
     # -- asynchronous part (event loop) ------------------------------------------------------
 
@@ -286,6 +313,18 @@ class CardPipeline:
         if self.explainer is not None:
             self.explainer.close()
         self.searcher.close()
+
+
+def query_echo(query: Query) -> QueryEcho:
+    """The echo of a library `Query` (what the CLI and notebooks search with), for contexts and cache keys."""
+    return QueryEcho(
+        text=query.text,
+        kind=cast(QueryKind, query.kind),  # Query.kind is always one of QueryKind's values
+        image_key=query.image_key,
+        weight=query.weight,
+        negative=query.negative,
+        min_score=query.min_score,
+    )
 
 
 def _context(card: Card, hit: Hit, echo: QueryEcho) -> ExplainContext | None:

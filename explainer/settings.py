@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     default_top_k: int = Field(default=12, ge=1, le=1000)
     explain_backend: str = "auto"  # auto: Groq with a key, else offline
     explain_model: str | None = None  # None: the LLM config's default Groq model
-    explain_concurrency: int = Field(default=4, ge=1, le=64)
+    explain_concurrency: int = Field(default=16, ge=1, le=64)  # >= a page, so a page is one round trip
     explain_timeout_s: float = Field(default=20.0, gt=0)
     explain_max_retries: int = Field(default=2, ge=0, le=10)
     evidence_regions: int = Field(default=3, ge=0, le=16)  # boxes per card; 0 turns evidence off

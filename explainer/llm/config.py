@@ -40,7 +40,7 @@ class LLMConfig:
     backoff_max_s: float = 8.0
     retry_on_timeout: bool = False
     #: Requests in flight at once per event loop; Groq's free tier rate-limits bursts quickly.
-    max_concurrency: int = 4
+    max_concurrency: int = 16  # at least a page of cards, so a page costs one round trip
     temperature: float = 0.2
     max_tokens: int = 400
     #: Ask the provider for JSON mode (response_format=json_object); the parser validates either way.

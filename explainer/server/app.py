@@ -34,7 +34,8 @@ from ..card_sources import CatalogCaptions, EvidenceProvider, make_evidence_prov
 from ..chain import Explainer
 from ..errors import ClearsightError, ConfigError, ModelUnavailable
 from ..explain_cache import SQLiteExplanationCache
-from ..llm import DEFAULT_GROQ_MODEL, LLMConfig
+from ..llm import LLMConfig
+from ..llm_settings import explainer_from_settings
 from ..pipeline import CardPipeline
 from ..settings import Settings, get_settings
 from .limits import BodyLimitMiddleware
@@ -96,26 +97,16 @@ class ServerState:
             self.problem = None
 
     def _explainer(self) -> Explainer:
-        s = self.settings
-        config = LLMConfig(
-            backend=s.explain_backend,
-            model=s.explain_model or DEFAULT_GROQ_MODEL,
-            api_key=s.groq_api_key,
-            base_url=s.groq_base_url,
-            timeout_s=s.explain_timeout_s,
-            max_retries=s.explain_max_retries,
-            max_concurrency=s.explain_concurrency,
-        )
         try:
             cache = self._cache = SQLiteExplanationCache(self.data_dir / "explanations.sqlite")
         except ClearsightError as exc:  # e.g. a read-only data dir: explain, just without the cache
             log.warning("explanations will not be cached: %s", self.public(str(exc)))
             cache = None
         try:
-            # settings already read GROQ_API_KEY / GROQ_BASE_URL: no second look at the environment
-            return Explainer.from_config(config, cache=cache, environ={})
-        except ClearsightError as exc:
-            log.warning("explainer %r unavailable (%s); explaining offline", s.explain_backend, exc)
+            warn = lambda m: log.warning(self.public(m))  # noqa: E731
+            return explainer_from_settings(self.settings, cache=cache, warn=warn)
+        except ClearsightError as exc:  # an unknown backend name: say so, and still explain
+            log.warning("%s; explaining offline", self.public(str(exc)))
             return Explainer.from_config(LLMConfig(backend="offline"), cache=cache, environ={})
 
     async def ready(self) -> CardPipeline:
