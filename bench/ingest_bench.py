@@ -108,12 +108,8 @@ class StageClock:
 def instrumented(enc: Encoder) -> Iterator[StageClock]:
     """Time the pipeline's stages from outside (no change to the library): the forward pass, decoding
     and preprocessing (in worker threads), and the final index sync. Undone on exit."""
-    import importlib
-
     from retrieval import imageio
-
-    # `retrieval.ingest` the attribute is the function re-exported by the package; we need the module
-    ingest_mod = importlib.import_module("retrieval.ingest")
+    from retrieval import ingest as ingest_mod
 
     clock = StageClock()
     targets: list[tuple[object, str, str]] = [

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from retrieval.errors import ClearsightError
+from retrieval.errors import ClearsightError, ConfigError
 
 app = typer.Typer(
     name="clearsight",
@@ -95,6 +95,14 @@ def index_cmd(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Replace an index built with another model")
     ] = False,
+    patches: Annotated[
+        bool,
+        typer.Option(
+            "--patches",
+            help="Also store compact patch features (CLIP; about 25 KB per image for ViT-B/32), "
+            "so evidence needs no model pass at search time (--evidence-method stored)",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -107,6 +115,8 @@ def index_cmd(
     if model is None and collection.store.exists() and not rebuild:
         model = collection.store.read_manifest().model_id  # keep indexing with the index's own model
     encoder = create_encoder(EncoderConfig(model=model, device=device))
+    if patches and encoder.info.family != "clip":
+        raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
     cfg = IngestConfig(
         batch_size=batch_size,
         workers=workers,
@@ -116,8 +126,19 @@ def index_cmd(
         progress=_progress_enabled(quiet),
     )
     summary = ingest(path, collection, encoder, cfg, log=lambda m: typer.echo(m, err=True))
+    stored: dict[str, Any] | None = None
+    if patches:
+        from retrieval.evidence import store_collection_patches
+
+        _, report = store_collection_patches(collection, encoder, progress=_progress_enabled(quiet))
+        stored = {
+            "written": report.written,
+            "already_stored": report.skipped,
+            "failed": report.failed,
+            "bytes_per_image": round(report.bytes_per_image),
+        }
     if json_out:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        typer.echo(json.dumps({**summary.to_dict(), "patches": stored}, indent=2))
         return
     s = summary
     typer.echo(
@@ -130,6 +151,11 @@ def index_cmd(
     if s.index:
         typer.echo(
             f"index: {s.index.images} images, {s.index.captions} captions ({s.index.built_factory}) in {ddir}"
+        )
+    if stored is not None:
+        typer.echo(
+            f"patch features: {stored['written']} stored ({stored['bytes_per_image']} bytes/image), "
+            f"{stored['already_stored']} already stored, {stored['failed']} failed"
         )
 
 

@@ -320,3 +320,66 @@ def test_cli_writes_annotated_pngs_and_boxes(tiny_clip_dir: Path, tmp_path: Path
     assert r.exit_code == 2 and "captions" in r.stderr
     r = runner.invoke(app, ["search", "red", "--data-dir", str(data), "--evidence-method", "magic"])
     assert r.exit_code == 2 and "unknown evidence method" in r.stderr
+
+
+def test_index_with_patches_makes_stored_evidence_match_dense(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    images, data = tmp_path / "images", tmp_path / "data"
+    make_folder(images, 5)
+    argv = ["index", str(images), "--model", str(tiny_clip_dir), "--data-dir", str(data), "-q", "--json"]
+    r = runner.invoke(app, [*argv, "--patches"])
+    assert r.exit_code == 0, r.output
+    stored = json.loads(r.stdout)["patches"]
+    assert stored["written"] == 5 and stored["failed"] == 0 and stored["bytes_per_image"] > 0
+    store_files = [p for p in data.rglob("*.npy")]
+    assert len(store_files) == 5
+    again = runner.invoke(app, [*argv, "--patches"])  # incremental: nothing new to store
+    assert json.loads(again.stdout)["patches"] == {
+        **stored,
+        "written": 0,
+        "already_stored": 5,
+        "bytes_per_image": 0,
+    }
+    boxes = {}
+    for method in ("stored", "dense"):
+        q = [
+            "search",
+            "a red circle",
+            "-k",
+            "3",
+            "--data-dir",
+            str(data),
+            "--json",
+            "--evidence-method",
+            method,
+        ]
+        r = runner.invoke(app, q)
+        assert r.exit_code == 0, r.output
+        boxes[method] = [[e["box"] for e in row["evidence"]] for row in json.loads(r.stdout)["results"]]
+    assert all(boxes["stored"]) and len(boxes["stored"]) == 3
+    # int8 storage may move a box by a cell at most: the top box of each hit overlaps dense's top box
+    for s_rows, d_rows in zip(boxes["stored"], boxes["dense"], strict=True):
+        (sx0, sy0, sx1, sy1), (dx0, dy0, dx1, dy1) = s_rows[0], d_rows[0]
+        assert min(sx1, dx1) > max(sx0, dx0) and min(sy1, dy1) > max(sy0, dy0), (s_rows[0], d_rows[0])
+
+
+def test_auto_uses_stored_features_once_they_exist(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    images, data = tmp_path / "images", tmp_path / "data"
+    make_folder(images, 3)
+    base = ["index", str(images), "--model", str(tiny_clip_dir), "--data-dir", str(data), "-q"]
+    search = [
+        "search",
+        "a red circle",
+        "-k",
+        "2",
+        "--data-dir",
+        str(data),
+        "--json",
+        "--evidence-method",
+        "auto",
+    ]
+    assert runner.invoke(app, base).exit_code == 0
+    first = json.loads(runner.invoke(app, search).stdout)["results"]
+    assert {row["evidence_method"] for row in first} == {"dense"}
+    assert runner.invoke(app, [*base, "--patches"]).exit_code == 0
+    second = json.loads(runner.invoke(app, search).stdout)["results"]
+    assert {row["evidence_method"] for row in second} == {"stored"}

@@ -28,6 +28,7 @@ from .stored import PatchStore, StoreReport, store_patch_features, stored_eviden
 from .types import METHODS, Box, Evidence, EvidenceConfig, EvidenceTarget, Region
 
 if TYPE_CHECKING:
+    from ..collection import Collection
     from ..search import Query, Searcher, SearchResult
 
 __all__ = [
@@ -119,8 +120,11 @@ def default_method(encoder: Encoder) -> str:
 def create_method(
     config: EvidenceConfig, encoder: Encoder, store: PatchStore | None = None
 ) -> EvidenceMethod:
-    """The configured method; "auto" resolves to `default_method(encoder)`."""
+    """The configured method. "auto" resolves to `default_method(encoder)`, or to "stored" when that is
+    dense and patch features were stored for this model (`clearsight index --patches`)."""
     name = default_method(encoder) if config.method == "auto" else config.method
+    if config.method == "auto" and name == "dense" and store is not None and store.root.is_dir():
+        name = "stored"
     if name not in _REGISTRY:
         raise ConfigError(f"unknown evidence method {name!r}; known: {', '.join(_REGISTRY)}")
     return _Method(name, replace(config, method=name), _REGISTRY[name](store))
@@ -152,17 +156,18 @@ def explain_hits(
 
 
 def store_collection_patches(
-    searcher: Searcher, config: EvidenceConfig | None = None, progress: bool = False
+    collection: Collection, encoder: Encoder, config: EvidenceConfig | None = None, progress: bool = False
 ) -> tuple[PatchStore, StoreReport]:
-    """Store patch features for every indexed image of a collection, so "stored" evidence is instant."""
+    """Store patch features for every indexed image of a collection not stored yet, so "stored"
+    evidence needs no model pass at query time (`clearsight index --patches`)."""
     config = config or EvidenceConfig()
-    store = PatchStore(searcher.collection.data_dir, searcher.encoder.info, surgery=config.surgery)
-    records = searcher.collection.catalog.iter_images(state="indexed")
+    store = PatchStore(collection.data_dir, encoder.info, surgery=config.surgery)
+    records = collection.catalog.iter_images(state="indexed")
     targets = [
         EvidenceTarget(id=r.id, width=r.width or 0, height=r.height or 0, path=r.path, key=r.content_hash)
         for r in records
     ]
-    return store, store_patch_features(searcher.encoder, store, targets, config, progress)
+    return store, store_patch_features(encoder, store, targets, config, progress)
 
 
 def annotate_results(
