@@ -48,6 +48,10 @@ def _err(msg: str) -> None:
     typer.echo(f"clearsight: error: {msg}", err=True)
 
 
+Host = Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: 127.0.0.1)")]
+Port = Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Port (default: 8000)")]
+
+
 def boundary(fn: F) -> F:
     """Errors become one line on stderr and an exit code; never a stack trace for expected failures."""
 
@@ -110,6 +114,9 @@ def index_cmd(
     from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
     from retrieval.ingest import ingest
 
+    if not path.is_dir():  # before loading any model: a typo should fail in a second, not after a load
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise ConfigError(f"{path} {what}: give the folder of images to index")
     ddir = _settings_data_dir(data_dir)
     collection = Collection(ddir)
     if model is None and collection.store.exists() and not rebuild:

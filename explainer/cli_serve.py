@@ -8,10 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import DataDir, Device, Model, _settings_data_dir, app, boundary
-
-Host = Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: 127.0.0.1)")]
-Port = Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Port (default: 8000)")]
+from .cli import DataDir, Device, Host, Model, Port, _settings_data_dir, app, boundary
 
 
 @app.command("serve")

@@ -14,8 +14,7 @@ import typer
 
 from retrieval.datasets import describe_formats
 
-from .cli import DataDir, Device, JsonOut, Model, _settings_data_dir, app, boundary
-from .cli_serve import Host, Port, run_server
+from .cli import DataDir, Device, Host, JsonOut, Model, Port, _settings_data_dir, app, boundary
 
 _FORMATS = ", ".join(describe_formats())
 
@@ -241,4 +240,6 @@ def demo_cmd(
         f"  clearsight serve --data-dir {root}"
     )
     if not no_serve:
-        run_server(root, host, port)
+        from . import cli_serve
+
+        cli_serve.run_server(root, host, port)

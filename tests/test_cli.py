@@ -106,3 +106,12 @@ def test_models_listing() -> None:
     r = runner.invoke(app, ["models", "--json"])
     assert r.exit_code == 0
     assert any(m["hub_id"] == "openai/clip-vit-base-patch32" for m in json.loads(r.stdout)["encoders"])
+
+
+def test_index_of_a_missing_or_non_folder_path_fails_before_loading_a_model(tmp_path: Path) -> None:
+    file = make_folder(tmp_path / "imgs", 1)[0]
+    for path, what in ((tmp_path / "nope", "does not exist"), (file, "is not a folder")):
+        # the default model is not on this machine: reaching it would fail with another message
+        r = runner.invoke(app, ["index", str(path), "--data-dir", str(tmp_path / "d")])
+        assert r.exit_code == 2, r.output
+        assert what in r.stderr and "encoder" not in r.stderr
