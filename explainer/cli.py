@@ -277,6 +277,12 @@ def search_cmd(
     _print_table(payload)
     if evidence is not None:
         typer.echo(f"evidence: {sum(p is not None for p in pngs)} annotated PNGs in {evidence}")
+    from retrieval.paths import is_demo_model
+
+    if is_demo_model(result.model):
+        typer.echo(
+            "clearsight: note: a DEMO model (synthetic coloured shapes only), not a real encoder", err=True
+        )
 
 
 def _print_table(result: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from .encoders import EncoderConfig, create_encoder
 from .evaluate import EvalConfig, evaluate
 from .finetune import FinetuneConfig, finetune
 from .ingest import IngestConfig, ingest
+from .paths import DEMO_MODEL_PREFIX
 from .search import Query, Searcher
 from .synthetic import SyntheticConfig, generate_scenes, query_for, write_scenes
 from .tiny import DEFAULT_WORDS, make_clip
@@ -148,7 +149,7 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
     root = Path(data_root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     jsonl = _scenes(root, config)
-    model_dir = root / MODELS_DIR / f"clearsight-demo-{config.arch}-{config.key()}"
+    model_dir = root / MODELS_DIR / f"{DEMO_MODEL_PREFIX}{config.arch}-{config.key()}"
     ready = (model_dir / "DEMO.md").exists() and (model_dir / "config.json").exists()
     start_r1 = val_r1 = None
     trained = config.retrain or not ready

@@ -124,3 +124,17 @@ def test_model_unavailable_page(data_dir: Path, tmp_path: Path) -> None:
         searcher.close()
     assert r.status_code == 503
     check_snapshot("index_unavailable", normalise(r.text))
+
+
+def test_a_demo_model_is_labelled_on_every_page(
+    tmp_path: Path, tiny_clip_dir: Path, client: TestClient
+) -> None:
+    import shutil
+
+    demo_model = shutil.copytree(tiny_clip_dir, tmp_path / "models" / "clearsight-demo-tiny-0123456789")
+    data = build_collection(tmp_path / "demo", demo_model, n=3)
+    with TestClient(create_app(server_settings(data, tmp_path))) as c:
+        for page in (c.get("/"), c.get("/", params={"q": "a red square"})):
+            assert page.status_code == 200
+            assert "Demo model." in page.text and "synthetic coloured shapes" in page.text
+    assert "Demo model." not in client.get("/").text  # a real model's page carries no such label

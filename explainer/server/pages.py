@@ -15,6 +15,8 @@ from fastapi import APIRouter, Form, Path, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
+from retrieval.paths import is_demo_model
+
 from ..cards import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
 from ..errors import BadImage, ClearsightError
 from ..pipeline import CardPipeline, ResultPage
@@ -56,6 +58,7 @@ def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
     if pipeline is not None:
         status["images"] = pipeline.searcher.index.images.ntotal
         status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
+        status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
     return {"status": status, "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING), **extra}
 
 
