@@ -188,6 +188,14 @@ def search_cmd(
     model: Model = None,
     data_dir: DataDir = None,
     device: Device = "auto",
+    nprobe: Annotated[
+        int | None,
+        typer.Option("--nprobe", min=1, help="IVF lists to visit (ivfpq; default: what the index records)"),
+    ] = None,
+    ef_search: Annotated[
+        int | None,
+        typer.Option("--ef-search", min=1, help="HNSW search breadth (default: what the index records)"),
+    ] = None,
     json_out: JsonOut = False,
     evidence: Annotated[
         Path | None,
@@ -234,6 +242,11 @@ def search_cmd(
     if (explain or caption) and captions:
         raise BadQuery("--explain and --caption describe image results; they cannot be used with --captions")
     searcher = Searcher.open(_settings_data_dir(data_dir), model=model, device=device)
+    knobs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+    if knobs:  # this search only; the index keeps the knobs it records
+        from dataclasses import replace
+
+        searcher.params = replace(searcher.index.images.params.search, **knobs)
     qimage, qkey = load_query_image(image) if image else (None, None)
     q = Query(
         text=text,

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import env_offline, make_folder
@@ -115,3 +116,31 @@ def test_index_of_a_missing_or_non_folder_path_fails_before_loading_a_model(tmp_
         r = runner.invoke(app, ["index", str(path), "--data-dir", str(tmp_path / "d")])
         assert r.exit_code == 2, r.output
         assert what in r.stderr and "encoder" not in r.stderr
+
+
+def test_search_knobs_reach_the_index_for_that_search_only(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retrieval.index import SearchParams, VectorIndex
+
+    make_folder(tmp_path / "imgs", 6)
+    data = tmp_path / "d"
+    argv = ["index", str(tmp_path / "imgs"), "--model", str(tiny_clip_dir), "--data-dir", str(data)]
+    assert runner.invoke(app, [*argv, "--index", "hnsw", "-q"]).exit_code == 0
+    seen: list[SearchParams | None] = []
+    original = VectorIndex.search
+
+    def spy(self: VectorIndex, queries: Any, k: int, params: SearchParams | None = None) -> Any:
+        seen.append(params)
+        return original(self, queries, k, params)
+
+    monkeypatch.setattr(VectorIndex, "search", spy)
+    base = ["search", "a red circle", "--data-dir", str(data), "--json"]
+    plain = runner.invoke(app, base)
+    tuned = runner.invoke(app, [*base, "--ef-search", "7", "--nprobe", "3"])
+    assert plain.exit_code == 0 and tuned.exit_code == 0, tuned.output
+    assert seen[0] is None  # default: the knobs the index records
+    assert seen[1] is not None and (seen[1].ef_search, seen[1].nprobe) == (7, 3)
+    # six images: any breadth finds them all, in the same order
+    assert json.loads(plain.stdout)["results"] == json.loads(tuned.stdout)["results"]
+    assert runner.invoke(app, [*base, "--nprobe", "0"]).exit_code == 2
