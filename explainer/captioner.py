@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -26,8 +26,8 @@ from retrieval.collection import Collection
 from retrieval.encoders.base import default_dtype, select_device
 from retrieval.errors import BadImage, ClearsightError, ConfigError, ModelUnavailable
 from retrieval.imageio import content_hash, decode, read_bytes
-from retrieval.registry import CaptionerSpec
-from retrieval.registry import list_captioners as _registry_captioners
+from retrieval.registry import CaptionerSpec, default_captioner, find_captioner
+from retrieval.registry import list_captioners as list_captioners  # re-exported for callers
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -153,7 +153,7 @@ class BlipCaptioner:
         import torch
         from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
 
-        name = config.model or (spec.name if spec else default_captioner().name)
+        name = config.model or default_captioner().name  # create_captioner always fills it
         self.device = select_device(config.device)  # a bad --device fails before weights load
         self.precision = default_dtype(self.device, config.precision)
         src = hub.resolve(name, spec.hub_id if spec else None, spec.revision if spec else None)
@@ -169,7 +169,6 @@ class BlipCaptioner:
         self.model: Any = model.to(device=self.device, dtype=self._dtype).eval()
         self.generation = config.generation
         self.batch_size = config.batch_size
-        self.model_id = src.target
         self.name = Path(src.target).name if src.is_local else (spec.name if spec else src.target)
         weights = (
             hub.local_fingerprint(Path(src.target))
@@ -214,31 +213,7 @@ class BlipCaptioner:
             torch.cuda.empty_cache()
 
 
-# -- registry and factory --
-CaptionerFactory = Callable[[CaptionerConfig, CaptionerSpec | None], Captioner]
-
-_BACKENDS: dict[str, CaptionerFactory] = {"blip": BlipCaptioner}
-
-
-def register_backend(family: str, factory: CaptionerFactory) -> None:
-    """Make another model family available to `create_captioner` (a notebook's or a test's own)."""
-    _BACKENDS[family] = factory
-
-
-def list_captioners() -> list[CaptionerSpec]:
-    return _registry_captioners()
-
-
-def default_captioner() -> CaptionerSpec:
-    specs = list_captioners()
-    return next((s for s in specs if s.default), specs[0])
-
-
-def find_captioner(name: str) -> CaptionerSpec | None:
-    """Look a model up by registry name or hub id; None for anything else (e.g. a local directory)."""
-    return next((s for s in list_captioners() if name in (s.name, s.hub_id)), None)
-
-
+# -- factory --
 def create_captioner(config: CaptionerConfig | str | None = None) -> Captioner:
     """Build the captioner a config names. Raises ModelUnavailable with a how-to when weights are missing."""
     if config is None or isinstance(config, str):
@@ -246,11 +221,9 @@ def create_captioner(config: CaptionerConfig | str | None = None) -> Captioner:
     name = config.model or default_captioner().name
     spec = find_captioner(name)
     family = spec.family if spec else "blip"  # a local directory or unknown hub id: BLIP checks itself
-    if family not in _BACKENDS:
-        raise ConfigError(
-            f"no captioner backend for family {family!r}; known: {', '.join(sorted(_BACKENDS))}"
-        )
-    return _BACKENDS[family](replace(config, model=name), spec)
+    if family != "blip":
+        raise ConfigError(f"no captioner backend for family {family!r}; known: blip")
+    return BlipCaptioner(replace(config, model=name), spec)
 
 
 # -- captioning through the catalog cache --
@@ -376,19 +349,6 @@ class CaptionService:
                 have = [c.text for c in existing.get(rec.id, []) if c.source == self.source]
                 if have != [captions[h]]:
                     self.collection.catalog.set_captions(rec.id, self.source, [captions[h]])
-
-
-def caption_records(
-    collection: Collection,
-    captioner: Captioner,
-    records: Iterable[ImageRecord],
-    batch_size: int = 8,
-    progress: bool = False,
-    prefix: str | None = None,
-) -> dict[str, str]:
-    """Captions by content hash for `records`, running the model only on contents not yet cached."""
-    service = CaptionService(collection, captioner, batch_size=batch_size, prefix=prefix)
-    return service.caption_records(records, progress=progress).captions
 
 
 def _load(records: list[ImageRecord], expected_hash: str) -> Image.Image:

@@ -187,7 +187,7 @@ def cases_from_search(
 ) -> list[Case]:
     """The top hits of a real search as cases, with the evidence and captions their cards would get.
 
-    `evidence` defaults to the library's region evidence (3 regions, as the server shows);
+    `evidence` defaults to the library's region evidence (`settings.evidence_regions`, as the server shows);
     `captions` to what the catalog holds (a generated caption, else the dataset's first).
     """
     q = Query(text=query, top_k=top_k) if isinstance(query, str) else query
@@ -195,7 +195,10 @@ def cases_from_search(
     result = searcher.search_vector(vec, q, kind=q.kind)
     hits = [h for h in result.results if isinstance(h, Hit)]
     pipeline = CardPipeline(
-        searcher, None, evidence or make_evidence_provider(3), captions or CatalogCaptions(searcher)
+        searcher,
+        None,
+        evidence or make_evidence_provider(get_settings().evidence_regions),
+        captions or CatalogCaptions(searcher),
     )
     label = q.text or "image query"
     return [
@@ -424,9 +427,21 @@ class _Session:
             return Explainer(tapped, prompt, cache=None, max_concurrency=1), tapped
         return Explainer(self.backend, prompt, cache=None), None
 
+    def run(self, prompt: PromptFile, cases: Iterable[Case]) -> list[PromptRun]:
+        """Explain `cases` with `prompt` through a fresh explainer, which leaves the backend open."""
+        explainer, tapped = self.explainer(prompt)
+        with explainer:
+            return [_run(explainer, tapped, prompt.id, case) for case in cases]
+
     def close(self) -> None:
         if self.owned and isinstance(self.backend, ChatBackend):
             self.backend.close()
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def explain_one(
@@ -437,13 +452,8 @@ def explain_one(
     """Explain one case with one prompt (a name, "name@vN", a file path, or a loaded prompt)."""
     (item,) = as_cases([case])
     prompt_file = resolve_prompt(prompt)
-    session = _Session(backend)
-    try:
-        explainer, tapped = session.explainer(prompt_file)
-        with explainer:
-            return _run(explainer, tapped, prompt_file.id, item)
-    finally:
-        session.close()
+    with _Session(backend) as session:
+        return session.run(prompt_file, [item])[0]
 
 
 class Table(list[dict[str, Any]]):
@@ -506,14 +516,14 @@ def compare_prompts(
     items = as_cases(cases)
     loaded = [(spec, resolve_prompt(spec)) for spec in prompts]
     rows = Table()
-    for spec, prompt in loaded:
-        session = _Session(_backend_for(backend, spec, prompt))
-        try:
-            explainer, tapped = session.explainer(prompt)
-            with explainer:
-                rows.extend(_run(explainer, tapped, prompt.id, case).row() for case in items)
-        finally:
-            session.close()
+    if isinstance(backend, Mapping):  # a backend per prompt: one session each
+        for spec, prompt in loaded:
+            with _Session(_backend_for(backend, spec, prompt)) as session:
+                rows.extend(run.row() for run in session.run(prompt, items))
+    else:  # one backend for all prompts: built (a local model loaded) once
+        with _Session(backend) as session:
+            for _, prompt in loaded:
+                rows.extend(run.row() for run in session.run(prompt, items))
     if as_frame is False:
         return rows
     try:

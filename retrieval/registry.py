@@ -85,3 +85,13 @@ def find_encoder(name: str) -> EncoderSpec | None:
         if name in (spec.name, spec.hub_id):
             return spec
     return None
+
+
+def default_captioner() -> CaptionerSpec:
+    specs = list_captioners()
+    return next((s for s in specs if s.default), specs[0])
+
+
+def find_captioner(name: str) -> CaptionerSpec | None:
+    """Look a model up by registry name or hub id; None for anything else (e.g. a local directory)."""
+    return next((s for s in list_captioners() if name in (s.name, s.hub_id)), None)
