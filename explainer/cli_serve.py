@@ -105,7 +105,7 @@ def run_cmd(
             )
             path = None
     if path is None:
-        demo_dir = (data_dir or _settings_data_dir(None)) / "demo"
+        demo_dir = _settings_data_dir(data_dir) / "demo"
         demo_cmd.__wrapped__(data_dir=demo_dir, no_serve=True, device=device)  # type: ignore[attr-defined]
         serve_dir = demo_dir
     if not no_serve:

@@ -274,11 +274,6 @@ def _ivf(index: Any) -> Any | None:
         return None
 
 
-def _hnsw(index: Any) -> Any | None:
-    inner, _ = _unwrap(index)
-    return inner.hnsw if hasattr(inner, "hnsw") else None
-
-
 class VectorIndex:
     """A FAISS inner-product index whose ids are catalog ids."""
 
@@ -287,9 +282,9 @@ class VectorIndex:
         self.dim = dim
         self.factory = factory
         self.params = params or IndexParams.for_factory(factory)
+        inner, self._refines = _unwrap(index)
         self._ivf = _ivf(index)  # the IVF or HNSW part found through any wrappers, or None
-        self._hnsw = _hnsw(index)
-        self._refines = _unwrap(index)[1]
+        self._hnsw = inner.hnsw if hasattr(inner, "hnsw") else None
         self._set_defaults()
 
     @classmethod
