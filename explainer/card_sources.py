@@ -79,8 +79,17 @@ class EvidenceProvider(Protocol):
         query_vec: Float32Array | None = None,
     ) -> list[list[EvidenceBox]]: ...
 
-    def render(self, searcher: Searcher, query: Query, hit: Hit, image: Image.Image) -> Image.Image | None:
-        """`image` (a view of the hit's image) with the evidence drawn on; None to let the caller draw."""
+    def render(
+        self,
+        searcher: Searcher,
+        query: Query,
+        hit: Hit,
+        image: Image.Image,
+        query_vec: Float32Array | None = None,
+    ) -> Image.Image | None:
+        """`image` (a view of the hit's image) with the evidence drawn on; None to let the caller draw.
+
+        `query_vec` is the query's embedding when the caller has it (saves embedding it again)."""
         ...
 
 
@@ -102,7 +111,14 @@ class NoEvidence:
     ) -> list[list[EvidenceBox]]:
         return [[] for _ in hits]
 
-    def render(self, searcher: Searcher, query: Query, hit: Hit, image: Image.Image) -> Image.Image | None:
+    def render(
+        self,
+        searcher: Searcher,
+        query: Query,
+        hit: Hit,
+        image: Image.Image,
+        query_vec: Float32Array | None = None,
+    ) -> Image.Image | None:
         return None
 
 
@@ -146,8 +162,15 @@ class LibraryEvidence:
             return [[] for _ in hits]
         return [_boxes(ev, limit or self.max_regions) for ev in found]
 
-    def render(self, searcher: Searcher, query: Query, hit: Hit, image: Image.Image) -> Image.Image | None:
-        found = self._evidence(searcher, query, [hit], None)
+    def render(
+        self,
+        searcher: Searcher,
+        query: Query,
+        hit: Hit,
+        image: Image.Image,
+        query_vec: Float32Array | None = None,
+    ) -> Image.Image | None:
+        found = self._evidence(searcher, query, [hit], query_vec)
         if not found:
             return None
         try:

@@ -85,7 +85,14 @@ class PayloadEvidence:
     ) -> list[list[EvidenceBox]]:
         return [self._boxes.get(h.id, []) for h in hits]
 
-    def render(self, searcher: Searcher, query: Query, hit: Hit, image: Image.Image) -> Image.Image | None:
+    def render(
+        self,
+        searcher: Searcher,
+        query: Query,
+        hit: Hit,
+        image: Image.Image,
+        query_vec: Float32Array | None = None,
+    ) -> Image.Image | None:
         return None
 
 

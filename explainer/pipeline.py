@@ -25,9 +25,10 @@ from PIL import Image
 from retrieval.search import Hit, Query, Searcher
 from retrieval.types import Float32Array
 
-from .card_sources import CaptionProvider, EvidenceProvider
+from .card_sources import CaptionProvider, CardCaptions, EvidenceProvider
 from .cards import (
     Card,
+    EvidenceBox,
     ExplanationOut,
     QueryEcho,
     detail_url,
@@ -41,6 +42,9 @@ from .errors import ClearsightError, ModelUnavailable
 from .explain_types import ExplainContext, QueryKind, RegionEvidence
 
 log = logging.getLogger(__name__)
+
+#: Evidence regions shown in the detail view and on its evidence picture.
+DETAIL_REGIONS = 16
 
 
 @dataclass
@@ -128,7 +132,7 @@ class CardPipeline:
             hits = [h for h in result.results if isinstance(h, Hit)]
             has_more = len(hits) > query.top_k
             hits = hits[: query.top_k]
-            cards = self._cards(query, echo, hits, query_vec=vec)
+            cards = [card for card, _ in self._cards_with_contexts(query, echo, hits, query_vec=vec)]
         model = public_model_name(result.model)
         return ResultPage(cards, echo, result.total, query.offset, query.top_k, has_more, model)
 
@@ -152,16 +156,18 @@ class CardPipeline:
         if missing:
             query = make_query()
             with self._model_lock:
-                hits = self._rebuild_hits(query, missing)
-                self._cards(query, echo, hits)  # fills the context cache
-            for hit in hits:
-                ctx = self._contexts.get((token, hit.id))
-                if ctx is not None:
-                    out[hit.id] = ctx
+                hits, vec = self._rebuild_hits(query, missing)
+                pairs = self._cards_with_contexts(query, echo, hits, query_vec=vec)
+            out.update((card.id, ctx) for card, ctx in pairs if ctx is not None)
         return out
 
     def card_for(
-        self, image_id: int, query: Query | None, echo: QueryEcho | None, rank: int = 1, limit: int = 16
+        self,
+        image_id: int,
+        query: Query | None,
+        echo: QueryEcho | None,
+        rank: int = 1,
+        limit: int = DETAIL_REGIONS,
     ) -> Card | None:
         """One image's card for the detail view, with up to `limit` evidence regions; None if not indexed.
 
@@ -169,27 +175,13 @@ class CardPipeline:
         """
         with self._model_lock:
             if query is not None and echo is not None:
-                hits = self._rebuild_hits(query, [(image_id, rank)])
-                return self._cards(query, echo, hits, limit)[0] if hits else None
+                hits, vec = self._rebuild_hits(query, [(image_id, rank)])
+                return self._cards_with_contexts(query, echo, hits, limit, vec)[0][0] if hits else None
             rec = self.searcher.collection.catalog.get_image(image_id)
             if rec is None or rec.state != "indexed":
                 return None
             hit = Hit(rec.id, rec.path, 0.0, rank, rec.width, rec.height, rec.content_hash)
-            caps = self.captions.lookup([hit])[0]
-            return Card(
-                id=rec.id,
-                rank=rank,
-                score=0.0,
-                image_url=image_url(rec.id),
-                thumb_url=thumb_url(rec.id),
-                detail_url=detail_url(rec.id),
-                like_url=like_url(rec.id),
-                width=rec.width,
-                height=rec.height,
-                caption=caps.caption,
-                caption_source=caps.source,
-                dataset_captions=caps.dataset,
-            )
+            return _card(hit, self.captions.lookup([hit])[0])
 
     def cards_for_hits(
         self,
@@ -207,49 +199,37 @@ class CardPipeline:
         with self._model_lock:
             return self._cards_with_contexts(query, echo, hits, query_vec=query_vec)
 
-    def evidence_picture(self, image_id: int, query: Query, image: Image.Image) -> Image.Image | None:
+    def evidence_picture(
+        self, image_id: int, query: Query, image: Image.Image, limit: int = DETAIL_REGIONS
+    ) -> Image.Image | list[EvidenceBox]:
         """`image` (a view of the indexed image) with its evidence for `query` drawn by the evidence
-        library (heatmap included); None when that is unavailable and the caller should draw boxes."""
+        library (heatmap included); when that is unavailable, up to `limit` evidence boxes for the
+        caller to draw (none for an image that is not indexed)."""
         with self._model_lock:
-            hits = self._rebuild_hits(query, [(image_id, 1)])
-            return self.evidence.render(self.searcher, query, hits[0], image) if hits else None
+            hits, vec = self._rebuild_hits(query, [(image_id, 1)])
+            if not hits:
+                return []
+            picture = self.evidence.render(self.searcher, query, hits[0], image, vec)
+            if picture is not None:
+                return picture
+            return self.evidence.for_hits(self.searcher, query, hits, limit, vec)[0]
 
-    def _rebuild_hits(self, query: Query, items: Sequence[tuple[int, int]]) -> list[Hit]:
+    def _rebuild_hits(self, query: Query, items: Sequence[tuple[int, int]]) -> tuple[list[Hit], Float32Array]:
+        """Hits for (image id, rank) pairs, scored against `query` from stored embeddings, and the
+        query's vector (for the evidence, so the query is embedded once)."""
         catalog = self.searcher.collection.catalog
         records = catalog.get_images([i for i, _ in items])
-        vec = self.searcher.embed_query(query)[0]
+        vec = self.searcher.embed_query(query)
         hashes = [r.content_hash for r in records.values() if r.content_hash]
         stored = catalog.get_embeddings(hashes, self.searcher.encoder.info.fingerprint)
-        captions = catalog.captions_for(list(records))
         hits: list[Hit] = []
         for image_id, rank in items:
             rec = records.get(image_id)
             if rec is None or rec.state != "indexed" or rec.content_hash not in stored:
                 continue
-            score = float(np.dot(stored[rec.content_hash], vec))
-            hits.append(
-                Hit(
-                    rec.id,
-                    rec.path,
-                    round(score, 6),
-                    rank,
-                    rec.width,
-                    rec.height,
-                    rec.content_hash,
-                    [c.text for c in captions.get(rec.id, [])],
-                )
-            )
-        return hits
-
-    def _cards(
-        self,
-        query: Query,
-        echo: QueryEcho,
-        hits: Sequence[Hit],
-        limit: int | None = None,
-        query_vec: Float32Array | None = None,
-    ) -> list[Card]:
-        return [card for card, _ in self._cards_with_contexts(query, echo, hits, limit, query_vec)]
+            score = float(np.dot(stored[rec.content_hash], vec[0]))
+            hits.append(Hit(rec.id, rec.path, round(score, 6), rank, rec.width, rec.height, rec.content_hash))
+        return hits, vec
 
     def _cards_with_contexts(
         self,
@@ -264,21 +244,7 @@ class CardPipeline:
         token = query_token(echo)
         out: list[tuple[Card, ExplainContext | None]] = []
         for hit, ev, caps in zip(hits, boxes, captions, strict=True):
-            card = Card(
-                id=hit.id,
-                rank=hit.rank,
-                score=hit.score,
-                image_url=image_url(hit.id),
-                thumb_url=thumb_url(hit.id),
-                detail_url=detail_url(hit.id, echo, hit.rank),
-                like_url=like_url(hit.id),
-                width=hit.width,
-                height=hit.height,
-                evidence=ev,
-                caption=caps.caption,
-                caption_source=caps.source,
-                dataset_captions=caps.dataset,
-            )
+            card = _card(hit, caps, echo, ev)
             ctx = _context(card, hit, echo)
             if ctx is not None:
                 self._contexts.put((token, hit.id), ctx)
@@ -309,11 +275,6 @@ class CardPipeline:
         """Swap in a newer index version written by a running `clearsight index`; True if it changed."""
         return self.searcher.reload()
 
-    def close(self) -> None:
-        if self.explainer is not None:
-            self.explainer.close()
-        self.searcher.close()
-
 
 def query_echo(query: Query) -> QueryEcho:
     """The echo of a library `Query` (what the CLI and notebooks search with), for contexts and cache keys."""
@@ -324,6 +285,27 @@ def query_echo(query: Query) -> QueryEcho:
         weight=query.weight,
         negative=query.negative,
         min_score=query.min_score,
+    )
+
+
+def _card(
+    hit: Hit, caps: CardCaptions, echo: QueryEcho | None = None, evidence: list[EvidenceBox] | None = None
+) -> Card:
+    """A hit's card without its explanation; without `echo` its detail link names no query."""
+    return Card(
+        id=hit.id,
+        rank=hit.rank,
+        score=hit.score,
+        image_url=image_url(hit.id),
+        thumb_url=thumb_url(hit.id),
+        detail_url=detail_url(hit.id, echo, hit.rank),
+        like_url=like_url(hit.id),
+        width=hit.width,
+        height=hit.height,
+        evidence=evidence or [],
+        caption=caps.caption,
+        caption_source=caps.source,
+        dataset_captions=caps.dataset,
     )
 
 

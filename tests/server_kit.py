@@ -113,5 +113,12 @@ class FixedEvidence:
             out.append(boxes[: limit or 2])
         return out
 
-    def render(self, searcher: Searcher, query: Query, hit: Hit, image: Image.Image) -> Image.Image | None:
+    def render(
+        self,
+        searcher: Searcher,
+        query: Query,
+        hit: Hit,
+        image: Image.Image,
+        query_vec: Float32Array | None = None,
+    ) -> Image.Image | None:
         return None

@@ -8,19 +8,18 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
+from PIL import Image as PILImage
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from retrieval.search import Query as LibraryQuery
 
-from ..cards import DETAIL_SIZE, THUMB_SIZES, QueryEcho, public_model_name
+from ..cards import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from ..errors import BadQuery
-from ..explain_types import QueryKind
-from ..pipeline import CardPipeline, ResultPage
 from . import images
 from .app import ServerState, state_of
-from .queries import QueryInput, decode_base64, resolve
+from .queries import QueryInput, decode_base64, echo_for
 from .schemas import (
     IMAGE_KEY_PATTERN,
     ExplainedHit,
@@ -131,15 +130,10 @@ async def search(request: Request) -> SearchResponse:
     if not inp.has_query:
         raise BadQuery("give a text query, an image, or both")
     pipeline = await state.ready()
-    page = await anyio.to_thread.run_sync(_search_sync, state, pipeline, inp)
+    page = await anyio.to_thread.run_sync(state.search, pipeline, inp)
     if req.explain:
         await pipeline.explain_cards(page)
     return SearchResponse.from_page(page)
-
-
-def _search_sync(state: ServerState, pipeline: CardPipeline, inp: QueryInput) -> ResultPage:
-    query, echo = resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)
-    return pipeline.search(query, echo)
 
 
 @router.post(
@@ -152,24 +146,12 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     state = state_of(request)
     pipeline = await state.ready()
     inp = QueryInput(body.text, None, body.image_key, body.like_id, body.weight, body.negative)
-    text = body.text.strip() if body.text and body.text.strip() else None
-    has_image = body.image_key is not None or body.like_id is not None
-    kind: QueryKind = "text+image" if text and has_image else ("image" if has_image else "text")
-    negative = body.negative.strip() if body.negative and body.negative.strip() else None
-    echo = QueryEcho(
-        text=text,
-        kind=kind,
-        image_key=body.image_key,
-        like_id=body.like_id,
-        weight=body.weight,
-        negative=negative,
-    )
     items = list(zip(body.ids, body.ranks or [1] * len(body.ids), strict=True))
 
     def make_query() -> LibraryQuery:
-        return resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)[0]
+        return state.resolve(inp, pipeline.searcher)[0]
 
-    contexts = await anyio.to_thread.run_sync(pipeline.contexts, make_query, echo, items)
+    contexts = await anyio.to_thread.run_sync(pipeline.contexts, make_query, echo_for(inp), items)
     found = [i for i in dict.fromkeys(body.ids) if i in contexts]
     outs = await pipeline.explain([contexts[i] for i in found])
     return ExplainResponse(
@@ -243,14 +225,12 @@ async def evidence_png(
     rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
 
     def draw() -> bytes:
-        max_pixels = state.settings.max_upload_pixels
-        query, echo = resolve(inp, pipeline.searcher, state.query_images, max_pixels)
-        view = images.view(rec, size, max_pixels)
+        query, _ = state.resolve(inp, pipeline.searcher)
+        view = images.view(rec, size, state.settings.max_upload_pixels)
         picture = pipeline.evidence_picture(image_id, query, view)
-        if picture is not None:
+        if isinstance(picture, PILImage.Image):
             return images.png_bytes(picture)
-        card = pipeline.card_for(image_id, query, echo)
-        return images.draw_boxes(rec, view, card.evidence if card is not None else [])
+        return images.draw_boxes(rec, view, picture)
 
     png = await anyio.to_thread.run_sync(draw)
     return Response(png, media_type="image/png")

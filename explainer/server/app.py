@@ -28,18 +28,19 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
 from retrieval.assets import asset_dir
-from retrieval.search import Searcher
+from retrieval.search import Query, Searcher
 
 from ..card_sources import CatalogCaptions, EvidenceProvider, make_evidence_provider
+from ..cards import QueryEcho
 from ..chain import Explainer
 from ..errors import ClearsightError, ConfigError, ModelUnavailable
 from ..explain_cache import SQLiteExplanationCache
 from ..llm import LLMConfig
 from ..llm_settings import explainer_from_settings
-from ..pipeline import CardPipeline
+from ..pipeline import CardPipeline, ResultPage
 from ..settings import Settings, get_settings
 from .limits import BodyLimitMiddleware
-from .queries import QueryImages
+from .queries import QueryImages, QueryInput, resolve
 from .schemas import SearchForm, SearchRequest
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,15 @@ class ServerState:
         if self.pipeline is None:
             raise self._problem_type(self.problem or "the search index is not loaded yet")
         return self.pipeline
+
+    def resolve(self, inp: QueryInput, searcher: Searcher) -> tuple[Query, QueryEcho]:
+        """The library query and its echo, under this server's upload store and pixel limit."""
+        return resolve(inp, searcher, self.query_images, self.settings.max_upload_pixels)
+
+    def search(self, pipeline: CardPipeline, inp: QueryInput) -> ResultPage:
+        """Resolve and search (blocking; run in a worker thread)."""
+        query, echo = self.resolve(inp, pipeline.searcher)
+        return pipeline.search(query, echo)
 
     def retry_due(self) -> bool:
         return self._last_try is None or time.monotonic() - self._last_try > RETRY_OPEN_S

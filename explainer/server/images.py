@@ -60,9 +60,7 @@ class Thumbnails:
         out = self.root / str(size) / key[:2] / f"{key}.jpg"
         if out.is_file():
             return out
-        image = _open(rec, size, self.max_pixels)
-        thumb = image.copy()
-        thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+        thumb = view(rec, size, self.max_pixels)
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".thumb-", dir=out.parent)
         try:

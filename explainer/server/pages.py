@@ -19,9 +19,9 @@ from retrieval.paths import is_demo_model
 
 from ..cards import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
 from ..errors import BadImage, ClearsightError
-from ..pipeline import CardPipeline, ResultPage
+from ..pipeline import ResultPage
 from .app import ServerState, state_of
-from .queries import QueryInput, resolve
+from .queries import QueryInput
 from .schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
 
 router = APIRouter(include_in_schema=False)
@@ -81,7 +81,7 @@ async def index(
         return state.templates.TemplateResponse(request, "index.html", _context(state, form=form))
     try:
         pipeline = await state.ready()
-        page: ResultPage = await anyio.to_thread.run_sync(_search, state, pipeline, inp)
+        page: ResultPage = await anyio.to_thread.run_sync(state.search, pipeline, inp)
     except (ClearsightError, HTTPException) as exc:
         status, message = _status_message(state, exc)
         ctx = _context(state, form=form, error={"status": status, "message": message})
@@ -95,11 +95,6 @@ async def index(
     }
     ctx = _context(state, form=form, page=page, cards=page.cards, query=echo.model_dump(), nav=nav)
     return state.templates.TemplateResponse(request, "index.html", ctx)
-
-
-def _search(state: ServerState, pipeline: CardPipeline, inp: QueryInput) -> ResultPage:
-    query, echo = resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)
-    return pipeline.search(query, echo)
 
 
 def _status_message(state: ServerState, exc: Exception) -> tuple[int, str]:
@@ -177,7 +172,7 @@ async def detail(
     def build() -> tuple[Any, QueryEcho | None]:
         if not inp.has_query:
             return pipeline.card_for(image_id, None, None, rank=r), None
-        query, echo = resolve(inp, pipeline.searcher, state.query_images, state.settings.max_upload_pixels)
+        query, echo = state.resolve(inp, pipeline.searcher)
         return pipeline.card_for(image_id, query, echo, rank=r), echo
 
     card, echo = await anyio.to_thread.run_sync(build)

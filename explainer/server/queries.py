@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from retrieval.search import Query, Searcher
 
 from ..cards import QueryEcho
 from ..errors import BadQuery
+from ..explain_types import QueryKind
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,26 @@ class QueryImages:
             log.warning("could not keep an uploaded query image: %s", exc)
 
 
+def echo_for(inp: QueryInput) -> QueryEcho:
+    """The public echo of a query: how pages, links and the explanation cache name it.
+
+    An upload (`inp.image_bytes`) is named by the key it is held under: `resolve` sets that key as
+    `image_key` before asking. "More like this" is echoed only when no other query image is given.
+    """
+    text = inp.text.strip() if inp.text and inp.text.strip() else None
+    has_image = inp.image_bytes is not None or inp.image_key is not None or inp.like_id is not None
+    kind: QueryKind = "text+image" if text and has_image else ("image" if has_image else "text")
+    return QueryEcho(
+        text=text,
+        kind=kind,
+        image_key=inp.image_key,
+        like_id=inp.like_id if inp.image_bytes is None and inp.image_key is None else None,
+        weight=inp.weight,
+        negative=inp.negative.strip() if inp.negative and inp.negative.strip() else None,
+        min_score=inp.min_score,
+    )
+
+
 def resolve(
     inp: QueryInput, searcher: Searcher, images: QueryImages, max_pixels: int
 ) -> tuple[Query, QueryEcho]:
@@ -120,42 +142,32 @@ def resolve(
     if not inp.has_query:
         raise BadQuery("give a text query, an image, or both")
     image: Image.Image | None = None
-    key: str | None = None
     image_key_for_cache: str | None = None
     if inp.image_bytes is not None:
         image, key = images.add(inp.image_bytes, max_pixels)
+        inp = dataclasses.replace(inp, image_key=key)  # the upload is echoed by the key it is held under
         image_key_for_cache = key
     elif inp.image_key is not None:
         image = images.get(inp.image_key)
         if image is None:
             raise BadQuery("the query image is no longer held by the server: upload it again")
-        key = image_key_for_cache = inp.image_key
+        image_key_for_cache = inp.image_key
     elif inp.like_id is not None:
         rec = searcher.collection.catalog.get_image(inp.like_id)
         if rec is None or rec.state != "indexed":
             raise HTTPException(404, f"no indexed image with id {inp.like_id}")
         image = imageio.open_image(Path(rec.path), draft_size=_STORED_EDGE, max_pixels=max_pixels).image
         image_key_for_cache = rec.content_hash
-    text = inp.text.strip() if inp.text and inp.text.strip() else None
-    negative = inp.negative.strip() if inp.negative and inp.negative.strip() else None
+    echo = echo_for(inp)
     query = Query(
-        text=text,
+        text=echo.text,
         image=image,
         weight=inp.weight,
-        negative=negative,
+        negative=echo.negative,
         top_k=inp.top_k,
         offset=inp.offset,
         min_score=inp.min_score,
         image_key=image_key_for_cache,
     )
     query.validate()
-    echo = QueryEcho(
-        text=text,
-        kind=query.kind,  # type: ignore[arg-type]
-        image_key=key,
-        like_id=inp.like_id if inp.image_bytes is None and inp.image_key is None else None,
-        weight=inp.weight,
-        negative=negative,
-        min_score=inp.min_score,
-    )
     return query, echo
