@@ -18,12 +18,12 @@ from PIL import Image
 from retrieval.search import Hit, Query, Searcher
 from retrieval.types import Float32Array
 
+from .captioner import SOURCE_PREFIX
 from .cards import EvidenceBox
 
 log = logging.getLogger(__name__)
 
 #: Catalog caption sources written by `clearsight caption` start with this.
-GENERATED_PREFIX = "generated:"
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class CatalogCaptions:
         out: list[CardCaptions] = []
         for hit in hits:
             caps = records.get(hit.id, [])
-            generated = [c for c in caps if c.source.startswith(GENERATED_PREFIX)]
-            dataset = [c.text for c in caps if not c.source.startswith(GENERATED_PREFIX)]
+            generated = [c for c in caps if c.source.startswith(SOURCE_PREFIX)]
+            dataset = [c.text for c in caps if not c.source.startswith(SOURCE_PREFIX)]
             if generated:
                 out.append(CardCaptions(generated[0].text, generated[0].source, dataset))
             elif dataset:

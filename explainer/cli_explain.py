@@ -33,8 +33,8 @@ from .card_sources import (
 )
 from .cards import EvidenceBox
 from .chain import Explainer
-from .errors import BadQuery, ClearsightError, ModelUnavailable
-from .explain_cache import SQLiteExplanationCache
+from .errors import BadQuery, ModelUnavailable
+from .explain_cache import SQLiteExplanationCache, open_explanation_cache
 from .llm_settings import explainer_from_settings
 from .pipeline import CardPipeline, query_echo
 from .settings import Settings
@@ -149,10 +149,7 @@ def describe_results(
         if caption:
             captions, captioner = _captions(searcher, settings, device, warn)
         if explain:
-            try:
-                cache = SQLiteExplanationCache(searcher.collection.data_dir / "explanations.sqlite")
-            except ClearsightError as exc:
-                warn(f"explanations will not be cached: {exc}")
+            cache = open_explanation_cache(searcher.collection.data_dir, warn)
             explainer = explainer_from_settings(settings, backend, cache, warn=warn)
         pipeline = CardPipeline(searcher, explainer, _evidence(payload, explain, settings), captions)
         pairs = pipeline.cards_for_hits(query, query_echo(query), hits, query_vec=query_vec)

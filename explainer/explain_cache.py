@@ -14,13 +14,14 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import ValidationError
 
-from .errors import ConfigError
+from .errors import ClearsightError, ConfigError
 from .explain_types import Explanation
 
 #: Bump when the key or the stored JSON changes shape; older tables are dropped, not migrated.
@@ -149,3 +150,17 @@ class SQLiteExplanationCache:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+#: The collection's explanation cache, shared by the server and `clearsight search --explain`.
+CACHE_FILE = "explanations.sqlite"
+
+
+def open_explanation_cache(data_dir: Path, warn: Callable[[str], None]) -> SQLiteExplanationCache | None:
+    """The collection's cache, or None (with a warning) where it cannot be opened, e.g. a read-only
+    data dir: explanations still come, just without the cache."""
+    try:
+        return SQLiteExplanationCache(Path(data_dir) / CACHE_FILE)
+    except ClearsightError as exc:
+        warn(f"explanations will not be cached: {exc}")
+        return None

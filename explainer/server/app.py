@@ -34,7 +34,7 @@ from ..card_sources import CatalogCaptions, EvidenceProvider, make_evidence_prov
 from ..cards import QueryEcho
 from ..chain import Explainer
 from ..errors import ClearsightError, ConfigError, ModelUnavailable
-from ..explain_cache import SQLiteExplanationCache
+from ..explain_cache import SQLiteExplanationCache, open_explanation_cache
 from ..llm import LLMConfig
 from ..llm_settings import explainer_from_settings
 from ..pipeline import CardPipeline, ResultPage
@@ -98,13 +98,11 @@ class ServerState:
             self.problem = None
 
     def _explainer(self) -> Explainer:
+        def warn(message: str) -> None:
+            log.warning(self.public(message))
+
+        cache = self._cache = open_explanation_cache(self.data_dir, warn)
         try:
-            cache = self._cache = SQLiteExplanationCache(self.data_dir / "explanations.sqlite")
-        except ClearsightError as exc:  # e.g. a read-only data dir: explain, just without the cache
-            log.warning("explanations will not be cached: %s", self.public(str(exc)))
-            cache = None
-        try:
-            warn = lambda m: log.warning(self.public(m))  # noqa: E731
             return explainer_from_settings(self.settings, cache=cache, warn=warn)
         except ClearsightError as exc:  # an unknown backend name: say so, and still explain
             log.warning("%s; explaining offline", self.public(str(exc)))
