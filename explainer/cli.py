@@ -122,8 +122,13 @@ def index_cmd(
     if model is None and collection.store.exists() and not rebuild:
         model = collection.store.read_manifest().model_id  # keep indexing with the index's own model
     encoder = create_encoder(EncoderConfig(model=model, device=device))
-    if patches and encoder.info.family != "clip":
-        raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
+    if patches:
+        from retrieval.evidence import can_give_patches
+
+        if not can_give_patches(encoder):
+            raise ConfigError(
+                f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection"
+            )
     cfg = IngestConfig(
         batch_size=batch_size,
         workers=workers,
@@ -266,7 +271,7 @@ def search_cmd(
         from retrieval.evidence import EvidenceConfig, annotate_results
 
         config = EvidenceConfig(method=evidence_method or "auto")
-        pngs = annotate_results(searcher, q, result, payload, config, evidence)
+        pngs = annotate_results(searcher, q, result, payload, config, evidence, query_vec=vec)
     if explain or caption:
         from .cli_explain import describe_results
         from .settings import get_settings

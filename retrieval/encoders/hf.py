@@ -74,19 +74,33 @@ class HFDualEncoder:
         )
         self._lock = threading.Lock()  # one forward pass at a time on a shared model
 
+    @property
+    def supports_patches(self) -> bool:
+        """Whether `patch_embeddings` works: only CLIP projects its patch tokens into the joint space."""
+        return self.info.family == "clip"
+
     # -- images ---------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> Float32Array:
         return preprocess_batch(images, self.pre)
 
+    def _check_pixels(self, pixels: Float32Array) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise BadQuery(f"pixel batch must have shape (n, 3, H, W), got {pixels.shape}")
+
+    def _pixels_tensor(self, pixels: Float32Array) -> Any:
+        """The pixel batch as a tensor on the model's device, in its dtype."""
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, self._torch_dtype)
+
     def encode_pixels(self, pixels: Float32Array) -> Float32Array:
         import torch
 
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise BadQuery(f"pixel batch must have shape (n, 3, H, W), got {pixels.shape}")
+        self._check_pixels(pixels)
         if len(pixels) == 0:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, self._torch_dtype)
+            t = self._pixels_tensor(pixels)
             out = _features(self.model.get_image_features(pixel_values=t))
             return l2_normalise(out.float().cpu().numpy())
 
@@ -110,19 +124,18 @@ class HFDualEncoder:
 
         from ..errors import ConfigError
 
-        if self.info.family != "clip":
+        if not self.supports_patches:
             raise ConfigError(
                 f"dense evidence needs a CLIP model; {self.info.family} has no per-patch projection: "
                 "use grid evidence"
             )
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise BadQuery(f"pixel batch must have shape (n, 3, H, W), got {pixels.shape}")
+        self._check_pixels(pixels)
         rows, cols = pixels.shape[2] // self.info.patch_size, pixels.shape[3] // self.info.patch_size
         if len(pixels) == 0:
             return np.zeros((0, rows, cols, self.info.dim), dtype=np.float32)
         vision = self.model.vision_model
         with self._lock, torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, self._torch_dtype)
+            t = self._pixels_tensor(pixels)
             h = vision.pre_layrnorm(vision.embeddings(t))
             layers = vision.encoder.layers
             for layer in layers[:-1]:

@@ -55,32 +55,48 @@ class PreprocessConfig:
         return cls(shortest, hw, crop, resample, rescale, mean, std)
 
 
-def _resize(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+def resized_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(width, height) of a width x height image after the resize step."""
     if cfg.resize_hw:
         h, w = cfg.resize_hw
-        return im.resize((w, h), resample=cfg.resample)
+        return w, h
     if cfg.resize_shortest:
         s = cfg.resize_shortest
-        w, h = im.size
-        if w <= h:
-            nw, nh = s, max(1, int(s * h / w))
-        else:
-            nw, nh = max(1, int(s * w / h)), s
-        if (nw, nh) != (w, h):
-            # reducing_gap lets Pillow shrink big images in two fast steps (quality is unchanged to the eye)
-            return im.resize((nw, nh), resample=cfg.resample, reducing_gap=3.0)
+        if width <= height:
+            return s, max(1, int(s * height / width))
+        return max(1, int(s * width / height)), s
+    return width, height
+
+
+def crop_offsets(width: int, height: int, crop_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Centre crop of a width x height image to `crop_hw`: (pad_x, pad_y, left, top).
+
+    An image smaller than the crop is first padded (like transformers does), `pad_x`/`pad_y` on the
+    left/top; (`left`, `top`) is the crop's corner in the padded image.
+    """
+    ch, cw = crop_hw
+    ph, pw = max(height, ch), max(width, cw)
+    return (pw - width) // 2, (ph - height) // 2, (pw - cw) // 2, (ph - ch) // 2
+
+
+def _resize(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    size = resized_size(im.width, im.height, cfg)
+    if cfg.resize_hw:
+        return im.resize(size, resample=cfg.resample)
+    if size != im.size:
+        # reducing_gap lets Pillow shrink big images in two fast steps (quality is unchanged to the eye)
+        return im.resize(size, resample=cfg.resample, reducing_gap=3.0)
     return im
 
 
 def _centre_crop(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     ch, cw = hw
     h, w = arr.shape[:2]
+    pad_x, pad_y, left, top = crop_offsets(w, h, hw)
     if h < ch or w < cw:  # pad like transformers does for images smaller than the crop
         out = np.zeros((max(h, ch), max(w, cw), arr.shape[2]), dtype=arr.dtype)
-        top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
-        out[top : top + h, left : left + w] = arr
-        arr, h, w = out, out.shape[0], out.shape[1]
-    top, left = (h - ch) // 2, (w - cw) // 2
+        out[pad_y : pad_y + h, pad_x : pad_x + w] = arr
+        arr = out
     return arr[top : top + ch, left : left + cw]
 
 

@@ -1,8 +1,8 @@
 """Region evidence: where in each hit the query matches, as boxes in the displayed image's pixels.
 
-Three methods behind one factory: "grid" (encode grid cells, works with any encoder), "dense"
-(one forward pass per hit, a per-patch map with value-value attention), "stored" (dense from patch
-features saved at index time, no model pass). From a search:
+Three methods, picked by `EvidenceConfig.method`: "grid" (encode grid cells, works with any
+encoder), "dense" (one forward pass per hit, a per-patch map with value-value attention), "stored"
+(dense from patch features saved at index time, no model pass). From a search:
 
     from retrieval.evidence import EvidenceConfig, explain_hits
     result = searcher.search(query)
@@ -12,16 +12,15 @@ features saved at index time, no model pass). From a search:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..encoders import Encoder
 from ..errors import ConfigError
 from ..search import Hit
 from ..types import Float32Array
-from .dense import PatchEncoder, dense_evidence, evidence_from_patches, view_geometry
+from .dense import can_give_patches, dense_evidence, evidence_from_patches, view_geometry
 from .grid import grid_boxes, grid_evidence, grid_evidence_per_hit, select_regions
 from .render import render_evidence, write_evidence_pngs
 from .stored import PatchStore, StoreReport, store_patch_features, stored_evidence
@@ -36,13 +35,12 @@ __all__ = [
     "Box",
     "Evidence",
     "EvidenceConfig",
-    "EvidenceMethod",
     "EvidenceTarget",
     "PatchStore",
     "Region",
     "StoreReport",
     "annotate_results",
-    "create_method",
+    "can_give_patches",
     "default_method",
     "dense_evidence",
     "evidence_from_patches",
@@ -50,8 +48,8 @@ __all__ = [
     "grid_boxes",
     "grid_evidence",
     "grid_evidence_per_hit",
-    "list_methods",
     "render_evidence",
+    "resolve_method",
     "select_regions",
     "store_collection_patches",
     "store_patch_features",
@@ -62,80 +60,44 @@ __all__ = [
 ]
 
 
-class EvidenceMethod(Protocol):
-    """A configured evidence method: one Evidence per target, in order."""
-
-    @property
-    def name(self) -> str: ...
-
-    def __call__(
-        self, encoder: Encoder, query_vec: Float32Array, targets: Sequence[EvidenceTarget]
-    ) -> list[Evidence]: ...
-
-
-@dataclass(frozen=True)
-class _Method:
-    name: str
-    config: EvidenceConfig
-    run: Callable[[Encoder, Float32Array, Sequence[EvidenceTarget], EvidenceConfig], list[Evidence]]
-
-    def __call__(
-        self, encoder: Encoder, query_vec: Float32Array, targets: Sequence[EvidenceTarget]
-    ) -> list[Evidence]:
-        return self.run(encoder, query_vec, targets, self.config)
-
-
-def _stored(store: PatchStore | None) -> Callable[..., list[Evidence]]:
-    if store is None:
-        raise ConfigError("stored evidence needs a patch store (a data directory); use dense or grid")
-
-    def run(
-        encoder: Encoder, q: Float32Array, targets: Sequence[EvidenceTarget], config: EvidenceConfig
-    ) -> list[Evidence]:
-        return stored_evidence(encoder, q, targets, config, store)
-
-    return run
-
-
-_REGISTRY: dict[str, Callable[[PatchStore | None], Callable[..., list[Evidence]]]] = {
-    "grid": lambda _store: grid_evidence,
-    "dense": lambda _store: dense_evidence,
-    "stored": _stored,
-}
-
-
-def list_methods() -> list[str]:
-    return list(_REGISTRY)
-
-
 def default_method(encoder: Encoder) -> str:
     """Dense where the encoder can give patch embeddings (CLIP), grid otherwise.
 
     Dense is the default because it is far faster (one pass per hit instead of one per cell) and
     at least as good on the synthetic-scene measurements (see tests/test_evidence_quality.py).
     """
-    return "dense" if isinstance(encoder, PatchEncoder) and encoder.info.family == "clip" else "grid"
+    return "dense" if can_give_patches(encoder) else "grid"
 
 
-def create_method(
-    config: EvidenceConfig, encoder: Encoder, store: PatchStore | None = None
-) -> EvidenceMethod:
-    """The configured method. "auto" resolves to `default_method(encoder)`, or to "stored" when that is
+def resolve_method(config: EvidenceConfig, encoder: Encoder, store: PatchStore | None = None) -> str:
+    """The method to run. "auto" resolves to `default_method(encoder)`, or to "stored" when that is
     dense and patch features were stored for this model (`clearsight index --patches`)."""
-    name = default_method(encoder) if config.method == "auto" else config.method
-    if config.method == "auto" and name == "dense" and store is not None and store.root.is_dir():
-        name = "stored"
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown evidence method {name!r}; known: {', '.join(_REGISTRY)}")
-    return _Method(name, replace(config, method=name), _REGISTRY[name](store))
+    if config.method != "auto":
+        return config.method
+    name = default_method(encoder)
+    return "stored" if name == "dense" and store is not None and store.root.is_dir() else name
+
+
+def _run_method(
+    name: str,
+    encoder: Encoder,
+    query_vec: Float32Array,
+    targets: Sequence[EvidenceTarget],
+    config: EvidenceConfig,
+    store: PatchStore | None,
+) -> list[Evidence]:
+    if name == "grid":
+        return grid_evidence(encoder, query_vec, targets, config)
+    if name == "dense":
+        return dense_evidence(encoder, query_vec, targets, config)
+    if store is None:
+        raise ConfigError("stored evidence needs a patch store (a data directory); use dense or grid")
+    return stored_evidence(encoder, query_vec, targets, config, store)
 
 
 def targets_for_hits(hits: Sequence[Hit]) -> list[EvidenceTarget]:
     """Hits as evidence targets: path to decode, displayed size and content hash from the catalog."""
-    return [
-        EvidenceTarget(id=h.id, width=h.width or 0, height=h.height or 0, path=h.path, key=h.content_hash)
-        for h in hits
-    ]
+    return [EvidenceTarget.from_row(h) for h in hits]
 
 
 def explain_hits(
@@ -150,9 +112,10 @@ def explain_hits(
     if not hits:
         return []
     vec = searcher.embed_query(query) if query_vec is None else query_vec
-    store = PatchStore(searcher.collection.data_dir, searcher.encoder.info, surgery=config.surgery)
-    method = create_method(config, searcher.encoder, store)
-    return method(searcher.encoder, vec, targets_for_hits(hits))
+    encoder = searcher.encoder
+    store = PatchStore(searcher.collection.data_dir, encoder.info, surgery=config.surgery)
+    name = resolve_method(config, encoder, store)
+    return _run_method(name, encoder, vec, targets_for_hits(hits), config, store)
 
 
 def store_collection_patches(
@@ -162,11 +125,7 @@ def store_collection_patches(
     evidence needs no model pass at query time (`clearsight index --patches`)."""
     config = config or EvidenceConfig()
     store = PatchStore(collection.data_dir, encoder.info, surgery=config.surgery)
-    records = collection.catalog.iter_images(state="indexed")
-    targets = [
-        EvidenceTarget(id=r.id, width=r.width or 0, height=r.height or 0, path=r.path, key=r.content_hash)
-        for r in records
-    ]
+    targets = [EvidenceTarget.from_row(r) for r in collection.catalog.iter_images(state="indexed")]
     return store, store_patch_features(encoder, store, targets, config, progress)
 
 
@@ -178,16 +137,18 @@ def annotate_results(
     config: EvidenceConfig | None = None,
     out_dir: Path | str | None = None,
     style: str = "both",
+    query_vec: Float32Array | None = None,
 ) -> list[Path | None]:
     """Add an `evidence` list (and `evidence_png` when `out_dir` is given) to each result of a payload.
 
     `payload` is `result.to_dict()`; the CLI and the server print it, so evidence rides along in the
-    same JSON. Returns the PNGs written, None for hits whose image could not be read.
+    same JSON. Returns the PNGs written, None for hits whose image could not be read. Pass
+    `query_vec` when the query is already embedded to skip embedding it again.
     """
     if result.target != "images":
         raise ConfigError("evidence explains image results; it cannot be combined with --captions")
     hits = [h for h in result.results if isinstance(h, Hit)]
-    evidence = explain_hits(searcher, query, hits, config)
+    evidence = explain_hits(searcher, query, hits, config, query_vec=query_vec)
     written: list[Path | None] = [None] * len(hits)
     if out_dir is not None:
         written = write_evidence_pngs([h.path for h in hits], evidence, out_dir, style)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..encoders import Encoder
-from ..encoders.preprocess import PreprocessConfig
+from ..encoders.preprocess import PreprocessConfig, crop_offsets, resized_size
 from ..errors import BadImage, ConfigError
 from ..types import Float32Array
 from .types import (
@@ -42,6 +42,12 @@ class PatchEncoder(Protocol):
     """An encoder that can return per-patch embeddings in the joint space (HFDualEncoder for CLIP)."""
 
     def patch_embeddings(self, pixels: Float32Array, surgery: bool = True) -> Float32Array: ...
+
+
+def can_give_patches(encoder: object) -> bool:
+    """Whether dense (and stored) evidence can run on this encoder: it returns patch embeddings and
+    says it supports them (HFDualEncoder.supports_patches: CLIP only)."""
+    return isinstance(encoder, PatchEncoder) and bool(getattr(encoder, "supports_patches", False))
 
 
 @dataclass(frozen=True)
@@ -77,21 +83,12 @@ class ViewGeometry:
 
 
 def view_geometry(width: int, height: int, pre: PreprocessConfig) -> ViewGeometry:
-    """Undo the encoder's preprocessing (same arithmetic as `preprocess_one`) for a width x height image."""
-    if pre.resize_hw:
-        rh, rw = pre.resize_hw
-    elif pre.resize_shortest:
-        s = pre.resize_shortest
-        rw, rh = (
-            (s, max(1, int(s * height / width))) if width <= height else (max(1, int(s * width / height)), s)
-        )
-    else:
-        rw, rh = width, height
+    """Undo the encoder's preprocessing (the geometry `preprocess_one` uses) for a width x height image."""
+    rw, rh = resized_size(width, height, pre)
     if pre.crop_hw:
         ch, cw = pre.crop_hw
-        ph, pw = max(rh, ch), max(rw, cw)
-        off_x = (pw - cw) // 2 - (pw - rw) // 2  # centre crop offset minus centre padding offset
-        off_y = (ph - ch) // 2 - (ph - rh) // 2
+        pad_x, pad_y, left, top = crop_offsets(rw, rh, pre.crop_hw)
+        off_x, off_y = left - pad_x, top - pad_y  # centre crop offset minus centre padding offset
     else:
         ch, cw, off_x, off_y = rh, rw, 0, 0
     sx, sy = width / rw, height / rh

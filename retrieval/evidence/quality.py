@@ -92,12 +92,10 @@ def saliency_image(evidence: Evidence, width: int, height: int) -> Float32Array:
     out = np.zeros((height, width), np.float32)
     w0, h0 = evidence.image_size
     sx, sy = width / max(1, w0), height / max(1, h0)
-    if evidence.heatmap is not None and evidence.heatmap_box is not None:
-        x0, y0, x1, y1 = evidence.heatmap_box
-        left, top = round(x0 * sx), round(y0 * sy)
-        bw, bh = max(1, round((x1 - x0) * sx)), max(1, round((y1 - y0) * sy))
-        heat = Image.fromarray(evidence.heatmap.astype(np.float32), mode="F")
-        big = np.asarray(heat.resize((bw, bh), Image.Resampling.BILINEAR), np.float32)
+    placed = evidence.placed_heatmap(sx, sy)
+    if placed is not None:
+        left, top, big = placed
+        bh, bw = big.shape
         ys, xs = slice(max(0, top), min(height, top + bh)), slice(max(0, left), min(width, left + bw))
         out[ys, xs] = big[ys.start - top : ys.stop - top, xs.start - left : xs.stop - left]
         return out

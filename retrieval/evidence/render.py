@@ -44,12 +44,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _overlay_heatmap(image: Image.Image, ev: Evidence, sx: float, sy: float) -> Image.Image:
-    assert ev.heatmap is not None and ev.heatmap_box is not None
-    x0, y0, x1, y1 = ev.heatmap_box
-    left, top = round(x0 * sx), round(y0 * sy)
-    w, h = max(1, round((x1 - x0) * sx)), max(1, round((y1 - y0) * sy))
-    heat = Image.fromarray(ev.heatmap.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
-    values = np.asarray(heat, np.float32)
+    placed = ev.placed_heatmap(sx, sy)
+    assert placed is not None
+    left, top, values = placed
     colours = Image.fromarray(colour_map(values), "RGB")
     # Strong where the evidence is, faint elsewhere, so the photo stays readable under the map.
     alpha = Image.fromarray(np.rint(255 * (0.15 + 0.45 * np.clip(values, 0, 1))).astype(np.uint8), "L")

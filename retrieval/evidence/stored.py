@@ -15,7 +15,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,9 +123,10 @@ def store_patch_features(
     """Compute and store patch features for images not stored yet, a batch at a time.
 
     Meant to run after (or alongside) indexing, where the images are decoded anyway; targets need a
-    content hash (`key`).
+    content hash (`key`). The model pass uses the store's surgery setting, which its features are filed
+    under, whatever `config.surgery` says.
     """
-    config = config or EvidenceConfig(surgery=store.surgery)
+    config = replace(config or EvidenceConfig(), surgery=store.surgery)
     todo = [t for t in targets if t.key and not store.has(t.key)]
     skipped = len(targets) - len(todo)
     written = failed = nbytes = 0

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from .. import imageio
+from ..encoders.base import l2_normalise
 from ..encoders.preprocess import PreprocessConfig
 from ..errors import ConfigError
 from ..types import Float32Array
 
 Box = tuple[int, int, int, int]
 
-#: Evidence methods the factory knows; "auto" picks the default (see `default_method`).
+#: The evidence methods; "auto" picks the default (see `default_method`).
 METHODS: tuple[str, ...] = ("grid", "dense", "stored")
 
 
@@ -117,9 +119,35 @@ class Evidence:
             return (x0 + x1) / 2, (y0 + y1) / 2
         return None
 
+    def placed_heatmap(self, sx: float, sy: float) -> tuple[int, int, Float32Array] | None:
+        """The heatmap resized onto an image scaled by (sx, sy) from the displayed one: (left, top,
+        values), values of shape (h, w) with the corner at (left, top), which may lie outside the image."""
+        if self.heatmap is None or self.heatmap_box is None:
+            return None
+        x0, y0, x1, y1 = self.heatmap_box
+        w, h = max(1, round((x1 - x0) * sx)), max(1, round((y1 - y0) * sy))
+        heat = Image.fromarray(self.heatmap.astype(np.float32), mode="F")
+        values = np.asarray(heat.resize((w, h), Image.Resampling.BILINEAR), np.float32)
+        return round(x0 * sx), round(y0 * sy), values
+
     def to_dict(self) -> list[dict[str, object]]:
         """The JSON form of a result's `evidence` list."""
         return [r.to_dict() for r in self.regions]
+
+
+class CatalogRow(Protocol):
+    """What a search hit and a catalog record share: enough to explain the image."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def width(self) -> int | None: ...
+    @property
+    def height(self) -> int | None: ...
+    @property
+    def content_hash(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -141,6 +169,13 @@ class EvidenceTarget:
     def from_image(cls, id: int, image: Image.Image, key: str | None = None) -> EvidenceTarget:
         rgb = imageio.to_rgb(image)
         return cls(id=id, width=rgb.width, height=rgb.height, image=rgb, key=key)
+
+    @classmethod
+    def from_row(cls, row: CatalogRow) -> EvidenceTarget:
+        """A hit or catalog record: path to decode, displayed size and content hash as recorded."""
+        return cls(
+            id=row.id, width=row.width or 0, height=row.height or 0, path=row.path, key=row.content_hash
+        )
 
     @classmethod
     def from_path(cls, id: int, path: Path | str, key: str | None = None) -> EvidenceTarget:
@@ -180,7 +215,7 @@ def query_row(query_vec: Float32Array) -> Float32Array:
     norm = float(np.linalg.norm(q))
     if norm < 1e-12 or not np.isfinite(norm):
         raise ConfigError("the query vector is zero or not finite; embed the query with Searcher.embed_query")
-    return q / norm
+    return l2_normalise(q)
 
 
 def preprocess_config(encoder: object) -> PreprocessConfig:
