@@ -48,6 +48,7 @@ def _err(msg: str) -> None:
     typer.echo(f"clearsight: error: {msg}", err=True)
 
 
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
 Host = Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: 127.0.0.1)")]
 Port = Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Port (default: 8000)")]
 
@@ -107,7 +108,7 @@ def index_cmd(
             "so evidence needs no model pass at search time (--evidence-method stored)",
         ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
     """Index (or update the index of) every image under PATH."""

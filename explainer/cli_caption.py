@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import DataDir, JsonOut, app, boundary
+from .cli import DataDir, JsonOut, Quiet, app, boundary
 
 CaptionModel = Annotated[
     str | None,
@@ -53,7 +53,7 @@ def caption_cmd(
         int | None,
         typer.Option("--limit", min=0, help="Caption at most N more images now (cached ones do not count)"),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
     """Caption every indexed image (once per content) and add the captions to image→text search."""

@@ -14,7 +14,7 @@ import typer
 
 from retrieval.datasets import describe_formats
 
-from .cli import DataDir, Device, Host, JsonOut, Model, Port, _settings_data_dir, app, boundary
+from .cli import DataDir, Device, Host, JsonOut, Model, Port, Quiet, _settings_data_dir, app, boundary
 
 _FORMATS = ", ".join(describe_formats())
 
@@ -31,7 +31,6 @@ Annotations = Annotated[
     ),
 ]
 Images = Annotated[Path, typer.Option("--images", help="Folder holding the dataset's images")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
 
 
 def _note(message: str) -> None:
