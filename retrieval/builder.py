@@ -6,11 +6,13 @@ The catalog is the source of truth; the indexes are derived. This is what lets e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
+from .catalog import Catalog
 from .collection import Collection
 from .encoders import Encoder
 from .errors import IndexMismatch
@@ -39,26 +41,35 @@ class SyncReport:
 
 
 def embed_texts_cached(
-    collection: Collection, encoder: Encoder, texts: list[str], progress: bool = False
-) -> Float32Array:
-    """Text embeddings through the catalog's cache, so captions are embedded once per model."""
+    cache: Catalog | None,
+    encoder: Encoder,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> tuple[Float32Array, int]:
+    """Text embeddings through a catalog's text cache, so captions are embedded once per model.
+
+    `cache` None encodes everything. Returns the embeddings in `texts` order (repeats included) and how
+    many distinct texts had to be encoded; the other distinct texts were cache hits.
+    """
     fp = encoder.info.fingerprint
     unique = list(dict.fromkeys(texts))
-    have = collection.catalog.get_text_embeddings(unique, fp)
+    have = cache.get_text_embeddings(unique, fp) if cache is not None else {}
     missing = [t for t in unique if t not in have]
-    step = 256
     bar = tqdm(total=len(missing), desc="captions", unit="text", disable=not progress or not missing)
-    for i in range(0, len(missing), step):
-        chunk = missing[i : i + step]
-        vecs = encoder.encode_texts(chunk)
-        new = {t: vecs[k] for k, t in enumerate(chunk)}
-        collection.catalog.put_text_embeddings(fp, new)
+    for i in range(0, len(missing), batch_size):
+        chunk = missing[i : i + batch_size]
+        vecs = encoder.encode_texts(chunk, batch_size=batch_size)
+        new = dict(zip(chunk, vecs, strict=True))
+        if cache is not None:
+            cache.put_text_embeddings(fp, new)
         have.update(new)
         bar.update(len(chunk))
     bar.close()
     if not texts:
-        return np.zeros((0, encoder.info.dim), np.float32)
-    return np.stack([have[t] for t in texts]).astype(np.float32)
+        return np.zeros((0, encoder.info.dim), np.float32), len(missing)
+    return np.stack([have[t] for t in texts]).astype(np.float32, copy=False), len(missing)
 
 
 def sync_indexes(
@@ -100,8 +111,8 @@ def sync_indexes(
         rebuilt, added = True, len(ids)
     else:
         images = current.images
-        if search is not None and images.params.with_search(search) != images.params:
-            params = images.params.with_search(search)
+        params = images.params.with_search(search) if search is not None else images.params
+        if params != images.params:
             images = VectorIndex(images.index, info.dim, images.factory, params)
             params_changed = True
         have = images.ids()
@@ -119,7 +130,7 @@ def sync_indexes(
 
     caps = collection.catalog.all_captions()
     cap_ids = np.asarray([c.id for c in caps], dtype=np.int64)
-    cap_vecs = embed_texts_cached(collection, encoder, [c.text for c in caps], progress=progress)
+    cap_vecs, _ = embed_texts_cached(collection.catalog, encoder, [c.text for c in caps], progress=progress)
     captions_changed = current is None or not np.array_equal(np.sort(current.captions.ids()), cap_ids)
     captions = (
         current.captions

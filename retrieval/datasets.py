@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,8 +453,7 @@ def _select_split(records: list[_Record], split: str | None, want: str) -> list[
     return chosen
 
 
-def load_dataset(fmt: str, annotations: Path, images: Path, split: str | None = None) -> LoadedDataset:
-    """Load a captioned-image dataset; items keep the file's order so runs are reproducible."""
+def _parse(fmt: str, annotations: Path, images: Path, split: str | None) -> tuple[_Format, _Parsed]:
     spec = _FORMATS.get(fmt.strip().lower())
     if spec is None:
         raise ConfigError(f"unknown dataset format {fmt!r}; known formats: {', '.join(_FORMATS)}")
@@ -463,8 +462,11 @@ def load_dataset(fmt: str, annotations: Path, images: Path, split: str | None = 
         raise ConfigError(f"annotation file not found: {annotations}")
     if not images.is_dir():
         raise ConfigError(f"images folder not found: {images} (pass the folder the dataset's images live in)")
-    parsed = spec.parse(annotations, images, split)
+    return spec, spec.parse(annotations, images, split)
 
+
+def _clean(spec: _Format, parsed: _Parsed, split: str | None) -> LoadedDataset:
+    """The shared clean-up of a parse: merge duplicates, pick the split, drop what cannot be used."""
     duplicates, empty, captionless, missing, orphans = _Tally(), _Tally(), _Tally(), _Tally(), _Tally()
     records = _merge_duplicates(parsed.records, duplicates)
     for image_id in parsed.orphans:
@@ -499,6 +501,32 @@ def load_dataset(fmt: str, annotations: Path, images: Path, split: str | None = 
         orphan_captions=orphans.freeze(),
     )
     return LoadedDataset(items=items, format=spec.name, report=report, split=want)
+
+
+def load_dataset(fmt: str, annotations: Path, images: Path, split: str | None = None) -> LoadedDataset:
+    """Load a captioned-image dataset; items keep the file's order so runs are reproducible."""
+    spec, parsed = _parse(fmt, annotations, images, split)
+    return _clean(spec, parsed, split)
+
+
+def load_splits_or_all(
+    fmt: str, annotations: Path, images: Path, splits: Sequence[str]
+) -> list[LoadedDataset] | LoadedDataset:
+    """`load_dataset` of each of `splits` if any usable item carries a split, else of the whole dataset.
+
+    Deciding costs one parse and a file check per record up to the first usable one with a split, not
+    a full load: a dataset with splits is then loaded split by split, one without from that parse.
+    """
+    spec, parsed = _parse(fmt, annotations, images, None)
+    # The same tests `_clean` applies to an item, cheapest first, stopping at the first usable one.
+    if any(
+        record.split
+        and any(c.strip() for c in record.captions)
+        and any(p.is_file() for p in record.candidates)
+        for record in _merge_duplicates(parsed.records, _Tally())
+    ):
+        return [load_dataset(fmt, annotations, images, split) for split in splits]
+    return _clean(spec, parsed, None)
 
 
 def _plural(n: int, one: str, many: str) -> str:

@@ -176,23 +176,22 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
         )
 
         images_dir = jsonl.parent / "images" / "test"
-        collection = Collection(root)
-        rebuild = (
-            collection.store.exists()
-            and collection.store.read_manifest().fingerprint != encoder.info.fingerprint
-        )
-        summary = ingest(
-            images_dir, collection, encoder, IngestConfig(progress=config.progress, rebuild=rebuild)
-        )
-        searcher = Searcher(
-            collection, encoder, collection.store.load(expect_fingerprint=encoder.info.fingerprint)
-        )
-        scene = next(s for s in generate_scenes(config.scenes) if s.split == "test")
-        query = query_for(scene)
-        target = str((images_dir / Path(scene.path).name).resolve())
-        hits = searcher.search(Query(text=query, top_k=10)).results
-        rank = next((h.rank for h in hits if str(Path(h.path).resolve()) == target), None)
-        collection.close()
+        with Collection(root) as collection:
+            rebuild = (
+                collection.store.exists()
+                and collection.store.read_manifest().fingerprint != encoder.info.fingerprint
+            )
+            summary = ingest(
+                images_dir, collection, encoder, IngestConfig(progress=config.progress, rebuild=rebuild)
+            )
+            searcher = Searcher(
+                collection, encoder, collection.store.load(expect_fingerprint=encoder.info.fingerprint)
+            )
+            scene = next(s for s in generate_scenes(config.scenes) if s.split == "test")
+            query = query_for(scene)
+            target = str((images_dir / Path(scene.path).name).resolve())
+            hits = searcher.search(Query(text=query, top_k=10)).results
+            rank = next((h.rank for h in hits if str(Path(h.path).resolve()) == target), None)
     finally:
         encoder.close()
     return DemoResult(

@@ -22,12 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from . import imageio
+from .builder import embed_texts_cached
 from .catalog import Catalog
 from .datasets import DatasetItem, LoadedDataset, LoadReport, format_report
 from .encoders import Encoder
 from .errors import BadImage, ConfigError, NotEnoughData
 from .index import VectorIndex, resolve_factory
-from .metrics import DirectionMetrics, RetrievalMetrics, image_to_text_metrics, text_to_image_metrics
+from .metrics import RetrievalMetrics, image_to_text_metrics, retrieval_metrics, text_to_image_metrics
 from .types import Float32Array, Int64Array
 
 #: Cosine similarities live in [-1, 1]; items an approximate search did not return get this score.
@@ -127,7 +128,8 @@ class EvalReport:
 class _Prepared:
     item: DatasetItem
     content_hash: str | None = None
-    pixels: Float32Array | None = None  # None when the cache already holds this content
+    cached: Float32Array | None = None  # the cache's vector, when it already holds this content
+    pixels: Float32Array | None = None  # set when the content still has to be encoded
     error: str | None = None
 
 
@@ -146,6 +148,8 @@ class _Embedder:
         self.cache: Catalog | None = None
         if config.cache_dir is not None:
             self.cache = Catalog(Path(config.cache_dir) / CACHE_FILE)
+        # Vectors this run added to the cache, so a repeated image counts as a hit without a second read.
+        self._stored: dict[str, Float32Array] = {}
         self.image_hits = self.images_encoded = self.text_hits = self.texts_encoded = 0
 
     def close(self) -> None:
@@ -157,8 +161,10 @@ class _Embedder:
         try:
             data = imageio.read_bytes(item.path)
             out.content_hash = imageio.content_hash(data)
-            if self.cache is not None and self.cache.get_embeddings([out.content_hash], self.fp):
-                return out
+            if self.cache is not None:
+                out.cached = self.cache.get_embeddings([out.content_hash], self.fp).get(out.content_hash)
+                if out.cached is not None:
+                    return out
             decoded = imageio.decode(data, draft_size=max(self.encoder.info.image_size, 1))
             out.pixels = self.encoder.preprocess([decoded.image])[0]
         except BadImage as exc:
@@ -188,7 +194,9 @@ class _Embedder:
                 vectors.extend(self._encode_batch(prepared, kept, failed, dim))
                 bar.update(len(prepared))
         bar.close()
-        stacked = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+        stacked = (
+            np.stack(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, dim), np.float32)
+        )
         return kept, stacked, failed
 
     def _encode_batch(
@@ -198,32 +206,34 @@ class _Embedder:
         failed: list[tuple[str, str]],
         dim: int,
     ) -> list[Float32Array]:
-        good = [p for p in prepared if p.error is None and p.content_hash is not None]
-        failed.extend((str(p.item.path), p.error or imageio.UNREADABLE) for p in prepared if p not in good)
-        hashes = [p.content_hash for p in good if p.content_hash is not None]
-        known = self.cache.get_embeddings(hashes, self.fp) if self.cache is not None and hashes else {}
-        todo = {
-            p.content_hash: p.pixels for p in good if p.content_hash not in known and p.pixels is not None
-        }
+        good: list[tuple[_Prepared, str]] = []
+        known: dict[str, Float32Array] = {}  # what the cache holds: found while decoding, or stored this run
+        for p in prepared:
+            if p.error is not None or p.content_hash is None:
+                failed.append((str(p.item.path), p.error or imageio.UNREADABLE))
+                continue
+            h = p.content_hash
+            good.append((p, h))
+            if p.cached is not None:
+                known[h] = p.cached
+            elif h in self._stored:
+                known[h] = self._stored[h]
+        todo = {h: p.pixels for p, h in good if h not in known and p.pixels is not None}
         fresh: dict[str, Float32Array] = {}
         if todo:
             encoded = self.encoder.encode_pixels(np.stack(list(todo.values())))
-            fresh = {h: v for h, v in zip(todo, encoded, strict=True) if h is not None}
+            fresh = dict(zip(todo, encoded, strict=True))
             if self.cache is not None:
                 self.cache.commit_indexed(self.fp, [], fresh)
+                self._stored.update(fresh)
         out = []
-        for p in good:
-            h = p.content_hash or ""
+        for p, h in good:
             if h in known:
                 self.image_hits += 1
                 vec = known[h]
-            elif h in fresh:
+            else:  # `_prepare` left either a cached vector or pixels, so it was encoded just now
                 self.images_encoded += 1
                 vec = fresh[h]
-            else:  # found in the cache while decoding, gone by now: another process cleared it
-                raise ConfigError(
-                    f"the embedding cache {self.config.cache_dir} changed during the run; rerun"
-                )
             if vec.shape != (dim,):
                 raise ConfigError(
                     f"cached embedding for {p.item.path} has shape {vec.shape}, expected ({dim},): "
@@ -234,28 +244,16 @@ class _Embedder:
         return out
 
     def texts(self, texts: Sequence[str]) -> Float32Array:
-        unique = list(dict.fromkeys(texts))
-        known = self.cache.get_text_embeddings(unique, self.fp) if self.cache is not None else {}
-        missing = [t for t in unique if t not in known]
-        self.text_hits += len(unique) - len(missing)
-        size = self.config.text_batch_size
-        bar = tqdm(total=len(missing), desc="captions", unit="txt", disable=not self.config.progress)
-        for start in range(0, len(missing), size):
-            chunk = missing[start : start + size]
-            vecs = self.encoder.encode_texts(chunk, batch_size=size)
-            fresh = dict(zip(chunk, vecs, strict=True))
-            if self.cache is not None:
-                self.cache.put_text_embeddings(self.fp, fresh)
-            known.update(fresh)
-            self.texts_encoded += len(chunk)
-            bar.update(len(chunk))
-        bar.close()
-        dim = self.encoder.info.dim
-        return (
-            np.stack([known[t] for t in texts]).astype(np.float32)
-            if texts
-            else np.zeros((0, dim), np.float32)
+        vectors, encoded = embed_texts_cached(
+            self.cache,
+            self.encoder,
+            texts,
+            batch_size=self.config.text_batch_size,
+            progress=self.config.progress,
         )
+        self.text_hits += len(set(texts)) - encoded
+        self.texts_encoded += encoded
+        return vectors
 
     def stats(self) -> CacheStats:
         path = str(Path(self.config.cache_dir) / CACHE_FILE) if self.config.cache_dir is not None else None
@@ -286,7 +284,7 @@ def _rank_both(
     text_vecs: Float32Array,
     caption_to_image: Int64Array,
     config: EvalConfig,
-) -> tuple[DirectionMetrics, DirectionMetrics, IndexInfo]:
+) -> tuple[RetrievalMetrics, IndexInfo]:
     n_images, dim = image_vecs.shape
     n_captions = len(text_vecs)
     factory, note = resolve_factory(config.index, n_images, dim)
@@ -294,18 +292,21 @@ def _rank_both(
     images = VectorIndex.build(np.arange(n_images, dtype=np.int64), image_vecs, factory, dim)
     k = n_images if exact else min(n_images, config.approx_k)
     t2i = _similarities(images, text_vecs, n_images, k, config.search_chunk, "text→image", config.progress)
-    if exact:
-        # Exact scores are symmetric: the image→text matrix is the transpose, no second index needed.
-        i2t = np.ascontiguousarray(t2i.T)
-    else:
-        cap_factory, _ = resolve_factory(config.index, n_captions, dim)
-        captions = VectorIndex.build(np.arange(n_captions, dtype=np.int64), text_vecs, cap_factory, dim)
-        kc = min(n_captions, config.approx_k * max(1, round(n_captions / n_images)))
-        i2t = _similarities(
-            captions, image_vecs, n_captions, kc, config.search_chunk, "image→text", config.progress
-        )
     info = IndexInfo(requested=config.index, factory=factory, exact=exact, note=note)
-    return text_to_image_metrics(t2i, caption_to_image), image_to_text_metrics(i2t, caption_to_image), info
+    if exact:
+        # Exact scores are symmetric: image→text reads the transpose of the same matrix, without a copy
+        # or a second index.
+        return retrieval_metrics(t2i, caption_to_image), info
+    cap_factory, _ = resolve_factory(config.index, n_captions, dim)
+    captions = VectorIndex.build(np.arange(n_captions, dtype=np.int64), text_vecs, cap_factory, dim)
+    kc = min(n_captions, config.approx_k * max(1, round(n_captions / n_images)))
+    i2t = _similarities(
+        captions, image_vecs, n_captions, kc, config.search_chunk, "image→text", config.progress
+    )
+    metrics = RetrievalMetrics(
+        text_to_image_metrics(t2i, caption_to_image), image_to_text_metrics(i2t, caption_to_image)
+    )
+    return metrics, info
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -328,16 +329,16 @@ def evaluate(dataset: LoadedDataset, encoder: Encoder, config: EvalConfig | None
         captions = [c for item in kept for c in item.captions]
         caption_to_image = np.repeat(
             np.arange(len(kept), dtype=np.int64), [len(item.captions) for item in kept]
-        ).astype(np.int64)
+        )
         text_vecs = embedder.texts(captions)
         t_texts = time.perf_counter()
         stats = embedder.stats()
     finally:
         embedder.close()
-    t2i, i2t, info = _rank_both(image_vecs, text_vecs, caption_to_image, config)
+    metrics, info = _rank_both(image_vecs, text_vecs, caption_to_image, config)
     done = time.perf_counter()
     report = EvalReport(
-        metrics=RetrievalMetrics(t2i, i2t),
+        metrics=metrics,
         model={
             "name": encoder.info.name,
             "model_id": encoder.info.model_id,
@@ -363,7 +364,7 @@ def evaluate(dataset: LoadedDataset, encoder: Encoder, config: EvalConfig | None
         unreadable=unreadable,
     )
     if config.out_dir is not None:
-        report.files = {name: str(path) for name, path in write_report(report, Path(config.out_dir)).items()}
+        write_report(report, Path(config.out_dir))  # also records the written files in `report.files`
     return report
 
 

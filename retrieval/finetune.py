@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import imageio
-from .datasets import DatasetItem, LoadedDataset, load_dataset
+from .datasets import DatasetItem, LoadedDataset, load_splits_or_all
 from .encoders import EncoderConfig, create_encoder
 from .errors import BadImage, ClearsightError, ConfigError, NotEnoughData, ShapeError
 from .evaluate import EvalConfig, evaluate
@@ -171,12 +171,11 @@ def load_training_data(
     seed: int = 0,
 ) -> tuple[LoadedDataset, LoadedDataset]:
     """Train and validation sets; a dataset without split information gets a seeded hold-out instead."""
-    everything = load_dataset(fmt, annotations, images, None)
-    if any(item.split for item in everything.items):
-        return (
-            load_dataset(fmt, annotations, images, train_split),
-            load_dataset(fmt, annotations, images, val_split),
-        )
+    loaded = load_splits_or_all(fmt, annotations, images, (train_split, val_split))
+    if isinstance(loaded, list):
+        train_set, val_set = loaded
+        return train_set, val_set
+    everything = loaded
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     order = np.random.default_rng(seed).permutation(len(everything.items))
