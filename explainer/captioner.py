@@ -23,7 +23,7 @@ from tqdm import tqdm
 from retrieval import hub
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
-from retrieval.encoders.base import default_dtype, select_device
+from retrieval.encoders.base import default_dtype, select_device, torch_dtype
 from retrieval.errors import BadImage, ClearsightError, ConfigError, ModelUnavailable
 from retrieval.imageio import content_hash, decode, read_bytes
 from retrieval.registry import CaptionerSpec, default_captioner, find_captioner
@@ -150,7 +150,6 @@ class BlipCaptioner:
     """BLIP (`BlipForConditionalGeneration`) through transformers; any hub id or local directory."""
 
     def __init__(self, config: CaptionerConfig, spec: CaptionerSpec | None = None) -> None:
-        import torch
         from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
 
         name = config.model or default_captioner().name  # create_captioner always fills it
@@ -165,17 +164,12 @@ class BlipCaptioner:
             raise ModelUnavailable(f"{name!r} is a {family or 'unknown'} model; a BLIP captioner is needed")
         model: Any = hub.load(src, BlipForConditionalGeneration.from_pretrained, "captioner")
         self.processor: Any = hub.load(src, BlipProcessor.from_pretrained, "captioner's processor")
-        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        self._dtype = torch_dtype(self.precision)
         self.model: Any = model.to(device=self.device, dtype=self._dtype).eval()
         self.generation = config.generation
         self.batch_size = config.batch_size
         self.name = Path(src.target).name if src.is_local else (spec.name if spec else src.target)
-        weights = (
-            hub.local_fingerprint(Path(src.target))
-            if src.is_local
-            else f"{src.target}@{getattr(model_cfg, '_commit_hash', None) or src.revision or 'main'}"
-        )
-        self.fingerprint = f"{weights}|{self.generation.key()}"
+        self.fingerprint = f"{hub.weights_fingerprint(src, model_cfg)}|{self.generation.key()}"
         self._lock = threading.Lock()  # one generation at a time on a shared model
 
     def caption(self, images: Sequence[Image.Image], prefix: str | None = None) -> list[str]:

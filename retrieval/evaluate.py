@@ -15,8 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -133,9 +134,23 @@ class _Prepared:
     error: str | None = None
 
 
-def _batches(seq: Sequence[DatasetItem], size: int) -> Iterator[Sequence[DatasetItem]]:
+T = TypeVar("T")
+
+
+def _batches(seq: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """A dataset's images read, decoded and preprocessed once (see `prepare_images`)."""
+
+    prepared: list[_Prepared] = field(repr=False)
+
+    @property
+    def items(self) -> list[DatasetItem]:
+        return [p.item for p in self.prepared]
 
 
 class _Embedder:
@@ -171,15 +186,50 @@ class _Embedder:
             out.error = exc.reason
         return out
 
+    def prepare_all(self, items: Sequence[DatasetItem]) -> list[_Prepared]:
+        """`_prepare` for every item, in order, in the decode threads."""
+        bar = tqdm(total=len(items), desc="decoding", unit="img", disable=not self.config.progress)
+        with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="eval-decode") as pool:
+            out = []
+            for p in pool.map(self._prepare, items):
+                out.append(p)
+                bar.update(1)
+        bar.close()
+        return out
+
     def images(
-        self, items: Sequence[DatasetItem]
+        self, items: Sequence[DatasetItem], prepared: Sequence[_Prepared] | None = None
     ) -> tuple[list[DatasetItem], Float32Array, list[tuple[str, str]]]:
-        """Embeddings of the decodable items (in order), and (path, reason) of the others."""
+        """Embeddings of the decodable items (in order), and (path, reason) of the others.
+
+        `prepared`, when given, is `_prepare` of each item done earlier: only the model runs then.
+        """
         dim = self.encoder.info.dim
         kept: list[DatasetItem] = []
         vectors: list[Float32Array] = []
         failed: list[tuple[str, str]] = []
         bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.config.progress)
+        if prepared is not None:
+            for chunk in _batches(prepared, self.config.batch_size):
+                vectors.extend(self._encode_batch(list(chunk), kept, failed, dim))
+                bar.update(len(chunk))
+        else:
+            self._decode_and_encode(items, kept, vectors, failed, bar)
+        bar.close()
+        stacked = (
+            np.stack(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, dim), np.float32)
+        )
+        return kept, stacked, failed
+
+    def _decode_and_encode(
+        self,
+        items: Sequence[DatasetItem],
+        kept: list[DatasetItem],
+        vectors: list[Float32Array],
+        failed: list[tuple[str, str]],
+        bar: tqdm,
+    ) -> None:
+        dim = self.encoder.info.dim
         with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="eval-decode") as pool:
             batches = _batches(items, self.config.batch_size)
             # Decoding of the next batch runs in the threads while the encoder works on this one.
@@ -193,11 +243,6 @@ class _Embedder:
                 pending = None if following is None else [pool.submit(self._prepare, it) for it in following]
                 vectors.extend(self._encode_batch(prepared, kept, failed, dim))
                 bar.update(len(prepared))
-        bar.close()
-        stacked = (
-            np.stack(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, dim), np.float32)
-        )
-        return kept, stacked, failed
 
     def _encode_batch(
         self,
@@ -312,17 +357,43 @@ def _rank_both(
 # --------------------------------------------------------------------------- the protocol
 
 
-def evaluate(dataset: LoadedDataset, encoder: Encoder, config: EvalConfig | None = None) -> EvalReport:
-    """Text→image and image→text retrieval metrics of `encoder` on `dataset` (see the module docstring)."""
+def prepare_images(
+    dataset: LoadedDataset, encoder: Encoder, config: EvalConfig | None = None
+) -> PreparedImages:
+    """Read, decode and preprocess `dataset`'s images once, for evaluating a model whose weights change
+    between evaluations while its preprocessing does not (fine-tuning): `evaluate(..., images=...)` then
+    only runs the model. No embedding cache is consulted; the pixels are held in memory."""
+    config = config or EvalConfig()
+    embedder = _Embedder(encoder, replace(config, cache_dir=None))
+    try:
+        return PreparedImages(embedder.prepare_all(dataset.items))
+    finally:
+        embedder.close()
+
+
+def evaluate(
+    dataset: LoadedDataset,
+    encoder: Encoder,
+    config: EvalConfig | None = None,
+    images: PreparedImages | None = None,
+) -> EvalReport:
+    """Text→image and image→text retrieval metrics of `encoder` on `dataset` (see the module docstring).
+
+    `images` is `prepare_images` of this dataset with an encoder that preprocesses like `encoder`; the
+    metrics are the same as without it, only the images are not read again.
+    """
     config = config or EvalConfig()
     if not dataset.items:
         raise NotEnoughData(
             f"no usable images in the dataset ({format_report(dataset.report)}); check --images and --split"
         )
+    if images is not None and [p.item.path for p in images.prepared] != [it.path for it in dataset.items]:
+        raise ConfigError("the prepared images are not those of the dataset being evaluated")
     started = time.perf_counter()
     embedder = _Embedder(encoder, config)
     try:
-        kept, image_vecs, unreadable = embedder.images(dataset.items)
+        prepared = images.prepared if images is not None else None
+        kept, image_vecs, unreadable = embedder.images(dataset.items, prepared)
         t_images = time.perf_counter()
         if not kept:
             raise NotEnoughData(f"none of the {len(dataset.items)} images could be decoded: {unreadable[:3]}")

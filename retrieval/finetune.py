@@ -32,7 +32,7 @@ from . import imageio
 from .datasets import DatasetItem, LoadedDataset, load_splits_or_all
 from .encoders import EncoderConfig, create_encoder
 from .errors import BadImage, ClearsightError, ConfigError, NotEnoughData, ShapeError
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, PreparedImages, evaluate, prepare_images
 from .metrics import RetrievalMetrics
 from .types import Float32Array
 
@@ -71,7 +71,7 @@ class FinetuneConfig:
     force: bool = False  # write the model even when it is worse than the start
     eval_batch_size: int = 64
     workers: int = 2  # decode threads
-    preload_mb: int = 2048  # keep preprocessed training images in memory up to this size
+    preload_mb: int = 2048  # keep preprocessed training, then validation, images in memory up to this size
     #: torch CPU threads while training (None: torch's default). On a busy machine one thread can be
     #: several times faster than two that keep preempting each other.
     threads: int | None = None
@@ -286,10 +286,10 @@ def clip_loss(model: Any, pixels: Any, input_ids: Any, attention_mask: Any) -> A
     import torch
     import torch.nn.functional as F
 
-    img = model.get_image_features(pixel_values=pixels)
-    txt = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-    img = getattr(img, "pooler_output", img)
-    txt = getattr(txt, "pooler_output", txt)
+    from .encoders.hf import features
+
+    img = features(model.get_image_features(pixel_values=pixels))
+    txt = features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
     img = F.normalize(img.float(), dim=-1)
     txt = F.normalize(txt.float(), dim=-1)
     scale = model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
@@ -301,14 +301,30 @@ def clip_loss(model: Any, pixels: Any, input_ids: Any, attention_mask: Any) -> A
 # --------------------------------------------------------------------------- training
 
 
-def _validate(encoder: Any, val: LoadedDataset, config: FinetuneConfig) -> dict[str, float] | None:
+def _eval_config(config: FinetuneConfig) -> EvalConfig:
+    return EvalConfig(batch_size=config.eval_batch_size, workers=config.workers, progress=False)
+
+
+def _prepare_validation(
+    encoder: Any, val: LoadedDataset, config: FinetuneConfig, budget_bytes: int
+) -> PreparedImages | None:
+    """The validation images decoded and preprocessed once, when they fit `budget_bytes`; else None and
+    every validation reads them again. Only the model changes between epochs, not the preprocessing."""
+    size = int(encoder.info.image_size)
+    if len(val.items) * 3 * size * size * 4 > budget_bytes:
+        return None
+    return prepare_images(val, encoder, _eval_config(config))
+
+
+def _validate(
+    encoder: Any, val: LoadedDataset, config: FinetuneConfig, images: PreparedImages | None = None
+) -> dict[str, float] | None:
     """Validation figures, or None when the model has diverged (its embeddings hold NaN or infinity)."""
     model = encoder.model
     was_training = model.training
     model.eval()
     try:
-        cfg = EvalConfig(batch_size=config.eval_batch_size, workers=config.workers, progress=False)
-        return summarise(evaluate(val, encoder, cfg).metrics)
+        return summarise(evaluate(val, encoder, _eval_config(config), images).metrics)
     except ShapeError:
         return None
     finally:
@@ -448,8 +464,11 @@ def _train(
     batch_size = min(config.batch_size, len(items))
     batches = max(1, len(items) // batch_size)  # the short last batch is dropped
     opt = _Optimiser(net, trainable, device, batches, config)
+    # The memory budget is shared: what the training images left of it may hold the validation images.
+    left = config.preload_mb * 2**20 - (pixels.cache.nbytes if pixels.cache is not None else 0)
+    val_images = _prepare_validation(encoder, val, config, left)
 
-    start = _validate(encoder, val, config)
+    start = _validate(encoder, val, config, val_images)
     if start is None:
         raise ConfigError(
             f"the starting model {model!r} produces NaN or infinite embeddings; it cannot be tuned"
@@ -480,13 +499,7 @@ def _train(
             if len(kept) < 2:
                 continue
             captions = [items[int(i)].captions[int(rng.integers(len(items[int(i)].captions)))] for i in kept]
-            tok = encoder.tokenizer(
-                captions,
-                padding=True,
-                truncation=True,
-                max_length=encoder.info.context_length,
-                return_tensors="pt",
-            )
+            tok = encoder.tokenize(captions)
             inputs = {"pixels": torch.from_numpy(px), **{k: tok[k] for k in ("input_ids", "attention_mask")}}
             value = opt.step(
                 {k: v.to(device) for k, v in inputs.items()}, (b + 1) % opt.accum == 0 or b + 1 == batches
@@ -500,7 +513,7 @@ def _train(
             result.step_lrs.append(opt.lr)
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{opt.lr:.2e}")
         bar.close()
-        checked = None if result.stopped_early else _validate(encoder, val, config)
+        checked = None if result.stopped_early else _validate(encoder, val, config, val_images)
         if checked is None and not result.stopped_early:
             notes.append(
                 f"the model diverged in epoch {epoch} (NaN or infinite embeddings); training stopped"

@@ -53,6 +53,17 @@ def local_fingerprint(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_fingerprint(src: ModelSource, model_config: object) -> str:
+    """What identifies the loaded weights: a local directory's `local_fingerprint`, else hub id@commit.
+
+    The commit is the one transformers resolved the download to (`model_config._commit_hash`), else the
+    requested revision, else "main".
+    """
+    if src.is_local:
+        return local_fingerprint(Path(src.target))
+    return f"{src.target}@{getattr(model_config, '_commit_hash', None) or src.revision or 'main'}"
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
 from ..types import Float32Array
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,10 @@ def default_dtype(device: str, precision: str | None = None) -> str:
             raise ConfigError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
         return precision
     return "fp16" if device.startswith("cuda") or device == "mps" else "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a `default_dtype` precision name (fp32, fp16, bf16)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]

@@ -13,14 +13,18 @@ from .. import hub
 from ..errors import BadQuery, ModelUnavailable
 from ..registry import EncoderSpec
 from ..types import Float32Array
-from .base import EncoderInfo, default_dtype, l2_normalise, select_device
+from .base import EncoderInfo, default_dtype, l2_normalise, select_device, torch_dtype
 from .preprocess import PreprocessConfig, preprocess_batch
 
 _SUPPORTED = ("clip", "siglip", "siglip2")
 
 
-def _features(out: Any) -> Any:
-    """transformers 5 returns an output object whose pooler_output is the projected embedding."""
+def features(out: Any) -> Any:
+    """The projected embedding of `get_image_features`/`get_text_features`.
+
+    transformers 5 returns an output object whose pooler_output is the projected embedding; older
+    versions return the tensor itself.
+    """
     if hasattr(out, "pooler_output") and not hasattr(out, "shape"):
         return out.pooler_output
     return out
@@ -36,7 +40,6 @@ class HFDualEncoder:
         device: str | None = None,
         precision: str | None = None,
     ) -> None:
-        import torch
         from transformers import AutoModel, AutoProcessor
 
         src = hub.resolve(name, spec.hub_id if spec else None, spec.revision if spec else None)
@@ -49,7 +52,7 @@ class HFDualEncoder:
             )
         self.device = select_device(device)
         self.precision = default_dtype(self.device, precision)
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        dtype = torch_dtype(self.precision)
         self._torch_dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.processor = processor
@@ -57,11 +60,7 @@ class HFDualEncoder:
         self.pre = PreprocessConfig.from_processor(processor.image_processor)
         vcfg, tcfg = model.config.vision_config, model.config.text_config
         dim = int(getattr(model.config, "projection_dim", 0) or tcfg.hidden_size)
-        fingerprint = (
-            hub.local_fingerprint(__import__("pathlib").Path(src.target))
-            if src.is_local
-            else f"{src.target}@{getattr(model.config, '_commit_hash', None) or src.revision or 'main'}"
-        )
+        fingerprint = hub.weights_fingerprint(src, model.config)
         self.info = EncoderInfo(
             name=name,
             model_id=src.target,
@@ -101,7 +100,7 @@ class HFDualEncoder:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
             t = self._pixels_tensor(pixels)
-            out = _features(self.model.get_image_features(pixel_values=t))
+            out = features(self.model.get_image_features(pixel_values=t))
             return l2_normalise(out.float().cpu().numpy())
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> Float32Array:
@@ -155,28 +154,35 @@ class HFDualEncoder:
         return out.reshape(len(pixels), rows, cols, -1)
 
     # -- texts ----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        """Token tensors for `texts` as the model was trained, used for encoding and fine-tuning alike.
+
+        SigLIP pads to the full context, CLIP to the longest text of the batch; texts longer than the
+        context are truncated, never an error.
+        """
+        padding: str | bool = "max_length" if self.info.family.startswith("siglip") else True
+        return self.tokenizer(
+            texts,
+            padding=padding,
+            truncation=True,
+            max_length=self.info.context_length,
+            return_tensors="pt",
+        )
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Float32Array:
         import torch
 
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.info.dim), dtype=np.float32)
-        padding: str | bool = "max_length" if self.info.family.startswith("siglip") else True
         chunks = []
         for i in range(0, len(texts), batch_size):
-            # Texts longer than the model's context are truncated, never an error.
-            tok = self.tokenizer(
-                texts[i : i + batch_size],
-                padding=padding,
-                truncation=True,
-                max_length=self.info.context_length,
-                return_tensors="pt",
-            )
+            tok = self.tokenize(texts[i : i + batch_size])
             tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
             if self.info.family.startswith("siglip"):
                 tok.pop("attention_mask", None)  # SigLIP was trained without a text attention mask
             with self._lock, torch.inference_mode():
-                out = _features(self.model.get_text_features(**tok))
+                out = features(self.model.get_text_features(**tok))
                 chunks.append(l2_normalise(out.float().cpu().numpy()))
         return np.concatenate(chunks)
 
