@@ -13,8 +13,7 @@ non-square image outside the centre crop carry no dense evidence (grid evidence 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -23,8 +22,9 @@ from PIL import Image
 
 from ..encoders import Encoder
 from ..encoders.preprocess import PreprocessConfig, crop_offsets, resized_size
-from ..errors import BadImage, ConfigError
+from ..errors import ConfigError
 from ..types import Float32Array
+from .pipeline import encode_in_batches, prepared_in_order
 from .types import (
     Box,
     Evidence,
@@ -33,7 +33,6 @@ from .types import (
     Region,
     preprocess_config,
     query_row,
-    unreadable,
 )
 
 
@@ -204,48 +203,59 @@ class PatchResult:
     patches: Float32Array
 
 
-def compute_patches(
+@dataclass(frozen=True)
+class _Loaded:
+    target: EvidenceTarget
+    width: int
+    height: int
+    pixels: Float32Array  # the model's input, one image
+
+
+def iter_patches(
     encoder: Encoder, targets: Sequence[EvidenceTarget], config: EvidenceConfig
-) -> list[PatchResult | Evidence]:
-    """Patch embeddings for each target (one batched forward pass per chunk), or a note when unreadable."""
+) -> Iterator[PatchResult | Evidence]:
+    """Patch embeddings for each target, or a note when unreadable, in order: decoding runs in worker
+    threads while the model works on full batches, and each result comes out as soon as its batch is
+    done. An encoder without patch embeddings is refused here, before anything is decoded."""
     pe = patch_encoder(encoder)
-    size = encoder.info.image_size
 
-    def prepare(t: EvidenceTarget) -> tuple[EvidenceTarget, int, int, Float32Array] | Evidence:
-        try:
-            image, width, height = t.load(draft_size=size)
-        except BadImage as exc:
-            return unreadable(t, "dense", str(exc))
-        return t, width, height, encoder.preprocess([image])[0]
+    def prepare(t: EvidenceTarget, image: Image.Image, width: int, height: int) -> _Loaded:
+        return _Loaded(t, width, height, encoder.preprocess([image])[0])
 
-    with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="evidence") as pool:
-        loaded = list(pool.map(prepare, targets))
-    ready = [x for x in loaded if not isinstance(x, Evidence)]
-    feats: list[Float32Array] = []
-    for i in range(0, len(ready), config.batch_size):
-        chunk = np.stack([x[3] for x in ready[i : i + config.batch_size]])
-        feats.append(pe.patch_embeddings(chunk, surgery=config.surgery))
-    all_feats = np.concatenate(feats) if feats else np.zeros((0, 1, 1, encoder.info.dim), np.float32)
-    out: list[PatchResult | Evidence] = []
-    j = 0
-    for x in loaded:
-        if isinstance(x, Evidence):
-            out.append(x)
+    def run(pixels: Float32Array) -> Float32Array:
+        return pe.patch_embeddings(pixels, surgery=config.surgery)
+
+    loaded = prepared_in_order(targets, prepare, "dense", encoder.info.image_size, config)
+    return (
+        r if isinstance(r, Evidence) else PatchResult(r[0].target, r[0].width, r[0].height, r[1][0])
+        for r in encode_in_batches(loaded, _one_row, run, config.batch_size)
+    )
+
+
+def _one_row(x: _Loaded) -> Float32Array:
+    return x.pixels[None]
+
+
+def dense_results(
+    encoder: Encoder,
+    q: Float32Array,
+    pre: PreprocessConfig,
+    targets: Sequence[EvidenceTarget],
+    config: EvidenceConfig,
+) -> Iterator[tuple[Evidence, PatchResult | None]]:
+    """Dense evidence for each target (unit query `q`), in order, with the patch features it was
+    drawn from (None for an unreadable image), so stored evidence can keep them."""
+    for r in iter_patches(encoder, targets, config):
+        if isinstance(r, Evidence):
+            yield r, None
         else:
-            out.append(PatchResult(x[0], x[1], x[2], all_feats[j]))
-            j += 1
-    return out
+            yield evidence_from_patches(r.target.id, r.patches, q, r.width, r.height, pre, config), r
 
 
 def dense_evidence(
     encoder: Encoder, query_vec: Float32Array, targets: Sequence[EvidenceTarget], config: EvidenceConfig
 ) -> list[Evidence]:
-    """Dense evidence for all targets, one batched forward pass through the (patched) vision tower."""
+    """Dense evidence for all targets, batched forward passes through the (patched) vision tower."""
     q = query_row(query_vec)
     pre = preprocess_config(encoder)
-    return [
-        r
-        if isinstance(r, Evidence)
-        else evidence_from_patches(r.target.id, r.patches, q, r.width, r.height, pre, config)
-        for r in compute_patches(encoder, targets, config)
-    ]
+    return [ev for ev, _ in dense_results(encoder, q, pre, targets, config)]

@@ -3,22 +3,22 @@
 It needs nothing but the encoder's image tower, so it works with any dual encoder, and it sees the
 whole image (dense evidence only sees the model's centre crop). Its cost is one encoder pass per
 cell: all cells of all hits therefore go through the encoder in shared batches while worker threads
-decode and crop the next hits, instead of one small batch per hit.
+decode and crop the next hits, instead of one small batch per hit (see `pipeline`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from PIL import Image
 
 from ..encoders import Encoder
 from ..encoders.preprocess import PreprocessConfig
-from ..errors import BadImage
 from ..types import Float32Array
+from .pipeline import Prepare, encode_in_batches, load_and_prepare, prepared_in_order
 from .types import (
     Box,
     Evidence,
@@ -27,7 +27,6 @@ from .types import (
     Region,
     preprocess_config,
     query_row,
-    unreadable,
 )
 
 #: Resolution (cells on the longer side) of the saliency map drawn from grid scores.
@@ -144,18 +143,33 @@ class _Prepared:
     pixels: Float32Array
 
 
-def _prepare(
-    encoder: Encoder, target: EvidenceTarget, config: EvidenceConfig, pre: PreprocessConfig
-) -> _Prepared | Evidence:
-    """Decode (reduced, but fine enough for the finest grid) and preprocess every cell of one image."""
-    try:
-        image, width, height = target.load(draft_size=encoder.info.image_size * max(config.grids))
-    except BadImage as exc:
-        return unreadable(target, "grid", str(exc))
+def _cells(
+    encoder: Encoder,
+    config: EvidenceConfig,
+    pre: PreprocessConfig,
+    target: EvidenceTarget,
+    image: Image.Image,
+    width: int,
+    height: int,
+) -> _Prepared:
+    """Every cell of one decoded image, cropped and preprocessed for the encoder."""
     cells = grid_boxes(width, height, config.grids, config.overlap, config.min_region_px)
     boxes = [b for b, _ in cells]
     crops = [crop_for_encoder(image, width, height, b, pre) for b in boxes]
     return _Prepared(target, width, height, boxes, [label for _, label in cells], encoder.preprocess(crops))
+
+
+def _prepare_cells(encoder: Encoder, config: EvidenceConfig, pre: PreprocessConfig) -> Prepare[_Prepared]:
+    return partial(_cells, encoder, config, pre)
+
+
+def _draft_size(encoder: Encoder, config: EvidenceConfig) -> int:
+    """Decode reduced, but fine enough for the finest grid."""
+    return encoder.info.image_size * max(config.grids)
+
+
+def _pixels(p: _Prepared) -> Float32Array:
+    return p.pixels
 
 
 def _finish(p: _Prepared, embeddings: Float32Array, q: Float32Array, config: EvidenceConfig) -> Evidence:
@@ -170,48 +184,18 @@ def _finish(p: _Prepared, embeddings: Float32Array, q: Float32Array, config: Evi
     )
 
 
-def _encode_all(
-    encoder: Encoder, prepared: Iterator[_Prepared | Evidence], batch_size: int
-) -> tuple[list[_Prepared | Evidence], Float32Array]:
-    """Encode cells in full batches across hit boundaries, as soon as worker threads have them ready."""
-    items: list[_Prepared | Evidence] = []
-    pending: list[Float32Array] = []
-    queued = 0
-    out: list[Float32Array] = []
-    for p in prepared:
-        items.append(p)
-        if isinstance(p, Evidence):
-            continue
-        pending.append(p.pixels)
-        queued += len(p.pixels)
-        while queued >= batch_size:
-            block = np.concatenate(pending)
-            out.append(encoder.encode_pixels(block[:batch_size]))
-            rest = block[batch_size:]
-            pending, queued = ([rest] if len(rest) else []), len(rest)
-    if queued:
-        out.append(encoder.encode_pixels(np.concatenate(pending)))
-    return items, (np.concatenate(out) if out else np.zeros((0, encoder.info.dim), np.float32))
-
-
 def grid_evidence(
     encoder: Encoder, query_vec: Float32Array, targets: Sequence[EvidenceTarget], config: EvidenceConfig
 ) -> list[Evidence]:
     """Grid evidence for all targets: cells of all hits share encoder batches (the fast path)."""
     q = query_row(query_vec)
     pre = preprocess_config(encoder)
-    with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="evidence") as pool:
-        prepared = pool.map(lambda t: _prepare(encoder, t, config, pre), targets)
-        items, embeddings = _encode_all(encoder, iter(prepared), config.batch_size)
-    results: list[Evidence] = []
-    start = 0
-    for p in items:
-        if isinstance(p, Evidence):
-            results.append(p)
-            continue
-        results.append(_finish(p, embeddings[start : start + len(p.boxes)], q, config))
-        start += len(p.boxes)
-    return results
+    prepare = _prepare_cells(encoder, config, pre)
+    prepared = prepared_in_order(targets, prepare, "grid", _draft_size(encoder, config), config)
+    return [
+        r if isinstance(r, Evidence) else _finish(r[0], r[1], q, config)
+        for r in encode_in_batches(prepared, _pixels, encoder.encode_pixels, config.batch_size)
+    ]
 
 
 def grid_evidence_per_hit(
@@ -223,9 +207,10 @@ def grid_evidence_per_hit(
     """
     q = query_row(query_vec)
     pre = preprocess_config(encoder)
+    prepare, draft_size = _prepare_cells(encoder, config, pre), _draft_size(encoder, config)
     results: list[Evidence] = []
     for t in targets:
-        p = _prepare(encoder, t, config, pre)
+        p = load_and_prepare(t, prepare, "grid", draft_size)
         if isinstance(p, Evidence):
             results.append(p)
             continue

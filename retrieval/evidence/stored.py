@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..encoders import Encoder, EncoderInfo, l2_normalise
 from ..errors import BadImage, ConfigError, IndexCorrupt
 from ..types import Float32Array
-from .dense import PatchResult, compute_patches, evidence_from_patches
+from .dense import PatchResult, dense_results, evidence_from_patches, iter_patches
 from .types import Evidence, EvidenceConfig, EvidenceTarget, preprocess_config, query_row, unreadable
 
 FORMAT_VERSION = 1
@@ -120,11 +120,12 @@ def store_patch_features(
     config: EvidenceConfig | None = None,
     progress: bool = False,
 ) -> StoreReport:
-    """Compute and store patch features for images not stored yet, a batch at a time.
+    """Compute and store patch features for images not stored yet, each written as its batch is done.
 
     Meant to run after (or alongside) indexing, where the images are decoded anyway; targets need a
-    content hash (`key`). The model pass uses the store's surgery setting, which its features are filed
-    under, whatever `config.surgery` says.
+    content hash (`key`). One pool of decoding threads serves the whole run, ahead of the model. The
+    model pass uses the store's surgery setting, which its features are filed under, whatever
+    `config.surgery` says.
     """
     config = replace(config or EvidenceConfig(), surgery=store.surgery)
     todo = [t for t in targets if t.key and not store.has(t.key)]
@@ -132,14 +133,13 @@ def store_patch_features(
     written = failed = nbytes = 0
     bar = tqdm(total=len(todo), desc="patch features", unit="img", disable=not progress)
     try:
-        for i in range(0, len(todo), config.batch_size):
-            for r in compute_patches(encoder, todo[i : i + config.batch_size], config):
-                if isinstance(r, PatchResult) and r.target.key:
-                    nbytes += store.put(r.target.key, r.patches)
-                    written += 1
-                else:
-                    failed += 1
-                bar.update(1)
+        for r in iter_patches(encoder, todo, config) if todo else ():
+            if isinstance(r, PatchResult) and r.target.key:
+                nbytes += store.put(r.target.key, r.patches)
+                written += 1
+            else:
+                failed += 1
+            bar.update(1)
     finally:
         bar.close()
     return StoreReport(written, skipped, failed, nbytes)
@@ -155,7 +155,9 @@ def stored_evidence(
     """Dense evidence from stored features; hits without them are computed now and stored for next time.
 
     With everything stored this reads a few KB per hit and does no decoding and no model work: the
-    displayed size comes from the target (the catalog records it at index time).
+    displayed size comes from the target (the catalog records it at index time). Missing features
+    are computed with the store's surgery setting, like `store_patch_features`, whatever
+    `config.surgery` says: they are filed under the store's key.
     """
     q = query_row(query_vec)
     pre = preprocess_config(encoder)
@@ -173,12 +175,11 @@ def stored_evidence(
             continue
         out[i] = evidence_from_patches(t.id, feats, q, width, height, pre, config, method="stored")
     if missing:
-        computed = compute_patches(encoder, [t for _, t in missing], config)
-        for (i, _), r in zip(missing, computed, strict=True):
-            if isinstance(r, Evidence):
-                out[i] = r
-                continue
-            if r.target.key:
+        computed = dense_results(
+            encoder, q, pre, [t for _, t in missing], replace(config, surgery=store.surgery)
+        )
+        for (i, _), (ev, r) in zip(missing, computed, strict=True):
+            if r is not None and r.target.key:
                 store.put(r.target.key, r.patches)
-            out[i] = evidence_from_patches(r.target.id, r.patches, q, r.width, r.height, pre, config, "dense")
+            out[i] = ev
     return [out[i] for i in range(len(targets))]
