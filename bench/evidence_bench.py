@@ -42,7 +42,7 @@ from retrieval.evidence import (
     store_patch_features,
     stored_evidence,
 )
-from retrieval.tiny import make_clip
+from retrieval.testing.tiny import make_clip
 from retrieval.types import Float32Array
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "images" / "val2017"

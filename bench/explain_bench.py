@@ -34,11 +34,11 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableLambda
 from machine import load_average, span
 
-from explainer.chain import Explainer
-from explainer.explain_cache import MemoryExplanationCache
-from explainer.explain_types import ExplainContext, RegionEvidence
-from explainer.llm import ChatModelBackend
-from explainer.prompts import load_prompt
+from explainer.explain.backends import ChatModelBackend
+from explainer.explain.cache import MemoryExplanationCache
+from explainer.explain.chain import Explainer
+from explainer.explain.prompts import load_prompt
+from explainer.explain.types import ExplainContext, RegionEvidence
 from explainer.settings import Settings
 
 FLOOR = 1.5

@@ -13,10 +13,10 @@ because a package attribute named `ingest` would hide the submodule `retrieval.i
     from retrieval.ingest import ingest
 """
 
-from .collection import Collection
-from .encoders import Encoder, EncoderConfig, create_encoder, list_encoders
-from .ingest import IngestConfig, IngestSummary
-from .search import CaptionHit, Hit, Query, Searcher, SearchResult, load_query_image
+from retrieval.collection import Collection
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder, list_encoders
+from retrieval.ingest import IngestConfig, IngestSummary
+from retrieval.search import CaptionHit, Hit, Query, Searcher, SearchResult, load_query_image
 
 __all__ = [
     "CaptionHit",

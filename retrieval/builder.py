@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .catalog import Catalog
-from .collection import Collection
-from .encoders import Encoder
-from .errors import IndexMismatch
-from .index import (
+from retrieval.catalog import Catalog
+from retrieval.collection import Collection
+from retrieval.encoders import Encoder
+from retrieval.errors import IndexMismatch
+from retrieval.index import (
     DEFAULT_EF_CONSTRUCTION,
     LoadedIndex,
     Manifest,
@@ -25,7 +25,7 @@ from .index import (
     resolve_factory,
     same_layout,
 )
-from .types import Float32Array
+from retrieval.types import Float32Array
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IndexCorrupt, ShapeError
-from .types import Float32Array
+from retrieval.errors import IndexCorrupt, ShapeError
+from retrieval.types import Float32Array
 
 SCHEMA_VERSION = 2
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .catalog import Catalog
-from .errors import ConfigError
-from .index import IndexStore
-from .paths import default_data_dir
+from retrieval.catalog import Catalog
+from retrieval.errors import ConfigError
+from retrieval.index import IndexStore
+from retrieval.paths import default_data_dir
 
 
 class Collection:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
-from .errors import ModelUnavailable
+from retrieval.errors import ModelUnavailable
 
 T = TypeVar("T")
 

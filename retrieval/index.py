@@ -30,8 +30,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .errors import ConfigError, IndexCorrupt, IndexMismatch, IndexMissing, ShapeError
-from .types import Float32Array, Int64Array
+from retrieval.errors import ConfigError, IndexCorrupt, IndexMismatch, IndexMissing, ShapeError
+from retrieval.types import Float32Array, Int64Array
 
 #: 2 added `params` (nlist, m, efConstruction, efSearch, nprobe); version 1 manifests are migrated.
 INDEX_SCHEMA_VERSION = 2

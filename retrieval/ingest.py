@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import imageio
-from .builder import SyncReport, sync_indexes
-from .catalog import ImageRecord
-from .collection import Collection
-from .encoders import Encoder
-from .errors import BadImage, ConfigError, IndexMismatch
-from .types import Float32Array
+from retrieval import imageio
+from retrieval.builder import SyncReport, sync_indexes
+from retrieval.catalog import ImageRecord
+from retrieval.collection import Collection
+from retrieval.encoders import Encoder
+from retrieval.errors import BadImage, ConfigError, IndexMismatch
+from retrieval.types import Float32Array
 
 
 @dataclass(frozen=True)

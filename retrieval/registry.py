@@ -8,8 +8,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .assets import asset_dir
-from .errors import ConfigError
+from retrieval.assets import asset_dir
+from retrieval.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import imageio
-from .collection import Collection
-from .encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
-from .errors import BadQuery
-from .index import LoadedIndex, SearchParams
-from .types import Float32Array
+from retrieval import imageio
+from retrieval.collection import Collection
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
+from retrieval.errors import BadQuery
+from retrieval.index import LoadedIndex, SearchParams
+from retrieval.types import Float32Array
 
 MAX_TOP_K = 1000
 

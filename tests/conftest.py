@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder
-from retrieval.tiny import make_clip
+from retrieval.testing.tiny import make_clip
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
 

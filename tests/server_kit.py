@@ -11,7 +11,7 @@ from typing import Any
 from conftest import COLOURS, make_folder
 from PIL import Image
 
-from explainer.cards import EvidenceBox
+from explainer.cards.model import EvidenceBox
 from explainer.settings import Settings
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
 from retrieval.ingest import ingest

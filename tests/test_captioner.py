@@ -12,7 +12,7 @@ from conftest import draw_shape, make_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from explainer.captioner import (
+from explainer.captions.captioner import (
     Captioner,
     CaptionerConfig,
     CaptionService,
@@ -22,7 +22,7 @@ from explainer.captioner import (
     list_captioners,
     make_blip,
 )
-from explainer.cli import app
+from explainer.cli.app import app
 from explainer.settings import Settings, get_settings
 from retrieval import Collection, Encoder, IngestConfig
 from retrieval.errors import ConfigError, ModelUnavailable

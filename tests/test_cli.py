@@ -10,7 +10,7 @@ import pytest
 from conftest import env_offline, make_folder
 from typer.testing import CliRunner
 
-from explainer.cli import app
+from explainer.cli.app import app
 from retrieval import Query, Searcher, load_query_image
 
 runner = CliRunner()

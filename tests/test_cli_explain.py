@@ -21,9 +21,9 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableLambda
 from typer.testing import CliRunner
 
-from explainer.captioner import BlipCaptioner, make_blip
-from explainer.cli import app
-from explainer.llm import _FACTORIES, ChatModelBackend, LLMConfig
+from explainer.captions.captioner import BlipCaptioner, make_blip
+from explainer.cli.app import app
+from explainer.explain.backends import _FACTORIES, ChatModelBackend, LLMConfig
 from explainer.settings import get_settings
 
 runner = CliRunner()

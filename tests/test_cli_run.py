@@ -14,9 +14,9 @@ import pytest
 from conftest import make_folder
 from typer.testing import CliRunner
 
-import explainer.cli_serve as cli_serve
-import explainer.cli_train as cli_train
-from explainer.cli import app
+import explainer.cli.serve as cli_serve
+import explainer.cli.train as cli_train
+from explainer.cli.app import app
 
 runner = CliRunner()
 

@@ -35,7 +35,7 @@ DRIVER = textwrap.dedent(
             real_write(path, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
         index_mod._write_file = dying_write
-    from explainer.cli import main
+    from explainer.cli.app import main
     sys.argv = ["clearsight"] + sys.argv[1:]
     main()
     """

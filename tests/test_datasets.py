@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrieval.datasets import (
+from retrieval.errors import ConfigError
+from retrieval.training.datasets import (
     DatasetItem,
     LoadReport,
     format_report,
@@ -17,7 +18,6 @@ from retrieval.datasets import (
     load_dataset,
     normalise_split,
 )
-from retrieval.errors import ConfigError
 
 
 def _png(path: Path) -> Path:

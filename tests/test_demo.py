@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from explainer.cli import app
+from explainer.cli.app import app
 
 runner = CliRunner()
 SMALL = ["--train-scenes", "300", "--test-scenes", "30", "--epochs", "4", "--device", "cpu", "-q"]

@@ -1,4 +1,4 @@
-"""`clearsight eval` and `retrieval.evaluate`: same numbers from the CLI and the API, a cache that is
+"""`clearsight eval` and `retrieval.training.evaluate`: same numbers from the CLI and the API, a cache that is
 really used, report files that are really written, and missing or broken images that are counted.
 
 The tiny model here is random, so the numbers are near chance; what is checked is the plumbing.
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from explainer.cli import app
-from retrieval.datasets import LoadedDataset, load_dataset
+from explainer.cli.app import app
 from retrieval.encoders import Encoder
-from retrieval.evaluate import EvalConfig, evaluate
-from retrieval.synthetic import SyntheticConfig, write_scenes
+from retrieval.testing.synthetic import SyntheticConfig, write_scenes
+from retrieval.training.datasets import LoadedDataset, load_dataset
+from retrieval.training.evaluate import EvalConfig, evaluate
 
 runner = CliRunner()
 METRICS = (

@@ -11,7 +11,7 @@ from conftest import make_folder
 from PIL import Image, ImageDraw, ImageOps
 from typer.testing import CliRunner
 
-from explainer.cli import app
+from explainer.cli.app import app
 from retrieval import Query, Searcher
 from retrieval.encoders import Encoder
 from retrieval.encoders.preprocess import PreprocessConfig, preprocess_one

@@ -26,8 +26,8 @@ from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.encoders.hf import HFDualEncoder
 from retrieval.evidence import EvidenceConfig, EvidenceTarget, dense_evidence, grid_evidence
 from retrieval.evidence import quality as q
-from retrieval.synthetic import Scene, SyntheticConfig, generate_scenes, render_scene
-from retrieval.tiny import make_clip
+from retrieval.testing.synthetic import Scene, SyntheticConfig, generate_scenes, render_scene
+from retrieval.testing.tiny import make_clip
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,8 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import RunnableLambda
 from pydantic import SecretStr
 
-from explainer.chain import Explainer, context_inputs
 from explainer.errors import ConfigError, LLMError, LLMTimeout, ModelUnavailable
-from explainer.explain_cache import ExplanationKey, MemoryExplanationCache, SQLiteExplanationCache
-from explainer.explain_types import ExplainContext, Explanation, RegionEvidence
-from explainer.llm import (
+from explainer.explain.backends import (
     _FACTORIES,
     ChatModelBackend,
     FakeBackend,
@@ -31,7 +28,10 @@ from explainer.llm import (
     list_backends,
     register_backend,
 )
-from explainer.prompts import PromptFile, load_prompt
+from explainer.explain.cache import ExplanationKey, MemoryExplanationCache, SQLiteExplanationCache
+from explainer.explain.chain import Explainer, context_inputs
+from explainer.explain.prompts import PromptFile, load_prompt
+from explainer.explain.types import ExplainContext, Explanation, RegionEvidence
 
 GOOD = json.dumps(
     {

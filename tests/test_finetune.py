@@ -21,12 +21,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from explainer.cli import app
-from retrieval.datasets import LoadedDataset, load_dataset
+from explainer.cli.app import app
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.errors import ConfigError
-from retrieval.evaluate import EvalConfig, evaluate
-from retrieval.finetune import (
+from retrieval.testing.synthetic import SyntheticConfig, write_scenes
+from retrieval.testing.tiny import make_clip
+from retrieval.training.datasets import LoadedDataset, load_dataset
+from retrieval.training.evaluate import EvalConfig, evaluate
+from retrieval.training.finetune import (
     HISTORY_FILE,
     PLOT_FILE,
     FinetuneConfig,
@@ -37,8 +39,6 @@ from retrieval.finetune import (
     finetune,
     load_training_data,
 )
-from retrieval.synthetic import SyntheticConfig, write_scenes
-from retrieval.tiny import make_clip
 
 runner = CliRunner()
 SCENES = SyntheticConfig(n_train=2000, n_val=100, n_test=100, image_size=64, max_objects=2, seed=0)

@@ -10,13 +10,13 @@ import pytest
 from fake_openai import CHAT_PATH, VALID_OUTPUT, FakeOpenAIServer, Reply
 from pydantic import SecretStr
 
-from explainer.chain import Explainer
 from explainer.errors import LLMError, LLMRateLimited, LLMTimeout
-from explainer.explain_cache import MemoryExplanationCache
-from explainer.explain_types import ExplainContext, Explanation, RegionEvidence
-from explainer.llm import LLMConfig, create_backend
-from explainer.llm.groq import GroqBackend
-from explainer.prompts import load_prompt
+from explainer.explain.backends import LLMConfig, create_backend
+from explainer.explain.backends.groq import GroqBackend
+from explainer.explain.cache import MemoryExplanationCache
+from explainer.explain.chain import Explainer
+from explainer.explain.prompts import load_prompt
+from explainer.explain.types import ExplainContext, Explanation, RegionEvidence
 
 MODEL = "llama-3.1-8b-instant"
 KEY = "gsk_test_secret_0123456789abcdef"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval.errors import ShapeError
-from retrieval.metrics import (
+from retrieval.training.metrics import (
     DirectionMetrics,
     image_to_text_metrics,
     retrieval_metrics,

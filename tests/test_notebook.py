@@ -1,4 +1,4 @@
-"""The prompt-tuning API (`explainer.notebook`) and the notebook in prompts/, executed top to bottom."""
+"""The prompt-tuning API (`explainer.explain.tuning`) and the notebook in prompts/, executed top to bottom."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel, G
 from langchain_core.messages import AIMessage
 from typer.testing import CliRunner
 
-from explainer.cli import app
+from explainer.cli.app import app
 from explainer.errors import ConfigError
-from explainer.explain_types import Explanation, RegionEvidence
-from explainer.notebook import (
+from explainer.explain.prompts import prompts_dir
+from explainer.explain.tuning import (
     COLUMNS,
     Case,
     Table,
@@ -29,7 +29,7 @@ from explainer.notebook import (
     summarise,
     ungrounded_concepts,
 )
-from explainer.prompts import prompts_dir
+from explainer.explain.types import Explanation, RegionEvidence
 from retrieval import Searcher
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "prompts" / "tune_prompts.ipynb"

@@ -7,9 +7,15 @@ import re
 
 import pytest
 
-from explainer.explain_types import ExplainContext, RegionEvidence
-from explainer.llm.offline import OFFLINE_LABEL, OfflineExplainer, content_words, forms, score_confidence
-from explainer.regions_words import describe_box, describe_regions, strongest_region
+from explainer.explain.backends.offline import (
+    OFFLINE_LABEL,
+    OfflineExplainer,
+    content_words,
+    forms,
+    score_confidence,
+)
+from explainer.explain.regions import describe_box, describe_regions, strongest_region
+from explainer.explain.types import ExplainContext, RegionEvidence
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "pink"]
 OBJECTS = [

@@ -38,8 +38,8 @@ def online_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.weights
 @pytest.mark.usefixtures("online_hub")
 def test_clip_b32_zero_shot_on_coco_mini_is_far_above_chance(tmp_path: Path) -> None:
-    from retrieval.datasets import load_dataset
-    from retrieval.evaluate import EvalConfig, evaluate
+    from retrieval.training.datasets import load_dataset
+    from retrieval.training.evaluate import EvalConfig, evaluate
 
     if not (COCO_MINI / "captions.jsonl").exists():
         pytest.skip(f"{COCO_MINI} not present")
@@ -59,7 +59,7 @@ def test_clip_b32_zero_shot_on_coco_mini_is_far_above_chance(tmp_path: Path) -> 
 def test_blip_base_captions_name_what_coco_annotators_saw() -> None:
     import json
 
-    from explainer.captioner import CaptionerConfig, create_captioner
+    from explainer.captions.captioner import CaptionerConfig, create_captioner
 
     if not (COCO_MINI / "captions.jsonl").exists():
         pytest.skip(f"{COCO_MINI} not present")
@@ -103,9 +103,9 @@ def test_half_precision_cuda_embeddings_match_the_cpu(tiny_clip_dir: Path) -> No
 def test_groq_explains_a_hit_for_real() -> None:
     from pydantic import SecretStr
 
-    from explainer.chain import Explainer
-    from explainer.explain_types import ExplainContext
-    from explainer.llm.config import LLMConfig
+    from explainer.explain.backends.config import LLMConfig
+    from explainer.explain.chain import Explainer
+    from explainer.explain.types import ExplainContext
 
     key = os.environ.get("CLEARSIGHT_TEST_GROQ_API_KEY")
     if not key:

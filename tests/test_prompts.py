@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from explainer.chain import CONTEXT_VARIABLES, Explainer, context_inputs
 from explainer.errors import ConfigError
-from explainer.explain_types import ExplainContext, ExplanationOutput, RegionEvidence
-from explainer.llm import FakeBackend
-from explainer.prompts import PromptFile, list_prompts, load_prompt, parse_prompt
+from explainer.explain.backends import FakeBackend
+from explainer.explain.chain import CONTEXT_VARIABLES, Explainer, context_inputs
+from explainer.explain.prompts import PromptFile, list_prompts, load_prompt, parse_prompt
+from explainer.explain.types import ExplainContext, ExplanationOutput, RegionEvidence
 
 GOOD = """\
 name = "demo"

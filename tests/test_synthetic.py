@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from retrieval.errors import ConfigError
-from retrieval.synthetic import (
+from retrieval.testing.synthetic import (
     BACKGROUND,
     PALETTE,
     SHAPES,

@@ -1,5 +1,5 @@
 """The FastAPI server: a page of result cards and a JSON API over the same card model."""
 
-from .app import create_app
+from explainer.server.app import create_app
 
 __all__ = ["create_app"]

@@ -13,14 +13,12 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from retrieval.search import Query as LibraryQuery
-
-from ..cards import DETAIL_SIZE, THUMB_SIZES, public_model_name
-from ..errors import BadQuery
-from . import images
-from .app import ServerState, state_of
-from .queries import QueryInput, decode_base64, echo_for
-from .schemas import (
+from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
+from explainer.errors import BadQuery
+from explainer.server import images
+from explainer.server.app import ServerState, state_of
+from explainer.server.queries import QueryInput, decode_base64, echo_for
+from explainer.server.schemas import (
     IMAGE_KEY_PATTERN,
     ExplainedHit,
     ExplainRequest,
@@ -31,6 +29,7 @@ from .schemas import (
     SearchResponse,
     error_responses,
 )
+from retrieval.search import Query as LibraryQuery
 
 router = APIRouter(prefix="/api", tags=["api"])
 

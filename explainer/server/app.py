@@ -27,21 +27,20 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
+from explainer.cards.model import QueryEcho
+from explainer.cards.pipeline import CardPipeline, ResultPage
+from explainer.cards.sources import CatalogCaptions, EvidenceProvider, make_evidence_provider
+from explainer.errors import ClearsightError, ConfigError, ModelUnavailable
+from explainer.explain.backends import LLMConfig
+from explainer.explain.cache import SQLiteExplanationCache, open_explanation_cache
+from explainer.explain.chain import Explainer
+from explainer.explain.factory import explainer_from_settings
+from explainer.server.limits import BodyLimitMiddleware
+from explainer.server.queries import QueryImages, QueryInput, resolve
+from explainer.server.schemas import SearchForm, SearchRequest
+from explainer.settings import Settings, get_settings
 from retrieval.assets import asset_dir
 from retrieval.search import Query, Searcher
-
-from ..card_sources import CatalogCaptions, EvidenceProvider, make_evidence_provider
-from ..cards import QueryEcho
-from ..chain import Explainer
-from ..errors import ClearsightError, ConfigError, ModelUnavailable
-from ..explain_cache import SQLiteExplanationCache, open_explanation_cache
-from ..llm import LLMConfig
-from ..llm_settings import explainer_from_settings
-from ..pipeline import CardPipeline, ResultPage
-from ..settings import Settings, get_settings
-from .limits import BodyLimitMiddleware
-from .queries import QueryImages, QueryInput, resolve
-from .schemas import SearchForm, SearchRequest
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +251,7 @@ def create_app(
     evidence: EvidenceProvider | None = None,
 ) -> FastAPI:
     """Build the app; `searcher`, `explainer` and `evidence` replace what settings would load (tests)."""
-    from . import api, pages
+    from explainer.server import api, pages
 
     settings = settings or get_settings()
     templates_dir = asset_dir("templates")

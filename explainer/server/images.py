@@ -16,11 +16,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from starlette.exceptions import HTTPException
 
+from explainer.cards.model import EvidenceBox, snap_thumb_size
+from explainer.errors import BadImage
 from retrieval import imageio
 from retrieval.catalog import Catalog, ImageRecord
-
-from ..cards import EvidenceBox, snap_thumb_size
-from ..errors import BadImage
 
 #: Colours of evidence boxes by rank (the page's CSS uses the same ones).
 BOX_COLOURS = ("#ff5a36", "#ffb020", "#3ec7ff", "#b58cff", "#4ade80", "#f472b6", "#94a3b8", "#facc15")

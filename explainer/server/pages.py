@@ -15,14 +15,13 @@ from fastapi import APIRouter, Form, Path, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
+from explainer.cards.model import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
+from explainer.cards.pipeline import ResultPage
+from explainer.errors import BadImage, ClearsightError
+from explainer.server.app import ServerState, state_of
+from explainer.server.queries import QueryInput
+from explainer.server.schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
 from retrieval.paths import is_demo_model
-
-from ..cards import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
-from ..errors import BadImage, ClearsightError
-from ..pipeline import ResultPage
-from .app import ServerState, state_of
-from .queries import QueryInput
-from .schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
 
 router = APIRouter(include_in_schema=False)
 

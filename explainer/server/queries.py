@@ -20,12 +20,11 @@ from pathlib import Path
 from PIL import Image
 from starlette.exceptions import HTTPException
 
+from explainer.cards.model import QueryEcho
+from explainer.errors import BadQuery
+from explainer.explain.types import QueryKind
 from retrieval import imageio
 from retrieval.search import Query, Searcher
-
-from ..cards import QueryEcho
-from ..errors import BadQuery
-from ..explain_types import QueryKind
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..cards import Card, ExplanationOut, QueryEcho
-from ..pipeline import ResultPage
+from explainer.cards.model import Card, ExplanationOut, QueryEcho
+from explainer.cards.pipeline import ResultPage
 
 #: Hard ceiling of `top_k`; `Settings.top_k_max` may lower it.
 TOP_K_CEILING = 100

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..registry import EncoderSpec, default_encoder, find_encoder, list_encoders
-from .base import Encoder, EncoderInfo, l2_normalise, select_device
+from retrieval.encoders.base import Encoder, EncoderInfo, l2_normalise, select_device
+from retrieval.registry import EncoderSpec, default_encoder, find_encoder, list_encoders
 
 __all__ = [
     "Encoder",
@@ -29,7 +29,7 @@ class EncoderConfig:
 
 def create_encoder(config: EncoderConfig | str | None = None) -> Encoder:
     """Build the encoder a config names. Raises ModelUnavailable with a how-to when weights are missing."""
-    from .hf import HFDualEncoder
+    from retrieval.encoders.hf import HFDualEncoder
 
     if config is None or isinstance(config, str):
         config = EncoderConfig(model=config)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from ..types import Float32Array
+from retrieval.types import Float32Array
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ def select_device(requested: str | None = None) -> str:
     """Pick CUDA, then Apple MPS, then CPU; an explicit request is honoured or refused clearly."""
     import torch
 
-    from ..errors import ConfigError
+    from retrieval.errors import ConfigError
 
     if requested and requested != "auto":
         dev = requested.lower()
@@ -84,7 +84,7 @@ def default_dtype(device: str, precision: str | None = None) -> str:
     """Half precision on accelerators, float32 on the CPU (CPU half is slow and lossy)."""
     if precision and precision != "auto":
         if precision not in ("fp32", "fp16", "bf16"):
-            from ..errors import ConfigError
+            from retrieval.errors import ConfigError
 
             raise ConfigError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
         return precision

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import hub
-from ..errors import BadQuery, ModelUnavailable
-from ..registry import EncoderSpec
-from ..types import Float32Array
-from .base import EncoderInfo, default_dtype, l2_normalise, select_device, torch_dtype
-from .preprocess import PreprocessConfig, preprocess_batch
+from retrieval import hub
+from retrieval.encoders.base import EncoderInfo, default_dtype, l2_normalise, select_device, torch_dtype
+from retrieval.encoders.preprocess import PreprocessConfig, preprocess_batch
+from retrieval.errors import BadQuery, ModelUnavailable
+from retrieval.registry import EncoderSpec
+from retrieval.types import Float32Array
 
 _SUPPORTED = ("clip", "siglip", "siglip2")
 
@@ -121,7 +121,7 @@ class HFDualEncoder:
         """
         import torch
 
-        from ..errors import ConfigError
+        from retrieval.errors import ConfigError
 
         if not self.supports_patches:
             raise ConfigError(

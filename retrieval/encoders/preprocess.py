@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..types import Float32Array
+from retrieval.types import Float32Array
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..encoders import Encoder
-from ..errors import ConfigError
-from ..search import Hit
-from ..types import Float32Array
-from .dense import can_give_patches, dense_evidence, evidence_from_patches, view_geometry
-from .grid import grid_boxes, grid_evidence, grid_evidence_per_hit, select_regions
-from .render import render_evidence, write_evidence_pngs
-from .stored import PatchStore, StoreReport, store_patch_features, stored_evidence
-from .types import METHODS, Box, Evidence, EvidenceConfig, EvidenceTarget, Region
+from retrieval.encoders import Encoder
+from retrieval.errors import ConfigError
+from retrieval.evidence.dense import can_give_patches, dense_evidence, evidence_from_patches, view_geometry
+from retrieval.evidence.grid import grid_boxes, grid_evidence, grid_evidence_per_hit, select_regions
+from retrieval.evidence.render import render_evidence, write_evidence_pngs
+from retrieval.evidence.stored import PatchStore, StoreReport, store_patch_features, stored_evidence
+from retrieval.evidence.types import METHODS, Box, Evidence, EvidenceConfig, EvidenceTarget, Region
+from retrieval.search import Hit
+from retrieval.types import Float32Array
 
 if TYPE_CHECKING:
-    from ..collection import Collection
-    from ..search import Query, Searcher, SearchResult
+    from retrieval.collection import Collection
+    from retrieval.search import Query, Searcher, SearchResult
 
 __all__ = [
     "METHODS",

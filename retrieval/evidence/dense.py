@@ -20,12 +20,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from ..encoders import Encoder
-from ..encoders.preprocess import PreprocessConfig, crop_offsets, resized_size
-from ..errors import ConfigError
-from ..types import Float32Array
-from .pipeline import encode_in_batches, prepared_in_order
-from .types import (
+from retrieval.encoders import Encoder
+from retrieval.encoders.preprocess import PreprocessConfig, crop_offsets, resized_size
+from retrieval.errors import ConfigError
+from retrieval.evidence.pipeline import encode_in_batches, prepared_in_order
+from retrieval.evidence.types import (
     Box,
     Evidence,
     EvidenceConfig,
@@ -34,6 +33,7 @@ from .types import (
     preprocess_config,
     query_row,
 )
+from retrieval.types import Float32Array
 
 
 @runtime_checkable

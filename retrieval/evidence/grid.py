@@ -15,11 +15,10 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from ..encoders import Encoder
-from ..encoders.preprocess import PreprocessConfig
-from ..types import Float32Array
-from .pipeline import Prepare, encode_in_batches, load_and_prepare, prepared_in_order
-from .types import (
+from retrieval.encoders import Encoder
+from retrieval.encoders.preprocess import PreprocessConfig
+from retrieval.evidence.pipeline import Prepare, encode_in_batches, load_and_prepare, prepared_in_order
+from retrieval.evidence.types import (
     Box,
     Evidence,
     EvidenceConfig,
@@ -28,6 +27,7 @@ from .types import (
     preprocess_config,
     query_row,
 )
+from retrieval.types import Float32Array
 
 #: Resolution (cells on the longer side) of the saliency map drawn from grid scores.
 _SALIENCY_CELLS = 48

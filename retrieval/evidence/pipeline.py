@@ -16,9 +16,9 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from ..errors import BadImage
-from ..types import Float32Array
-from .types import Evidence, EvidenceConfig, EvidenceTarget, unreadable
+from retrieval.errors import BadImage
+from retrieval.evidence.types import Evidence, EvidenceConfig, EvidenceTarget, unreadable
+from retrieval.types import Float32Array
 
 T = TypeVar("T")
 

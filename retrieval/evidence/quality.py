@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..encoders import Encoder
-from ..types import Float32Array
-from .types import Box, Evidence, Region, query_row
+from retrieval.encoders import Encoder
+from retrieval.evidence.types import Box, Evidence, Region, query_row
+from retrieval.types import Float32Array
 
 #: Deletion runs on images no larger than this (longer side): the metric needs shape, not detail.
 _DELETION_SIDE = 256

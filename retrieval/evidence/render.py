@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .. import imageio
-from ..errors import BadImage, ConfigError
-from ..types import Float32Array, UInt8Array
-from .types import Evidence
+from retrieval import imageio
+from retrieval.errors import BadImage, ConfigError
+from retrieval.evidence.types import Evidence
+from retrieval.types import Float32Array, UInt8Array
 
 STYLES = ("boxes", "heatmap", "both")
 

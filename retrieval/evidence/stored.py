@@ -21,11 +21,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..encoders import Encoder, EncoderInfo, l2_normalise
-from ..errors import BadImage, ConfigError, IndexCorrupt
-from ..types import Float32Array
-from .dense import PatchResult, dense_results, evidence_from_patches, iter_patches
-from .types import Evidence, EvidenceConfig, EvidenceTarget, preprocess_config, query_row, unreadable
+from retrieval.encoders import Encoder, EncoderInfo, l2_normalise
+from retrieval.errors import BadImage, ConfigError, IndexCorrupt
+from retrieval.evidence.dense import PatchResult, dense_results, evidence_from_patches, iter_patches
+from retrieval.evidence.types import (
+    Evidence,
+    EvidenceConfig,
+    EvidenceTarget,
+    preprocess_config,
+    query_row,
+    unreadable,
+)
+from retrieval.types import Float32Array
 
 FORMAT_VERSION = 1
 DTYPES = ("int8", "float16")

@@ -1,7 +1,7 @@
 """Evidence types: what an evidence method returns, how it is configured, and what it works on.
 
 Boxes are half-open pixel rectangles `(x0, y0, x1, y1)` in the coordinates of the image as it is
-displayed (EXIF orientation applied, full size), the same convention as `retrieval.synthetic`, so
+displayed (EXIF orientation applied, full size), the same convention as `retrieval.testing.synthetic`, so
 `0 <= x0 < x1 <= width` always holds for a returned region.
 """
 
@@ -14,11 +14,11 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from .. import imageio
-from ..encoders.base import l2_normalise
-from ..encoders.preprocess import PreprocessConfig
-from ..errors import ConfigError
-from ..types import Float32Array
+from retrieval import imageio
+from retrieval.encoders.base import l2_normalise
+from retrieval.encoders.preprocess import PreprocessConfig
+from retrieval.errors import ConfigError
+from retrieval.types import Float32Array
 
 Box = tuple[int, int, int, int]
 

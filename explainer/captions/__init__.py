@@ -1,0 +1,1 @@
+"""Captions: the BLIP captioner and its content-hash cache in the catalog."""

@@ -1,0 +1,426 @@
+"""Captions written by an image-to-text model (BLIP), cached in the catalog by image content.
+
+Captioning is the slowest stage of the product on a CPU (seconds per image), so captions are
+precomputed (`clearsight caption`) and cached by content hash and by everything that shapes the
+text (weights, generation settings, prefix): an image is captioned once whatever its path, and a
+run killed midway loses at most one batch. Generated captions are also stored as the image's
+captions (source `generated:<model>`), which is how they join image→text search after a sync.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from PIL import Image
+from tqdm import tqdm
+
+from retrieval import hub
+from retrieval.catalog import ImageRecord
+from retrieval.collection import Collection
+from retrieval.encoders.base import default_dtype, select_device, torch_dtype
+from retrieval.errors import BadImage, ClearsightError, ConfigError, ModelUnavailable
+from retrieval.imageio import content_hash, decode, read_bytes
+from retrieval.registry import CaptionerSpec, default_captioner, find_captioner
+from retrieval.registry import list_captioners as list_captioners  # re-exported for callers
+
+if TYPE_CHECKING:
+    from explainer.settings import Settings
+
+SOURCE_PREFIX = "generated:"
+CHANGED = "changed since indexing (run `clearsight index` again)"
+
+
+# -- configuration --
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding knobs, kept as data so that they can key the cache and come from settings, not code."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 30
+    min_new_tokens: int = 5
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ConfigError(f"caption num_beams must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"caption max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"caption min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}"
+            )
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"caption repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GenerationSettings:
+        return cls(
+            num_beams=settings.caption_num_beams,
+            max_new_tokens=settings.caption_max_new_tokens,
+            min_new_tokens=settings.caption_min_new_tokens,
+            repetition_penalty=settings.caption_repetition_penalty,
+        )
+
+    def key(self) -> str:
+        """A readable tag of these settings; part of the cache key, since they change the text."""
+        return (
+            f"beams={self.num_beams},max={self.max_new_tokens},min={self.min_new_tokens},"
+            f"rep={self.repetition_penalty:g}"
+        )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "do_sample": False,  # deterministic: a cached caption must be the one a rerun would write
+        }
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """How to build a captioner: which model, where to run it, how to decode."""
+
+    model: str | None = None  # registry name, hub id or local directory; None: the registry's default
+    device: str | None = None  # None/"auto": CUDA, then MPS, then CPU (like the encoders)
+    precision: str | None = None  # None/"auto": fp16 on accelerators, fp32 on the CPU
+    batch_size: int = 8  # images per forward pass
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"caption batch size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> CaptionerConfig:
+        """Settings fill every field an override (a CLI option, a notebook argument) leaves as None."""
+        values: dict[str, Any] = {
+            "model": settings.caption_model,
+            "device": settings.device,
+            "precision": settings.precision,
+            "batch_size": settings.caption_batch_size,
+            "generation": GenerationSettings.from_settings(settings),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# -- the interface --
+@runtime_checkable
+class Captioner(Protocol):
+    """Writes one caption per image. Deterministic for given weights and settings (the cache relies on it).
+
+    `name` labels the captions it writes (`generated:<name>`); `fingerprint` changes whenever the
+    text it would write for an image could change (other weights or generation settings).
+    """
+
+    name: str
+    fingerprint: str
+
+    def caption(self, images: Sequence[Image.Image], prefix: str | None = None) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def cache_key(captioner: Captioner, prefix: str | None = None) -> str:
+    """The catalog cache's model column: a prefix changes the text, so it is part of the key."""
+    prefix = normalise_prefix(prefix)
+    return f"{captioner.fingerprint}|prefix={prefix}" if prefix else captioner.fingerprint
+
+
+def normalise_prefix(prefix: str | None) -> str | None:
+    text = " ".join((prefix or "").split())
+    return text or None
+
+
+def source_label(captioner: Captioner) -> str:
+    return f"{SOURCE_PREFIX}{captioner.name}"
+
+
+# -- BLIP on transformers --
+class BlipCaptioner:
+    """BLIP (`BlipForConditionalGeneration`) through transformers; any hub id or local directory."""
+
+    def __init__(self, config: CaptionerConfig, spec: CaptionerSpec | None = None) -> None:
+        from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
+
+        name = config.model or default_captioner().name  # create_captioner always fills it
+        self.device = select_device(config.device)  # a bad --device fails before weights load
+        self.precision = default_dtype(self.device, config.precision)
+        src = hub.resolve(name, spec.hub_id if spec else None, spec.revision if spec else None)
+        # The config first: loading BLIP weights into a checkpoint of another family would "succeed"
+        # with random weights, and the captions would be nonsense rather than an error.
+        model_cfg = hub.load(src, AutoConfig.from_pretrained, "captioner")
+        family = str(getattr(model_cfg, "model_type", ""))
+        if family != "blip":
+            raise ModelUnavailable(f"{name!r} is a {family or 'unknown'} model; a BLIP captioner is needed")
+        model: Any = hub.load(src, BlipForConditionalGeneration.from_pretrained, "captioner")
+        self.processor: Any = hub.load(src, BlipProcessor.from_pretrained, "captioner's processor")
+        self._dtype = torch_dtype(self.precision)
+        self.model: Any = model.to(device=self.device, dtype=self._dtype).eval()
+        self.generation = config.generation
+        self.batch_size = config.batch_size
+        self.name = Path(src.target).name if src.is_local else (spec.name if spec else src.target)
+        self.fingerprint = f"{hub.weights_fingerprint(src, model_cfg)}|{self.generation.key()}"
+        self._lock = threading.Lock()  # one generation at a time on a shared model
+
+    def caption(self, images: Sequence[Image.Image], prefix: str | None = None) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(images), self.batch_size):
+            out.extend(self._generate(images[i : i + self.batch_size], normalise_prefix(prefix)))
+        return out
+
+    def _generate(self, images: Sequence[Image.Image], prefix: str | None) -> list[str]:
+        import torch
+
+        if self.model is None:
+            raise ModelUnavailable("this captioner was closed; create a new one")
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        # One prefix for the whole batch: equal-length prompts need no padding, which BLIP's
+        # generate (it drops the last prompt token, assuming [SEP]) would mishandle.
+        text = [prefix] * len(rgb) if prefix else None
+        inputs = self.processor(images=rgb, text=text, return_tensors="pt")
+        kwargs: dict[str, Any] = {"pixel_values": inputs["pixel_values"].to(self.device, self._dtype)}
+        if prefix:
+            kwargs["input_ids"] = inputs["input_ids"].to(self.device)
+            kwargs["attention_mask"] = inputs["attention_mask"].to(self.device)
+        with self._lock, torch.inference_mode():
+            ids = self.model.generate(**kwargs, **self.generation.generate_kwargs())
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        return [" ".join(str(t).split()) for t in texts]
+
+    def close(self) -> None:
+        """Release the weights now rather than whenever the garbage collector gets to them."""
+        import torch
+
+        self.model = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+# -- factory --
+def create_captioner(config: CaptionerConfig | str | None = None) -> Captioner:
+    """Build the captioner a config names. Raises ModelUnavailable with a how-to when weights are missing."""
+    if config is None or isinstance(config, str):
+        config = CaptionerConfig(model=config)
+    name = config.model or default_captioner().name
+    spec = find_captioner(name)
+    family = spec.family if spec else "blip"  # a local directory or unknown hub id: BLIP checks itself
+    if family != "blip":
+        raise ConfigError(f"no captioner backend for family {family!r}; known: blip")
+    return BlipCaptioner(replace(config, model=name), spec)
+
+
+# -- captioning through the catalog cache --
+@dataclass
+class CaptionReport:
+    """What a captioning run did, counted in distinct contents (identical files are captioned once)."""
+
+    images: int = 0  # image records considered
+    contents: int = 0  # distinct content hashes among them
+    captioned: int = 0  # contents the model captioned in this run
+    cached: int = 0  # contents whose caption came from the cache
+    failed: int = 0
+    remaining: int = 0  # contents left uncaptioned by a limit
+    seconds: float = 0.0  # time spent captioning (decode + model)
+    failures: dict[str, int] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)  # content hash -> caption
+
+    @property
+    def rate(self) -> float:
+        return self.captioned / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "captions"}
+        out["rate"] = round(self.rate, 3)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+class CaptionService:
+    """Captions images through the catalog's cache and stores them as the images' captions."""
+
+    def __init__(
+        self,
+        collection: Collection,
+        captioner: Captioner,
+        batch_size: int = 8,
+        prefix: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"caption batch size must be >= 1, got {batch_size}")
+        self.collection = collection
+        self.captioner = captioner
+        self.batch_size = batch_size
+        self.prefix = normalise_prefix(prefix)
+        self.key = cache_key(captioner, self.prefix)
+        self.source = source_label(captioner)
+
+    def caption_records(
+        self, records: Iterable[ImageRecord], progress: bool = False, limit: int | None = None
+    ) -> CaptionReport:
+        """Caption every content among `records` not yet cached; `limit` caps the model's work.
+
+        Each batch commits before the next starts, so a killed run is resumed by running again.
+        """
+        catalog = self.collection.catalog
+        by_hash: dict[str, list[ImageRecord]] = {}
+        report = CaptionReport()
+        for rec in records:
+            if rec.content_hash:
+                by_hash.setdefault(rec.content_hash, []).append(rec)
+                report.images += 1
+        report.contents = len(by_hash)
+        cached = catalog.get_generated_captions(list(by_hash), self.key)
+        report.cached = len(cached)
+        report.captions.update(cached)
+        # Re-attach cached captions too: a run killed between caching and attaching heals here.
+        self._attach({h: by_hash[h] for h in cached}, cached)
+
+        todo = [h for h in by_hash if h not in cached]
+        if limit is not None:
+            todo, report.remaining = todo[: max(limit, 0)], max(len(todo) - max(limit, 0), 0)
+        bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not todo)
+        start = time.perf_counter()
+        try:
+            for i in range(0, len(todo), self.batch_size):
+                chunk = todo[i : i + self.batch_size]
+                images: dict[str, Image.Image] = {}
+                for h in chunk:
+                    try:
+                        images[h] = _load(by_hash[h], h)
+                    except BadImage as exc:
+                        _count(report, exc.reason)
+                new = self._caption_batch(images, report)
+                catalog.put_generated_captions(self.key, new)
+                self._attach({h: by_hash[h] for h in new}, new)
+                report.captioned += len(new)
+                report.captions.update(new)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            report.seconds = time.perf_counter() - start
+        return report
+
+    def caption_collection(self, progress: bool = False, limit: int | None = None) -> CaptionReport:
+        return self.caption_records(self.collection.catalog.iter_images("indexed"), progress, limit)
+
+    def _caption_batch(self, images: dict[str, Image.Image], report: CaptionReport) -> dict[str, str]:
+        """One forward pass; if it fails, image by image, so one bad image costs only its own caption."""
+        hashes = list(images)
+        if len(hashes) > 1:
+            try:
+                captions = self.captioner.caption([images[h] for h in hashes], self.prefix)
+                return dict(zip(hashes, captions, strict=True))
+            except ClearsightError:
+                raise  # ours, e.g. a closed model: not a property of these images
+            except Exception:
+                pass  # find the culprit below
+        out: dict[str, str] = {}
+        for h in hashes:
+            try:
+                out[h] = self.captioner.caption([images[h]], self.prefix)[0]
+            except ClearsightError:
+                raise
+            except Exception as exc:  # recorded, not raised: the rest of the collection still gets captions
+                _count(report, f"captioning failed: {type(exc).__name__}")
+        return out
+
+    def _attach(self, groups: dict[str, list[ImageRecord]], captions: dict[str, str]) -> None:
+        ids = [r.id for recs in groups.values() for r in recs]
+        existing = self.collection.catalog.captions_for(ids)
+        for h, recs in groups.items():
+            for rec in recs:
+                have = [c.text for c in existing.get(rec.id, []) if c.source == self.source]
+                if have != [captions[h]]:
+                    self.collection.catalog.set_captions(rec.id, self.source, [captions[h]])
+
+
+def _load(records: list[ImageRecord], expected_hash: str) -> Image.Image:
+    """The first copy of a content that still decodes to that content; files may have moved or changed."""
+    error = BadImage(CHANGED)
+    for rec in records:
+        try:
+            data = read_bytes(Path(rec.path))
+        except BadImage as exc:
+            error = exc
+            continue
+        if content_hash(data) != expected_hash:
+            continue
+        return decode(data).image
+    raise error
+
+
+def _count(report: CaptionReport, reason: str) -> None:
+    report.failed += 1
+    report.failures[reason] = report.failures.get(reason, 0) + 1
+
+
+# -- tiny models: the offline stand-in for downloaded weights --
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DEC, ENC = "[DEC]", "[ENC]"  # BLIP's decoder start token and its encoder twin, after the BERT vocabulary
+
+#: "tiny" is for tests; "base" has Salesforce/blip-image-captioning-base's shapes, for speed benchmarks.
+BLIP_ARCHS = ("tiny", "base")
+
+
+def make_blip(out: Path | str, arch: str = "tiny", words: Iterable[str] | None = None, seed: int = 0) -> Path:
+    """Build a randomly initialised BLIP captioner with a word-level BERT tokenizer, saved like a hub model.
+
+    The vocabulary is [PAD] [UNK] [CLS] [SEP] [MASK], the words, filler tokens up to the
+    architecture's size, then [DEC] [ENC]: the real model's layout, so the special ids play the
+    same roles. The tiny model's weights are drawn wide (std 0.2) so that images visibly steer its
+    captions; at the usual 0.02 every image gets the same text and batching bugs would hide.
+    """
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers.utils import logging as tlog
+
+    from retrieval.testing.tiny import DEFAULT_WORDS
+
+    tlog.disable_progress_bar()  # "Writing model shards" bars are noise in tests and benchmarks
+    if arch not in BLIP_ARCHS:
+        raise ConfigError(f"unknown BLIP architecture {arch!r}; known: {', '.join(BLIP_ARCHS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = SPECIAL + [
+        w for w in dict.fromkeys([*(words or DEFAULT_WORDS), "photography"]) if w not in SPECIAL
+    ]
+    size = 30524 if arch == "base" else len(tokens) + 2
+    tokens += [f"[unused{i}]" for i in range(size - 2 - len(tokens))] + [DEC, ENC]
+    (out / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    ids = {t: i for i, t in enumerate(tokens)}
+    text: dict[str, Any] = {
+        "vocab_size": len(tokens),
+        "bos_token_id": ids[DEC],
+        "sep_token_id": ids["[SEP]"],
+        "eos_token_id": ids["[SEP]"],
+        "pad_token_id": ids["[PAD]"],
+    }
+    vision: dict[str, Any] = {}
+    top: dict[str, Any] = {}
+    if arch == "tiny":
+        small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+        text.update(small, encoder_hidden_size=32, initializer_range=0.2)
+        vision.update(small, image_size=32, patch_size=8, initializer_range=0.2)
+        top.update(projection_dim=32, initializer_range=0.2)
+    image_size = int(vision.get("image_size", 384))
+    tokenizer = BertTokenizer(
+        vocab=str(out / "vocab.txt"), bos_token=DEC, extra_special_tokens=[ENC], model_max_length=512
+    )
+    processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    BlipProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(str(out))
+    torch.manual_seed(seed)
+    cfg = BlipConfig(text_config=text, vision_config=vision, **top)
+    BlipForConditionalGeneration(cfg).save_pretrained(str(out))
+    return out

@@ -1,0 +1,1 @@
+"""The card model and the one pipeline that turns hits into cards."""

@@ -1,0 +1,147 @@
+"""The result card: the one model the page and the JSON API both render.
+
+A card names its image only by catalog id and URLs built from it, never by filesystem path, so
+nothing a client receives says where the collection lives and nothing a client sends can point
+the server at a file. The URL helpers live here (not in the server) so that the pipeline, the
+templates and the tests agree on them without importing FastAPI.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+from urllib.parse import urlencode
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from explainer.explain.types import Explanation, QueryKind
+
+#: Thumbnail edge (pixels) the grid asks for; the detail view asks for DETAIL_SIZE.
+CARD_THUMB_SIZE = 384
+DETAIL_SIZE = 1024
+#: Sizes the thumbnail endpoint renders; any other requested size snaps to the next one up, which
+#: bounds the thumbnail cache at a few files per image.
+THUMB_SIZES = (128, 256, 384, 512, 768, 1024)
+
+
+class EvidenceBox(BaseModel):
+    """One evidence region in the original image's pixels; the page scales it to the displayed size."""
+
+    box: tuple[int, int, int, int] = Field(description="[x0, y0, x1, y1] in original image pixels")
+    score: float
+    rank: int = Field(ge=1)
+    label: str | None = Field(default=None, description="Where the region is, in words")
+
+
+class ExplanationOut(BaseModel):
+    """An explanation as shown to users: the text, who wrote it, and why an LLM text was replaced."""
+
+    text: str
+    backend: str = Field(description='Who wrote the text: "groq:<model>", "offline", "local:<file>"...')
+    matched_concepts: list[str] = Field(default_factory=list)
+    mismatches: list[str] = Field(default_factory=list)
+    confidence: float = Field(ge=0.0, le=1.0)
+    fallback_reason: str | None = None
+    cached: bool = False
+
+    @classmethod
+    def from_explanation(cls, e: Explanation) -> ExplanationOut:
+        return cls(
+            text=e.text,
+            backend=e.backend,
+            matched_concepts=list(e.matched_concepts),
+            mismatches=list(e.mismatches),
+            confidence=e.confidence,
+            fallback_reason=e.fallback_reason,
+            cached=e.cached,
+        )
+
+
+class Card(BaseModel):
+    """One hit as users see it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int = Field(description="Catalog id of the image; the only way to refer to it")
+    rank: int = Field(ge=1, description="1-based rank over the whole result list (offset included)")
+    score: float
+    image_url: str
+    thumb_url: str
+    detail_url: str
+    like_url: str = Field(description='Page URL of a "more like this" query from this image')
+    width: int | None = None
+    height: int | None = None
+    evidence: list[EvidenceBox] = Field(default_factory=list)
+    caption: str | None = None
+    caption_source: str | None = Field(
+        default=None, description='"generated:<model>", "dataset", or null when there is no caption'
+    )
+    dataset_captions: list[str] = Field(default_factory=list)
+    explanation: ExplanationOut | None = Field(
+        default=None, description="null when explanations were deferred: fetch them with POST /api/explain"
+    )
+
+
+class QueryEcho(BaseModel):
+    """The query as the server understood it; enough to ask for the next page or for explanations."""
+
+    text: str | None = None
+    kind: QueryKind
+    image_key: str | None = Field(
+        default=None, description="Handle of the uploaded query image; reuse it instead of uploading again"
+    )
+    like_id: int | None = None
+    weight: float
+    negative: str | None = None
+    min_score: float | None = None
+
+
+def image_url(image_id: int) -> str:
+    return f"/api/images/{image_id}"
+
+
+def thumb_url(image_id: int, size: int = CARD_THUMB_SIZE) -> str:
+    return f"/api/images/{image_id}/thumb?size={size}"
+
+
+def query_params(q: QueryEcho) -> dict[str, str]:
+    """Page query-string parameters that reproduce `q` (the names the page routes read)."""
+    out: dict[str, str] = {}
+    if q.text:
+        out["q"] = q.text
+    if q.image_key:
+        out["qimg"] = q.image_key
+    if q.like_id is not None:
+        out["like"] = str(q.like_id)
+    if q.negative:
+        out["neg"] = q.negative
+    if q.kind == "text+image":
+        out["w"] = f"{q.weight:g}"
+    return out
+
+
+def detail_url(image_id: int, q: QueryEcho | None = None, rank: int | None = None) -> str:
+    params = query_params(q) if q is not None else {}
+    if q is not None and rank is not None:
+        params["r"] = str(rank)
+    return f"/images/{image_id}" + (f"?{urlencode(params)}" if params else "")
+
+
+def like_url(image_id: int) -> str:
+    return "/?" + urlencode({"like": str(image_id)})
+
+
+def evidence_png_url(image_id: int, q: QueryEcho) -> str:
+    params = urlencode(query_params(q))
+    return f"/api/images/{image_id}/evidence.png" + (f"?{params}" if params else "")
+
+
+def snap_thumb_size(size: int) -> int:
+    """The smallest rendered size at least `size` (the largest when `size` exceeds them all)."""
+    return next((s for s in THUMB_SIZES if s >= size), THUMB_SIZES[-1])
+
+
+def public_model_name(name: str) -> str:
+    """A model as clients may see it: a hub id as is, a local directory by its last part only."""
+    if name.startswith(("/", "~", "./", "../")) or "\\" in name:
+        return PurePath(name).name or "local model"
+    return name

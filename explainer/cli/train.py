@@ -1,0 +1,254 @@
+"""`clearsight eval`, `finetune` and `demo`: measure a model, improve it on captioned data, try it offline.
+
+They live beside `cli.py` and register on its `app`, so the core commands stay readable on their own.
+Progress bars and notes go to stderr; with `--json`, stdout carries exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from explainer.cli.app import (
+    DataDir,
+    Device,
+    Host,
+    JsonOut,
+    Model,
+    Port,
+    Quiet,
+    _settings_data_dir,
+    app,
+    boundary,
+)
+from retrieval.training.datasets import describe_formats
+
+_FORMATS = ", ".join(describe_formats())
+
+Format = Annotated[
+    str,
+    typer.Option("--format", "-f", help=f"Dataset layout: {_FORMATS}", show_default=False),
+]
+Annotations = Annotated[
+    Path,
+    typer.Option(
+        "--annotations",
+        help="Annotation file (for flickr8k the token file; its split files are found beside it)",
+        show_default=False,
+    ),
+]
+Images = Annotated[Path, typer.Option("--images", help="Folder holding the dataset's images")]
+
+
+def _note(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+@app.command("eval")
+@boundary
+def eval_cmd(
+    fmt: Format,
+    annotations: Annotations,
+    images: Images,
+    split: Annotated[
+        str | None, typer.Option("--split", help="train, val (dev), test, ... or all (default: all)")
+    ] = None,
+    model: Model = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write report.json, report.md, per-query ranks and plots here"),
+    ] = None,
+    index: Annotated[
+        str, typer.Option("--index", help="flat (exact), hnsw, ivfpq, or a FAISS factory string")
+    ] = "flat",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
+    device: Device = "auto",
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir", help="Embedding cache (default: DATA_DIR/eval-cache)", show_default=False
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Embed everything again, store nothing")
+    ] = False,
+    data_dir: DataDir = None,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Retrieval metrics in both directions (R@K, MRR, nDCG@10...) of a model on a captioned dataset."""
+    from retrieval.encoders import EncoderConfig, create_encoder
+    from retrieval.training.datasets import format_report, load_dataset
+    from retrieval.training.evaluate import EvalConfig, evaluate, markdown_table
+
+    dataset = load_dataset(fmt, annotations, images, split)
+    _note(format_report(dataset.report))
+    cache = None if no_cache else (cache_dir or _settings_data_dir(data_dir) / "eval-cache")
+    encoder = create_encoder(EncoderConfig(model=model, device=device))
+    config = EvalConfig(index=index, batch_size=batch_size, cache_dir=cache, out_dir=out, progress=not quiet)
+    try:
+        report = evaluate(dataset, encoder, config)
+    finally:
+        encoder.close()
+    if report.index.note:
+        _note(report.index.note)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return
+    typer.echo(markdown_table(report), nl=False)
+    c = report.cache
+    typer.echo(
+        f"embeddings: {c.image_hits} images and {c.text_hits} captions from the cache, "
+        f"{c.images_encoded} and {c.texts_encoded} encoded ({report.seconds['total']:.1f} s)"
+    )
+    if report.files:
+        typer.echo(f"report written to {Path(report.files['json']).parent}")
+
+
+@app.command("finetune")
+@boundary
+def finetune_cmd(
+    fmt: Format,
+    annotations: Annotations,
+    images: Images,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the fine-tuned model", show_default=False)
+    ],
+    model: Model = None,
+    train_split: Annotated[str, typer.Option("--train-split")] = "train",
+    val_split: Annotated[str, typer.Option("--val-split")] = "val",
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Held out for validation when the data has no splits")
+    ] = 0.1,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate")] = 1e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, max=65536)] = 64,
+    freeze: Annotated[
+        str, typer.Option("--freeze", help="none, vision, text, all-but-projections or last-n")
+    ] = "none",
+    last_n: Annotated[int, typer.Option("--last-n", min=1, help="Layers per tower trained with last-n")] = 2,
+    warmup: Annotated[
+        float, typer.Option("--warmup", help="Warmup: a fraction of all steps (<1) or a step count")
+    ] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.1,
+    patience: Annotated[int, typer.Option("--patience", min=1, help="Epochs without improvement")] = 3,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per step (CUDA)")] = 1,
+    amp: Annotated[str, typer.Option("--amp", help="auto (fp16 on CUDA), fp16, bf16 or off")] = "auto",
+    force: Annotated[
+        bool, typer.Option("--force", help="Write the model even if it is worse than the start")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's choice)")
+    ] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Contrastive fine-tuning; refuses to write a model that is worse on validation than the start."""
+    from retrieval.training.datasets import format_report
+    from retrieval.training.finetune import FinetuneConfig, finetune, load_training_data, side_by_side
+
+    config = FinetuneConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        freeze=freeze,
+        last_n=last_n,
+        patience=patience,
+        grad_accum=grad_accum,
+        amp=amp,
+        device=device,
+        seed=seed,
+        force=force,
+        threads=threads,
+        progress=not quiet,
+    )
+    train, val = load_training_data(fmt, annotations, images, train_split, val_split, val_fraction, seed)
+    _note(f"train: {format_report(train.report)}\nval: {format_report(val.report)}")
+    result = finetune(model or _default_model(), train, val, out, config)
+    for note in result.notes:
+        _note(note)
+    if json_out:
+        payload: dict[str, Any] = result.to_dict()
+        payload.pop("step_losses", None)
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    typer.echo(side_by_side(result.start, result.best))
+    typer.echo(f"best epoch {result.best_epoch}; model written to {result.out_dir}")
+
+
+def _default_model() -> str:
+    from retrieval.registry import default_encoder
+
+    return default_encoder().name
+
+
+@app.command("demo")
+@boundary
+def demo_cmd(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Where the demo collection, scenes and model go (default: DATA_DIR/demo)",
+            show_default=False,
+        ),
+    ] = None,
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the demo and exit")] = False,
+    host: Host = None,
+    port: Port = None,
+    train_scenes: Annotated[int, typer.Option("--train-scenes", min=8, help="Training scenes")] = 2000,
+    test_scenes: Annotated[int, typer.Option("--test-scenes", min=2, help="Scenes indexed for search")] = 200,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train again even if a demo model exists")
+    ] = False,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Build an offline demo: synthetic scenes, a tiny CLIP trained on them, and an index to search."""
+    from dataclasses import replace
+
+    from explainer.cli.demo import DEFAULT_SCENES, DEFAULT_TRAINING, DemoConfig, build_demo
+
+    root = data_dir or _settings_data_dir(None) / "demo"
+    config = DemoConfig(
+        scenes=replace(DEFAULT_SCENES, n_train=train_scenes, n_test=test_scenes),
+        training=replace(DEFAULT_TRAINING, epochs=epochs, patience=epochs),
+        device=device,
+        retrain=retrain,
+        progress=not quiet,
+    )
+    result = build_demo(root, config)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        how = "trained now" if result.trained else "reused"
+        typer.echo(f"DEMO model ({how}): {result.model_dir}")
+        typer.echo(
+            f"  test text→image R@1 {_pct(result.test['t2i_r1'])}% (chance {100 * result.chance_r1:.2f}%), "
+            f"R@5 {_pct(result.test['t2i_r5'])}%; it knows coloured shapes only, not photos"
+        )
+        typer.echo(f"indexed {result.indexed['images']} test scenes from {result.images_dir} into {root}")
+        rank = f"rank {result.sample_rank}" if result.sample_rank else "not in the top 10"
+        typer.echo(f'sample query "{result.sample_query}": the scene it describes is at {rank}')
+    _note(
+        "try the demo with:\n"
+        f'  clearsight search "{result.sample_query}" --data-dir {root}\n'
+        f"  clearsight serve --data-dir {root}"
+    )
+    if not no_serve:
+        from explainer.cli import serve as cli_serve
+
+        cli_serve.run_server(root, host, port)

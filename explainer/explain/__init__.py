@@ -1,0 +1,1 @@
+"""Explanations: types, prompts, the chain, its cache, regions in words and the LLM backends."""

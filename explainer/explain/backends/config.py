@@ -1,0 +1,82 @@
+"""The one config object every explainer backend is built from.
+
+A single flat dataclass (rather than one per backend) because settings, the CLI and notebooks all
+build it the same way and switch backends by changing one field; fields a backend does not use
+are ignored by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from explainer.errors import ConfigError
+
+DEFAULT_GROQ_MODEL = "llama-3.1-8b-instant"
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """How to build an explainer backend.
+
+    `backend` is one of `list_backends()` or "auto" (Groq when an API key is available, otherwise
+    offline). The API key is a `SecretStr`, so the config can be printed and logged safely.
+    """
+
+    backend: str = "auto"
+    model: str = DEFAULT_GROQ_MODEL
+    api_key: SecretStr | None = None
+    #: Root URL of an OpenAI-compatible Groq endpoint (the client appends /openai/v1/...).
+    base_url: str | None = None
+    timeout_s: float = 20.0
+    #: Retries after the first attempt, on 429, 5xx and connection errors (not on timeouts).
+    max_retries: int = 3
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 8.0
+    retry_on_timeout: bool = False
+    #: Requests in flight at once per event loop; Groq's free tier rate-limits bursts quickly.
+    max_concurrency: int = 16  # at least a page of cards, so a page costs one round trip
+    temperature: float = 0.2
+    max_tokens: int = 400
+    #: Ask the provider for JSON mode (response_format=json_object); the parser validates either way.
+    json_mode: bool = True
+    #: Local backend: a GGUF file for llama-cpp-python.
+    gguf_path: Path | None = None
+    n_ctx: int = 2048
+    #: Fake backend: replies cycled by LangChain's FakeListChatModel, and an optional delay.
+    fake_responses: tuple[str, ...] = ()
+    fake_sleep_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError(f"LLM timeout_s must be positive, got {self.timeout_s}")
+        if self.max_retries < 0:
+            raise ConfigError(f"LLM max_retries must be >= 0, got {self.max_retries}")
+        if self.backoff_initial_s < 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError(
+                "LLM backoff must satisfy 0 <= backoff_initial_s <= backoff_max_s, "
+                f"got {self.backoff_initial_s} and {self.backoff_max_s}"
+            )
+        if self.max_concurrency < 1:
+            raise ConfigError(f"LLM max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.api_key is not None and not isinstance(self.api_key, SecretStr):
+            raise ConfigError("LLM api_key must be a pydantic SecretStr, so that it is never printed")
+
+    def with_env_fallback(self, environ: Mapping[str, str] | None = None) -> LLMConfig:
+        """Fill the Groq key and base URL from GROQ_API_KEY / GROQ_BASE_URL when they are unset.
+
+        Only a fallback: settings normally pass both explicitly. `environ` is a parameter so that
+        tests never depend on the developer's shell.
+        """
+        env = os.environ if environ is None else environ
+        changes: dict[str, object] = {}
+        if self.api_key is None and env.get("GROQ_API_KEY"):
+            changes["api_key"] = SecretStr(env["GROQ_API_KEY"])
+        if self.base_url is None and env.get("GROQ_BASE_URL"):
+            changes["base_url"] = env["GROQ_BASE_URL"]
+        return dataclasses.replace(self, **changes) if changes else self  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Datasets, retrieval metrics, evaluation and contrastive fine-tuning of the encoder."""

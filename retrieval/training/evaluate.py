@@ -1,0 +1,567 @@
+"""The standard cross-modal retrieval protocol on a captioned dataset, run through the product's own code.
+
+An evaluation is only worth its numbers if it measures what users get, so images are decoded by
+`imageio` and embedded by the encoder exactly as ingest does, and rankings come from `VectorIndex`
+searches with the same FAISS factories (exact by default). Embeddings are cached in a catalog-schema
+SQLite file keyed by model fingerprint and content hash (images) or text (captions): re-running an
+evaluation, or evaluating another split of the same data, costs only the search.
+
+Approximate indexes return their top `approx_k` items; anything they do not return ranks last
+(pessimistically, like ties in `metrics`), so mean and median ranks are lower bounds of quality there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from tqdm import tqdm
+
+from retrieval import imageio
+from retrieval.builder import embed_texts_cached
+from retrieval.catalog import Catalog
+from retrieval.encoders import Encoder
+from retrieval.errors import BadImage, ConfigError, NotEnoughData
+from retrieval.index import VectorIndex, resolve_factory
+from retrieval.training.datasets import DatasetItem, LoadedDataset, LoadReport, format_report
+from retrieval.training.metrics import (
+    RetrievalMetrics,
+    image_to_text_metrics,
+    retrieval_metrics,
+    text_to_image_metrics,
+)
+from retrieval.types import Float32Array, Int64Array
+
+#: Cosine similarities live in [-1, 1]; items an approximate search did not return get this score.
+NOT_RETURNED = np.float32(-2.0)
+CACHE_FILE = "eval-cache.sqlite"
+#: The recall@K plot runs from K=1 to this.
+CURVE_K = 50
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    index: str = "flat"  # flat (exact), hnsw, ivfpq, or a FAISS factory string
+    batch_size: int = 32  # images per encoder call
+    text_batch_size: int = 256
+    workers: int = 2  # decode threads
+    cache_dir: Path | None = None  # None: no embedding cache (fine-tuning evaluates a moving model)
+    out_dir: Path | None = None  # None: nothing written; else report.json, report.md, ranks, plots
+    approx_k: int = 100  # depth of approximate searches
+    search_chunk: int = 2048  # queries per FAISS call, bounding the temporary result arrays
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "text_batch_size", "workers", "approx_k", "search_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    path: str | None
+    image_hits: int
+    images_encoded: int
+    text_hits: int
+    texts_encoded: int
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    requested: str
+    factory: str  # what was built and searched
+    exact: bool
+    note: str
+
+
+@dataclass
+class EvalReport:
+    """Metrics plus everything needed to trace them back to data, model and index."""
+
+    metrics: RetrievalMetrics
+    model: dict[str, object]
+    index: IndexInfo
+    dataset_format: str
+    split: str | None
+    load_report: LoadReport
+    n_unreadable: int
+    cache: CacheStats
+    seconds: dict[str, float]
+    image_ids: list[str] = field(repr=False)
+    captions: list[str] = field(repr=False)
+    caption_to_image: Int64Array = field(repr=False)
+    unreadable: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "images": len(self.image_ids),
+            "captions": len(self.captions),
+            "images_missing": self.load_report.missing_images.count,
+            "images_unreadable": self.n_unreadable,
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON report; `counts` sits in each direction too, so either object stands on its own."""
+        counts = self.counts
+        return {
+            "text_to_image": {**self.metrics.text_to_image.to_dict(), "counts": counts},
+            "image_to_text": {**self.metrics.image_to_text.to_dict(), "counts": counts},
+            "counts": counts,
+            "rsum": self.metrics.rsum,
+            "mean_recall": self.metrics.mean_recall,
+            "model": self.model,
+            "index": asdict(self.index),
+            "dataset": {"format": self.dataset_format, "split": self.split},
+            "load_report": {**asdict(self.load_report), "summary": format_report(self.load_report)},
+            "unreadable_examples": [f"{p}: {r}" for p, r in self.unreadable[:5]],
+            "cache": asdict(self.cache),
+            "seconds": self.seconds,
+            "files": self.files,
+        }
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+@dataclass
+class _Prepared:
+    item: DatasetItem
+    content_hash: str | None = None
+    cached: Float32Array | None = None  # the cache's vector, when it already holds this content
+    pixels: Float32Array | None = None  # set when the content still has to be encoded
+    error: str | None = None
+
+
+T = TypeVar("T")
+
+
+def _batches(seq: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """A dataset's images read, decoded and preprocessed once (see `prepare_images`)."""
+
+    prepared: list[_Prepared] = field(repr=False)
+
+    @property
+    def items(self) -> list[DatasetItem]:
+        return [p.item for p in self.prepared]
+
+
+class _Embedder:
+    """Encodes through an optional cache; one instance per evaluation so hit counts are per run."""
+
+    def __init__(self, encoder: Encoder, config: EvalConfig) -> None:
+        self.encoder = encoder
+        self.config = config
+        self.fp = encoder.info.fingerprint
+        self.cache: Catalog | None = None
+        if config.cache_dir is not None:
+            self.cache = Catalog(Path(config.cache_dir) / CACHE_FILE)
+        # Vectors this run added to the cache, so a repeated image counts as a hit without a second read.
+        self._stored: dict[str, Float32Array] = {}
+        self.image_hits = self.images_encoded = self.text_hits = self.texts_encoded = 0
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def _prepare(self, item: DatasetItem) -> _Prepared:
+        out = _Prepared(item)
+        try:
+            data = imageio.read_bytes(item.path)
+            out.content_hash = imageio.content_hash(data)
+            if self.cache is not None:
+                out.cached = self.cache.get_embeddings([out.content_hash], self.fp).get(out.content_hash)
+                if out.cached is not None:
+                    return out
+            decoded = imageio.decode(data, draft_size=max(self.encoder.info.image_size, 1))
+            out.pixels = self.encoder.preprocess([decoded.image])[0]
+        except BadImage as exc:
+            out.error = exc.reason
+        return out
+
+    def prepare_all(self, items: Sequence[DatasetItem]) -> list[_Prepared]:
+        """`_prepare` for every item, in order, in the decode threads."""
+        bar = tqdm(total=len(items), desc="decoding", unit="img", disable=not self.config.progress)
+        with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="eval-decode") as pool:
+            out = []
+            for p in pool.map(self._prepare, items):
+                out.append(p)
+                bar.update(1)
+        bar.close()
+        return out
+
+    def images(
+        self, items: Sequence[DatasetItem], prepared: Sequence[_Prepared] | None = None
+    ) -> tuple[list[DatasetItem], Float32Array, list[tuple[str, str]]]:
+        """Embeddings of the decodable items (in order), and (path, reason) of the others.
+
+        `prepared`, when given, is `_prepare` of each item done earlier: only the model runs then.
+        """
+        dim = self.encoder.info.dim
+        kept: list[DatasetItem] = []
+        vectors: list[Float32Array] = []
+        failed: list[tuple[str, str]] = []
+        bar = tqdm(total=len(items), desc="images", unit="img", disable=not self.config.progress)
+        if prepared is not None:
+            for chunk in _batches(prepared, self.config.batch_size):
+                vectors.extend(self._encode_batch(list(chunk), kept, failed, dim))
+                bar.update(len(chunk))
+        else:
+            self._decode_and_encode(items, kept, vectors, failed, bar)
+        bar.close()
+        stacked = (
+            np.stack(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, dim), np.float32)
+        )
+        return kept, stacked, failed
+
+    def _decode_and_encode(
+        self,
+        items: Sequence[DatasetItem],
+        kept: list[DatasetItem],
+        vectors: list[Float32Array],
+        failed: list[tuple[str, str]],
+        bar: tqdm,
+    ) -> None:
+        dim = self.encoder.info.dim
+        with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="eval-decode") as pool:
+            batches = _batches(items, self.config.batch_size)
+            # Decoding of the next batch runs in the threads while the encoder works on this one.
+            pending: list[Future[_Prepared]] | None = None
+            first = next(batches, None)
+            if first is not None:
+                pending = [pool.submit(self._prepare, it) for it in first]
+            while pending is not None:
+                prepared = [f.result() for f in pending]
+                following = next(batches, None)
+                pending = None if following is None else [pool.submit(self._prepare, it) for it in following]
+                vectors.extend(self._encode_batch(prepared, kept, failed, dim))
+                bar.update(len(prepared))
+
+    def _encode_batch(
+        self,
+        prepared: list[_Prepared],
+        kept: list[DatasetItem],
+        failed: list[tuple[str, str]],
+        dim: int,
+    ) -> list[Float32Array]:
+        good: list[tuple[_Prepared, str]] = []
+        known: dict[str, Float32Array] = {}  # what the cache holds: found while decoding, or stored this run
+        for p in prepared:
+            if p.error is not None or p.content_hash is None:
+                failed.append((str(p.item.path), p.error or imageio.UNREADABLE))
+                continue
+            h = p.content_hash
+            good.append((p, h))
+            if p.cached is not None:
+                known[h] = p.cached
+            elif h in self._stored:
+                known[h] = self._stored[h]
+        todo = {h: p.pixels for p, h in good if h not in known and p.pixels is not None}
+        fresh: dict[str, Float32Array] = {}
+        if todo:
+            encoded = self.encoder.encode_pixels(np.stack(list(todo.values())))
+            fresh = dict(zip(todo, encoded, strict=True))
+            if self.cache is not None:
+                self.cache.commit_indexed(self.fp, [], fresh)
+                self._stored.update(fresh)
+        out = []
+        for p, h in good:
+            if h in known:
+                self.image_hits += 1
+                vec = known[h]
+            else:  # `_prepare` left either a cached vector or pixels, so it was encoded just now
+                self.images_encoded += 1
+                vec = fresh[h]
+            if vec.shape != (dim,):
+                raise ConfigError(
+                    f"cached embedding for {p.item.path} has shape {vec.shape}, expected ({dim},): "
+                    f"delete {self.config.cache_dir}/{CACHE_FILE}"
+                )
+            kept.append(p.item)
+            out.append(vec)
+        return out
+
+    def texts(self, texts: Sequence[str]) -> Float32Array:
+        vectors, encoded = embed_texts_cached(
+            self.cache,
+            self.encoder,
+            texts,
+            batch_size=self.config.text_batch_size,
+            progress=self.config.progress,
+        )
+        self.text_hits += len(set(texts)) - encoded
+        self.texts_encoded += encoded
+        return vectors
+
+    def stats(self) -> CacheStats:
+        path = str(Path(self.config.cache_dir) / CACHE_FILE) if self.config.cache_dir is not None else None
+        return CacheStats(path, self.image_hits, self.images_encoded, self.text_hits, self.texts_encoded)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _similarities(
+    index: VectorIndex, queries: Float32Array, n_items: int, k: int, chunk: int, desc: str, progress: bool
+) -> Float32Array:
+    """Queries × items scores from index searches; items a search did not return score NOT_RETURNED."""
+    sim = np.full((len(queries), n_items), NOT_RETURNED, dtype=np.float32)
+    bar = tqdm(total=len(queries), desc=desc, unit="q", disable=not progress)
+    for start in range(0, len(queries), chunk):
+        scores, ids = index.search(queries[start : start + chunk], k)
+        rows = np.repeat(np.arange(start, start + len(ids)), ids.shape[1]).reshape(ids.shape)
+        ok = ids >= 0
+        sim[rows[ok], ids[ok]] = scores[ok]
+        bar.update(len(ids))
+    bar.close()
+    return sim
+
+
+def _rank_both(
+    image_vecs: Float32Array,
+    text_vecs: Float32Array,
+    caption_to_image: Int64Array,
+    config: EvalConfig,
+) -> tuple[RetrievalMetrics, IndexInfo]:
+    n_images, dim = image_vecs.shape
+    n_captions = len(text_vecs)
+    factory, note = resolve_factory(config.index, n_images, dim)
+    exact = factory == "Flat"
+    images = VectorIndex.build(np.arange(n_images, dtype=np.int64), image_vecs, factory, dim)
+    k = n_images if exact else min(n_images, config.approx_k)
+    t2i = _similarities(images, text_vecs, n_images, k, config.search_chunk, "text→image", config.progress)
+    info = IndexInfo(requested=config.index, factory=factory, exact=exact, note=note)
+    if exact:
+        # Exact scores are symmetric: image→text reads the transpose of the same matrix, without a copy
+        # or a second index.
+        return retrieval_metrics(t2i, caption_to_image), info
+    cap_factory, _ = resolve_factory(config.index, n_captions, dim)
+    captions = VectorIndex.build(np.arange(n_captions, dtype=np.int64), text_vecs, cap_factory, dim)
+    kc = min(n_captions, config.approx_k * max(1, round(n_captions / n_images)))
+    i2t = _similarities(
+        captions, image_vecs, n_captions, kc, config.search_chunk, "image→text", config.progress
+    )
+    metrics = RetrievalMetrics(
+        text_to_image_metrics(t2i, caption_to_image), image_to_text_metrics(i2t, caption_to_image)
+    )
+    return metrics, info
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def prepare_images(
+    dataset: LoadedDataset, encoder: Encoder, config: EvalConfig | None = None
+) -> PreparedImages:
+    """Read, decode and preprocess `dataset`'s images once, for evaluating a model whose weights change
+    between evaluations while its preprocessing does not (fine-tuning): `evaluate(..., images=...)` then
+    only runs the model. No embedding cache is consulted; the pixels are held in memory."""
+    config = config or EvalConfig()
+    embedder = _Embedder(encoder, replace(config, cache_dir=None))
+    try:
+        return PreparedImages(embedder.prepare_all(dataset.items))
+    finally:
+        embedder.close()
+
+
+def evaluate(
+    dataset: LoadedDataset,
+    encoder: Encoder,
+    config: EvalConfig | None = None,
+    images: PreparedImages | None = None,
+) -> EvalReport:
+    """Text→image and image→text retrieval metrics of `encoder` on `dataset` (see the module docstring).
+
+    `images` is `prepare_images` of this dataset with an encoder that preprocesses like `encoder`; the
+    metrics are the same as without it, only the images are not read again.
+    """
+    config = config or EvalConfig()
+    if not dataset.items:
+        raise NotEnoughData(
+            f"no usable images in the dataset ({format_report(dataset.report)}); check --images and --split"
+        )
+    if images is not None and [p.item.path for p in images.prepared] != [it.path for it in dataset.items]:
+        raise ConfigError("the prepared images are not those of the dataset being evaluated")
+    started = time.perf_counter()
+    embedder = _Embedder(encoder, config)
+    try:
+        prepared = images.prepared if images is not None else None
+        kept, image_vecs, unreadable = embedder.images(dataset.items, prepared)
+        t_images = time.perf_counter()
+        if not kept:
+            raise NotEnoughData(f"none of the {len(dataset.items)} images could be decoded: {unreadable[:3]}")
+        captions = [c for item in kept for c in item.captions]
+        caption_to_image = np.repeat(
+            np.arange(len(kept), dtype=np.int64), [len(item.captions) for item in kept]
+        )
+        text_vecs = embedder.texts(captions)
+        t_texts = time.perf_counter()
+        stats = embedder.stats()
+    finally:
+        embedder.close()
+    metrics, info = _rank_both(image_vecs, text_vecs, caption_to_image, config)
+    done = time.perf_counter()
+    report = EvalReport(
+        metrics=metrics,
+        model={
+            "name": encoder.info.name,
+            "model_id": encoder.info.model_id,
+            "fingerprint": encoder.info.fingerprint,
+            "family": encoder.info.family,
+            "dim": encoder.info.dim,
+        },
+        index=info,
+        dataset_format=dataset.format,
+        split=dataset.split,
+        load_report=dataset.report,
+        n_unreadable=len(unreadable),
+        cache=stats,
+        seconds={
+            "images": round(t_images - started, 3),
+            "captions": round(t_texts - t_images, 3),
+            "search": round(done - t_texts, 3),
+            "total": round(done - started, 3),
+        },
+        image_ids=[item.image_id for item in kept],
+        captions=captions,
+        caption_to_image=caption_to_image,
+        unreadable=unreadable,
+    )
+    if config.out_dir is not None:
+        write_report(report, Path(config.out_dir))  # also records the written files in `report.files`
+    return report
+
+
+# --------------------------------------------------------------------------- report files
+
+_TABLE_ROWS = [
+    ("R@1", "recall@1", True),
+    ("R@5", "recall@5", True),
+    ("R@10", "recall@10", True),
+    ("MRR", "mrr", True),
+    ("nDCG@10", "ndcg@10", True),
+    ("P@1", "precision@1", True),
+    ("P@5", "precision@5", True),
+    ("P@10", "precision@10", True),
+    ("median rank", "median_rank", False),
+    ("mean rank", "mean_rank", False),
+    ("queries", "n_queries", False),
+]
+
+
+def markdown_table(report: EvalReport) -> str:
+    """The table papers print (fractions shown as percentages), with what was evaluated underneath."""
+    t2i, i2t = report.metrics.text_to_image.to_dict(), report.metrics.image_to_text.to_dict()
+
+    def cell(value: float | int, percent: bool) -> str:
+        if percent:
+            return f"{100 * value:.1f}"
+        return str(value) if isinstance(value, int) else f"{value:.1f}"
+
+    lines = ["| metric | text→image | image→text |", "|---|---:|---:|"]
+    lines += [f"| {label} | {cell(t2i[k], pct)} | {cell(i2t[k], pct)} |" for label, k, pct in _TABLE_ROWS]
+    c = report.counts
+    lines += [
+        "",
+        f"rsum {report.metrics.rsum:.1f} · mean recall {report.metrics.mean_recall:.2f} · "
+        f"model `{report.model['name']}` · index {report.index.factory}"
+        + (" (exact)" if report.index.exact else " (approximate)"),
+        f"dataset {report.dataset_format}, split {report.split or 'all'}: {c['images']} images, "
+        f"{c['captions']} captions; {c['images_missing']} listed images missing, "
+        f"{c['images_unreadable']} unreadable.",
+    ]
+    if report.index.note:
+        lines.append(f"note: {report.index.note}")
+    return "\n".join(lines) + "\n"
+
+
+def _save_plots(report: EvalReport, out_dir: Path) -> dict[str, Path]:
+    # The object-oriented API with an Agg canvas leaves pyplot's global backend alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    directions = {
+        "text→image": report.metrics.text_to_image.ranks,
+        "image→text": report.metrics.image_to_text.ranks,
+    }
+    ks = np.arange(1, CURVE_K + 1)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, ranks in directions.items():
+        ax.plot(ks, [100 * float(np.mean(ranks <= k)) for k in ks], label=name)
+    ax.set(xlabel="K", ylabel="recall@K (%)", ylim=(0, 100), xlim=(1, ks[-1]))
+    ax.set_title(f"Recall@K · {Path(str(report.model['name'])).name}"[:70], fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths = {"recall_curve": out_dir / "recall_at_k.png"}
+    fig.savefig(paths["recall_curve"])
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    top = max(int(r.max()) for r in directions.values())
+    edges = [float(e) for e in np.unique(np.geomspace(1, top + 1, num=min(40, top + 1)).astype(int))]
+    if len(edges) < 2:
+        edges = [1.0, 2.0]
+    for name, ranks in directions.items():
+        # Shares, not counts: text→image has several queries per image-to-text query.
+        ax.hist(ranks, bins=edges, weights=np.full(len(ranks), 100.0 / len(ranks)), alpha=0.55, label=name)
+    ax.set(xlabel="rank of the first relevant item", ylabel="% of queries")
+    if len(edges) > 2:
+        ax.set_xscale("log")
+    ax.set_title("Rank histogram (1 is best)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    paths["rank_histogram"] = out_dir / "rank_histogram.png"
+    fig.savefig(paths["rank_histogram"])
+    return paths
+
+
+def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
+    """Write report.json, report.md, per-query rank CSVs and PNG plots into `out_dir`."""
+    import csv
+    import json
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
+    paths = {
+        "ranks_text_to_image": out_dir / "ranks_text_to_image.csv",
+        "ranks_image_to_text": out_dir / "ranks_image_to_text.csv",
+    }
+    with paths["ranks_text_to_image"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["caption", "image", "rank"])
+        ranks = report.metrics.text_to_image.ranks
+        for caption, image, rank in zip(report.captions, report.caption_to_image, ranks, strict=True):
+            writer.writerow([caption, report.image_ids[int(image)], int(rank)])
+    with paths["ranks_image_to_text"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "captions", "rank"])
+        per_image = np.bincount(report.caption_to_image, minlength=len(report.image_ids))
+        ranks = report.metrics.image_to_text.ranks
+        for image, n, rank in zip(report.image_ids, per_image, ranks, strict=True):
+            writer.writerow([image, int(n), int(rank)])
+    paths.update(_save_plots(report, out_dir))
+    paths["markdown"] = out_dir / "report.md"
+    paths["markdown"].write_text(markdown_table(report), encoding="utf-8")
+    paths["json"] = out_dir / "report.json"
+    report.files = {name: str(path) for name, path in paths.items()}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+    return paths

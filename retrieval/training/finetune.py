@@ -1,0 +1,593 @@
+"""Contrastive fine-tuning of a CLIP model on captioned images, with a guard against shipping a worse model.
+
+Careless CLIP fine-tuning is known to collapse (text→image R@1 falling to zero within an epoch at a
+too-high learning rate, or a temperature that runs away). So the starting model is evaluated on the
+validation split first, every epoch is evaluated with the same `evaluate` the product reports with, the
+best epoch is kept, and a result that is worse than the start is refused unless forced.
+
+The recipe is CLIP's own: symmetric InfoNCE with the model's learnable temperature (clamped at 100, as
+in the paper), AdamW with linear warmup and cosine decay, no weight decay on gains, biases, 1-d
+embeddings or the temperature, and gradient clipping. Each epoch shows every image once with one of its
+captions drawn at random, so all captions are used without over-weighting images that have many.
+Mixed precision and gradient accumulation are written the standard torch way and switched on only on
+CUDA; note that accumulation does not enlarge the pool of in-batch negatives, only the optimiser batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from retrieval import imageio
+from retrieval.encoders import EncoderConfig, create_encoder
+from retrieval.errors import BadImage, ClearsightError, ConfigError, NotEnoughData, ShapeError
+from retrieval.training.datasets import DatasetItem, LoadedDataset, load_splits_or_all
+from retrieval.training.evaluate import EvalConfig, PreparedImages, evaluate, prepare_images
+from retrieval.training.metrics import RetrievalMetrics
+from retrieval.types import Float32Array
+
+FREEZE_MODES = ("none", "vision", "text", "all-but-projections", "last-n")
+#: CLIP clamps its temperature so logits are scaled by at most 100.
+MAX_LOGIT_SCALE = math.log(100.0)
+HISTORY_FILE = "finetune_history.json"
+PLOT_FILE = "finetune_curves.png"
+
+
+class FinetuneRefused(ClearsightError):
+    """The fine-tuned model is worse on validation than the start; nothing was written."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, result: FinetuneResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 10
+    lr: float = 1e-5  # peak learning rate; 1e-5 suits pretrained CLIP, from scratch wants ~1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.1
+    warmup: float = 0.1  # below 1: a fraction of all optimiser steps; from 1: a number of steps
+    grad_clip: float = 1.0
+    freeze: str = "none"  # one of FREEZE_MODES
+    last_n: int = 2  # layers per tower trained with freeze="last-n"
+    patience: int = 3  # epochs without improvement before stopping
+    grad_accum: int = 1  # micro-batches per optimiser step (CUDA only)
+    amp: str = "auto"  # auto (fp16 on CUDA), fp16, bf16 or off; never used on the CPU
+    device: str | None = None
+    seed: int = 0
+    force: bool = False  # write the model even when it is worse than the start
+    eval_batch_size: int = 64
+    workers: int = 2  # decode threads
+    preload_mb: int = 2048  # keep preprocessed training, then validation, images in memory up to this size
+    #: torch CPU threads while training (None: torch's default). On a busy machine one thread can be
+    #: several times faster than two that keep preempting each other.
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.freeze not in FREEZE_MODES:
+            raise ConfigError(f"unknown freeze mode {self.freeze!r}; use one of {', '.join(FREEZE_MODES)}")
+        if self.amp not in ("auto", "fp16", "bf16", "off"):
+            raise ConfigError(f"unknown amp {self.amp!r}; use auto, fp16, bf16 or off")
+        for name in (
+            "epochs",
+            "batch_size",
+            "last_n",
+            "patience",
+            "grad_accum",
+            "eval_batch_size",
+            "workers",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be at least 2: contrastive loss needs in-batch negatives")
+        if not self.lr > 0 or self.weight_decay < 0 or self.warmup < 0 or not self.grad_clip > 0:
+            raise ConfigError("lr and grad_clip must be positive; weight_decay and warmup non-negative")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    loss: float | None  # None when no step of the epoch gave a finite loss
+    lr: float
+    val: dict[str, float]
+    seconds: float
+    improved: bool
+
+
+@dataclass
+class FinetuneResult:
+    """What happened: start and best validation figures side by side, the history, and what was written."""
+
+    start: dict[str, float]
+    best: dict[str, float]
+    best_epoch: int
+    history: list[EpochRecord]
+    step_losses: list[float]
+    step_lrs: list[float]
+    stopped_early: bool
+    written: bool
+    out_dir: str | None
+    notes: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["epochs"] = out.pop("history")
+        return out
+
+
+def summarise(metrics: RetrievalMetrics) -> dict[str, float]:
+    """The validation figures fine-tuning decides on and shows."""
+    out = {
+        f"{name}_r{k}": getattr(direction, f"recall_at_{k}")
+        for name, direction in (("t2i", metrics.text_to_image), ("i2t", metrics.image_to_text))
+        for k in (1, 5, 10)
+    }
+    return {**out, "rsum": metrics.rsum}
+
+
+def _key(summary: dict[str, float]) -> tuple[float, float]:
+    """Text→image R@1 decides, rsum breaks ties: the figure users feel first, then the overall one."""
+    return (round(summary["t2i_r1"], 9), round(summary["rsum"], 6))
+
+
+def side_by_side(start: dict[str, float], tuned: dict[str, float]) -> str:
+    """Start and fine-tuned validation figures in two columns (recalls in %), for people to compare."""
+    rows = [f"{'validation':<18} {'start':>8} {'fine-tuned':>11}"]
+    for k in start:
+        scale = 1.0 if k == "rsum" else 100.0
+        name = k.replace("_r", " R@").replace("t2i", "text→image").replace("i2t", "image→text")
+        rows.append(f"{name:<18} {scale * start[k]:>8.1f} {scale * tuned[k]:>11.1f}")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_training_data(
+    fmt: str,
+    annotations: Path,
+    images: Path,
+    train_split: str = "train",
+    val_split: str = "val",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[LoadedDataset, LoadedDataset]:
+    """Train and validation sets; a dataset without split information gets a seeded hold-out instead."""
+    loaded = load_splits_or_all(fmt, annotations, images, (train_split, val_split))
+    if isinstance(loaded, list):
+        train_set, val_set = loaded
+        return train_set, val_set
+    everything = loaded
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(everything.items))
+    held = set(order[: max(1, round(val_fraction * len(order)))].tolist())
+    train = [it for i, it in enumerate(everything.items) if i not in held]
+    val = [it for i, it in enumerate(everything.items) if i in held]
+    fmt, report = everything.format, everything.report
+    return LoadedDataset(train, fmt, report, "train"), LoadedDataset(val, fmt, report, "val")
+
+
+class _Pixels:
+    """Preprocessed training images: all in memory when they fit the budget, else decoded per batch."""
+
+    def __init__(self, items: list[DatasetItem], encoder: Any, config: FinetuneConfig) -> None:
+        self.encoder = encoder
+        self.workers = config.workers
+        self.draft = max(int(encoder.info.image_size), 1)
+        size = int(encoder.info.image_size)
+        per_image = 3 * size * size * 4
+        self.cache: Float32Array | None = None
+        self.items, self.failed = items, 0
+        if len(items) * per_image <= config.preload_mb * 2**20:
+            arrays = self._decode(items, desc="loading images" if config.progress else None)
+            good = [i for i, a in enumerate(arrays) if a is not None]
+            self.failed = len(items) - len(good)
+            self.items = [items[i] for i in good]
+            self.cache = np.stack([a for a in arrays if a is not None]) if good else None
+
+    def _one(self, item: DatasetItem) -> Float32Array | None:
+        try:
+            image = imageio.open_image(item.path, draft_size=self.draft).image
+        except BadImage:
+            return None
+        return self.encoder.preprocess([image])[0]
+
+    def _decode(self, items: list[DatasetItem], desc: str | None = None) -> list[Float32Array | None]:
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="train-decode") as pool:
+            mapped = pool.map(self._one, items)
+            return list(tqdm(mapped, total=len(items), desc=desc or "", disable=desc is None, unit="img"))
+
+    def batch(self, index: np.ndarray) -> tuple[Float32Array, np.ndarray]:
+        """Pixels of the decodable items among `index`, and which of them those are."""
+        if self.cache is not None:
+            return self.cache[index], index
+        arrays = self._decode([self.items[int(i)] for i in index])
+        keep = np.array([a is not None for a in arrays])
+        return np.stack([a for a in arrays if a is not None]), index[keep]
+
+
+# --------------------------------------------------------------------------- model surgery
+
+
+def _apply_freeze(model: Any, mode: str, last_n: int) -> list[Any]:
+    """Set requires_grad per the freeze mode; returns the trainable parameters."""
+    trainable_prefixes: tuple[str, ...]
+    heads = ("visual_projection.", "text_projection.", "logit_scale")
+    if mode == "none":
+        trainable_prefixes = ("",)
+    elif mode == "vision":  # the vision tower is frozen
+        trainable_prefixes = ("text_model.", "text_projection.", "logit_scale")
+    elif mode == "text":
+        trainable_prefixes = ("vision_model.", "visual_projection.", "logit_scale")
+    elif mode == "all-but-projections":
+        trainable_prefixes = heads
+    else:
+        v_layers = len(model.vision_model.encoder.layers)
+        t_layers = len(model.text_model.encoder.layers)
+        if last_n > min(v_layers, t_layers):
+            raise ConfigError(
+                f"last_n={last_n} but the towers have {v_layers} (vision) and {t_layers} (text) layers"
+            )
+        trainable_prefixes = (
+            *heads,
+            *(f"vision_model.encoder.layers.{i}." for i in range(v_layers - last_n, v_layers)),
+            *(f"text_model.encoder.layers.{i}." for i in range(t_layers - last_n, t_layers)),
+            "vision_model.post_layernorm.",
+            "text_model.final_layer_norm.",
+        )
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(trainable_prefixes))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: gains, biases, 1-d embeddings and the temperature are left alone."""
+    decay: list[Any] = []
+    plain: list[Any] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or name.endswith(".bias") or "norm" in name or name == "logit_scale"
+        (plain if no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def clip_loss(model: Any, pixels: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """Symmetric InfoNCE: each image must pick its caption among the batch's, and each caption its image."""
+    import torch
+    import torch.nn.functional as F
+
+    from retrieval.encoders.hf import features
+
+    img = features(model.get_image_features(pixel_values=pixels))
+    txt = features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+    img = F.normalize(img.float(), dim=-1)
+    txt = F.normalize(txt.float(), dim=-1)
+    scale = model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * img @ txt.t()
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _eval_config(config: FinetuneConfig) -> EvalConfig:
+    return EvalConfig(batch_size=config.eval_batch_size, workers=config.workers, progress=False)
+
+
+def _prepare_validation(
+    encoder: Any, val: LoadedDataset, config: FinetuneConfig, budget_bytes: int
+) -> PreparedImages | None:
+    """The validation images decoded and preprocessed once, when they fit `budget_bytes`; else None and
+    every validation reads them again. Only the model changes between epochs, not the preprocessing."""
+    size = int(encoder.info.image_size)
+    if len(val.items) * 3 * size * size * 4 > budget_bytes:
+        return None
+    return prepare_images(val, encoder, _eval_config(config))
+
+
+def _validate(
+    encoder: Any, val: LoadedDataset, config: FinetuneConfig, images: PreparedImages | None = None
+) -> dict[str, float] | None:
+    """Validation figures, or None when the model has diverged (its embeddings hold NaN or infinity)."""
+    model = encoder.model
+    was_training = model.training
+    model.eval()
+    try:
+        return summarise(evaluate(val, encoder, _eval_config(config), images).metrics)
+    except ShapeError:
+        return None
+    finally:
+        model.train(was_training)
+
+
+def finetune(
+    model: str,
+    train: LoadedDataset,
+    val: LoadedDataset,
+    out_dir: Path | str,
+    config: FinetuneConfig | None = None,
+) -> FinetuneResult:
+    """Fine-tune `model` (hub id, registry name or directory) and save the best epoch to `out_dir`.
+
+    Raises `FinetuneRefused` (carrying the result) when the best epoch is worse on validation than the
+    starting model and `config.force` is false; nothing is written then.
+    """
+    import torch
+
+    config = config or FinetuneConfig()
+    previous = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _finetune(model, train, val, Path(out_dir), config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _Optimiser:
+    """AdamW, schedule, loss scaling and accumulation: one `step` per micro-batch, written the torch way."""
+
+    def __init__(
+        self, net: Any, trainable: list[Any], device: str, steps_per_epoch: int, config: FinetuneConfig
+    ) -> None:
+        import torch
+
+        self.net, self.trainable, self.config = net, trainable, config
+        self.cuda = device.startswith("cuda")
+        self.amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
+        self.use_amp = self.cuda and config.amp != "off"
+        self.accum = config.grad_accum if self.cuda else 1
+        total = config.epochs * math.ceil(steps_per_epoch / self.accum)
+        warmup = max(1, int(config.warmup * total) if config.warmup < 1 else int(config.warmup))
+        groups = _param_groups(net, config.weight_decay)
+        self.optimiser = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimiser, lambda s: _lr_factor(s, warmup, total)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimiser.param_groups[0]["lr"])
+
+    def step(self, inputs: dict[str, Any], boundary: bool) -> float:
+        """Forward and backward one micro-batch; update the weights at accumulation boundaries."""
+        import torch
+
+        device_type = "cuda" if self.cuda else "cpu"
+        with torch.autocast(device_type=device_type, dtype=self.amp_dtype, enabled=self.use_amp):
+            loss = clip_loss(self.net, inputs["pixels"], inputs["input_ids"], inputs["attention_mask"])
+        self.scaler.scale(loss / self.accum).backward()
+        if boundary:
+            self.scaler.unscale_(self.optimiser)
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
+            self.optimiser.zero_grad(set_to_none=True)
+            self.schedule.step()
+            with torch.no_grad():
+                self.net.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return float(loss.detach())
+
+
+def _finetune(
+    model: str,
+    train: LoadedDataset,
+    val: LoadedDataset,
+    out_dir: Path,
+    config: FinetuneConfig,
+) -> FinetuneResult:
+    import torch
+
+    _check_out_dir(out_dir)
+    if len(train.items) < 2:
+        raise NotEnoughData(f"fine-tuning needs at least 2 training images, got {len(train.items)}")
+    if not val.items:
+        raise NotEnoughData("fine-tuning needs a validation split with images (see --val-split)")
+    torch.manual_seed(config.seed)
+    # Any: training needs the transformers model behind the encoder, which the Encoder protocol hides.
+    encoder: Any = create_encoder(EncoderConfig(model=model, device=config.device, precision="fp32"))
+    try:
+        if encoder.info.family != "clip":
+            raise ConfigError(f"fine-tuning supports CLIP models; {model!r} is a {encoder.info.family} model")
+        result, best_state = _train(encoder, model, train, val, config)
+        if best_state is None:
+            raise FinetuneRefused(
+                "no epoch produced a usable model (training diverged at once); nothing was written. "
+                "Lower the learning rate. " + " ".join(result.notes),
+                result,
+            )
+        worse = _key(result.best) < _key(result.start)
+        if worse and not config.force:
+            raise FinetuneRefused(
+                "the fine-tuned model is worse on validation than the starting model, so it was not written "
+                "(lower the learning rate, freeze more, or pass --force to write it anyway):\n"
+                + side_by_side(result.start, result.best),
+                result,
+            )
+        if worse:
+            result.notes.append("written although worse than the start (force)")
+        encoder.model.load_state_dict(best_state)
+        _save(encoder, result, out_dir)
+        return result
+    finally:
+        encoder.close()
+
+
+def _train(
+    encoder: Any, model: str, train: LoadedDataset, val: LoadedDataset, config: FinetuneConfig
+) -> tuple[FinetuneResult, dict[str, Any] | None]:
+    """The epochs: train, validate, keep the best state, stop on patience or divergence."""
+    import torch
+
+    rng = np.random.default_rng(config.seed)
+    net, device = encoder.model, encoder.device
+    notes: list[str] = []
+    if config.grad_accum > 1 and not device.startswith("cuda"):
+        notes.append(f"gradient accumulation ({config.grad_accum}) is used on CUDA only; ignored on {device}")
+    trainable = _apply_freeze(net, config.freeze, config.last_n)
+    pixels = _Pixels(train.items, encoder, config)
+    if pixels.failed:
+        notes.append(f"{pixels.failed} training images could not be decoded and were skipped")
+    items = pixels.items
+    batch_size = min(config.batch_size, len(items))
+    batches = max(1, len(items) // batch_size)  # the short last batch is dropped
+    opt = _Optimiser(net, trainable, device, batches, config)
+    # The memory budget is shared: what the training images left of it may hold the validation images.
+    left = config.preload_mb * 2**20 - (pixels.cache.nbytes if pixels.cache is not None else 0)
+    val_images = _prepare_validation(encoder, val, config, left)
+
+    start = _validate(encoder, val, config, val_images)
+    if start is None:
+        raise ConfigError(
+            f"the starting model {model!r} produces NaN or infinite embeddings; it cannot be tuned"
+        )
+    result = FinetuneResult(
+        start=start,
+        best=start,
+        best_epoch=0,
+        history=[],
+        step_losses=[],
+        step_lrs=[],
+        stopped_early=False,
+        written=False,
+        out_dir=None,
+        notes=notes,
+        config={**asdict(config), "model": model, "train_images": len(items), "val_images": len(val.items)},
+    )
+    best_state: dict[str, Any] | None = None
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        began = time.perf_counter()
+        net.train()
+        order = rng.permutation(len(items))
+        bar = tqdm(range(batches), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
+        losses: list[float] = []
+        for b in bar:
+            px, kept = pixels.batch(order[b * batch_size : (b + 1) * batch_size])
+            if len(kept) < 2:
+                continue
+            captions = [items[int(i)].captions[int(rng.integers(len(items[int(i)].captions)))] for i in kept]
+            tok = encoder.tokenize(captions)
+            inputs = {"pixels": torch.from_numpy(px), **{k: tok[k] for k in ("input_ids", "attention_mask")}}
+            value = opt.step(
+                {k: v.to(device) for k, v in inputs.items()}, (b + 1) % opt.accum == 0 or b + 1 == batches
+            )
+            if not math.isfinite(value):
+                notes.append(f"loss became {value} in epoch {epoch}; training stopped")
+                result.stopped_early = True
+                break
+            losses.append(value)
+            result.step_losses.append(value)
+            result.step_lrs.append(opt.lr)
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{opt.lr:.2e}")
+        bar.close()
+        checked = None if result.stopped_early else _validate(encoder, val, config, val_images)
+        if checked is None and not result.stopped_early:
+            notes.append(
+                f"the model diverged in epoch {epoch} (NaN or infinite embeddings); training stopped"
+            )
+            result.stopped_early = True
+        improved = checked is not None and (best_state is None or _key(checked) > _key(result.best))
+        if checked is not None and improved:
+            result.best, result.best_epoch, stale = checked, epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+        summary = checked or {k: 0.0 for k in start}
+        mean_loss = float(np.mean(losses)) if losses else None
+        seconds = time.perf_counter() - began
+        result.history.append(EpochRecord(epoch, mean_loss, opt.lr, summary, seconds, improved))
+        if result.stopped_early:
+            break
+        if stale >= config.patience:
+            result.stopped_early = True
+            notes.append(f"stopped after epoch {epoch}: no improvement for {config.patience} epochs")
+            break
+    return result, best_state
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to overwrite a folder this module did not write: it could be the user's only copy of a model."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / HISTORY_FILE).exists():
+        raise ConfigError(f"{out_dir} exists and is not a previous fine-tuning output; choose another --out")
+
+
+def _save(encoder: Any, result: FinetuneResult, out_dir: Path) -> None:
+    """save_pretrained into a sibling temporary folder, then swap it in: a crash never leaves half a model."""
+    _check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        encoder.model.save_pretrained(str(tmp))
+        encoder.processor.save_pretrained(str(tmp))
+        result.written, result.out_dir = True, str(out_dir)
+        (tmp / HISTORY_FILE).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+        save_curves(result, tmp / PLOT_FILE)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        result.written, result.out_dir = False, None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_curves(result: FinetuneResult, path: Path) -> Path:
+    """Loss and learning rate per step beside validation R@1 per epoch (epoch 0 is the start)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    steps = np.arange(1, len(result.step_losses) + 1)
+    left.plot(steps, result.step_losses, lw=0.8, label="loss")
+    left.set(xlabel="step", ylabel="InfoNCE loss", title="training")
+    twin = left.twinx()
+    twin.plot(steps, result.step_lrs, color="tab:orange", lw=0.8, label="lr")
+    twin.set_ylabel("learning rate")
+    epochs = [0] + [r.epoch for r in result.history]
+    for key, label in (("t2i_r1", "text→image R@1"), ("i2t_r1", "image→text R@1")):
+        values = [result.start[key]] + [r.val[key] for r in result.history]
+        right.plot(epochs, [100 * v for v in values], marker="o", label=label)
+    right.axvline(result.best_epoch, color="grey", ls=":", label=f"best (epoch {result.best_epoch})")
+    right.set(xlabel="epoch", ylabel="validation %", title="validation", ylim=(0, 100))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
