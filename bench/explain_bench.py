@@ -38,8 +38,9 @@ from explainer.explain.backends import ChatModelBackend
 from explainer.explain.cache import MemoryExplanationCache
 from explainer.explain.chain import Explainer
 from explainer.explain.prompts import load_prompt
-from explainer.explain.types import ExplainContext, RegionEvidence
+from explainer.explain.types import ExplainContext
 from explainer.settings import Settings
+from retrieval.types import Region
 
 FLOOR = 1.5
 REPLY = json.dumps(
@@ -90,8 +91,8 @@ def contexts(prefix: str, n: int) -> list[ExplainContext]:
             caption=f"a red bus parked on a street, photo {i}",
             dataset_captions=["a bus in the city", "a red double-decker"],
             evidence=[
-                RegionEvidence(box=(40, 60, 400, 300), score=0.31, rank=1),
-                RegionEvidence(box=(300, 200, 600, 460), score=0.27, rank=2),
+                Region(box=(40, 60, 400, 300), score=0.31, rank=1),
+                Region(box=(300, 200, 600, 460), score=0.27, rank=2),
             ],
             image_size=(640, 480),
             score=0.3 - 0.01 * i,

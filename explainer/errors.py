@@ -1,10 +1,10 @@
-"""Typed errors of the application layer.
+"""Typed errors of the application layer, and how the boundaries word them.
 
 The retrieval library's errors are re-exported so that application code (server, CLI, pipeline)
-catches everything from one module. The LLM errors are added here because only the explainer
-talks to language models; each carries the HTTP status and exit code the boundaries translate
-it into, like the library's errors do, plus a short `reason_code` that a card shows when its
-explanation fell back to the offline explainer.
+catches everything from one module. The LLM errors are added here because only the explainer talks
+to language models; each has a short `reason_code` that a card shows when its explanation fell
+back to the offline explainer. Exit codes, HTTP statuses and remedies in the user's terms live
+here too, in tables the two boundaries read: the errors themselves carry none of them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from retrieval.errors import (
     BadQuery,
     ClearsightError,
     ConfigError,
+    FinetuneRefused,
     IndexCorrupt,
     IndexError_,
     IndexMismatch,
@@ -30,6 +31,7 @@ __all__ = [
     "BadQuery",
     "ClearsightError",
     "ConfigError",
+    "FinetuneRefused",
     "IndexCorrupt",
     "IndexError_",
     "IndexMismatch",
@@ -41,7 +43,11 @@ __all__ = [
     "ModelUnavailable",
     "NotEnoughData",
     "ShapeError",
+    "cli_message",
+    "exit_code_for",
+    "http_status_for",
     "redact",
+    "server_message",
 ]
 
 _MASK = "***"
@@ -53,8 +59,6 @@ class LLMError(ClearsightError):
     Messages must never contain credentials: backends build them with `redact` before raising.
     """
 
-    exit_code = 6
-    http_status = 502
     #: Short, stable tag shown in `Explanation.fallback_reason`.
     reason_code: str = "llm_error"
 
@@ -62,14 +66,12 @@ class LLMError(ClearsightError):
 class LLMTimeout(LLMError):
     """The model did not answer within the configured timeout."""
 
-    http_status = 504
     reason_code = "timeout"
 
 
 class LLMRateLimited(LLMError):
     """The provider kept answering 429 after every retry."""
 
-    http_status = 503
     reason_code = "rate_limited"
 
 
@@ -89,3 +91,80 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, _MASK)
     return text
+
+
+#: Process exit codes, most specific class first; anything else exits 1.
+_EXIT_CODES: tuple[tuple[type[ClearsightError], int], ...] = (
+    (ModelUnavailable, 3),
+    (IndexError_, 4),
+    (ShapeError, 5),
+    (LLMError, 6),
+    (FinetuneRefused, 6),
+    (ConfigError, 2),
+    (BadQuery, 2),
+    (NotEnoughData, 2),
+)
+
+#: HTTP statuses, most specific class first; anything else is a 400.
+_HTTP_STATUSES: tuple[tuple[type[ClearsightError], int], ...] = (
+    (ModelUnavailable, 503),
+    (IndexError_, 503),
+    (LLMTimeout, 504),
+    (LLMRateLimited, 503),
+    (LLMError, 502),
+    (ShapeError, 500),
+    (BadQuery, 422),
+    (NotEnoughData, 409),
+    (ConfigError, 400),
+)
+
+#: What a CLI user can do, by the library's remedy code.
+_CLI_REMEDIES: dict[str, str] = {
+    "rebuild": "rebuild it with `clearsight index PATH --rebuild`",
+    "other_data_dir": "use another --data-dir, or pass --rebuild to replace it",
+    "use_index_model": "search without --model to use the model it was built with, or re-index with "
+    "`clearsight index PATH --model ...` into another --data-dir",
+    "add_captions": "pass --captions FILE to `clearsight index`, "
+    "or generate captions with `clearsight caption`",
+    "use_grid_evidence": "use grid evidence (--evidence-method grid)",
+    "name_val_split": "name one with --val-split, or let --val-fraction hold some out",
+    "force_write": "lower the learning rate, freeze more, or pass --force to write it anyway",
+    "other_out_dir": "choose another --out",
+    "index_first": "index a folder first with `clearsight index PATH --data-dir DIR`",
+}
+
+#: The same remedies for a web client, which has no flags to pass.
+_SERVER_REMEDIES: dict[str, str] = {
+    "rebuild": "the index must be rebuilt on the server",
+    "other_data_dir": "the server's index was built with another model",
+    "use_index_model": "search with the model the index was built with",
+    "add_captions": "the collection has no captions yet",
+    "use_grid_evidence": "grid evidence works with this model",
+    "index_first": "index a folder first on the server",
+}
+
+
+def exit_code_for(exc: ClearsightError) -> int:
+    """The CLI's exit code for an error (1 when no row matches)."""
+    return next((code for cls, code in _EXIT_CODES if isinstance(exc, cls)), 1)
+
+
+def http_status_for(exc: ClearsightError) -> int:
+    """The server's HTTP status for an error (400 when no row matches)."""
+    return next((code for cls, code in _HTTP_STATUSES if isinstance(exc, cls)), 400)
+
+
+def _with_remedy(exc: ClearsightError, table: dict[str, str]) -> str:
+    text = str(exc)
+    hint = table.get(exc.remedy) if exc.remedy else None
+    return f"{text}: {hint}" if hint else text
+
+
+def cli_message(exc: ClearsightError) -> str:
+    """The error's message and what to do, with the command-line options that do it."""
+    return _with_remedy(exc, _CLI_REMEDIES)
+
+
+def server_message(exc: ClearsightError) -> str:
+    """The error's message and what to do, in words for a web client."""
+    return _with_remedy(exc, _SERVER_REMEDIES)

@@ -93,8 +93,8 @@ def sync_indexes(
         manifest = store.read_manifest()
         if manifest.fingerprint != info.fingerprint:
             raise IndexMismatch(
-                f"{collection.data_dir} holds an index built with {manifest.model_name!r}; "
-                f"to index with {info.name!r} use another --data-dir or pass --rebuild"
+                f"{collection.data_dir} holds an index built with {manifest.model_name!r}, not {info.name!r}",
+                remedy="other_data_dir",
             )
         current = store.load()
         factory = factory or manifest.factory

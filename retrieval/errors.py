@@ -1,40 +1,49 @@
 """Typed errors of the retrieval library.
 
-Library code raises these and never prints or exits; the boundaries translate them (the CLI into a
-one-line message and an exit code, the server into a JSON body with a 4xx/503 status). Each error
-carries a message written for the person who has to act on it.
+Library code raises these and never prints or exits. A message says what went wrong in the
+library's own terms; what the user can do about it is a `remedy` code, which each boundary turns
+into its own words (the CLI names its flags, the server its fields), so the library never speaks
+of command-line options, HTTP statuses or exit codes.
 """
 
 from __future__ import annotations
+
+#: Remedy codes the library may attach to an error; the boundaries word them.
+REMEDIES: frozenset[str] = frozenset(
+    {
+        "rebuild",  # replace the index (built with another model, or unreadable)
+        "other_data_dir",  # keep the old index, write the new one elsewhere
+        "use_index_model",  # search with the model the index was built with
+        "add_captions",  # attach dataset captions or generate some
+        "use_grid_evidence",  # the model has no per-patch projection
+        "name_val_split",  # fine-tuning needs a validation split
+        "force_write",  # write a model the guard refused
+        "other_out_dir",  # the output folder belongs to something else
+        "index_first",  # there is no collection yet
+    }
+)
 
 
 class ClearsightError(Exception):
     """Base of every error the product raises on purpose."""
 
-    #: Process exit code the CLI uses for this kind of error.
-    exit_code: int = 1
-    #: HTTP status the server uses for this kind of error.
-    http_status: int = 400
+    def __init__(self, message: str = "", *, remedy: str | None = None) -> None:
+        if remedy is not None and remedy not in REMEDIES:
+            raise ValueError(f"unknown remedy {remedy!r}")
+        super().__init__(message)
+        self.remedy = remedy
 
 
 class ModelUnavailable(ClearsightError):
     """Weights are not on disk and cannot be downloaded (or fail to load)."""
 
-    exit_code = 3
-    http_status = 503
-
 
 class ConfigError(ClearsightError):
     """A setting, model name or option is invalid."""
 
-    exit_code = 2
-
 
 class BadQuery(ClearsightError):
     """The query itself is unusable (empty, unreadable image, out-of-range weight...)."""
-
-    exit_code = 2
-    http_status = 422
 
 
 class BadImage(BadQuery):
@@ -48,9 +57,6 @@ class BadImage(BadQuery):
 
 class IndexError_(ClearsightError):
     """Base for problems with the stored index (missing, incompatible, corrupt)."""
-
-    exit_code = 4
-    http_status = 503
 
 
 class IndexMissing(IndexError_):
@@ -68,12 +74,17 @@ class IndexCorrupt(IndexError_):
 class NotEnoughData(ClearsightError):
     """An operation needs more data than there is (e.g. training IVF-PQ on too few vectors)."""
 
-    exit_code = 2
-    http_status = 409
-
 
 class ShapeError(ClearsightError, ValueError):
     """Arrays entering the index have the wrong shape, dtype or normalisation."""
 
-    exit_code = 5
-    http_status = 500
+
+class FinetuneRefused(ClearsightError):
+    """The fine-tuned model is worse on validation than the start; nothing was written.
+
+    `result` is the training's result (typed loosely here: the training package defines it and
+    imports this module, not the other way round)."""
+
+    def __init__(self, message: str, result: object, *, remedy: str | None = "force_write") -> None:
+        super().__init__(message, remedy=remedy)
+        self.result = result

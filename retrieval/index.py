@@ -388,9 +388,7 @@ class VectorIndex:
         try:
             index = faiss.read_index(str(path))
         except Exception as exc:
-            raise IndexCorrupt(
-                f"cannot read {path}: {exc}; rebuild with `clearsight index --rebuild`"
-            ) from exc
+            raise IndexCorrupt(f"cannot read {path}: {exc}", remedy="rebuild") from exc
         if index.d != dim:
             raise IndexCorrupt(f"{path} holds {index.d}-d vectors but the manifest says {dim}")
         return cls(index, dim, factory, params)
@@ -459,9 +457,8 @@ class IndexStore:
         if expect_fingerprint is not None and manifest.fingerprint != expect_fingerprint:
             raise IndexMismatch(
                 f"the index in {self.root.parent} was built with model {manifest.model_name!r}"
-                + (f" and cannot be searched with {expect_model!r}" if expect_model else "")
-                + ": search without --model to use the model it was built with, or re-index with "
-                "`clearsight index PATH --model ...` into another --data-dir"
+                + (f" and cannot be searched with {expect_model!r}" if expect_model else ""),
+                remedy="use_index_model",
             )
         version = self.current_version()
         assert version is not None

@@ -172,8 +172,9 @@ def ingest(
             manifest = collection.store.read_manifest()
             if manifest.fingerprint != fp:
                 raise IndexMismatch(
-                    f"{collection.data_dir} holds an index built with {manifest.model_name!r}; to index with "
-                    f"{encoder.info.name!r} use another --data-dir, or pass --rebuild to replace it"
+                    f"{collection.data_dir} holds an index built with {manifest.model_name!r}, "
+                    f"not {encoder.info.name!r}",
+                    remedy="other_data_dir",
                 )
 
         # 1. scan and reconcile with the catalog

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class Query:
 
     def validate(self) -> None:
         if not (self.text and self.text.strip()) and self.image is None:
-            raise BadQuery("give a text query, an image (--image), or both")
+            raise BadQuery("give a text query, an image, or both")
         if not 0.0 <= self.weight <= 1.0:
             raise BadQuery(f"weight must be between 0 and 1 (the text's share), got {self.weight}")
         if not 0.0 <= self.negative_weight <= 1.0:
@@ -214,8 +215,8 @@ class Searcher:
         idx = self.index.captions
         if idx.ntotal == 0:
             raise BadQuery(
-                "this collection has no captions to search: index a folder with a captions.jsonl, "
-                "pass --captions FILE to `clearsight index`, or generate captions with `clearsight caption`"
+                "this collection has no captions to search: index a folder with a captions.jsonl",
+                remedy="add_captions",
             )
         want = q.offset + q.top_k
         scores, ids = idx.search(vec, want + 16, self.params)
@@ -237,3 +238,22 @@ class Searcher:
         return SearchResult(
             q.kind, m.model_name, "Flat", idx.ntotal, hits[q.offset : q.offset + q.top_k], "captions"
         )
+
+    def score_ids(self, vec: Float32Array, items: Sequence[tuple[int, int]]) -> list[Hit]:
+        """Hits for (image id, rank) pairs, scored against the query vector `vec` from stored embeddings.
+
+        What a page needs when it asks about images it showed before (explanations, the detail view,
+        the evidence picture) without searching again. Ids that are not indexed images are left out.
+        """
+        catalog = self.collection.catalog
+        records = catalog.get_images([i for i, _ in items])
+        hashes = [r.content_hash for r in records.values() if r.content_hash]
+        stored = catalog.get_embeddings(hashes, self.encoder.info.fingerprint)
+        hits: list[Hit] = []
+        for image_id, rank in items:
+            rec = records.get(image_id)
+            if rec is None or rec.state != "indexed" or rec.content_hash not in stored:
+                continue
+            score = float(np.dot(stored[rec.content_hash], vec[0]))
+            hits.append(Hit(rec.id, rec.path, round(score, 6), rank, rec.width, rec.height, rec.content_hash))
+        return hits

@@ -11,12 +11,12 @@ from typing import Any
 from conftest import COLOURS, make_folder
 from PIL import Image
 
-from explainer.cards.model import EvidenceBox
 from explainer.settings import Settings
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
+from retrieval.evidence import Evidence
 from retrieval.ingest import ingest
 from retrieval.search import Hit, Query, Searcher, SearchResult
-from retrieval.types import Float32Array
+from retrieval.types import Float32Array, Region
 
 #: Generated captions are attached under this source, as `clearsight caption` does.
 GENERATED_SOURCE = "generated:tiny-blip"
@@ -93,24 +93,23 @@ class FixedEvidence:
 
     name = "fixed"
 
+    max_regions = 2
+
     def for_hits(
         self,
         searcher: Searcher,
         query: Query,
         hits: Sequence[Hit],
-        limit: int | None = None,
         query_vec: Float32Array | None = None,
-    ) -> list[list[EvidenceBox]]:
-        out = []
+    ) -> list[Evidence | None]:
+        out: list[Evidence | None] = []
         for h in hits:
             w, ht = h.width or 4, h.height or 4
-            boxes = [
-                EvidenceBox(box=(0, 0, w // 2, ht // 2), score=0.5, rank=1, label="top-left"),
-                EvidenceBox(
-                    box=(w // 4, ht // 4, 3 * w // 4, 3 * ht // 4), score=0.4, rank=2, label="centre"
-                ),
-            ]
-            out.append(boxes[: limit or 2])
+            regions = (
+                Region(box=(0, 0, w // 2, ht // 2), score=0.5, rank=1, label="top-left"),
+                Region(box=(w // 4, ht // 4, 3 * w // 4, 3 * ht // 4), score=0.4, rank=2, label="centre"),
+            )
+            out.append(Evidence(h.id, regions, "fixed", (w, ht)))
         return out
 
     def render(

@@ -51,8 +51,14 @@ def test_cli_and_python_api_agree(indexed: tuple[Path, Path, list[Path]]) -> Non
     ]
     for argv, q in cases:
         out = _search(data, *argv)
-        api = searcher.search(q).to_dict()
-        assert out == json.loads(json.dumps(api))
+        api = json.loads(json.dumps(searcher.search(q).to_dict()))
+        # the CLI prints cards: the library's result fields, every hit field (its dataset captions
+        # as the card's `dataset_captions`), plus what cards add (caption, evidence, explanation)
+        assert {k: out[k] for k in api if k != "results"} == {k: v for k, v in api.items() if k != "results"}
+        assert len(out["results"]) == len(api["results"])
+        for row, hit in zip(out["results"], api["results"], strict=True):
+            assert row["dataset_captions"] == hit.pop("captions")
+            assert {k: row[k] for k in hit} == hit
         assert all({"id", "path", "score", "rank"} <= set(r) for r in out["results"])
     caps = _search(data, "--image", str(files[2]), "--captions", "-k", "2")
     assert caps == json.loads(json.dumps(searcher.search_captions(Query(image=img, top_k=2)).to_dict()))

@@ -25,10 +25,12 @@ from explainer.captions.captioner import BlipCaptioner, make_blip
 from explainer.cli.app import app
 from explainer.explain.backends import _FACTORIES, ChatModelBackend, LLMConfig
 from explainer.settings import get_settings
+from retrieval import Collection
 
 runner = CliRunner()
 KEY = "gsk_cli_test_secret_0123456789"
-ADDED = {"caption", "caption_source", "explanation"}
+#: What --explain fills in on a plain search's cards: the explanation, and the evidence it was given.
+ADDED = {"explanation", "evidence", "evidence_method"}
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +88,11 @@ def test_explain_adds_caption_and_structured_explanation(indexed: tuple[Path, li
     assert out["explainer"] == {"backend": "offline", "prompt": "offline@v1"}
     assert len(out["results"]) == 8
     for row, before in zip(out["results"], plain["results"], strict=True):
-        assert {k: v for k, v in row.items() if k not in ADDED} == before  # the library's JSON, plus
-        assert row["caption"] == before["captions"][0] and row["caption_source"] == "dataset"
+        assert {k: v for k, v in row.items() if k not in ADDED} == {
+            k: v for k, v in before.items() if k not in ADDED
+        }  # the plain search's cards, plus
+        assert before["explanation"] is None and before["evidence"] == []
+        assert row["caption"] == before["dataset_captions"][0] and row["caption_source"] == "dataset"
         e = row["explanation"]
         assert e["backend"] == "offline" and e["prompt"] == "offline@v1" and e["text"]
         assert set(e) >= {"matched_concepts", "mismatches", "confidence", "fallback_reason", "cached"}
@@ -144,13 +149,14 @@ def test_caption_generates_with_blip_once_then_reads_the_cache(
     source = f"generated:{blip_settings.name}"
     for row in first["results"]:
         assert row["caption"] and row["caption_source"] == source
-        assert "explanation" not in row  # --caption alone adds captions only
+        assert row["explanation"] is None  # --caption alone adds captions only
     again = search_json(data, "a green square", "-k", "3", "--caption")
     assert sum(calls) == 3  # cached by content: no second BLIP pass
     pick = [(r["id"], r["caption"], r["caption_source"]) for r in first["results"]]
     assert [(r["id"], r["caption"], r["caption_source"]) for r in again["results"]] == pick
     # like `clearsight caption`, the generated caption is now one of the image's own captions
-    assert all(r["caption"] in r["captions"] for r in again["results"])
+    stored = Collection(data).catalog.captions_for([r["id"] for r in again["results"]])
+    assert all(r["caption"] in [c.text for c in stored[r["id"]]] for r in again["results"])
     # Without --caption a cached generated caption is still preferred, and the explainer reads it.
     explained = search_json(data, "a green square", "-k", "3", "--explain")
     assert sum(calls) == 3

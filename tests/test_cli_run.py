@@ -1,6 +1,6 @@
 """`clearsight run`: the README's main command (index, then serve; the offline demo without weights).
 
-The demo and the server are replaced by recorders here: both are tested for real elsewhere
+The demo build and the server are replaced by recorders here: both are tested for real elsewhere
 (tests/test_demo.py builds the demo, the server tests serve), and this file checks the control flow
 between them, which is what `run` adds.
 """
@@ -14,8 +14,7 @@ import pytest
 from conftest import make_folder
 from typer.testing import CliRunner
 
-import explainer.cli.serve as cli_serve
-import explainer.cli.train as cli_train
+import explainer.cli.run as cli_run
 from explainer.cli.app import app
 
 runner = CliRunner()
@@ -32,12 +31,9 @@ class _Recorder:
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> tuple[_Recorder, _Recorder]:
     demo, server = _Recorder(), _Recorder()
-
-    class _DemoCommand:
-        __wrapped__ = demo
-
-    monkeypatch.setattr(cli_train, "demo_cmd", _DemoCommand())
-    monkeypatch.setattr(cli_serve, "run_server", server)
+    monkeypatch.setattr(cli_run, "build_demo", demo)
+    monkeypatch.setattr(cli_run, "report_demo", _Recorder())
+    monkeypatch.setattr(cli_run, "run_server", server)
     return demo, server
 
 
@@ -65,8 +61,7 @@ def test_run_without_default_weights_falls_back_to_the_demo(
     r = runner.invoke(app, ["run", str(tmp_path / "imgs"), "--data-dir", str(data)])
     assert r.exit_code == 0, r.output
     assert "not on this machine" in r.stderr and "DEMO" in r.stderr
-    assert len(demo.calls) == 1 and demo.calls[0]["data_dir"] == data / "demo"
-    assert demo.calls[0]["no_serve"] is True  # run serves it itself, once
+    assert len(demo.calls) == 1 and demo.calls[0]["args"][0] == data / "demo"
     assert server.calls == [{"args": (data / "demo", None, None)}]
 
 

@@ -35,7 +35,7 @@ def test_demo_builds_a_searchable_collection_and_reuses_its_model(tmp_path: Path
     hits = json.loads(found.stdout)["results"]
     assert len(hits) == 10
     assert all(Path(h["path"]).resolve().parent == Path(result["images_dir"]).resolve() for h in hits)
-    assert all(h["captions"] for h in hits)  # the dataset captions were attached by ingest
+    assert all(h["dataset_captions"] for h in hits)  # the dataset captions were attached by ingest
 
     again = runner.invoke(app, ["demo", "--no-serve", "--data-dir", str(data), *SMALL])
     assert again.exit_code == 0, again.output

@@ -21,7 +21,7 @@ from retrieval.evidence import (
     EvidenceTarget,
     PatchStore,
     dense_evidence,
-    explain_hits,
+    evidence_for_hits,
     grid_boxes,
     grid_evidence,
     grid_evidence_per_hit,
@@ -228,10 +228,10 @@ def test_top_k_larger_than_the_collection(tiny_clip_dir: Path, tmp_path: Path) -
     hits = searcher.search(q).results
     assert len(hits) == 3
     for method in ("grid", "dense", "stored"):
-        evidence = explain_hits(searcher, q, hits, EvidenceConfig(method=method))  # type: ignore[arg-type]
+        evidence = evidence_for_hits(searcher, q, hits, EvidenceConfig(method=method))  # type: ignore[arg-type]
         assert [e.hit_id for e in evidence] == [h.id for h in hits]
         assert all(e.regions for e in evidence)
-    assert explain_hits(searcher, q, [], EvidenceConfig()) == []
+    assert evidence_for_hits(searcher, q, [], EvidenceConfig()) == []
     searcher.close()
 
 

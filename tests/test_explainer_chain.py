@@ -17,7 +17,14 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import RunnableLambda
 from pydantic import SecretStr
 
-from explainer.errors import ConfigError, LLMError, LLMTimeout, ModelUnavailable
+from explainer.errors import (
+    ConfigError,
+    LLMError,
+    LLMTimeout,
+    ModelUnavailable,
+    exit_code_for,
+    http_status_for,
+)
 from explainer.explain.backends import (
     _FACTORIES,
     ChatModelBackend,
@@ -31,7 +38,8 @@ from explainer.explain.backends import (
 from explainer.explain.cache import ExplanationKey, MemoryExplanationCache, SQLiteExplanationCache
 from explainer.explain.chain import Explainer, context_inputs
 from explainer.explain.prompts import PromptFile, load_prompt
-from explainer.explain.types import ExplainContext, Explanation, RegionEvidence
+from explainer.explain.types import ExplainContext, Explanation
+from retrieval.types import Region
 
 GOOD = json.dumps(
     {
@@ -48,7 +56,7 @@ def ctx(i: int = 0, query: str = "red bus", caption: str | None = "a red bus on 
         query_text=query,
         caption=caption,
         dataset_captions=["a bus in the city"],
-        evidence=[RegionEvidence(box=(0, 0, 50, 50), score=0.3, rank=1)],
+        evidence=[Region(box=(0, 0, 50, 50), score=0.3, rank=1)],
         image_size=(100, 100),
         score=0.3,
         rank=i + 1,
@@ -370,9 +378,9 @@ def test_config_key_must_be_secret() -> None:
     assert "gsk_hidden" not in repr(config) and "gsk_hidden" not in str(config)
 
 
-def test_llm_errors_carry_status_and_exit_code() -> None:
-    assert LLMError.http_status == 502 and LLMTimeout.http_status == 504
-    assert LLMError.exit_code != 0
+def test_llm_errors_map_to_status_and_exit_code_at_the_boundaries() -> None:
+    assert http_status_for(LLMError("x")) == 502 and http_status_for(LLMTimeout("x")) == 504
+    assert exit_code_for(LLMError("x")) != 0
 
 
 def test_from_config_wires_backend_and_prompt() -> None:

@@ -16,7 +16,8 @@ from explainer.explain.backends.groq import GroqBackend
 from explainer.explain.cache import MemoryExplanationCache
 from explainer.explain.chain import Explainer
 from explainer.explain.prompts import load_prompt
-from explainer.explain.types import ExplainContext, Explanation, RegionEvidence
+from explainer.explain.types import ExplainContext, Explanation
+from retrieval.types import Region
 
 MODEL = "llama-3.1-8b-instant"
 KEY = "gsk_test_secret_0123456789abcdef"
@@ -56,7 +57,7 @@ def ctx(i: int = 0) -> ExplainContext:
         query_text="red bus",
         caption="a red bus on a street",
         dataset_captions=["a bus in the city"],
-        evidence=[RegionEvidence(box=(0, 0, 50, 50), score=0.3, rank=1)],
+        evidence=[Region(box=(0, 0, 50, 50), score=0.3, rank=1)],
         image_size=(100, 100),
         score=0.3,
         rank=i + 1,

@@ -9,6 +9,7 @@ import pytest
 from conftest import draw_shape, make_folder
 from PIL import Image
 
+from explainer.errors import cli_message
 from retrieval import Collection, IngestConfig, Query, Searcher, load_query_image
 from retrieval import imageio as imageio_mod
 from retrieval.encoders import EncoderConfig, create_encoder
@@ -141,10 +142,13 @@ def test_other_model_is_refused_unless_rebuild(tmp_path: Path, encoder, other_cl
     col = Collection(tmp_path / "data")
     ingest(root, col, encoder, QUIET)
     other = create_encoder(EncoderConfig(model=str(other_clip_dir), device="cpu"))
-    with pytest.raises(IndexMismatch, match="--rebuild"):
+    with pytest.raises(IndexMismatch) as refused:
         ingest(root, col, other, QUIET)
-    with pytest.raises(IndexMismatch, match="without --model"):
+    # the library names the remedy; the CLI words it with its flags
+    assert refused.value.remedy == "other_data_dir" and "--rebuild" in cli_message(refused.value)
+    with pytest.raises(IndexMismatch) as mismatch:
         Searcher.open(col.data_dir, model=str(other_clip_dir))
+    assert "without --model" in cli_message(mismatch.value) and "--" not in str(mismatch.value)
     s = ingest(root, col, other, IngestConfig(batch_size=4, progress=False, rebuild=True))
     assert s.encoded == 4
     assert col.store.read_manifest().fingerprint == other.info.fingerprint

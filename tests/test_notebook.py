@@ -29,8 +29,9 @@ from explainer.explain.tuning import (
     summarise,
     ungrounded_concepts,
 )
-from explainer.explain.types import Explanation, RegionEvidence
+from explainer.explain.types import Explanation
 from retrieval import Searcher
+from retrieval.types import Region
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "prompts" / "tune_prompts.ipynb"
 HAS_PANDAS = importlib.util.find_spec("pandas") is not None
@@ -108,7 +109,7 @@ def test_cases_from_dicts_and_contexts() -> None:
     assert [c.name for c in cases] == ["a", "case2", "case3", "dog"]
     first = cases[0].context
     assert [r.rank for r in first.evidence] == [1, 2] and first.evidence[0].box == (10, 10, 50, 50)
-    assert cases[1].context.evidence == (RegionEvidence(box=(0, 0, 64, 48), score=0.4, rank=1),)
+    assert cases[1].context.evidence == (Region(box=(0, 0, 64, 48), score=0.4, rank=1),)
     assert cases[1].context.image_size == (64, 48)
     with pytest.raises(ConfigError, match="not known"):
         Case.from_dict({"query": "x", "captoin": "typo"})

@@ -15,7 +15,8 @@ from explainer.explain.backends.offline import (
     score_confidence,
 )
 from explainer.explain.regions import describe_box, describe_regions, strongest_region
-from explainer.explain.types import ExplainContext, RegionEvidence
+from explainer.explain.types import ExplainContext
+from retrieval.types import Region
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "pink"]
 OBJECTS = [
@@ -53,16 +54,14 @@ def _ctx(
     dataset: list[str] | None = None,
     kind: str = "text",
     score: float = 0.27,
-    evidence: list[RegionEvidence] | None = None,
+    evidence: list[Region] | None = None,
 ) -> ExplainContext:
     return ExplainContext(
         query_text=query,
         query_kind=kind,  # type: ignore[arg-type]
         caption=caption,
         dataset_captions=dataset or [],
-        evidence=evidence
-        if evidence is not None
-        else [RegionEvidence(box=(0, 0, 90, 90), score=0.3, rank=1)],
+        evidence=evidence if evidence is not None else [Region(box=(0, 0, 90, 90), score=0.3, rank=1)],
         image_size=SIZE,
         score=score,
         rank=1,
@@ -151,8 +150,8 @@ def test_deterministic() -> None:
 
 def test_mentions_strongest_region() -> None:
     evidence = [
-        RegionEvidence(box=(200, 200, 300, 300), score=0.31, rank=1),
-        RegionEvidence(box=(0, 0, 100, 100), score=0.30, rank=2),
+        Region(box=(200, 200, 300, 300), score=0.31, rank=1),
+        Region(box=(0, 0, 100, 100), score=0.30, rank=2),
     ]
     result = OfflineExplainer().explain(_ctx("bus", "a bus", evidence=evidence))
     assert (
@@ -207,9 +206,9 @@ def test_describe_box_uses_image_size_not_square() -> None:
 
 def test_region_strength_words() -> None:
     evidence = [
-        RegionEvidence(box=(0, 0, 50, 50), score=0.10, rank=3),
-        RegionEvidence(box=(100, 100, 200, 200), score=0.40, rank=1),
-        RegionEvidence(box=(200, 200, 300, 300), score=0.30, rank=2),
+        Region(box=(0, 0, 50, 50), score=0.10, rank=3),
+        Region(box=(100, 100, 200, 200), score=0.40, rank=1),
+        Region(box=(200, 200, 300, 300), score=0.30, rank=2),
     ]
     assert describe_regions(evidence, SIZE) == [
         "centre (strongest match)",
@@ -222,4 +221,4 @@ def test_region_strength_words() -> None:
 
 def test_invalid_box_is_refused() -> None:
     with pytest.raises(ValueError, match="box must be"):
-        RegionEvidence(box=(10, 10, 5, 20), score=0.1, rank=1)
+        Region(box=(10, 10, 5, 20), score=0.1, rank=1)

@@ -74,7 +74,7 @@ def test_blip_base_captions_name_what_coco_annotators_saw() -> None:
     overlaps = []
     for caption, row in zip(captions, rows, strict=True):
         words = {w.strip(".,").lower() for w in caption.split()} - stop
-        truth = {w.strip(".,").lower() for c in row["captions"] for w in c.split()} - stop
+        truth = {w.strip(".,").lower() for c in row["dataset_captions"] for w in c.split()} - stop
         overlaps.append(bool(words & truth))
     assert sum(overlaps) >= 6, list(zip(captions, overlaps, strict=True))
 

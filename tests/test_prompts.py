@@ -10,7 +10,8 @@ from explainer.errors import ConfigError
 from explainer.explain.backends import FakeBackend
 from explainer.explain.chain import CONTEXT_VARIABLES, Explainer, context_inputs
 from explainer.explain.prompts import PromptFile, list_prompts, load_prompt, parse_prompt
-from explainer.explain.types import ExplainContext, ExplanationOutput, RegionEvidence
+from explainer.explain.types import ExplainContext, ExplanationOutput
+from retrieval.types import Region
 
 GOOD = """\
 name = "demo"
@@ -32,7 +33,7 @@ def _ctx() -> ExplainContext:
         query_text="red bus",
         caption="a red bus on a street",
         dataset_captions=["a bus parked by the road"],
-        evidence=[RegionEvidence(box=(0, 0, 40, 40), score=0.3, rank=1)],
+        evidence=[Region(box=(0, 0, 40, 40), score=0.3, rank=1)],
         image_size=(120, 120),
         score=0.29,
         rank=2,

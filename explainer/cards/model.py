@@ -14,6 +14,8 @@ from urllib.parse import urlencode
 from pydantic import BaseModel, ConfigDict, Field
 
 from explainer.explain.types import Explanation, QueryKind
+from retrieval.search import Hit
+from retrieval.types import Region
 
 #: Thumbnail edge (pixels) the grid asks for; the detail view asks for DETAIL_SIZE.
 CARD_THUMB_SIZE = 384
@@ -23,20 +25,12 @@ DETAIL_SIZE = 1024
 THUMB_SIZES = (128, 256, 384, 512, 768, 1024)
 
 
-class EvidenceBox(BaseModel):
-    """One evidence region in the original image's pixels; the page scales it to the displayed size."""
-
-    box: tuple[int, int, int, int] = Field(description="[x0, y0, x1, y1] in original image pixels")
-    score: float
-    rank: int = Field(ge=1)
-    label: str | None = Field(default=None, description="Where the region is, in words")
-
-
 class ExplanationOut(BaseModel):
     """An explanation as shown to users: the text, who wrote it, and why an LLM text was replaced."""
 
     text: str
     backend: str = Field(description='Who wrote the text: "groq:<model>", "offline", "local:<file>"...')
+    prompt: str | None = Field(default=None, description='The prompt (or offline template) used, "name@vN"')
     matched_concepts: list[str] = Field(default_factory=list)
     mismatches: list[str] = Field(default_factory=list)
     confidence: float = Field(ge=0.0, le=1.0)
@@ -48,6 +42,7 @@ class ExplanationOut(BaseModel):
         return cls(
             text=e.text,
             backend=e.backend,
+            prompt=e.prompt,
             matched_concepts=list(e.matched_concepts),
             mismatches=list(e.mismatches),
             confidence=e.confidence,
@@ -70,7 +65,9 @@ class Card(BaseModel):
     like_url: str = Field(description='Page URL of a "more like this" query from this image')
     width: int | None = None
     height: int | None = None
-    evidence: list[EvidenceBox] = Field(default_factory=list)
+    evidence: list[Region] = Field(
+        default_factory=list, description="Evidence regions, best first, in the original image's pixels"
+    )
     caption: str | None = None
     caption_source: str | None = Field(
         default=None, description='"generated:<model>", "dataset", or null when there is no caption'
@@ -93,6 +90,32 @@ class QueryEcho(BaseModel):
     weight: float
     negative: str | None = None
     min_score: float | None = None
+
+
+def make_card(
+    hit: Hit,
+    caption: str | None,
+    caption_source: str | None,
+    dataset_captions: list[str],
+    regions: list[Region],
+    echo: QueryEcho | None = None,
+) -> Card:
+    """A hit's card without its explanation; without `echo` its detail link names no query."""
+    return Card(
+        id=hit.id,
+        rank=hit.rank,
+        score=hit.score,
+        image_url=image_url(hit.id),
+        thumb_url=thumb_url(hit.id),
+        detail_url=detail_url(hit.id, echo, hit.rank),
+        like_url=like_url(hit.id),
+        width=hit.width,
+        height=hit.height,
+        evidence=regions,
+        caption=caption,
+        caption_source=caption_source,
+        dataset_captions=dataset_captions,
+    )
 
 
 def image_url(image_id: int) -> str:

@@ -1,10 +1,14 @@
-"""From a query to result cards: search, evidence, captions, then (now or later) explanations.
+"""The one card pipeline: hits → evidence → captions → context → explanation → card.
 
-The split into a synchronous part (search, evidence, cached captions: model work, run on a worker
-thread) and an asynchronous part (explanations: network-bound, run concurrently on the event
-loop) is what lets the page show cards at once and fill explanations in per card, so a slow LLM
-never holds a page back. The contexts built for a page are remembered for a while, so the page's
-per-card explanation requests do not search again.
+Each stage is a small object given to the pipeline (evidence.py, captions.py, context.py, the
+explainer), and this module only wires them, for the server and the CLI alike, so the same query
+on the same collection gives the same cards everywhere.
+
+The split into a synchronous part (search, evidence, captions: model work, run on a worker thread)
+and an asynchronous part (explanations: network-bound, run concurrently on the event loop) is what
+lets the page show cards at once and fill explanations in per card, so a slow LLM never holds a page
+back. The contexts built for a page are remembered for a while, so the page's per-card explanation
+requests do not search again.
 """
 
 from __future__ import annotations
@@ -16,29 +20,20 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image
 
-from explainer.cards.model import (
-    Card,
-    EvidenceBox,
-    ExplanationOut,
-    QueryEcho,
-    detail_url,
-    image_url,
-    like_url,
-    public_model_name,
-    thumb_url,
-)
-from explainer.cards.sources import CaptionProvider, CardCaptions, EvidenceProvider
+from explainer.cards.captions import CaptionProvider
+from explainer.cards.context import build_context
+from explainer.cards.evidence import EvidenceProvider, card_regions
+from explainer.cards.model import Card, ExplanationOut, QueryEcho, make_card, public_model_name
 from explainer.errors import ClearsightError, ModelUnavailable
 from explainer.explain.chain import Explainer
-from explainer.explain.types import ExplainContext, QueryKind, RegionEvidence
-from retrieval.search import Hit, Query, Searcher
-from retrieval.types import Float32Array
+from explainer.explain.types import ExplainContext
+from retrieval.evidence import Evidence
+from retrieval.search import Hit, Query, Searcher, SearchResult
+from retrieval.types import Float32Array, Region
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +43,7 @@ DETAIL_REGIONS = 16
 
 @dataclass
 class ResultPage:
-    """One page of cards plus what is needed to page on."""
+    """One page of cards plus what is needed to page on, and the library's view of the same hits."""
 
     cards: list[Card]
     query: QueryEcho
@@ -57,6 +52,12 @@ class ResultPage:
     top_k: int
     has_more: bool
     model: str
+    #: The hits behind the cards (paths included: for local callers, never sent to web clients).
+    hits: list[Hit] = field(default_factory=list)
+    #: The library's evidence per card (heatmaps included), for callers that draw it.
+    evidence: list[Evidence | None] = field(default_factory=list)
+    #: The search result's own facts (query kind, index factory...), for the CLI's JSON.
+    result: SearchResult | None = None
 
 
 def query_token(echo: QueryEcho) -> str:
@@ -91,8 +92,17 @@ class _ContextCache:
                 self._data.popitem(last=False)
 
 
+@dataclass
+class _Built:
+    """What the stages made for one page of hits."""
+
+    cards: list[Card]
+    contexts: list[ExplainContext | None]
+    evidence: list[Evidence | None]
+
+
 class CardPipeline:
-    """Turns queries into cards; one per server process, shared by every request."""
+    """Turns queries into cards; one per server process (shared by every request) or CLI call."""
 
     def __init__(
         self,
@@ -114,12 +124,12 @@ class CardPipeline:
 
     # -- synchronous part (worker thread) ----------------------------------------------------
 
-    def search(self, query: Query, echo: QueryEcho) -> ResultPage:
-        """Search and build cards without explanations."""
+    def search(self, query: Query, echo: QueryEcho, query_vec: Float32Array | None = None) -> ResultPage:
+        """Search and build cards without explanations (`query_vec`: the query already embedded)."""
         probe = dataclasses.replace(query, top_k=query.top_k + 1)  # one extra says if a next page exists
         with self._model_lock:
             try:
-                vec = self.searcher.embed_query(probe)
+                vec = self.searcher.embed_query(probe) if query_vec is None else query_vec
                 result = self.searcher.search_vector(vec, probe, kind=probe.kind)
             except ClearsightError:
                 raise
@@ -131,9 +141,21 @@ class CardPipeline:
             hits = [h for h in result.results if isinstance(h, Hit)]
             has_more = len(hits) > query.top_k
             hits = hits[: query.top_k]
-            cards = [card for card, _ in self._cards_with_contexts(query, echo, hits, query_vec=vec)]
+            built = self._build(query, echo, hits, vec)
+        result.results = hits
         model = public_model_name(result.model)
-        return ResultPage(cards, echo, result.total, query.offset, query.top_k, has_more, model)
+        return ResultPage(
+            built.cards,
+            echo,
+            result.total,
+            query.offset,
+            query.top_k,
+            has_more,
+            model,
+            hits=hits,
+            evidence=built.evidence,
+            result=result,
+        )
 
     def contexts(
         self, make_query: Callable[[], Query], echo: QueryEcho, items: Sequence[tuple[int, int]]
@@ -155,9 +177,10 @@ class CardPipeline:
         if missing:
             query = make_query()
             with self._model_lock:
-                hits, vec = self._rebuild_hits(query, missing)
-                pairs = self._cards_with_contexts(query, echo, hits, query_vec=vec)
-            out.update((card.id, ctx) for card, ctx in pairs if ctx is not None)
+                vec = self.searcher.embed_query(query)
+                hits = self.searcher.score_ids(vec, missing)
+                built = self._build(query, echo, hits, vec)
+            out.update((h.id, ctx) for h, ctx in zip(hits, built.contexts, strict=True) if ctx is not None)
         return out
 
     def card_for(
@@ -174,83 +197,60 @@ class CardPipeline:
         """
         with self._model_lock:
             if query is not None and echo is not None:
-                hits, vec = self._rebuild_hits(query, [(image_id, rank)])
-                return self._cards_with_contexts(query, echo, hits, limit, vec)[0][0] if hits else None
+                vec = self.searcher.embed_query(query)
+                hits = self.searcher.score_ids(vec, [(image_id, rank)])
+                return self._build(query, echo, hits, vec, limit).cards[0] if hits else None
             rec = self.searcher.collection.catalog.get_image(image_id)
             if rec is None or rec.state != "indexed":
                 return None
             hit = Hit(rec.id, rec.path, 0.0, rank, rec.width, rec.height, rec.content_hash)
-            return _card(hit, self.captions.lookup([hit])[0])
-
-    def cards_for_hits(
-        self,
-        query: Query,
-        echo: QueryEcho,
-        hits: Sequence[Hit],
-        query_vec: Float32Array | None = None,
-    ) -> list[tuple[Card, ExplainContext | None]]:
-        """Cards (without explanations) and their explainer contexts, for hits searched elsewhere.
-
-        The CLI and notebooks search with the `Searcher` themselves; this gives their hits the very
-        evidence, captions and explainer inputs a page's cards get. A context is None for an image
-        without a content hash (nothing to key an explanation on).
-        """
-        with self._model_lock:
-            return self._cards_with_contexts(query, echo, hits, query_vec=query_vec)
+            caps = self.captions.lookup([hit])[0]
+            return make_card(hit, caps.caption, caps.source, caps.dataset, [])
 
     def evidence_picture(
         self, image_id: int, query: Query, image: Image.Image, limit: int = DETAIL_REGIONS
-    ) -> Image.Image | list[EvidenceBox]:
+    ) -> Image.Image | list[Region]:
         """`image` (a view of the indexed image) with its evidence for `query` drawn by the evidence
-        library (heatmap included); when that is unavailable, up to `limit` evidence boxes for the
+        library (heatmap included); when that is unavailable, up to `limit` evidence regions for the
         caller to draw (none for an image that is not indexed)."""
         with self._model_lock:
-            hits, vec = self._rebuild_hits(query, [(image_id, 1)])
+            vec = self.searcher.embed_query(query)
+            hits = self.searcher.score_ids(vec, [(image_id, 1)])
             if not hits:
                 return []
             picture = self.evidence.render(self.searcher, query, hits[0], image, vec)
             if picture is not None:
                 return picture
-            return self.evidence.for_hits(self.searcher, query, hits, limit, vec)[0]
+            return card_regions(self.evidence.for_hits(self.searcher, query, hits, vec)[0], limit)
 
-    def _rebuild_hits(self, query: Query, items: Sequence[tuple[int, int]]) -> tuple[list[Hit], Float32Array]:
-        """Hits for (image id, rank) pairs, scored against `query` from stored embeddings, and the
-        query's vector (for the evidence, so the query is embedded once)."""
-        catalog = self.searcher.collection.catalog
-        records = catalog.get_images([i for i, _ in items])
-        vec = self.searcher.embed_query(query)
-        hashes = [r.content_hash for r in records.values() if r.content_hash]
-        stored = catalog.get_embeddings(hashes, self.searcher.encoder.info.fingerprint)
-        hits: list[Hit] = []
-        for image_id, rank in items:
-            rec = records.get(image_id)
-            if rec is None or rec.state != "indexed" or rec.content_hash not in stored:
-                continue
-            score = float(np.dot(stored[rec.content_hash], vec[0]))
-            hits.append(Hit(rec.id, rec.path, round(score, 6), rank, rec.width, rec.height, rec.content_hash))
-        return hits, vec
-
-    def _cards_with_contexts(
+    def _build(
         self,
         query: Query,
         echo: QueryEcho,
         hits: Sequence[Hit],
-        limit: int | None = None,
         query_vec: Float32Array | None = None,
-    ) -> list[tuple[Card, ExplainContext | None]]:
-        boxes = self.evidence.for_hits(self.searcher, query, hits, limit, query_vec)
+        limit: int | None = None,
+    ) -> _Built:
+        """The stages in order: evidence and captions per hit, then contexts, then cards."""
+        evidence = self.evidence.for_hits(self.searcher, query, hits, query_vec)
         captions = self.captions.lookup(hits)
         token = query_token(echo)
-        out: list[tuple[Card, ExplainContext | None]] = []
-        for hit, ev, caps in zip(hits, boxes, captions, strict=True):
-            card = _card(hit, caps, echo, ev)
-            ctx = _context(card, hit, echo)
+        built = _Built([], [], evidence)
+        for hit, ev, caps in zip(hits, evidence, captions, strict=True):
+            regions = card_regions(ev, limit or self.evidence.max_regions)
+            ctx = build_context(hit, caps, regions, echo)
             if ctx is not None:
                 self._contexts.put((token, hit.id), ctx)
-            out.append((card, ctx))
-        return out
+            built.contexts.append(ctx)
+            built.cards.append(make_card(hit, caps.caption, caps.source, caps.dataset, regions, echo))
+        return built
 
-    # -- asynchronous part (event loop) ------------------------------------------------------
+    # -- explanations ------------------------------------------------------------------------
+
+    def page_contexts(self, page: ResultPage) -> list[tuple[Card, ExplainContext]]:
+        token = query_token(page.query)
+        pairs = [(c, self._contexts.get((token, c.id))) for c in page.cards]
+        return [(c, ctx) for c, ctx in pairs if ctx is not None]
 
     async def explain(self, contexts: Sequence[ExplainContext]) -> list[ExplanationOut]:
         """Explanations of a page, concurrently; the explainer falls back per card, never raises per card."""
@@ -261,67 +261,22 @@ class CardPipeline:
 
     async def explain_cards(self, page: ResultPage) -> None:
         """Fill every card's explanation in place (the API's inline mode)."""
-        token = query_token(page.query)
-        pairs = [(c, self._contexts.get((token, c.id))) for c in page.cards]
-        ready = [(c, ctx) for c, ctx in pairs if ctx is not None]
+        ready = self.page_contexts(page)
         outs = await self.explain([ctx for _, ctx in ready])
         for (card, _), out in zip(ready, outs, strict=True):
             card.explanation = out
+
+    def explain_cards_sync(self, page: ResultPage) -> None:
+        """The same as `explain_cards`, from plain code (the CLI, a notebook)."""
+        if self.explainer is None:
+            return
+        ready = self.page_contexts(page)
+        outs = self.explainer.explain_many([ctx for _, ctx in ready])
+        for (card, _), out in zip(ready, outs, strict=True):
+            card.explanation = ExplanationOut.from_explanation(out)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def reload(self) -> bool:
         """Swap in a newer index version written by a running `clearsight index`; True if it changed."""
         return self.searcher.reload()
-
-
-def query_echo(query: Query) -> QueryEcho:
-    """The echo of a library `Query` (what the CLI and notebooks search with), for contexts and cache keys."""
-    return QueryEcho(
-        text=query.text,
-        kind=cast(QueryKind, query.kind),  # Query.kind is always one of QueryKind's values
-        image_key=query.image_key,
-        weight=query.weight,
-        negative=query.negative,
-        min_score=query.min_score,
-    )
-
-
-def _card(
-    hit: Hit, caps: CardCaptions, echo: QueryEcho | None = None, evidence: list[EvidenceBox] | None = None
-) -> Card:
-    """A hit's card without its explanation; without `echo` its detail link names no query."""
-    return Card(
-        id=hit.id,
-        rank=hit.rank,
-        score=hit.score,
-        image_url=image_url(hit.id),
-        thumb_url=thumb_url(hit.id),
-        detail_url=detail_url(hit.id, echo, hit.rank),
-        like_url=like_url(hit.id),
-        width=hit.width,
-        height=hit.height,
-        evidence=evidence or [],
-        caption=caps.caption,
-        caption_source=caps.source,
-        dataset_captions=caps.dataset,
-    )
-
-
-def _context(card: Card, hit: Hit, echo: QueryEcho) -> ExplainContext | None:
-    """The explainer's view of a card; None for an image without a content hash (nothing to key on)."""
-    if not hit.content_hash:
-        return None
-    size = (card.width or 1, card.height or 1)
-    return ExplainContext(
-        query_text=echo.text if echo.text and echo.text.strip() else None,
-        query_kind=echo.kind,
-        query_image_key=echo.image_key or (f"like:{echo.like_id}" if echo.like_id is not None else None),
-        caption=card.caption,
-        dataset_captions=card.dataset_captions,
-        evidence=[RegionEvidence(box=b.box, score=b.score, rank=b.rank) for b in card.evidence],
-        image_size=size,
-        score=card.score,
-        rank=card.rank,
-        image_key=hit.content_hash,
-    )

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from explainer.cli.app import DataDir, JsonOut, Quiet, app, boundary
+from explainer.cli.options import DataDir, JsonOut, Quiet
 
 CaptionModel = Annotated[
     str | None,
@@ -25,8 +25,6 @@ CaptionModel = Annotated[
 ]
 
 
-@app.command("caption")
-@boundary
 def caption_cmd(
     data_dir: DataDir = None,
     model: CaptionModel = None,

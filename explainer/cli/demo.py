@@ -18,7 +18,12 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from explainer.cli.options import Device, Host, JsonOut, Port, Quiet, data_dir_or_default, note
+from explainer.cli.serve import run_server
 from retrieval.collection import Collection
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.ingest import IngestConfig, ingest
@@ -209,4 +214,63 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
         sample_target=target,
         sample_rank=rank,
         sample_hits=[{"rank": h.rank, "score": h.score, "path": h.path} for h in hits[:5]],
+    )
+
+
+def demo_cmd(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Where the demo collection, scenes and model go (default: DATA_DIR/demo)",
+            show_default=False,
+        ),
+    ] = None,
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the demo and exit")] = False,
+    host: Host = None,
+    port: Port = None,
+    train_scenes: Annotated[int, typer.Option("--train-scenes", min=8, help="Training scenes")] = 2000,
+    test_scenes: Annotated[int, typer.Option("--test-scenes", min=2, help="Scenes indexed for search")] = 200,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train again even if a demo model exists")
+    ] = False,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Build an offline demo: synthetic scenes, a tiny CLIP trained on them, and an index to search."""
+    root = data_dir or data_dir_or_default(None) / "demo"
+    config = DemoConfig(
+        scenes=replace(DEFAULT_SCENES, n_train=train_scenes, n_test=test_scenes),
+        training=replace(DEFAULT_TRAINING, epochs=epochs, patience=epochs),
+        device=device,
+        retrain=retrain,
+        progress=not quiet,
+    )
+    result = build_demo(root, config)
+    report_demo(result, root, json_out)
+    if not no_serve:
+        run_server(root, host, port)
+
+
+def report_demo(result: DemoResult, root: Path, json_out: bool) -> None:
+    """What was built and how good it is; the next commands to try go to stderr."""
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        how = "trained now" if result.trained else "reused"
+        typer.echo(f"DEMO model ({how}): {result.model_dir}")
+        typer.echo(
+            f"  test text→image R@1 {100 * result.test['t2i_r1']:.1f}% "
+            f"(chance {100 * result.chance_r1:.2f}%), "
+            f"R@5 {100 * result.test['t2i_r5']:.1f}%; it knows coloured shapes only, not photos"
+        )
+        typer.echo(f"indexed {result.indexed['images']} test scenes from {result.images_dir} into {root}")
+        rank = f"rank {result.sample_rank}" if result.sample_rank else "not in the top 10"
+        typer.echo(f'sample query "{result.sample_query}": the scene it describes is at {rank}')
+    note(
+        "try the demo with:\n"
+        f'  clearsight search "{result.sample_query}" --data-dir {root}\n'
+        f"  clearsight serve --data-dir {root}"
     )

@@ -8,11 +8,9 @@ from typing import Annotated
 
 import typer
 
-from explainer.cli.app import DataDir, Device, Host, Model, Port, _settings_data_dir, app, boundary
+from explainer.cli.options import DataDir, Host, Port, note
 
 
-@app.command("serve")
-@boundary
 def serve_cmd(
     data_dir: DataDir = None,
     host: Host = None,
@@ -55,10 +53,7 @@ def run_server(
         updates["reload_interval_s"] = reload_interval
     settings = get_settings().model_copy(update=updates)
     logging.getLogger("explainer").setLevel(log_level.upper())
-    typer.echo(
-        f"clearsight: serving {settings.data_dir} on http://{settings.host}:{settings.port}",
-        err=True,
-    )
+    note(f"clearsight: serving {settings.data_dir} on http://{settings.host}:{settings.port}")
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -67,45 +62,3 @@ def run_server(
         proxy_headers=False,
         server_header=False,
     )
-
-
-@app.command("run")
-@boundary
-def run_cmd(
-    path: Annotated[
-        Path | None,
-        typer.Argument(help="Folder of images to index and serve; without it, the offline demo"),
-    ] = None,
-    model: Model = None,
-    data_dir: DataDir = None,
-    host: Host = None,
-    port: Port = None,
-    device: Device = "auto",
-    no_serve: Annotated[bool, typer.Option("--no-serve", help="Index (or build the demo) and exit")] = False,
-) -> None:
-    """The main job: index PATH, then serve it. Falls back to the offline demo without default weights."""
-    from explainer.cli.app import index_cmd
-    from explainer.cli.train import demo_cmd
-    from retrieval.errors import ModelUnavailable
-
-    serve_dir = data_dir
-    if path is not None:
-        try:
-            # the undecorated command, so a missing model reaches this function instead of exiting
-            index_cmd.__wrapped__(path=path, model=model, data_dir=data_dir, device=device)  # type: ignore[attr-defined]
-        except ModelUnavailable as exc:
-            if model is not None:
-                raise  # the user named this model: falling back would hide their mistake
-            typer.echo(f"clearsight: {exc}", err=True)
-            typer.echo(
-                "clearsight: the default encoder's weights are not on this machine, so this runs the "
-                "offline DEMO instead (synthetic scenes and a tiny model trained on them, not your photos)",
-                err=True,
-            )
-            path = None
-    if path is None:
-        demo_dir = _settings_data_dir(data_dir) / "demo"
-        demo_cmd.__wrapped__(data_dir=demo_dir, no_serve=True, device=device)  # type: ignore[attr-defined]
-        serve_dir = demo_dir
-    if not no_serve:
-        run_server(serve_dir, host, port)

@@ -1,6 +1,5 @@
-"""`clearsight eval`, `finetune` and `demo`: measure a model, improve it on captioned data, try it offline.
+"""`clearsight eval` and `finetune`: measure a model on a captioned dataset, improve it on captioned data.
 
-They live beside `cli.py` and register on its `app`, so the core commands stay readable on their own.
 Progress bars and notes go to stderr; with `--json`, stdout carries exactly one JSON object.
 """
 
@@ -12,18 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from explainer.cli.app import (
-    DataDir,
-    Device,
-    Host,
-    JsonOut,
-    Model,
-    Port,
-    Quiet,
-    _settings_data_dir,
-    app,
-    boundary,
-)
+from explainer.cli.options import DataDir, Device, JsonOut, Model, Quiet, data_dir_or_default, note
 from retrieval.training.datasets import describe_formats
 
 _FORMATS = ", ".join(describe_formats())
@@ -43,16 +31,10 @@ Annotations = Annotated[
 Images = Annotated[Path, typer.Option("--images", help="Folder holding the dataset's images")]
 
 
-def _note(message: str) -> None:
-    typer.echo(message, err=True)
-
-
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-@app.command("eval")
-@boundary
 def eval_cmd(
     fmt: Format,
     annotations: Annotations,
@@ -89,8 +71,8 @@ def eval_cmd(
     from retrieval.training.evaluate import EvalConfig, evaluate, markdown_table
 
     dataset = load_dataset(fmt, annotations, images, split)
-    _note(format_report(dataset.report))
-    cache = None if no_cache else (cache_dir or _settings_data_dir(data_dir) / "eval-cache")
+    note(format_report(dataset.report))
+    cache = None if no_cache else (cache_dir or data_dir_or_default(data_dir) / "eval-cache")
     encoder = create_encoder(EncoderConfig(model=model, device=device))
     config = EvalConfig(index=index, batch_size=batch_size, cache_dir=cache, out_dir=out, progress=not quiet)
     try:
@@ -98,7 +80,7 @@ def eval_cmd(
     finally:
         encoder.close()
     if report.index.note:
-        _note(report.index.note)
+        note(report.index.note)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return
@@ -112,8 +94,6 @@ def eval_cmd(
         typer.echo(f"report written to {Path(report.files['json']).parent}")
 
 
-@app.command("finetune")
-@boundary
 def finetune_cmd(
     fmt: Format,
     annotations: Annotations,
@@ -174,10 +154,10 @@ def finetune_cmd(
         progress=not quiet,
     )
     train, val = load_training_data(fmt, annotations, images, train_split, val_split, val_fraction, seed)
-    _note(f"train: {format_report(train.report)}\nval: {format_report(val.report)}")
+    note(f"train: {format_report(train.report)}\nval: {format_report(val.report)}")
     result = finetune(model or _default_model(), train, val, out, config)
-    for note in result.notes:
-        _note(note)
+    for remark in result.notes:
+        note(remark)
     if json_out:
         payload: dict[str, Any] = result.to_dict()
         payload.pop("step_losses", None)
@@ -191,64 +171,3 @@ def _default_model() -> str:
     from retrieval.registry import default_encoder
 
     return default_encoder().name
-
-
-@app.command("demo")
-@boundary
-def demo_cmd(
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--data-dir",
-            help="Where the demo collection, scenes and model go (default: DATA_DIR/demo)",
-            show_default=False,
-        ),
-    ] = None,
-    no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the demo and exit")] = False,
-    host: Host = None,
-    port: Port = None,
-    train_scenes: Annotated[int, typer.Option("--train-scenes", min=8, help="Training scenes")] = 2000,
-    test_scenes: Annotated[int, typer.Option("--test-scenes", min=2, help="Scenes indexed for search")] = 200,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
-    retrain: Annotated[
-        bool, typer.Option("--retrain", help="Train again even if a demo model exists")
-    ] = False,
-    device: Device = "auto",
-    quiet: Quiet = False,
-    json_out: JsonOut = False,
-) -> None:
-    """Build an offline demo: synthetic scenes, a tiny CLIP trained on them, and an index to search."""
-    from dataclasses import replace
-
-    from explainer.cli.demo import DEFAULT_SCENES, DEFAULT_TRAINING, DemoConfig, build_demo
-
-    root = data_dir or _settings_data_dir(None) / "demo"
-    config = DemoConfig(
-        scenes=replace(DEFAULT_SCENES, n_train=train_scenes, n_test=test_scenes),
-        training=replace(DEFAULT_TRAINING, epochs=epochs, patience=epochs),
-        device=device,
-        retrain=retrain,
-        progress=not quiet,
-    )
-    result = build_demo(root, config)
-    if json_out:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        how = "trained now" if result.trained else "reused"
-        typer.echo(f"DEMO model ({how}): {result.model_dir}")
-        typer.echo(
-            f"  test text→image R@1 {_pct(result.test['t2i_r1'])}% (chance {100 * result.chance_r1:.2f}%), "
-            f"R@5 {_pct(result.test['t2i_r5'])}%; it knows coloured shapes only, not photos"
-        )
-        typer.echo(f"indexed {result.indexed['images']} test scenes from {result.images_dir} into {root}")
-        rank = f"rank {result.sample_rank}" if result.sample_rank else "not in the top 10"
-        typer.echo(f'sample query "{result.sample_query}": the scene it describes is at {rank}')
-    _note(
-        "try the demo with:\n"
-        f'  clearsight search "{result.sample_query}" --data-dir {root}\n'
-        f"  clearsight serve --data-dir {root}"
-    )
-    if not no_serve:
-        from explainer.cli import serve as cli_serve
-
-        cli_serve.run_server(root, host, port)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from explainer.explain.types import RegionEvidence
+from retrieval.types import Region
 
 _ROWS = ("top", "middle", "bottom")
 _COLS = ("left", "centre", "right")
@@ -70,7 +70,7 @@ def describe_box(box: tuple[int, int, int, int], image_size: tuple[int, int]) ->
     return _cell_name(row, col)
 
 
-def strength_word(region: RegionEvidence, top_score: float) -> str:
+def strength_word(region: Region, top_score: float) -> str:
     """Relative strength of a region against the best one; rank 1 is always "strongest match"."""
     if region.rank == 1:
         return "strongest match"
@@ -84,7 +84,7 @@ def strength_word(region: RegionEvidence, top_score: float) -> str:
     return "much weaker match"
 
 
-def describe_regions(evidence: Sequence[RegionEvidence], image_size: tuple[int, int]) -> list[str]:
+def describe_regions(evidence: Sequence[Region], image_size: tuple[int, int]) -> list[str]:
     """One phrase per region, best first, such as "centre (strongest match)"."""
     ordered = sorted(evidence, key=lambda r: r.rank)
     if not ordered:
@@ -93,7 +93,7 @@ def describe_regions(evidence: Sequence[RegionEvidence], image_size: tuple[int, 
     return [f"{describe_box(r.box, image_size)} ({strength_word(r, top)})" for r in ordered]
 
 
-def strongest_region(evidence: Sequence[RegionEvidence], image_size: tuple[int, int]) -> str | None:
+def strongest_region(evidence: Sequence[Region], image_size: tuple[int, int]) -> str | None:
     """Where the best-ranked region is, or None when the hit has no evidence boxes."""
     if not evidence:
         return None

@@ -33,8 +33,10 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableLambda
 from pydantic import ValidationError
 
-from explainer.cards.pipeline import CardPipeline, query_echo
-from explainer.cards.sources import CaptionProvider, CatalogCaptions, EvidenceProvider, make_evidence_provider
+from explainer.cards.captions import CaptionProvider, CatalogCaptions
+from explainer.cards.context import query_echo
+from explainer.cards.evidence import EvidenceProvider, make_evidence_provider
+from explainer.cards.pipeline import CardPipeline
 from explainer.errors import ConfigError
 from explainer.explain.backends import (
     Backend,
@@ -49,9 +51,10 @@ from explainer.explain.chain import Explainer
 from explainer.explain.factory import llm_config_from_settings
 from explainer.explain.prompts import PromptFile, load_prompt, parse_prompt
 from explainer.explain.regions import describe_regions
-from explainer.explain.types import ExplainContext, Explanation, ExplanationOutput, QueryKind, RegionEvidence
+from explainer.explain.types import ExplainContext, Explanation, ExplanationOutput, QueryKind
 from explainer.settings import get_settings
-from retrieval.search import Hit, Query, Searcher
+from retrieval.search import Query, Searcher
+from retrieval.types import Box, Region
 
 if TYPE_CHECKING:
     from pandas import DataFrame
@@ -128,13 +131,18 @@ class Case:
         )
 
 
+def _box(value: Sequence[int]) -> Box:
+    x0, y0, x1, y1 = (int(v) for v in value)
+    return (x0, y0, x1, y1)
+
+
 def make_case(
     name: str,
     query: str | None,
     caption: str | None = None,
     *,
     dataset_captions: Sequence[str] = (),
-    evidence: Sequence[Sequence[int] | Mapping[str, Any] | RegionEvidence] = (),
+    evidence: Sequence[Sequence[int] | Mapping[str, Any] | Region] = (),
     image_size: tuple[int, int] = (640, 480),
     score: float = 0.3,
     rank: int = 1,
@@ -143,14 +151,16 @@ def make_case(
     query_image_key: str | None = None,
 ) -> Case:
     """A case built by hand: the facts an explainer would get for one hit."""
-    regions: list[RegionEvidence] = []
+    regions: list[Region] = []
     for i, item in enumerate(evidence, 1):
-        if isinstance(item, RegionEvidence):
+        if isinstance(item, Region):
             regions.append(item)
         elif isinstance(item, Mapping):
-            regions.append(RegionEvidence.model_validate({"rank": i, "score": 1.0 / i, **item}))
+            fields = {"rank": i, "score": 1.0 / i, **item}
+            box = fields.pop("box")
+            regions.append(Region(box=_box(box), **fields))
         else:
-            regions.append(RegionEvidence(box=tuple(item), score=1.0 / i, rank=i))  # type: ignore[arg-type]
+            regions.append(Region(box=_box(item), score=1.0 / i, rank=i))
     kind: QueryKind = query_kind or ("text" if query else "image")
     context = ExplainContext(
         query_text=query,
@@ -197,20 +207,18 @@ def cases_from_search(
     `captions` to what the catalog holds (a generated caption, else the dataset's first).
     """
     q = Query(text=query, top_k=top_k) if isinstance(query, str) else query
-    vec = searcher.embed_query(q)
-    result = searcher.search_vector(vec, q, kind=q.kind)
-    hits = [h for h in result.results if isinstance(h, Hit)]
     pipeline = CardPipeline(
         searcher,
         None,
         evidence or make_evidence_provider(get_settings().evidence_regions),
         captions or CatalogCaptions(searcher),
     )
+    page = pipeline.search(q, query_echo(q))
+    paths = {h.id: h.path for h in page.hits}
     label = q.text or "image query"
     return [
-        Case(f"{label} #{card.rank} {Path(hit.path).name}", ctx)
-        for hit, (card, ctx) in zip(hits, pipeline.cards_for_hits(q, query_echo(q), hits, vec), strict=True)
-        if ctx is not None
+        Case(f"{label} #{card.rank} {Path(paths[card.id]).name}", ctx)
+        for card, ctx in pipeline.page_contexts(page)
     ]
 
 

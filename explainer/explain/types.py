@@ -13,29 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from retrieval.types import Region
+
 QueryKind = Literal["text", "image", "text+image"]
-
-
-class RegionEvidence(BaseModel):
-    """One evidence box of a hit, in the original image's pixels, `[x0, y0, x1, y1]`.
-
-    Kept independent of the retrieval library's internal evidence type so that cards and tests
-    can be built without running an encoder.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    box: tuple[int, int, int, int]
-    score: float
-    rank: int = Field(ge=1)
-
-    @field_validator("box")
-    @classmethod
-    def _ordered(cls, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        x0, y0, x1, y1 = box
-        if x1 <= x0 or y1 <= y0 or x0 < 0 or y0 < 0:
-            raise ValueError(f"box must be [x0, y0, x1, y1] with 0 <= x0 < x1 and 0 <= y0 < y1, got {box}")
-        return box
 
 
 class ExplainContext(BaseModel):
@@ -50,7 +30,7 @@ class ExplainContext(BaseModel):
     caption: str | None = None
     #: Sequences so callers may pass lists; stored as tuples, so a context cannot change once built.
     dataset_captions: Sequence[str] = ()
-    evidence: Sequence[RegionEvidence] = ()
+    evidence: Sequence[Region] = ()
     image_size: tuple[int, int]
     score: float
     rank: int = Field(ge=1)

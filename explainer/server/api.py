@@ -16,7 +16,6 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.errors import BadQuery
 from explainer.server import images
-from explainer.server.app import ServerState, state_of
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
     IMAGE_KEY_PATTERN,
@@ -29,6 +28,7 @@ from explainer.server.schemas import (
     SearchResponse,
     error_responses,
 )
+from explainer.server.state import ServerState, state_of
 from retrieval.search import Query as LibraryQuery
 
 router = APIRouter(prefix="/api", tags=["api"])

@@ -16,10 +16,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from starlette.exceptions import HTTPException
 
-from explainer.cards.model import EvidenceBox, snap_thumb_size
+from explainer.cards.model import snap_thumb_size
 from explainer.errors import BadImage
 from retrieval import imageio
 from retrieval.catalog import Catalog, ImageRecord
+from retrieval.types import Region
 
 #: Colours of evidence boxes by rank (the page's CSS uses the same ones).
 BOX_COLOURS = ("#ff5a36", "#ffb020", "#3ec7ff", "#b58cff", "#4ade80", "#f472b6", "#94a3b8", "#facc15")
@@ -85,7 +86,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def draw_boxes(rec: ImageRecord, image: Image.Image, boxes: list[EvidenceBox]) -> bytes:
+def draw_boxes(rec: ImageRecord, image: Image.Image, boxes: list[Region]) -> bytes:
     """PNG of `image` (a view of `rec`) with numbered boxes: the fallback when no renderer is at hand."""
     image = image.copy()
     sx, sy = image.width / (rec.width or image.width), image.height / (rec.height or image.height)

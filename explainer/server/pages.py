@@ -17,10 +17,10 @@ from starlette.exceptions import HTTPException
 
 from explainer.cards.model import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
 from explainer.cards.pipeline import ResultPage
-from explainer.errors import BadImage, ClearsightError
-from explainer.server.app import ServerState, state_of
+from explainer.errors import BadImage, ClearsightError, http_status_for, server_message
 from explainer.server.queries import QueryInput
 from explainer.server.schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
+from explainer.server.state import ServerState, state_of
 from retrieval.paths import is_demo_model
 
 router = APIRouter(include_in_schema=False)
@@ -98,7 +98,7 @@ async def index(
 
 def _status_message(state: ServerState, exc: Exception) -> tuple[int, str]:
     if isinstance(exc, ClearsightError):
-        return exc.http_status, state.public(str(exc))
+        return http_status_for(exc), state.public(server_message(exc))
     assert isinstance(exc, HTTPException)
     return exc.status_code, str(exc.detail)
 

@@ -4,17 +4,16 @@ Three methods, picked by `EvidenceConfig.method`: "grid" (encode grid cells, wor
 encoder), "dense" (one forward pass per hit, a per-patch map with value-value attention), "stored"
 (dense from patch features saved at index time, no model pass). From a search:
 
-    from retrieval.evidence import EvidenceConfig, explain_hits
+    from retrieval.evidence import EvidenceConfig, evidence_for_hits
     result = searcher.search(query)
-    for ev in explain_hits(searcher, query, result.results, EvidenceConfig(method="dense")):
+    for ev in evidence_for_hits(searcher, query, result.results, EvidenceConfig(method="dense")):
         print(ev.hit_id, [r.box for r in ev.regions])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError
@@ -28,7 +27,7 @@ from retrieval.types import Float32Array
 
 if TYPE_CHECKING:
     from retrieval.collection import Collection
-    from retrieval.search import Query, Searcher, SearchResult
+    from retrieval.search import Query, Searcher
 
 __all__ = [
     "METHODS",
@@ -39,12 +38,11 @@ __all__ = [
     "PatchStore",
     "Region",
     "StoreReport",
-    "annotate_results",
     "can_give_patches",
     "default_method",
     "dense_evidence",
+    "evidence_for_hits",
     "evidence_from_patches",
-    "explain_hits",
     "grid_boxes",
     "grid_evidence",
     "grid_evidence_per_hit",
@@ -100,7 +98,7 @@ def targets_for_hits(hits: Sequence[Hit]) -> list[EvidenceTarget]:
     return [EvidenceTarget.from_row(h) for h in hits]
 
 
-def explain_hits(
+def evidence_for_hits(
     searcher: Searcher,
     query: Query,
     hits: Sequence[Hit],
@@ -127,36 +125,3 @@ def store_collection_patches(
     store = PatchStore(collection.data_dir, encoder.info, surgery=config.surgery)
     targets = [EvidenceTarget.from_row(r) for r in collection.catalog.iter_images(state="indexed")]
     return store, store_patch_features(encoder, store, targets, config, progress)
-
-
-def annotate_results(
-    searcher: Searcher,
-    query: Query,
-    result: SearchResult,
-    payload: dict[str, Any],
-    config: EvidenceConfig | None = None,
-    out_dir: Path | str | None = None,
-    style: str = "both",
-    query_vec: Float32Array | None = None,
-) -> list[Path | None]:
-    """Add an `evidence` list (and `evidence_png` when `out_dir` is given) to each result of a payload.
-
-    `payload` is `result.to_dict()`; the CLI and the server print it, so evidence rides along in the
-    same JSON. Returns the PNGs written, None for hits whose image could not be read. Pass
-    `query_vec` when the query is already embedded to skip embedding it again.
-    """
-    if result.target != "images":
-        raise ConfigError("evidence explains image results; it cannot be combined with --captions")
-    hits = [h for h in result.results if isinstance(h, Hit)]
-    evidence = explain_hits(searcher, query, hits, config, query_vec=query_vec)
-    written: list[Path | None] = [None] * len(hits)
-    if out_dir is not None:
-        written = write_evidence_pngs([h.path for h in hits], evidence, out_dir, style)
-    for row, ev, png in zip(payload["results"], evidence, written, strict=True):
-        row["evidence"] = ev.to_dict()
-        row["evidence_method"] = ev.method
-        if ev.note:
-            row["evidence_note"] = ev.note
-        if out_dir is not None:
-            row["evidence_png"] = str(png) if png else None
-    return written

@@ -187,8 +187,7 @@ def evidence_from_patches(
 def patch_encoder(encoder: Encoder) -> PatchEncoder:
     if not isinstance(encoder, PatchEncoder):
         raise ConfigError(
-            f"{type(encoder).__name__} cannot return patch embeddings; "
-            "use grid evidence (--evidence-method grid)"
+            f"{type(encoder).__name__} cannot return patch embeddings", remedy="use_grid_evidence"
         )
     return encoder
 

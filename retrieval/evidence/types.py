@@ -18,25 +18,10 @@ from retrieval import imageio
 from retrieval.encoders.base import l2_normalise
 from retrieval.encoders.preprocess import PreprocessConfig
 from retrieval.errors import ConfigError
-from retrieval.types import Float32Array
-
-Box = tuple[int, int, int, int]
+from retrieval.types import Box, Float32Array, Region
 
 #: The evidence methods; "auto" picks the default (see `default_method`).
 METHODS: tuple[str, ...] = ("grid", "dense", "stored")
-
-
-@dataclass(frozen=True)
-class Region:
-    """One evidence region; `rank` is 1-based, best first."""
-
-    box: Box
-    score: float
-    rank: int
-    label: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {"box": list(self.box), "score": round(self.score, 6), "rank": self.rank, "label": self.label}
 
 
 @dataclass(frozen=True)

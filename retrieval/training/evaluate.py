@@ -390,7 +390,8 @@ def evaluate(
     config = config or EvalConfig()
     if not dataset.items:
         raise NotEnoughData(
-            f"no usable images in the dataset ({format_report(dataset.report)}); check --images and --split"
+            f"no usable images in the dataset ({format_report(dataset.report)}); "
+            "check the images folder and the split"
         )
     if images is not None and [p.item.path for p in images.prepared] != [it.path for it in dataset.items]:
         raise ConfigError("the prepared images are not those of the dataset being evaluated")

@@ -30,7 +30,13 @@ from tqdm import tqdm
 
 from retrieval import imageio
 from retrieval.encoders import EncoderConfig, create_encoder
-from retrieval.errors import BadImage, ClearsightError, ConfigError, NotEnoughData, ShapeError
+from retrieval.errors import (
+    BadImage,
+    ConfigError,
+    FinetuneRefused,
+    NotEnoughData,
+    ShapeError,
+)
 from retrieval.training.datasets import DatasetItem, LoadedDataset, load_splits_or_all
 from retrieval.training.evaluate import EvalConfig, PreparedImages, evaluate, prepare_images
 from retrieval.training.metrics import RetrievalMetrics
@@ -41,16 +47,6 @@ FREEZE_MODES = ("none", "vision", "text", "all-but-projections", "last-n")
 MAX_LOGIT_SCALE = math.log(100.0)
 HISTORY_FILE = "finetune_history.json"
 PLOT_FILE = "finetune_curves.png"
-
-
-class FinetuneRefused(ClearsightError):
-    """The fine-tuned model is worse on validation than the start; nothing was written."""
-
-    exit_code = 6
-
-    def __init__(self, message: str, result: FinetuneResult) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 @dataclass(frozen=True)
@@ -414,7 +410,7 @@ def _finetune(
     if len(train.items) < 2:
         raise NotEnoughData(f"fine-tuning needs at least 2 training images, got {len(train.items)}")
     if not val.items:
-        raise NotEnoughData("fine-tuning needs a validation split with images (see --val-split)")
+        raise NotEnoughData("fine-tuning needs a validation split with images", remedy="name_val_split")
     torch.manual_seed(config.seed)
     # Any: training needs the transformers model behind the encoder, which the Encoder protocol hides.
     encoder: Any = create_encoder(EncoderConfig(model=model, device=config.device, precision="fp32"))
@@ -427,13 +423,14 @@ def _finetune(
                 "no epoch produced a usable model (training diverged at once); nothing was written. "
                 "Lower the learning rate. " + " ".join(result.notes),
                 result,
+                remedy=None,
             )
         worse = _key(result.best) < _key(result.start)
         if worse and not config.force:
             raise FinetuneRefused(
-                "the fine-tuned model is worse on validation than the starting model, so it was not written "
-                "(lower the learning rate, freeze more, or pass --force to write it anyway):\n"
-                + side_by_side(result.start, result.best),
+                "the fine-tuned model is worse on validation than the starting model, so it was not written\n"
+                + side_by_side(result.start, result.best)
+                + "\n",
                 result,
             )
         if worse:
@@ -541,7 +538,9 @@ def _train(
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse to overwrite a folder this module did not write: it could be the user's only copy of a model."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / HISTORY_FILE).exists():
-        raise ConfigError(f"{out_dir} exists and is not a previous fine-tuning output; choose another --out")
+        raise ConfigError(
+            f"{out_dir} exists and is not a previous fine-tuning output", remedy="other_out_dir"
+        )
 
 
 def _save(encoder: Any, result: FinetuneResult, out_dir: Path) -> None:

@@ -1,0 +1,136 @@
+"""`clearsight index`: build or update a collection's index from a folder of images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from explainer.cli.options import DataDir, Device, JsonOut, Model, Quiet, data_dir_or_default, note
+from explainer.errors import ConfigError
+from retrieval import Collection, EncoderConfig, IngestConfig, IngestSummary, create_encoder
+from retrieval.evidence import StoreReport
+
+
+def index_folder(
+    path: Path,
+    data_dir: Path | None = None,
+    model: str | None = None,
+    *,
+    index: str | None = None,
+    captions: Path | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str = "auto",
+    rebuild: bool = False,
+    patches: bool = False,
+    progress: bool = True,
+) -> tuple[IngestSummary, StoreReport | None, Path]:
+    """Index (or update) `path` into a collection; the plain function behind the command (and `run`).
+
+    Returns the ingest summary, the patch-store report when `patches` was asked, and the data dir.
+    """
+    from retrieval.evidence import can_give_patches, store_collection_patches
+    from retrieval.ingest import ingest
+
+    if not path.is_dir():  # before loading any model: a typo should fail in a second, not after a load
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise ConfigError(f"{path} {what}: give the folder of images to index")
+    ddir = data_dir_or_default(data_dir)
+    collection = Collection(ddir)
+    if model is None and collection.store.exists() and not rebuild:
+        model = collection.store.read_manifest().model_id  # keep indexing with the index's own model
+    encoder = create_encoder(EncoderConfig(model=model, device=device))
+    if patches and not can_give_patches(encoder):
+        raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
+    cfg = IngestConfig(
+        batch_size=batch_size,
+        workers=workers,
+        factory=index,
+        captions_file=captions,
+        rebuild=rebuild,
+        progress=progress,
+    )
+    summary = ingest(path, collection, encoder, cfg, log=note)
+    report = store_collection_patches(collection, encoder, progress=progress)[1] if patches else None
+    return summary, report, ddir
+
+
+def index_cmd(
+    path: Annotated[Path, typer.Argument(help="Folder of images (searched recursively)")],
+    model: Model = None,
+    data_dir: DataDir = None,
+    index: Annotated[
+        str | None,
+        typer.Option("--index", help="flat (exact, default), hnsw, ivfpq, or a FAISS factory string"),
+    ] = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option("--captions", help="JSONL of {image, captions} (default: PATH/captions.jsonl)"),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Decode threads")] = 2,
+    device: Device = "auto",
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Replace an index built with another model")
+    ] = False,
+    patches: Annotated[
+        bool,
+        typer.Option(
+            "--patches",
+            help="Also store compact patch features (CLIP; about 25 KB per image for ViT-B/32), "
+            "so evidence needs no model pass at search time (--evidence-method stored)",
+        ),
+    ] = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Index (or update the index of) every image under PATH."""
+    summary, report, ddir = index_folder(
+        path,
+        data_dir,
+        model,
+        index=index,
+        captions=captions,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        rebuild=rebuild,
+        patches=patches,
+        progress=not quiet,
+    )
+    print_summary(summary, report, ddir, json_out)
+
+
+def print_summary(summary: IngestSummary, report: StoreReport | None, ddir: Path, json_out: bool) -> None:
+    """The index run's outcome: one JSON object, or a few lines for a person."""
+    stored: dict[str, Any] | None = None
+    if report is not None:
+        stored = {
+            "written": report.written,
+            "already_stored": report.skipped,
+            "failed": report.failed,
+            "bytes_per_image": round(report.bytes_per_image),
+        }
+    if json_out:
+        typer.echo(json.dumps({**summary.to_dict(), "patches": stored}, indent=2))
+        return
+    s = summary
+    typer.echo(
+        f"scanned {s.scanned} files: {s.new} new, {s.changed} changed, {s.unchanged} unchanged, "
+        f"{s.deleted} removed; encoded {s.encoded} ({s.rate:.1f} img/s), {s.reused} identical reused, "
+        f"{s.failed} failed"
+    )
+    for reason, n in sorted(s.failures.items()):
+        typer.echo(f"  failed: {n} x {reason}")
+    if s.index:
+        typer.echo(
+            f"index: {s.index.images} images, {s.index.captions} captions ({s.index.built_factory}) in {ddir}"
+        )
+    if stored is not None:
+        typer.echo(
+            f"patch features: {stored['written']} stored ({stored['bytes_per_image']} bytes/image), "
+            f"{stored['already_stored']} already stored, {stored['failed']} failed"
+        )

@@ -1,0 +1,188 @@
+"""`clearsight search`: the same cards as the page and the JSON API, printed as a table or JSON.
+
+The command builds a `CardPipeline` as the server does (evidence, captions, explanations from the
+same settings and caches) and asks it for the page; only the choice of stages differs: evidence
+and explanations run when asked, and `--caption` may run BLIP for hits that lack a caption.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from explainer.cards.captions import CaptionProvider, CatalogCaptions, GeneratingCaptions
+from explainer.cards.context import query_echo
+from explainer.cards.evidence import EvidenceProvider, NoEvidence, make_evidence_provider
+from explainer.cards.pipeline import CardPipeline, ResultPage
+from explainer.cli.options import DataDir, Device, JsonOut, Model, data_dir_or_default, note
+from explainer.cli.render import page_payload, print_table
+from explainer.errors import BadQuery, ModelUnavailable
+from explainer.explain.chain import Explainer
+from explainer.settings import Settings, get_settings
+from retrieval import Query, Searcher, load_query_image
+from retrieval.paths import is_demo_model
+
+
+def search_cmd(
+    text: Annotated[str | None, typer.Argument(help="Text query")] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", "-i", help="Image query (alone or with text)")
+    ] = None,
+    weight: Annotated[
+        float, typer.Option("--weight", "-w", help="Text's share in a text+image query, 0..1")
+    ] = 0.5,
+    negative: Annotated[str | None, typer.Option("--negative", help="Text to steer away from")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Results per page")] = 10,
+    offset: Annotated[int, typer.Option("--offset", help="Skip this many results (paging)")] = 0,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", help="Drop results scoring below this")
+    ] = None,
+    captions: Annotated[
+        bool, typer.Option("--captions", help="Return captions (image→text) instead of images")
+    ] = False,
+    model: Model = None,
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    nprobe: Annotated[
+        int | None,
+        typer.Option("--nprobe", min=1, help="IVF lists to visit (ivfpq; default: what the index records)"),
+    ] = None,
+    ef_search: Annotated[
+        int | None,
+        typer.Option("--ef-search", min=1, help="HNSW search breadth (default: what the index records)"),
+    ] = None,
+    json_out: JsonOut = False,
+    evidence: Annotated[
+        Path | None,
+        typer.Option("--evidence", help="Write one annotated PNG per hit into DIR; --json gets the boxes"),
+    ] = None,
+    evidence_method: Annotated[
+        str | None,
+        typer.Option(
+            "--evidence-method",
+            help="grid, dense or stored (dense from saved patch features) "
+            "(default: dense for CLIP, else grid)",
+        ),
+    ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Add each image's caption and an explanation of why it matches "
+            "(Groq with GROQ_API_KEY, else the offline explainer)",
+        ),
+    ] = False,
+    caption: Annotated[
+        bool,
+        typer.Option(
+            "--caption",
+            help="Add each image's caption, generating missing ones with BLIP (cached in the catalog)",
+        ),
+    ] = False,
+    explain_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--explain-backend",
+            help="Explainer for --explain (implies it): auto, offline, groq, local or fake "
+            "(default: $CLEARSIGHT_EXPLAIN_BACKEND, else auto)",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Search the collection by text, image, or both."""
+    explain = explain or explain_backend is not None
+    want_evidence = evidence is not None or evidence_method is not None
+    if (explain or caption or want_evidence) and captions:
+        raise BadQuery(
+            "--explain, --caption and --evidence describe image results; they cannot be used with --captions"
+        )
+    settings = get_settings()
+    with ExitStack() as stack:
+        searcher = Searcher.open(data_dir_or_default(data_dir), model=model, device=device)
+        stack.callback(searcher.close)
+        knobs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+        if knobs:  # this search only; the index keeps the knobs it records
+            searcher.params = replace(searcher.index.images.params.search, **knobs)
+        qimage, qkey = load_query_image(image) if image else (None, None)
+        q = Query(
+            text=text,
+            image=qimage,
+            weight=weight,
+            negative=negative,
+            top_k=top_k,
+            offset=offset,
+            min_score=min_score,
+            image_key=qkey,
+        )
+        if captions:
+            result = searcher.search_captions(q)
+            if json_out:
+                typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+            else:
+                print_table(result.to_dict())
+            return
+        evidence_stage: EvidenceProvider = NoEvidence("not asked for")
+        if want_evidence or explain:  # the explainer reads the evidence the page would show
+            evidence_stage = make_evidence_provider(settings.evidence_regions, evidence_method or "auto")
+        explainer = _explainer(settings, explain_backend, searcher, stack) if explain else None
+        caption_stage = _captions(searcher, settings, device, stack) if caption else CatalogCaptions(searcher)
+        pipeline = CardPipeline(searcher, explainer, evidence_stage, caption_stage)
+        page = pipeline.search(q, query_echo(q))
+        pipeline.explain_cards_sync(page)
+        pngs = _write_pngs(page, evidence) if evidence is not None else []
+        payload = page_payload(page, explainer, pngs if evidence is not None else None)
+        if json_out:
+            typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+            return
+        print_table(payload, details=caption or explain)
+        if evidence is not None:
+            typer.echo(f"evidence: {sum(p is not None for p in pngs)} annotated PNGs in {evidence}")
+        if is_demo_model(page.result.model if page.result else ""):
+            note("clearsight: note: a DEMO model (synthetic coloured shapes only), not a real encoder")
+
+
+def _explainer(settings: Settings, backend: str | None, searcher: Searcher, stack: ExitStack) -> Explainer:
+    """The explainer the server would use, sharing its cache (`<data dir>/explanations.sqlite`)."""
+    from explainer.explain.cache import open_explanation_cache
+    from explainer.explain.factory import explainer_from_settings
+
+    cache = open_explanation_cache(searcher.collection.data_dir, _warn)
+    if cache is not None:
+        stack.callback(cache.close)
+    explainer = explainer_from_settings(settings, backend, cache, warn=_warn)
+    stack.callback(explainer.close)
+    return explainer
+
+
+def _captions(searcher: Searcher, settings: Settings, device: str, stack: ExitStack) -> CaptionProvider:
+    """BLIP for hits without a caption; the catalog's captions when BLIP is not on this machine."""
+    from explainer.captions.captioner import CaptionerConfig, CaptionService, create_captioner
+
+    config = CaptionerConfig.from_settings(settings, device=device)
+    try:
+        captioner = create_captioner(config)
+    except ModelUnavailable as exc:
+        _warn(f"captioner unavailable, showing cached or dataset captions instead: {exc}")
+        return CatalogCaptions(searcher)
+    stack.callback(captioner.close)
+    service = CaptionService(
+        searcher.collection, captioner, batch_size=config.batch_size, prefix=settings.caption_prefix
+    )
+    return GeneratingCaptions(searcher, service, _warn)
+
+
+def _write_pngs(page: ResultPage, out_dir: Path) -> list[Path | None]:
+    from retrieval.evidence import write_evidence_pngs
+
+    drawable = [(h.path, ev) for h, ev in zip(page.hits, page.evidence, strict=True) if ev is not None]
+    written = iter(write_evidence_pngs([p for p, _ in drawable], [ev for _, ev in drawable], out_dir, "both"))
+    return [next(written) if ev is not None else None for ev in page.evidence]
+
+
+def _warn(message: str) -> None:
+    note(f"clearsight: {message}")
