@@ -95,3 +95,12 @@ def default_captioner() -> CaptionerSpec:
 def find_captioner(name: str) -> CaptionerSpec | None:
     """Look a model up by registry name or hub id; None for anything else (e.g. a local directory)."""
     return next((s for s in list_captioners() if name in (s.name, s.hub_id)), None)
+
+
+def default_llm(backend: str) -> LLMSpec:
+    """The registry's default model for an explanation backend ("groq", "local"...): the one marked
+    default, else the first listed for that backend."""
+    specs = [s for s in list_llms() if s.backend == backend]
+    if not specs:
+        raise ConfigError(f"{registry_path()} lists no model for the {backend!r} explanation backend")
+    return next((s for s in specs if s.default), specs[0])

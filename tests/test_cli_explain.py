@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from explainer.captions.captioner import BlipCaptioner, make_blip
 from explainer.cli.app import app
-from explainer.explain.backends import _FACTORIES, ChatModelBackend, LLMConfig
+from explainer.explain.backends import ChatModelBackend, LLMConfig, register_backend, unregister_backend
 from explainer.settings import get_settings
 from retrieval import Collection
 
@@ -189,13 +189,12 @@ class CountingChat:
 
 
 def test_chat_backend_explanations_are_cached_between_runs(
-    indexed: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch
+    indexed: tuple[Path, list[Path]], request: pytest.FixtureRequest
 ) -> None:
     data, _ = indexed
     model = CountingChat()
-    monkeypatch.setitem(
-        _FACTORIES, "counting", lambda cfg: ChatModelBackend(RunnableLambda(model), "counting")
-    )
+    register_backend("counting", lambda cfg: ChatModelBackend(RunnableLambda(model), "counting"))
+    request.addfinalizer(lambda: unregister_backend("counting"))
     first = search_json(data, "a red square", "-k", "3", "--explain-backend", "counting")
     assert model.calls == 3
     assert first["explainer"] == {"backend": "counting", "prompt": "explain_hit@v2"}

@@ -26,7 +26,6 @@ from explainer.errors import (
     http_status_for,
 )
 from explainer.explain.backends import (
-    _FACTORIES,
     ChatModelBackend,
     FakeBackend,
     LLMConfig,
@@ -34,11 +33,13 @@ from explainer.explain.backends import (
     create_backend,
     list_backends,
     register_backend,
+    unregister_backend,
 )
 from explainer.explain.cache import ExplanationKey, MemoryExplanationCache, SQLiteExplanationCache
 from explainer.explain.chain import Explainer, context_inputs
 from explainer.explain.prompts import PromptFile, load_prompt
 from explainer.explain.types import ExplainContext, Explanation
+from retrieval.registry import default_llm
 from retrieval.types import Region
 
 GOOD = json.dumps(
@@ -318,8 +319,11 @@ def test_register_backend(prompt: PromptFile) -> None:
             assert explainer.explain(ctx()).backend == "scripted"
         with pytest.raises(ConfigError):
             register_backend("auto", lambda cfg: OfflineExplainer())
+        with pytest.raises(ConfigError):
+            unregister_backend("offline")
     finally:
-        _FACTORIES.pop("scripted", None)
+        unregister_backend("scripted")
+    assert "scripted" not in list_backends()
 
 
 def test_empty_page(prompt: PromptFile) -> None:
@@ -388,3 +392,11 @@ def test_from_config_wires_backend_and_prompt() -> None:
         assert explainer.label == "fake" and explainer.prompt_id == "explain_hit@v1"
     with Explainer.from_config(LLMConfig(), environ={}) as explainer:
         assert explainer.label == "offline" and explainer.explain(ctx()).backend == "offline"
+
+
+def test_the_default_groq_model_is_the_registrys() -> None:
+    """The LLM registry is data: the config's default model is whatever models/registry.toml marks."""
+    spec = default_llm("groq")
+    assert spec.default and LLMConfig().model == spec.model
+    with pytest.raises(ConfigError, match="lists no model"):
+        default_llm("no-such-backend")

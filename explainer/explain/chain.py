@@ -26,7 +26,7 @@ from langchain_core.runnables import Runnable
 from pydantic import ValidationError
 
 from explainer.errors import ConfigError, LLMError, LLMMalformedOutput, redact
-from explainer.explain.backends import Backend, ChatBackend, LLMConfig, OfflineExplainer, create_backend
+from explainer.explain.backends import Backend, LLMConfig, OfflineExplainer, create_backend
 from explainer.explain.cache import ExplanationCache, ExplanationKey
 from explainer.explain.prompts import PromptFile, load_prompt
 from explainer.explain.regions import describe_regions
@@ -115,7 +115,8 @@ class Explainer:
         self._offline = offline or OfflineExplainer()
         self._loop_thread = _LoopThread()
         self._chain: Runnable[dict[str, str], ExplanationOutput] | None = None
-        if isinstance(backend, ChatBackend):
+        runnable = backend.runnable
+        if runnable is not None:
             if prompt is None:
                 raise ConfigError(f"the {backend.label} explainer needs a prompt (see load_prompt)")
             unknown = sorted(set(prompt.input_variables) - CONTEXT_VARIABLES)
@@ -125,7 +126,7 @@ class Explainer:
                     f"(it fills {sorted(CONTEXT_VARIABLES)})"
                 )
             parser = PydanticOutputParser(pydantic_object=ExplanationOutput)
-            self._chain = prompt.chat_template | backend.runnable | parser
+            self._chain = prompt.chat_template | runnable | parser
 
     @classmethod
     def from_config(
@@ -138,7 +139,7 @@ class Explainer:
         """The usual wiring for the server and the CLI: backend from config, prompt by name[@vN]."""
         backend = create_backend(config, environ)
         prompt_file: PromptFile | None = None
-        if isinstance(backend, ChatBackend):
+        if backend.runnable is not None:  # only a language model reads a prompt
             prompt_file = load_prompt(prompt) if isinstance(prompt, str) else prompt
         return cls(backend, prompt_file, cache, max_concurrency=config.max_concurrency)
 
@@ -218,7 +219,7 @@ class Explainer:
             err = exc
         else:
             err = LLMError(f"{self.label}: {type(exc).__name__}: {exc}")
-        secrets = self.backend.secrets() if isinstance(self.backend, ChatBackend) else ()
+        secrets = self.backend.secrets()
         return redact(f"{err.reason_code}: {err}", secrets)
 
     # -- sync API -----------------------------------------------------------------------------
@@ -234,10 +235,8 @@ class Explainer:
 
     def close(self) -> None:
         """Stop the private loop and release the backend's connections."""
-        closer = self.backend.aclose() if isinstance(self.backend, ChatBackend) else None
-        self._loop_thread.close(closer)
-        if isinstance(self.backend, ChatBackend):
-            self.backend.close()
+        self._loop_thread.close(self.backend.aclose())
+        self.backend.close()
 
     def __enter__(self) -> Explainer:
         return self

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from explainer.errors import ClearsightError, ConfigError
-from explainer.explain.backends import DEFAULT_GROQ_MODEL, LLMConfig, list_backends
+from explainer.explain.backends import LLMConfig, default_groq_model, list_backends
 from explainer.explain.cache import ExplanationCache
 from explainer.explain.chain import Explainer
 from explainer.settings import Settings
@@ -29,7 +29,7 @@ def llm_config_from_settings(settings: Settings, backend: str | None = None) -> 
         raise ConfigError(f"unknown explainer backend {name!r}; choose one of {known}")
     return LLMConfig(
         backend=name,
-        model=settings.explain_model or DEFAULT_GROQ_MODEL,
+        model=settings.explain_model or default_groq_model(),
         api_key=settings.groq_api_key,
         base_url=settings.groq_base_url,
         timeout_s=settings.explain_timeout_s,

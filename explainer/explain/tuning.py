@@ -43,7 +43,6 @@ from explainer.explain.backends import (
     ChatBackend,
     ChatModelBackend,
     LLMConfig,
-    OfflineExplainer,
     create_backend,
 )
 from explainer.explain.backends.offline import content_words, forms
@@ -61,7 +60,7 @@ if TYPE_CHECKING:
 
 #: A backend by name ("offline", "fake", "groq", "auto"...), as a config, as a built backend, or
 #: as any LangChain chat model (a fake one, or a model built in the notebook).
-BackendLike = str | LLMConfig | ChatBackend | OfflineExplainer | Runnable[LanguageModelInput, BaseMessage]
+BackendLike = str | LLMConfig | Backend | Runnable[LanguageModelInput, BaseMessage]
 #: A prompt as "name" (latest version), "name@v2", a path to a `<name>.v<N>.toml` file, or loaded.
 PromptLike = str | Path | PromptFile
 
@@ -239,7 +238,7 @@ def resolve_prompt(prompt: PromptLike) -> PromptFile:
 
 def resolve_backend(backend: BackendLike) -> Backend:
     """A backend from any `BackendLike`; names are read with the settings (the Groq key included)."""
-    if isinstance(backend, ChatBackend | OfflineExplainer):
+    if isinstance(backend, Backend):
         return backend
     if isinstance(backend, str):
         return create_backend(llm_config_from_settings(get_settings(), backend), environ={})
@@ -432,7 +431,7 @@ class _Session:
     """One backend, explained with one prompt at a time; closes the backend only if it built it."""
 
     def __init__(self, backend: BackendLike) -> None:
-        self.owned = not isinstance(backend, ChatBackend | OfflineExplainer)
+        self.owned = not isinstance(backend, Backend)
         self.backend = resolve_backend(backend)
 
     def explainer(self, prompt: PromptFile) -> tuple[Explainer, _TappedBackend | None]:
@@ -448,7 +447,7 @@ class _Session:
             return [_run(explainer, tapped, prompt.id, case) for case in cases]
 
     def close(self) -> None:
-        if self.owned and isinstance(self.backend, ChatBackend):
+        if self.owned:
             self.backend.close()
 
     def __enter__(self) -> _Session:

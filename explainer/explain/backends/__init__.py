@@ -10,17 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from explainer.errors import ConfigError
-from explainer.explain.backends.base import ChatBackend, ChatModelBackend
-from explainer.explain.backends.config import DEFAULT_GROQ_MODEL, LLMConfig
+from explainer.explain.backends.base import Backend, ChatBackend, ChatModelBackend
+from explainer.explain.backends.config import LLMConfig, default_groq_model
 from explainer.explain.backends.fake import FakeBackend
 from explainer.explain.backends.offline import OFFLINE_LABEL, OFFLINE_PROMPT, OfflineExplainer
 
-#: What `create_backend` returns: an LLM behind the chain, or the offline explainer.
-Backend = ChatBackend | OfflineExplainer
 BackendFactory = Callable[[LLMConfig], Backend]
 
 __all__ = [
-    "DEFAULT_GROQ_MODEL",
     "OFFLINE_LABEL",
     "OFFLINE_PROMPT",
     "Backend",
@@ -31,8 +28,10 @@ __all__ = [
     "LLMConfig",
     "OfflineExplainer",
     "create_backend",
+    "default_groq_model",
     "list_backends",
     "register_backend",
+    "unregister_backend",
 ]
 
 
@@ -66,6 +65,9 @@ _FACTORIES: dict[str, BackendFactory] = {
 }
 
 
+_BUILT_IN = frozenset(_FACTORIES)
+
+
 def list_backends() -> list[str]:
     """Names accepted by `LLMConfig.backend` (besides "auto")."""
     return sorted(_FACTORIES)
@@ -76,6 +78,14 @@ def register_backend(name: str, factory: BackendFactory) -> None:
     if not name or name == "auto":
         raise ConfigError(f"invalid backend name {name!r}")
     _FACTORIES[name] = factory
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with `register_backend` (tests and notebooks clean up after themselves);
+    the built-in backends cannot be removed."""
+    if name in _BUILT_IN:
+        raise ConfigError(f"{name!r} is a built-in backend and cannot be removed")
+    _FACTORIES.pop(name, None)
 
 
 def create_backend(config: LLMConfig, environ: Mapping[str, str] | None = None) -> Backend:

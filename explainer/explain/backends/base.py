@@ -1,8 +1,10 @@
-"""What an LLM backend is to the explainer chain: the `llm` step of `prompt | llm | parser`.
+"""What a backend is to the explainer: who writes explanations, and how.
 
-Backends differ in transport (Groq over HTTP, llama.cpp in process, LangChain fakes), not in
-prompt or parsing, so they only supply a runnable from a prompt value to a chat message. Each
-carries a `label` that is stored with every explanation it writes.
+Every backend (Groq, llama.cpp, LangChain's fakes, and the offline explainer) is a `Backend`, so the
+explainer never asks which kind it holds. LLM backends are `ChatBackend`s: they differ in transport,
+not in prompt or parsing, so they only supply the `llm` step of `prompt | llm | parser`. The offline
+backend has no chain: it writes its text from the hit's facts. Each carries a `label` stored with
+every explanation it writes.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable
 
 
-class ChatBackend(ABC):
-    """A backend the explainer chain calls; failures surface as `LLMError`s."""
+class Backend(ABC):
+    """Anything that writes explanations; the hooks have safe defaults so most backends override few."""
 
-    #: "groq:<model>", "fake", "local:<file>"...: written into `Explanation.backend`.
+    #: "groq:<model>", "fake", "local:<file>", "offline"...: written into `Explanation.backend`.
     label: str
 
     @property
-    @abstractmethod
-    def runnable(self) -> Runnable[LanguageModelInput, BaseMessage]:
-        """The `llm` step of the chain, with the backend's retries and concurrency bound applied."""
+    def runnable(self) -> Runnable[LanguageModelInput, BaseMessage] | None:
+        """The `llm` step of `prompt | llm | parser`; None for a backend that needs no language model."""
+        return None
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must be masked in any text derived from this backend's failures."""
@@ -34,6 +36,15 @@ class ChatBackend(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources bound to the running event loop."""
+
+
+class ChatBackend(Backend):
+    """A language model behind the chain; failures surface as `LLMError`s."""
+
+    @property
+    @abstractmethod
+    def runnable(self) -> Runnable[LanguageModelInput, BaseMessage]:
+        """The `llm` step of the chain, with the backend's retries and concurrency bound applied."""
 
 
 class ChatModelBackend(ChatBackend):

@@ -16,8 +16,12 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from explainer.errors import ConfigError
+from retrieval.registry import default_llm
 
-DEFAULT_GROQ_MODEL = "llama-3.1-8b-instant"
+
+def default_groq_model() -> str:
+    """The Groq model the registry (`models/registry.toml`, [llms]) marks as default."""
+    return default_llm("groq").model
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class LLMConfig:
     """
 
     backend: str = "auto"
-    model: str = DEFAULT_GROQ_MODEL
+    model: str = dataclasses.field(default_factory=default_groq_model)
     api_key: SecretStr | None = None
     #: Root URL of an OpenAI-compatible Groq endpoint (the client appends /openai/v1/...).
     base_url: str | None = None

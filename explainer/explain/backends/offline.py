@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 
+from explainer.explain.backends.base import Backend
 from explainer.explain.regions import describe_regions, strongest_region
 from explainer.explain.types import ExplainContext, Explanation, QueryKind
 
@@ -108,7 +109,7 @@ def _strength(confidence: float) -> str:
     return "weak"
 
 
-class OfflineExplainer:
+class OfflineExplainer(Backend):
     """Explainer backend that needs no model; also the fallback of every LLM backend."""
 
     label = OFFLINE_LABEL
