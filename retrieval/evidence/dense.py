@@ -23,7 +23,7 @@ from PIL import Image
 from retrieval.encoders import Encoder
 from retrieval.encoders.preprocess import PreprocessConfig, crop_offsets, resized_size
 from retrieval.errors import ConfigError
-from retrieval.evidence.pipeline import encode_in_batches, prepared_in_order
+from retrieval.evidence.batching import encode_in_batches, prepared_in_order
 from retrieval.evidence.types import (
     Box,
     Evidence,

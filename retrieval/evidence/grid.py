@@ -17,7 +17,7 @@ from PIL import Image
 
 from retrieval.encoders import Encoder
 from retrieval.encoders.preprocess import PreprocessConfig
-from retrieval.evidence.pipeline import Prepare, encode_in_batches, load_and_prepare, prepared_in_order
+from retrieval.evidence.batching import Prepare, encode_in_batches, load_and_prepare, prepared_in_order
 from retrieval.evidence.types import (
     Box,
     Evidence,
