@@ -282,6 +282,38 @@ class Catalog:
             vecs[k] = np.frombuffer(blob, dtype=np.float32)
         return ids, vecs
 
+    def sample_indexed_vectors(self, model: str, dim: int, limit: int) -> tuple[np.ndarray, Float32Array]:
+        """(ids, vectors) of at most `limit` indexed images spread evenly over the id range.
+
+        Deterministic, so a collection version always yields the same sample, and it reads only the
+        chosen rows' vectors (the whole table of a million images would be gigabytes).
+        """
+        with self._lock:
+            all_ids = [
+                int(r[0])
+                for r in self._db.execute(
+                    """SELECT i.id FROM images i JOIN embeddings e
+                       ON e.content_hash = i.content_hash AND e.model = ?
+                       WHERE i.state = 'indexed' ORDER BY i.id""",
+                    (model,),
+                )
+            ]
+        if len(all_ids) > limit:
+            picks = np.linspace(0, len(all_ids) - 1, limit).round().astype(np.int64)
+            all_ids = [all_ids[int(k)] for k in picks]
+        rows = self._select_in(
+            """SELECT i.id, e.vector FROM images i JOIN embeddings e
+               ON e.content_hash = i.content_hash AND e.model = ? WHERE i.id IN ({marks})""",
+            all_ids,
+            (model,),
+        )
+        rows.sort(key=lambda r: int(r[0]))
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.zeros((len(rows), dim), dtype=np.float32)
+        for k, (_, blob) in enumerate(rows):
+            vecs[k] = np.frombuffer(blob, dtype=np.float32)
+        return ids, vecs
+
     def indexed_ids(self) -> set[int]:
         with self._lock:
             return {int(r[0]) for r in self._db.execute("SELECT id FROM images WHERE state='indexed'")}

@@ -10,10 +10,13 @@ import numpy as np
 from PIL import Image
 
 from retrieval import imageio
+from retrieval.builder import embed_texts_cached
 from retrieval.collection import Collection
+from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
 from retrieval.errors import BadQuery
 from retrieval.index import LoadedIndex, SearchParams
+from retrieval.result_cache import ResultCache, image_key, vector_key
 from retrieval.types import Float32Array
 
 MAX_TOP_K = 1000
@@ -62,6 +65,7 @@ class Hit:
     height: int | None = None
     content_hash: str | None = None
     captions: list[str] = field(default_factory=list)
+    confidence: float | None = None  # calibrated per query and collection (retrieval.confidence)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -76,6 +80,7 @@ class CaptionHit:
     path: str
     score: float
     rank: int
+    confidence: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -89,6 +94,10 @@ class SearchResult:
     total: int  # vectors in the searched index
     results: list[Hit] | list[CaptionHit]
     target: str = "images"  # or "captions"
+    #: True when even the best hit's confidence is below the threshold; None when not calibrated.
+    no_confident_match: bool | None = None
+    #: True when the whole result came from the result cache (no encoder call, no index search).
+    cached: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -97,6 +106,8 @@ class SearchResult:
             "model": self.model,
             "index_factory": self.index_factory,
             "total": self.total,
+            "no_confident_match": self.no_confident_match,
+            "cached": self.cached,
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -121,12 +132,18 @@ class Searcher:
         encoder: Encoder,
         index: LoadedIndex,
         params: SearchParams | None = None,
+        *,
+        confidence: ConfidenceConfig | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         self.collection = collection
         self.encoder = encoder
         self.index = index
         # None: every search uses the knobs recorded in the index's manifest (what it was built with)
         self.params = params
+        self.confidence = confidence or ConfidenceConfig()
+        self.cache = cache if cache is not None else ResultCache()
+        self._calibrations: dict[tuple[str, str], Calibration] = {}
 
     @classmethod
     def open(
@@ -150,6 +167,8 @@ class Searcher:
         if version is None or version == self.index.version:
             return False
         self.index = self.collection.store.load(expect_fingerprint=self.encoder.info.fingerprint)
+        self.cache.clear()
+        self._calibrations.clear()
         return True
 
     def close(self) -> None:
@@ -158,8 +177,48 @@ class Searcher:
 
     # -- query embedding ---------------------------------------------------------------------
     def embed_query(self, q: Query) -> Float32Array:
-        """Weighted sum of the normalised text and image embeddings, minus the negative, renormalised."""
+        """Weighted sum of the normalised text and image embeddings, minus the negative, renormalised.
+
+        A query seen before (same text, image content, weights, negative and model) is not encoded again.
+        """
         q.validate()
+        key = self._embedding_key(q)
+        cached = self.cache.vectors.get(key)
+        if cached is not None:
+            return cached
+        vec = self._embed(q)
+        self.cache.vectors.put(key, vec)
+        return vec
+
+    def _embedding_key(self, q: Query) -> tuple[object, ...]:
+        img = None
+        if q.image is not None:
+            img = q.image_key or image_key(q.image)
+        has_text = bool(q.text and q.text.strip())
+        return (
+            self.encoder.info.fingerprint,
+            q.text if has_text else None,
+            img,
+            q.weight if (has_text and img) else None,
+            q.negative if q.negative and q.negative.strip() else None,
+            q.negative_weight if q.negative and q.negative.strip() else None,
+        )
+
+    def _result_key(self, vec: Float32Array, q: Query, kind: str, target: str) -> tuple[object, ...]:
+        return (
+            self.index.version,
+            self.encoder.info.fingerprint,
+            target,
+            kind,
+            vector_key(vec),
+            self.params,
+            q.top_k,
+            q.offset,
+            q.min_score,
+            self.confidence,
+        )
+
+    def _embed(self, q: Query) -> Float32Array:
         has_text = bool(q.text and q.text.strip())
         vec = np.zeros(self.encoder.info.dim, dtype=np.float32)
         if has_text:
@@ -180,6 +239,18 @@ class Searcher:
         return self.search_vector(vec, q, kind=q.kind)
 
     def search_vector(self, vec: Float32Array, q: Query, kind: str = "vector") -> SearchResult:
+        """Top hits for a query vector, with calibrated confidence; repeats come from the result cache."""
+        key = self._result_key(vec, q, kind, "images")
+        hit = self.cache.results.get(key)
+        if isinstance(hit, SearchResult):
+            hit.cached = True
+            return hit
+        result = self._search_images(vec, q, kind)
+        self._calibrate(result)
+        self.cache.results.put(key, result)
+        return result
+
+    def _search_images(self, vec: Float32Array, q: Query, kind: str) -> SearchResult:
         idx = self.index.images
         # ask for a little more than needed: ids deleted since the index was written are dropped
         want = q.offset + q.top_k
@@ -212,6 +283,17 @@ class Searcher:
     def search_captions(self, q: Query) -> SearchResult:
         """Image→text (or text→text): captions nearest the query, each with the image it belongs to."""
         vec = self.embed_query(q)
+        key = self._result_key(vec, q, q.kind, "captions")
+        hit = self.cache.results.get(key)
+        if isinstance(hit, SearchResult):
+            hit.cached = True
+            return hit
+        result = self._search_captions(vec, q)
+        self._calibrate(result)
+        self.cache.results.put(key, result)
+        return result
+
+    def _search_captions(self, vec: Float32Array, q: Query) -> SearchResult:
         idx = self.index.captions
         if idx.ntotal == 0:
             raise BadQuery(
@@ -257,3 +339,43 @@ class Searcher:
             score = float(np.dot(stored[rec.content_hash], vec[0]))
             hits.append(Hit(rec.id, rec.path, round(score, 6), rank, rec.width, rec.height, rec.content_hash))
         return hits
+
+    # -- confidence --------------------------------------------------------------------------
+    def calibration(self, target: str = "images") -> Calibration | None:
+        """The confidence calibration of this index version for `target`; None for an empty collection."""
+        key = (self.index.version, target)
+        if key not in self._calibrations:
+            cal = self._fit_calibration(target)
+            if cal is None:
+                return None
+            self._calibrations[key] = cal
+        return self._calibrations[key]
+
+    def _fit_calibration(self, target: str) -> Calibration | None:
+        cat, info, cfg = self.collection.catalog, self.encoder.info, self.confidence
+        image_ids, image_vecs = cat.sample_indexed_vectors(info.fingerprint, info.dim, cfg.sample_size)
+        if target == "images":
+            items, owners = image_vecs, image_ids
+        else:
+            caps = cat.all_captions()
+            if len(caps) > cfg.sample_size:
+                picks = np.linspace(0, len(caps) - 1, cfg.sample_size).round().astype(np.int64)
+                caps = [caps[int(k)] for k in picks]
+            items, _ = embed_texts_cached(cat, self.encoder, [c.text for c in caps])
+            owners = np.asarray([c.image_id for c in caps], dtype=np.int64)
+        if len(items) < 2:
+            return None
+        null = null_text_vectors(self.encoder, cat)
+        return calibrate(target, items, owners, image_vecs, image_ids, null, cfg)
+
+    def _calibrate(self, result: SearchResult) -> None:
+        """Give each hit its confidence and the result its `no_confident_match` flag, in place."""
+        cal = self.calibration(result.target)
+        if cal is None or not result.results:
+            result.no_confident_match = True if not result.results else None
+            return
+        confs = cal.confidences([h.score for h in result.results], result.query_kind)
+        hits: list[Hit | CaptionHit] = list(result.results)
+        for h, c in zip(hits, confs, strict=True):
+            h.confidence = c
+        result.no_confident_match = cal.no_confident_match(confs)
