@@ -131,12 +131,25 @@ def sync_indexes(
     caps = collection.catalog.all_captions()
     cap_ids = np.asarray([c.id for c in caps], dtype=np.int64)
     cap_vecs, _ = embed_texts_cached(collection.catalog, encoder, [c.text for c in caps], progress=progress)
-    captions_changed = current is None or not np.array_equal(np.sort(current.captions.ids()), cap_ids)
+    # the captions index follows the images index's kind (resolved for its own count: too few
+    # captions to train IVF stay exact), and its search knobs
+    cap_built, _ = resolve_factory(factory, len(cap_ids), info.dim)
+    captions_changed = (
+        current is None
+        or rebuilt
+        or not same_layout(current.manifest.captions_factory, cap_built)
+        or not np.array_equal(np.sort(current.captions.ids()), np.sort(cap_ids))
+    )
     captions = (
         current.captions
         if current is not None and not captions_changed
-        else VectorIndex.build(cap_ids, cap_vecs, "Flat", info.dim)
+        else VectorIndex.build(
+            cap_ids, cap_vecs, cap_built, info.dim, ef_construction=ef_construction, search=search
+        )
     )
+    if params_changed and not captions_changed:
+        cap_params = captions.params.with_search(images.params.search)
+        captions = VectorIndex(captions.index, info.dim, captions.factory, cap_params)
 
     changed = rebuilt or added or removed or captions_changed or params_changed
     version = None
@@ -152,6 +165,8 @@ def sync_indexes(
             captions_count=captions.ntotal,
             note=note,
             params=images.params,
+            captions_factory=captions.factory,
+            captions_params=captions.params,
         )
         version = store.save(manifest, images, captions)
     return SyncReport(images.ntotal, captions.ntotal, added, removed, rebuilt, version, images.factory, note)

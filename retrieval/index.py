@@ -143,7 +143,10 @@ class Manifest:
     metric: str = "inner_product"
     created_at: float = field(default_factory=time.time)
     note: str = ""
-    params: IndexParams = field(default_factory=IndexParams)  # of the image index; captions are Flat
+    params: IndexParams = field(default_factory=IndexParams)  # of the image index
+    #: The captions index is built like the images index (for its own count); older manifests: Flat.
+    captions_factory: str = "Flat"
+    captions_params: IndexParams = field(default_factory=IndexParams)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -153,6 +156,7 @@ class Manifest:
         data = _migrate_manifest(json.loads(text))
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["params"] = IndexParams.from_dict(fields.get("params") or {})
+        fields["captions_params"] = IndexParams.from_dict(fields.get("captions_params") or {})
         return cls(**fields)
 
 
@@ -466,7 +470,9 @@ class IndexStore:
         images = VectorIndex.from_file(
             d / "images.faiss", manifest.dim, manifest.built_factory, manifest.params
         )
-        captions = VectorIndex.from_file(d / "captions.faiss", manifest.dim, "Flat")
+        captions = VectorIndex.from_file(
+            d / "captions.faiss", manifest.dim, manifest.captions_factory, manifest.captions_params
+        )
         return LoadedIndex(manifest, images, captions, version)
 
     def save(self, manifest: Manifest, images: VectorIndex, captions: VectorIndex) -> str:

@@ -318,7 +318,12 @@ class Searcher:
             )
         m = self.index.manifest
         return SearchResult(
-            q.kind, m.model_name, "Flat", idx.ntotal, hits[q.offset : q.offset + q.top_k], "captions"
+            q.kind,
+            m.model_name,
+            m.captions_factory,
+            idx.ntotal,
+            hits[q.offset : q.offset + q.top_k],
+            "captions",
         )
 
     def score_ids(self, vec: Float32Array, items: Sequence[tuple[int, int]]) -> list[Hit]:

@@ -32,7 +32,7 @@ from retrieval.evidence import (
     view_geometry,
 )
 from retrieval.evidence.dense import label_components
-from retrieval.evidence.grid import crop_for_encoder
+from retrieval.evidence.grid import crop_for_encoder, select_regions_counted
 from retrieval.evidence.render import colour_map
 
 runner = CliRunner()
@@ -158,7 +158,20 @@ def test_adaptive_selection_rule() -> None:
     assert pick(top_n=2, ratio=0.95) == ["0", "1", "5"]  # within 0.95 of the best adds "5"
     assert pick(top_n=4, ratio=0.95) == ["0", "1", "5", "2"]  # always the top four
     assert pick(top_n=1, ratio=0.5) == ["0", "1", "5", "2"]  # everything above 0.45
-    assert pick(top_n=1, ratio=0.1, max_regions=3) == ["0", "1", "5"]  # capped
+    assert pick(top_n=1, ratio=0.1, max_regions=3) == ["0", "1", "5"]  # capped when asked
+    # the reference rule with the defaults: top 4 plus all within 95 % of the best, never capped
+    flat = np.array([0.9] * 12 + [0.1], np.float32)
+    many = select_regions_counted(
+        [(i, 0, i + 1, 1) for i in range(13)], [str(i) for i in range(13)], flat, EvidenceConfig()
+    )
+    assert len(many[0]) == 12 and many[1] == 0
+    capped = select_regions_counted(
+        [(i, 0, i + 1, 1) for i in range(13)],
+        [str(i) for i in range(13)],
+        flat,
+        EvidenceConfig(max_regions=5),
+    )
+    assert len(capped[0]) == 5 and capped[1] == 7  # the cap says what it dropped
     regions = select_regions(boxes, labels, scores, EvidenceConfig())
     assert [r.rank for r in regions] == list(range(1, len(regions) + 1))
     negative = np.array([-0.1, -0.104, -0.5], np.float32)

@@ -89,3 +89,29 @@ def test_tune_collection_and_apply(tmp_path: Path, encoder: Encoder) -> None:
     assert m.built_factory == hnsw.factory
     assert m.params.ef_search == 64 and m.params.hnsw_m == hnsw.params["hnsw_m"]
     col.close()
+
+
+def test_captions_index_follows_the_images_kind(tmp_path: Path, encoder: Encoder) -> None:
+    from retrieval.builder import sync_indexes
+    from retrieval.index import SearchParams
+    from retrieval.search import Query, Searcher
+
+    root = tmp_path / "imgs"
+    paths = make_folder(root, 6)
+    (root / "captions.jsonl").write_text(
+        "\n".join(
+            json.dumps({"image": p.name, "captions": [f"shape {i}", f"picture {i}"]})
+            for i, p in enumerate(paths)
+        )
+    )
+    col = Collection(tmp_path / "data")
+    ingest(root, col, encoder, IngestConfig(progress=False))
+    sync_indexes(col, encoder, factory="HNSW16", force_rebuild=True, search=SearchParams(ef_search=48))
+    m = col.store.read_manifest()
+    assert m.built_factory == "HNSW16" and m.captions_factory == "HNSW16"
+    assert m.captions_params.ef_search == 48 and m.captions_params.hnsw_m == 16
+    s = Searcher.open(tmp_path / "data", encoder=encoder)
+    r = s.search_captions(Query(text="shape 3", top_k=2))
+    assert r.index_factory == "HNSW16" and len(r.results) == 2
+    s.close()
+    col.close()

@@ -174,14 +174,16 @@ def evidence_from_patches(
     for r in regions:
         best.setdefault(r[1], r)
     regions = list(best.values())
+    cap = len(regions) if config.max_regions is None else config.max_regions
+    dropped = max(0, len(regions) - cap)
     picked = tuple(
         Region(box, score, rank, f"component {rank}")
-        for rank, (score, box, _) in enumerate(regions[: config.max_regions], start=1)
+        for rank, (score, box, _) in enumerate(regions[:cap], start=1)
     )
     if not picked:
         whole = geom.to_image(0, 0, geom.crop_w, geom.crop_h, width, height)
         picked = (Region(whole, float(sim.mean()), 1, "whole view"),)
-    return Evidence(target_id, picked, method, (width, height), heat, geom.crop_box())
+    return Evidence(target_id, picked, method, (width, height), heat, geom.crop_box(), dropped_by_cap=dropped)
 
 
 def patch_encoder(encoder: Encoder) -> PatchEncoder:

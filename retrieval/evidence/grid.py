@@ -65,23 +65,37 @@ def grid_boxes(
     return list(seen.items())
 
 
-def select_regions(
+def select_regions_counted(
     boxes: Sequence[Box], labels: Sequence[str], scores: Float32Array, config: EvidenceConfig
-) -> tuple[Region, ...]:
-    """Adaptive selection: the best `top_n`, plus every region within `ratio` of the best, capped.
+) -> tuple[tuple[Region, ...], int]:
+    """The reference rule: always the best `top_n` (4), plus every region within `ratio` (95 %) of the
+    best; then the optional `max_regions` cap. Returns the regions and how many the cap dropped.
 
     A fixed threshold on cosine similarity means nothing across models and queries; relative to the
-    best region it keeps one region when one stands out and several when the match is spread out.
+    best region it keeps the top four when one stands out and more when the match is spread out.
     "Within ratio" is measured on the score's magnitude so it also works when all scores are negative.
     """
     if len(scores) == 0:
-        return ()
+        return (), 0
     order = np.argsort(-scores, kind="stable")
     best = float(scores[order[0]])
     cut = best - (1.0 - config.ratio) * abs(best)
     keep = [int(i) for k, i in enumerate(order) if k < config.top_n or float(scores[i]) >= cut]
-    keep = keep[: config.max_regions]
-    return tuple(Region(boxes[i], float(scores[i]), rank, labels[i]) for rank, i in enumerate(keep, start=1))
+    dropped = 0
+    if config.max_regions is not None and len(keep) > config.max_regions:
+        dropped = len(keep) - config.max_regions
+        keep = keep[: config.max_regions]
+    regions = tuple(
+        Region(boxes[i], float(scores[i]), rank, labels[i]) for rank, i in enumerate(keep, start=1)
+    )
+    return regions, dropped
+
+
+def select_regions(
+    boxes: Sequence[Box], labels: Sequence[str], scores: Float32Array, config: EvidenceConfig
+) -> tuple[Region, ...]:
+    """`select_regions_counted` without the count."""
+    return select_regions_counted(boxes, labels, scores, config)[0]
 
 
 def grid_saliency(width: int, height: int, boxes: Sequence[Box], scores: Float32Array) -> Float32Array:
@@ -174,9 +188,11 @@ def _pixels(p: _Prepared) -> Float32Array:
 
 def _finish(p: _Prepared, embeddings: Float32Array, q: Float32Array, config: EvidenceConfig) -> Evidence:
     scores = (embeddings @ q).astype(np.float32)
+    regions, dropped = select_regions_counted(p.boxes, p.labels, scores, config)
     return Evidence(
         hit_id=p.target.id,
-        regions=select_regions(p.boxes, p.labels, scores, config),
+        regions=regions,
+        dropped_by_cap=dropped,
         method="grid",
         image_size=(p.width, p.height),
         heatmap=grid_saliency(p.width, p.height, p.boxes, scores),

@@ -33,12 +33,13 @@ class EvidenceConfig:
     grids: tuple[int, ...] = (2, 3, 4)
     #: Grid evidence: fraction by which neighbouring cells overlap (0 = a plain grid).
     overlap: float = 0.0
-    #: Adaptive selection: always this many regions...
+    #: The reference rule: always this many regions...
     top_n: int = 4
-    #: ...plus every region scoring within this ratio of the best...
+    #: ...plus every region scoring within this ratio of the best.
     ratio: float = 0.95
-    #: ...but never more than this many.
-    max_regions: int = 8
+    #: An optional cap on top of the rule (None: no cap, the reference behaviour). When set, the regions
+    #: it drops are counted in `Evidence.dropped_by_cap`, so output can say a cap applied.
+    max_regions: int | None = None
     #: Regions narrower or shorter than this (in original pixels) are skipped, not encoded.
     min_region_px: int = 4
     #: Crops or images per encoder forward pass.
@@ -59,7 +60,7 @@ class EvidenceConfig:
             raise ConfigError(f"grids must be cells per side between 1 and 16, got {self.grids}")
         if not 0.0 <= self.overlap < 0.9:
             raise ConfigError(f"overlap must be in [0, 0.9), got {self.overlap}")
-        if not 1 <= self.top_n <= self.max_regions:
+        if self.top_n < 1 or (self.max_regions is not None and self.max_regions < self.top_n):
             raise ConfigError(
                 f"need 1 <= top_n <= max_regions, got top_n={self.top_n}, max_regions={self.max_regions}"
             )
@@ -87,6 +88,8 @@ class Evidence:
     heatmap: Float32Array | None = field(default=None, compare=False, repr=False)
     heatmap_box: Box | None = None
     note: str | None = None
+    #: Regions the selection rule chose that `EvidenceConfig.max_regions` left out (0 without a cap).
+    dropped_by_cap: int = 0
 
     @property
     def top(self) -> Region | None:
