@@ -116,6 +116,34 @@ class TuneReport:
         return "\n".join(lines)
 
 
+def factory_for(index: str | None, hnsw_m: int | None = None, nlist: int | None = None) -> str | None:
+    """The factory string for an index kind and its structural knobs (M of HNSW, lists of IVF).
+
+    `index` None with no knob keeps whatever the collection has. "ivf" is IVF over exact vectors
+    and needs `nlist` (IVF-PQ picks its own lists, or takes a factory string). Knobs that the kind does
+    not have are refused rather than ignored.
+    """
+    kind = (index or "").strip().lower()
+    if hnsw_m is not None and not 2 <= hnsw_m <= 256:
+        raise ConfigError(f"HNSW M must be in 2..256, got {hnsw_m}")
+    if nlist is not None and not 1 <= nlist <= 1 << 20:
+        raise ConfigError(f"nlist must be in 1..1048576, got {nlist}")
+    if hnsw_m is not None:
+        if kind not in ("", "hnsw"):
+            raise ConfigError(f"HNSW M applies to an hnsw index, not {index!r}")
+        return f"HNSW{hnsw_m}"
+    if nlist is not None:
+        if kind == "ivf":
+            return f"IVF{nlist},Flat"
+        raise ConfigError(
+            f"nlist applies to an ivf index, not {index or 'the default'!r} (for IVF-PQ with chosen "
+            "lists give a FAISS factory string such as IVF1024,PQ64np)"
+        )
+    if kind == "ivf":
+        raise ConfigError("an ivf index needs its number of lists (nlist)")
+    return index
+
+
 def estimate_bytes_per_vector(factory: str, dim: int) -> float:
     """Rough stored size, to skip candidates over the memory budget before building them."""
     ids = 8.0  # the id map

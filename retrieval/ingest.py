@@ -26,6 +26,7 @@ from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
 from retrieval.errors import BadImage, ConfigError, IndexMismatch
+from retrieval.index import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.types import Float32Array
 
 
@@ -38,6 +39,8 @@ class IngestConfig:
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS
     rebuild: bool = False  # re-encode everything with this model, replacing an index of another model
     progress: bool = True
+    search: SearchParams | None = None  # query-time knobs to record (None: keep the index's)
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION  # HNSW build beam, when an HNSW index is (re)built
 
 
 @dataclass
@@ -227,6 +230,8 @@ def ingest(
             factory=config.factory,
             force_rebuild=config.rebuild,
             progress=config.progress,
+            search=config.search,
+            ef_construction=config.ef_construction,
         )
     prefix = str(root).rstrip("/") + "/"
     reasons = [r for p, r in cat.failures(limit=10**9) if p.startswith(prefix)]

@@ -59,6 +59,12 @@ class Card(BaseModel):
     id: int = Field(description="Catalog id of the image; the only way to refer to it")
     rank: int = Field(ge=1, description="1-based rank over the whole result list (offset included)")
     score: float
+    confidence: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Calibrated per collection: how far the score stands above unrelated queries' best",
+    )
     image_url: str
     thumb_url: str
     detail_url: str
@@ -105,6 +111,7 @@ def make_card(
         id=hit.id,
         rank=hit.rank,
         score=hit.score,
+        confidence=hit.confidence,
         image_url=image_url(hit.id),
         thumb_url=thumb_url(hit.id),
         detail_url=detail_url(hit.id, echo, hit.rank),

@@ -58,6 +58,10 @@ class ResultPage:
     evidence: list[Evidence | None] = field(default_factory=list)
     #: The search result's own facts (query kind, index factory...), for the CLI's JSON.
     result: SearchResult | None = None
+    #: True when even the best hit is not confidently a match (retrieval.confidence); None: not calibrated.
+    no_confident_match: bool | None = None
+    #: True when the search itself came from the searcher's result cache.
+    cached: bool = False
 
 
 def query_token(echo: QueryEcho) -> str:
@@ -155,7 +159,14 @@ class CardPipeline:
             hits=hits,
             evidence=built.evidence,
             result=result,
+            no_confident_match=result.no_confident_match,
+            cached=result.cached,
         )
+
+    def search_captions(self, query: Query) -> SearchResult:
+        """Image→text (or text→text): caption hits, under the same model lock as every search."""
+        with self._model_lock:
+            return self.searcher.search_captions(query)
 
     def contexts(
         self, make_query: Callable[[], Query], echo: QueryEcho, items: Sequence[tuple[int, int]]

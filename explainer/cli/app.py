@@ -16,6 +16,7 @@ from explainer.cli.run import run_cmd
 from explainer.cli.search import search_cmd
 from explainer.cli.serve import serve_cmd
 from explainer.cli.train import eval_cmd, finetune_cmd
+from explainer.cli.tune import tune_cmd
 
 app = typer.Typer(
     name="clearsight",
@@ -30,6 +31,7 @@ for _name, _command in (
     ("index", index_cmd),
     ("search", search_cmd),
     ("models", models_cmd),
+    ("tune-index", tune_cmd),
     ("caption", caption_cmd),
     ("serve", serve_cmd),
     ("run", run_cmd),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,27 @@ from explainer.cli.options import DataDir, Device, JsonOut, Model, Quiet, data_d
 from explainer.errors import ConfigError
 from retrieval import Collection, EncoderConfig, IngestConfig, IngestSummary, create_encoder
 from retrieval.evidence import StoreReport
+from retrieval.index import DEFAULT_EF_CONSTRUCTION, SearchParams
+from retrieval.index_tuning import factory_for
+
+
+@dataclass(frozen=True)
+class IndexKnobs:
+    """Index parameters given on the command line; None keeps what the index records."""
+
+    hnsw_m: int | None = None
+    ef_construction: int | None = None
+    ef_search: int | None = None
+    nprobe: int | None = None
+    nlist: int | None = None
+
+    def forces_rebuild(self, collection: Collection, factory: str | None) -> bool:
+        """A new efConstruction only takes effect by building the graph again."""
+        if self.ef_construction is None or not collection.store.exists():
+            return False
+        m = collection.store.read_manifest()
+        kind = factory or m.factory
+        return kind.lower().startswith("hnsw") and m.params.ef_construction != self.ef_construction
 
 
 def index_folder(
@@ -27,6 +49,7 @@ def index_folder(
     rebuild: bool = False,
     patches: bool = False,
     progress: bool = True,
+    knobs: IndexKnobs | None = None,
 ) -> tuple[IngestSummary, StoreReport | None, Path]:
     """Index (or update) `path` into a collection; the plain function behind the command (and `run`).
 
@@ -45,13 +68,22 @@ def index_folder(
     encoder = create_encoder(EncoderConfig(model=model, device=device))
     if patches and not can_give_patches(encoder):
         raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
+    knobs = knobs or IndexKnobs()
+    factory = factory_for(index, knobs.hnsw_m, knobs.nlist)
+    search = None
+    if knobs.ef_search is not None or knobs.nprobe is not None:
+        recorded = collection.store.read_manifest().params.search if collection.store.exists() else None
+        base = recorded or SearchParams()
+        search = SearchParams(nprobe=knobs.nprobe or base.nprobe, ef_search=knobs.ef_search or base.ef_search)
     cfg = IngestConfig(
         batch_size=batch_size,
         workers=workers,
-        factory=index,
+        factory=factory,
         captions_file=captions,
-        rebuild=rebuild,
+        rebuild=rebuild or knobs.forces_rebuild(collection, factory),
         progress=progress,
+        search=search,
+        ef_construction=knobs.ef_construction or DEFAULT_EF_CONSTRUCTION,
     )
     summary = ingest(path, collection, encoder, cfg, log=note)
     report = store_collection_patches(collection, encoder, progress=progress)[1] if patches else None
@@ -64,7 +96,10 @@ def index_cmd(
     data_dir: DataDir = None,
     index: Annotated[
         str | None,
-        typer.Option("--index", help="flat (exact, default), hnsw, ivfpq, or a FAISS factory string"),
+        typer.Option(
+            "--index",
+            help="flat (exact, default), hnsw, ivf (with --nlist), ivfpq, or a FAISS factory string",
+        ),
     ] = None,
     captions: Annotated[
         Path | None,
@@ -84,6 +119,27 @@ def index_cmd(
             "so evidence needs no model pass at search time (--evidence-method stored)",
         ),
     ] = False,
+    hnsw_m: Annotated[
+        int | None, typer.Option("--hnsw-m", min=2, max=256, help="HNSW links per node (with --index hnsw)")
+    ] = None,
+    ef_construction: Annotated[
+        int | None, typer.Option("--ef-construction", min=1, max=4096, help="HNSW build beam (default 128)")
+    ] = None,
+    ef_search: Annotated[
+        int | None,
+        typer.Option(
+            "--ef-search", min=1, max=4096, help="HNSW search beam recorded for searches (default 128)"
+        ),
+    ] = None,
+    nprobe: Annotated[
+        int | None,
+        typer.Option(
+            "--nprobe", min=1, max=65536, help="IVF lists visited per search, recorded (default 32)"
+        ),
+    ] = None,
+    nlist: Annotated[
+        int | None, typer.Option("--nlist", min=1, max=1 << 20, help="IVF lists (with --index ivf)")
+    ] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -100,6 +156,7 @@ def index_cmd(
         rebuild=rebuild,
         patches=patches,
         progress=not quiet,
+        knobs=IndexKnobs(hnsw_m, ef_construction, ef_search, nprobe, nlist),
     )
     print_summary(summary, report, ddir, json_out)
 

@@ -46,6 +46,8 @@ def page_payload(
         "index_factory": result.index_factory if result else "",
         "total": page.total,
         "has_more": page.has_more,
+        "no_confident_match": page.no_confident_match,
+        "cached": page.cached,
         "results": rows,
     }
     if explainer is not None:
@@ -61,17 +63,27 @@ def print_table(result: dict[str, Any], details: bool = False) -> None:
         f"{len(rows)} {target} for a {result['query_kind']} query "
         f"({result['total']} indexed, model {result['model']}, {result['index_factory']})"
     )
+    if result.get("no_confident_match"):
+        typer.echo(
+            "no confident match: nothing here stands out from what unrelated queries reach; "
+            "the closest results follow"
+            if rows
+            else "no confident match: nothing was found"
+        )
     if not rows:
         return
     width = max(
         40, min(100, os.get_terminal_size(sys.stdout.fileno()).columns - 20) if sys.stdout.isatty() else 100
     )
-    typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>6}  {'caption' if target == 'captions' else 'path'}")
+    typer.echo(
+        f"{'rank':>4}  {'score':>7}  {'conf':>5}  {'id':>6}  {'caption' if target == 'captions' else 'path'}"
+    )
     for r in rows:
         label = f"{r['text']}  [{Path(r['path']).name}]" if target == "captions" else r["path"]
         if len(label) > width:
             label = "…" + label[-(width - 1) :]
-        typer.echo(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['id']:>6}  {label}")
+        conf = f"{r['confidence']:.2f}" if r.get("confidence") is not None else "-"
+        typer.echo(f"{r['rank']:>4}  {r['score']:>7.4f}  {conf:>5}  {r['id']:>6}  {label}")
         for line in detail_lines(r, width + 20) if details else []:
             typer.echo(line)
 

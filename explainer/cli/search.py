@@ -25,14 +25,24 @@ from explainer.errors import BadQuery, ModelUnavailable
 from explainer.explain.chain import Explainer
 from explainer.settings import Settings, get_settings
 from retrieval import Query, Searcher, load_query_image
+from retrieval.modality import detect_query
 from retrieval.paths import is_demo_model
 
 
 def search_cmd(
-    text: Annotated[str | None, typer.Argument(help="Text query")] = None,
+    text: Annotated[
+        str | None,
+        typer.Argument(
+            help="What to search for: an image file or an http(s) image URL is searched as an image, "
+            "anything else as text (--text forces text)"
+        ),
+    ] = None,
     image: Annotated[
         Path | None, typer.Option("--image", "-i", help="Image query (alone or with text)")
     ] = None,
+    force_text: Annotated[
+        bool, typer.Option("--text", help="Search the argument as text even if it names a file or URL")
+    ] = False,
     weight: Annotated[
         float, typer.Option("--weight", "-w", help="Text's share in a text+image query, 0..1")
     ] = 0.5,
@@ -109,6 +119,17 @@ def search_cmd(
         if knobs:  # this search only; the index keeps the knobs it records
             searcher.params = replace(searcher.index.images.params.search, **knobs)
         qimage, qkey = load_query_image(image) if image else (None, None)
+        if text is not None:
+            detected = detect_query(text, force_text=force_text)
+            if detected.kind == "image":
+                if qimage is not None:
+                    raise BadQuery(
+                        f"{text} is an image and --image names another: give one query image "
+                        "(use --text to search for the words)"
+                    )
+                text, qimage, qkey = None, detected.image, detected.image_key
+            else:
+                text = detected.text
         q = Query(
             text=text,
             image=qimage,
