@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_upload_pixels: int = Field(default=40_000_000, ge=64)
+    allow_url_queries: bool = False  # the server fetches image URLs given as queries (public hosts only)
     keep_uploads: bool = False  # uploaded query images stay in memory only, unless this is set
     upload_dir: Path | None = None  # None: <data_dir>/uploads (used only with keep_uploads)
     thumb_dir: Path | None = None  # None: <data_dir>/thumbs

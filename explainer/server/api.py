@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Annotated, Any
 
@@ -13,12 +14,14 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
+from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, image_url, public_model_name, thumb_url
+from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
 from explainer.server import images
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
     IMAGE_KEY_PATTERN,
+    CaptionCard,
     ExplainedHit,
     ExplainRequest,
     ExplainResponse,
@@ -29,6 +32,8 @@ from explainer.server.schemas import (
     error_responses,
 )
 from explainer.server.state import ServerState, state_of
+from retrieval.fetch import FetchConfig, fetch_bytes
+from retrieval.search import CaptionHit
 from retrieval.search import Query as LibraryQuery
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -78,13 +83,24 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
             req = SearchRequest.model_validate(fields)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        if data is not None and (req.image_key is not None or req.like_id is not None):
-            raise BadQuery("give at most one query image: an upload, image_key or like_id")
+        if data is not None and any(v is not None for v in (req.image_key, req.like_id, req.image_url)):
+            raise BadQuery("give at most one query image: an upload, image_url, image_key or like_id")
     else:
         raise HTTPException(415, "send the search as application/json or multipart/form-data")
     if data is not None and len(data) > limit:
         raise HTTPException(413, f"the image is larger than the limit of {limit} bytes")
+    if req.image_url is not None:
+        data = await anyio.to_thread.run_sync(_fetch_url, state, req.image_url)
     return req, data
+
+
+def _fetch_url(state: ServerState, url: str) -> bytes:
+    """The bytes of a query image URL, under the upload limits; refused unless the server allows it."""
+    s = state.settings
+    if not s.allow_url_queries:
+        raise BadQuery("this server does not fetch image URLs; upload the image instead")
+    config = FetchConfig(max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels)
+    return fetch_bytes(url.strip(), config).data
 
 
 def _invalid(exc: ValidationError) -> Exception:
@@ -129,10 +145,46 @@ async def search(request: Request) -> SearchResponse:
     if not inp.has_query:
         raise BadQuery("give a text query, an image, or both")
     pipeline = await state.ready()
+    if req.target == "captions":
+        return await anyio.to_thread.run_sync(_search_captions, state, pipeline, inp)
     page = await anyio.to_thread.run_sync(state.search, pipeline, inp)
     if req.explain:
         await pipeline.explain_cards(page)
     return SearchResponse.from_page(page)
+
+
+def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput) -> SearchResponse:
+    """Image→text (or text→text): caption hits, each with its image's URLs."""
+    query, echo = state.resolve(inp, pipeline.searcher)
+    probe = dataclasses.replace(query, top_k=query.top_k + 1)
+    result = pipeline.search_captions(probe)
+    hits = [h for h in result.results if isinstance(h, CaptionHit)]
+    cards = [
+        CaptionCard(
+            id=h.id,
+            text=h.text,
+            source=h.source,
+            image_id=h.image_id,
+            score=h.score,
+            rank=h.rank,
+            confidence=h.confidence,
+            image_url=image_url(h.image_id),
+            thumb_url=thumb_url(h.image_id),
+        )
+        for h in hits[: query.top_k]
+    ]
+    return SearchResponse(
+        target="captions",
+        results=cards,
+        query=echo,
+        total=result.total,
+        offset=query.offset,
+        top_k=query.top_k,
+        has_more=len(hits) > query.top_k,
+        model=public_model_name(result.model),
+        no_confident_match=result.no_confident_match,
+        cached=result.cached,
+    )
 
 
 @router.post(

@@ -24,7 +24,7 @@ from fastapi.templating import Jinja2Templates
 from explainer.cards.evidence import EvidenceProvider
 from explainer.errors import ConfigError
 from explainer.explain.chain import Explainer
-from explainer.server import api, pages
+from explainer.server import api, compat, pages
 from explainer.server.handlers import install_error_handlers, render_error
 from explainer.server.limits import BodyLimitMiddleware
 from explainer.server.queries import QueryImages
@@ -123,6 +123,7 @@ def create_app(
         message=f"the upload is too large: images are limited to {mib:.3g} MiB",
     )
     app.include_router(api.router)
+    app.include_router(compat.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(static_dir)), name="static")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

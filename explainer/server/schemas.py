@@ -21,6 +21,7 @@ OFFSET_CEILING = 10_000
 #: Most images one /api/explain call may ask about (a page's worth, with room).
 EXPLAIN_MAX_IDS = 100
 TEXT_MAX = 1000
+URL_MAX = 2048
 IMAGE_KEY_PATTERN = r"^[0-9a-f]{32}$"
 
 
@@ -48,6 +49,15 @@ class SearchRequest(QueryFields):
     image_base64: str | None = Field(
         default=None, description="Query image, base64 (a data: URL prefix is accepted)"
     )
+    image_url: str | None = Field(
+        default=None,
+        max_length=URL_MAX,
+        description="Query image by http(s) URL; fetched only when the server allows URL queries "
+        "(CLEARSIGHT_ALLOW_URL_QUERIES), never from private, loopback or link-local addresses",
+    )
+    target: Literal["images", "captions"] = Field(
+        default="images", description="images: image cards; captions: the captions nearest the query"
+    )
     top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING)
     offset: int = Field(default=0, ge=0, le=OFFSET_CEILING)
     min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
@@ -57,7 +67,9 @@ class SearchRequest(QueryFields):
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:
-        given = [n for n in ("image_base64", "image_key", "like_id") if getattr(self, n) is not None]
+        given = [
+            n for n in ("image_base64", "image_url", "image_key", "like_id") if getattr(self, n) is not None
+        ]
         if len(given) > 1:
             raise ValueError(f"give at most one query image, got {' and '.join(given)}")
         return self
@@ -68,8 +80,10 @@ class SearchForm(BaseModel):
 
     text: str | None = Field(default=None, max_length=TEXT_MAX)
     image: bytes | None = Field(default=None, json_schema_extra={"format": "binary"})
+    image_url: str | None = Field(default=None, max_length=URL_MAX)
     image_key: str | None = Field(default=None, pattern=IMAGE_KEY_PATTERN)
     like_id: int | None = Field(default=None, ge=1)
+    target: Literal["images", "captions"] = "images"
     weight: float = Field(default=0.5, ge=0.0, le=1.0)
     negative: str | None = Field(default=None, max_length=TEXT_MAX)
     top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING)
@@ -78,14 +92,37 @@ class SearchForm(BaseModel):
     explain: bool = True
 
 
+class CaptionCard(BaseModel):
+    """A caption hit (target "captions"): the caption and the image it belongs to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int = Field(description="Catalog id of the caption")
+    text: str
+    source: str = Field(description='"dataset" or "generated:<model>"')
+    image_id: int
+    score: float
+    rank: int = Field(ge=1)
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    image_url: str
+    thumb_url: str
+
+
 class SearchResponse(BaseModel):
-    results: list[Card]
+    target: Literal["images", "captions"] = "images"
+    results: list[Card] | list[CaptionCard]
     query: QueryEcho
-    total: int = Field(description="Images in the searched index")
+    total: int = Field(description="Vectors in the searched index (images, or captions)")
     offset: int
     top_k: int
     has_more: bool
     model: str
+    no_confident_match: bool | None = Field(
+        default=None,
+        description="true when even the best result does not stand out from what unrelated queries reach; "
+        "the results are still returned",
+    )
+    cached: bool = Field(default=False, description="true when the search came from the result cache")
 
     @classmethod
     def from_page(cls, page: ResultPage) -> SearchResponse:
@@ -97,6 +134,8 @@ class SearchResponse(BaseModel):
             top_k=page.top_k,
             has_more=page.has_more,
             model=page.model,
+            no_confident_match=page.no_confident_match,
+            cached=page.cached,
         )
 
 
