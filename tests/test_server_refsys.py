@@ -162,3 +162,18 @@ def test_url_queries_off_by_default_and_internal_addresses_refused(
         assert two.status_code == 422
         long = on.post("/api/search", json={"image_url": "http://example.com/" + "a" * 3000})
         assert long.status_code == 422
+
+
+def test_captions_target_without_captions_says_why(tmp_path: Path, encoder: object) -> None:
+    from conftest import make_folder
+
+    from retrieval.ingest import IngestConfig, ingest
+
+    make_folder(tmp_path / "imgs", 4)
+    with Collection(tmp_path / "data") as col:
+        ingest(tmp_path / "imgs", col, encoder, IngestConfig(progress=False))  # type: ignore[arg-type]
+    with TestClient(create_app(server_settings(tmp_path / "data", tmp_path))) as c:
+        resp = c.post("/api/search", json={"text": "a red square", "target": "captions"})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["results"] == [] and body["no_confident_match"] is True and "no captions" in body["note"]

@@ -156,6 +156,21 @@ async def search(request: Request) -> SearchResponse:
 def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput) -> SearchResponse:
     """Image→text (or text→text): caption hits, each with its image's URLs."""
     query, echo = state.resolve(inp, pipeline.searcher)
+    index = pipeline.searcher.index
+    if index.captions.ntotal == 0:  # a state of the collection, not a bad request: say so, answer empty
+        return SearchResponse(
+            target="captions",
+            results=[],
+            query=echo,
+            total=0,
+            offset=query.offset,
+            top_k=query.top_k,
+            has_more=False,
+            model=public_model_name(index.manifest.model_name),
+            no_confident_match=True,
+            note="this collection has no captions yet: index a folder with a captions.jsonl, "
+            "or generate captions with `clearsight caption`",
+        )
     probe = dataclasses.replace(query, top_k=query.top_k + 1)
     result = pipeline.search_captions(probe)
     hits = [h for h in result.results if isinstance(h, CaptionHit)]

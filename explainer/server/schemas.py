@@ -123,6 +123,7 @@ class SearchResponse(BaseModel):
         "the results are still returned",
     )
     cached: bool = Field(default=False, description="true when the search came from the result cache")
+    note: str | None = Field(default=None, description="Why there are no results, when it is not the query")
 
     @classmethod
     def from_page(cls, page: ResultPage) -> SearchResponse:
