@@ -177,3 +177,26 @@ def test_captions_target_without_captions_says_why(tmp_path: Path, encoder: obje
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["results"] == [] and body["no_confident_match"] is True and "no captions" in body["note"]
+
+
+def test_page_shows_confidence_and_the_no_match_state(client: TestClient) -> None:
+    for q in ("a red square", "a violin concerto in d minor"):
+        api = client.post("/api/search", json={"text": q, "top_k": 4, "explain": False}).json()
+        html = client.get("/", params={"q": q, "k": 4}).text
+        assert ("No confident match" in html) == api["no_confident_match"], q
+        assert html.count('class="match ') == len(api["results"])
+
+
+def test_page_captions_mode_and_evidence_choice(client: TestClient) -> None:
+    html = client.get("/", params={"q": "a red square", "t": "captions", "k": 3}).text
+    assert 'class="caption-hit"' in html and "a red square" in html
+    assert '<option value="captions" selected>' in html
+    grid = client.get("/", params={"q": "a red square", "k": 2, "ev": "grid"})
+    assert grid.status_code == 200 and '<option value="grid" selected>' in grid.text
+    assert client.get("/", params={"q": "x", "ev": "magic"}).status_code == 422
+    assert client.get("/", params={"q": "x", "t": "poems"}).status_code == 422
+
+
+def test_page_url_in_the_box_is_refused_when_off(client: TestClient) -> None:
+    r = client.post("/", data={"text": "https://example.com/cat.jpg"}, follow_redirects=False)
+    assert r.status_code == 422 and "does not fetch image URLs" in r.text

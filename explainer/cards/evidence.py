@@ -7,6 +7,7 @@ take their first regions as the one box type, `retrieval.types.Region`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -75,6 +76,12 @@ class LibraryEvidence:
         self.config = config
         self.max_regions = max_regions
         self.name = f"retrieval.evidence:{config.method}"
+
+    def with_method(self, method: str) -> LibraryEvidence:
+        """The same evidence computed another way (grid, dense...), for one request that asks for it."""
+        if method == self.config.method:
+            return self
+        return LibraryEvidence(dataclasses.replace(self.config, method=method), self.max_regions)
 
     def for_hits(
         self, searcher: Searcher, query: Query, hits: Sequence[Hit], query_vec: Float32Array | None = None

@@ -128,8 +128,15 @@ class CardPipeline:
 
     # -- synchronous part (worker thread) ----------------------------------------------------
 
-    def search(self, query: Query, echo: QueryEcho, query_vec: Float32Array | None = None) -> ResultPage:
-        """Search and build cards without explanations (`query_vec`: the query already embedded)."""
+    def search(
+        self,
+        query: Query,
+        echo: QueryEcho,
+        query_vec: Float32Array | None = None,
+        evidence_method: str | None = None,
+    ) -> ResultPage:
+        """Search and build cards without explanations (`query_vec`: the query already embedded;
+        `evidence_method`: grid or dense for this page instead of the configured method)."""
         probe = dataclasses.replace(query, top_k=query.top_k + 1)  # one extra says if a next page exists
         with self._model_lock:
             try:
@@ -145,7 +152,7 @@ class CardPipeline:
             hits = [h for h in result.results if isinstance(h, Hit)]
             has_more = len(hits) > query.top_k
             hits = hits[: query.top_k]
-            built = self._build(query, echo, hits, vec)
+            built = self._build(query, echo, hits, vec, evidence_method=evidence_method)
         result.results = hits
         model = public_model_name(result.model)
         return ResultPage(
@@ -241,9 +248,14 @@ class CardPipeline:
         hits: Sequence[Hit],
         query_vec: Float32Array | None = None,
         limit: int | None = None,
+        evidence_method: str | None = None,
     ) -> _Built:
         """The stages in order: evidence and captions per hit, then contexts, then cards."""
-        evidence = self.evidence.for_hits(self.searcher, query, hits, query_vec)
+        stage = self.evidence
+        switch = getattr(stage, "with_method", None)  # stages without methods (none, fakes) stay as they are
+        if evidence_method is not None and switch is not None:
+            stage = switch(evidence_method)
+        evidence = stage.for_hits(self.searcher, query, hits, query_vec)
         captions = self.captions.lookup(hits)
         token = query_token(echo)
         built = _Built([], [], evidence)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from typing import Annotated, Any
 
@@ -14,14 +13,14 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, image_url, public_model_name, thumb_url
+from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
 from explainer.server import images
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
     IMAGE_KEY_PATTERN,
-    CaptionCard,
+    NO_CAPTIONS_NOTE,
     ExplainedHit,
     ExplainRequest,
     ExplainResponse,
@@ -29,6 +28,7 @@ from explainer.server.schemas import (
     HealthResponse,
     SearchRequest,
     SearchResponse,
+    caption_cards,
     error_responses,
 )
 from explainer.server.state import ServerState, state_of
@@ -155,9 +155,8 @@ async def search(request: Request) -> SearchResponse:
 
 def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput) -> SearchResponse:
     """Image→text (or text→text): caption hits, each with its image's URLs."""
-    query, echo = state.resolve(inp, pipeline.searcher)
-    index = pipeline.searcher.index
-    if index.captions.ntotal == 0:  # a state of the collection, not a bad request: say so, answer empty
+    result, query, echo = state.search_captions(pipeline, inp)
+    if result is None:  # a state of the collection, not a bad request: say so, answer empty
         return SearchResponse(
             target="captions",
             results=[],
@@ -166,31 +165,14 @@ def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput
             offset=query.offset,
             top_k=query.top_k,
             has_more=False,
-            model=public_model_name(index.manifest.model_name),
+            model=public_model_name(pipeline.searcher.index.manifest.model_name),
             no_confident_match=True,
-            note="this collection has no captions yet: index a folder with a captions.jsonl, "
-            "or generate captions with `clearsight caption`",
+            note=NO_CAPTIONS_NOTE,
         )
-    probe = dataclasses.replace(query, top_k=query.top_k + 1)
-    result = pipeline.search_captions(probe)
     hits = [h for h in result.results if isinstance(h, CaptionHit)]
-    cards = [
-        CaptionCard(
-            id=h.id,
-            text=h.text,
-            source=h.source,
-            image_id=h.image_id,
-            score=h.score,
-            rank=h.rank,
-            confidence=h.confidence,
-            image_url=image_url(h.image_id),
-            thumb_url=thumb_url(h.image_id),
-        )
-        for h in hits[: query.top_k]
-    ]
     return SearchResponse(
         target="captions",
-        results=cards,
+        results=caption_cards(hits[: query.top_k]),
         query=echo,
         total=result.total,
         offset=query.offset,

@@ -7,7 +7,7 @@ with the search form kept, and with the HTTP status that the API would have give
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 import anyio
@@ -16,30 +16,52 @@ from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
 from explainer.cards.model import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
-from explainer.cards.pipeline import ResultPage
-from explainer.errors import BadImage, ClearsightError, http_status_for, server_message
+from explainer.cards.pipeline import CardPipeline, ResultPage
+from explainer.errors import BadImage, BadQuery, ClearsightError, http_status_for, server_message
 from explainer.server.queries import QueryInput
-from explainer.server.schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
+from explainer.server.schemas import (
+    IMAGE_KEY_PATTERN,
+    NO_CAPTIONS_NOTE,
+    OFFSET_CEILING,
+    TEXT_MAX,
+    TOP_K_CEILING,
+    caption_cards,
+)
 from explainer.server.state import ServerState, state_of
+from retrieval.fetch import FetchConfig, fetch_bytes, is_url
 from retrieval.paths import is_demo_model
+from retrieval.search import CaptionHit
 
 router = APIRouter(include_in_schema=False)
 
 Text = Annotated[str | None, Query(max_length=TEXT_MAX)]
+Target = Annotated[Literal["images", "captions"], Query()]
+EvidenceMethod = Annotated[Literal["auto", "grid", "dense"], Query()]
 ImageKey = Annotated[str | None, Query(pattern=IMAGE_KEY_PATTERN)]
 LikeId = Annotated[int | None, Query(ge=1, le=2**62)]
 Weight = Annotated[float, Query(ge=0.0, le=1.0)]
 
 
-def _page_url(echo: QueryEcho, top_k: int, offset: int) -> str:
+def _page_url(echo: QueryEcho, top_k: int, offset: int, target: str = "images", ev: str = "auto") -> str:
     params = {**query_params(echo), "k": str(top_k)}
     if offset:
         params["o"] = str(offset)
+    if target != "images":
+        params["t"] = target
+    if ev != "auto":
+        params["ev"] = ev
     return "/?" + urlencode(params)
 
 
 def _form(
-    text: str | None, weight: float, top_k: int, neg: str | None, qimg: str | None, like: int | None
+    text: str | None,
+    weight: float,
+    top_k: int,
+    neg: str | None,
+    qimg: str | None,
+    like: int | None,
+    target: str = "images",
+    ev: str = "auto",
 ) -> dict[str, Any]:
     return {
         "text": text or "",
@@ -48,6 +70,8 @@ def _form(
         "negative": neg or "",
         "qimg": qimg,
         "like": like,
+        "target": target,
+        "ev": ev,
     }
 
 
@@ -58,7 +82,12 @@ def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
         status["images"] = pipeline.searcher.index.images.ntotal
         status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
         status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
-    return {"status": status, "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING), **extra}
+    return {
+        "status": status,
+        "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING),
+        "allow_urls": state.settings.allow_url_queries,
+        **extra,
+    }
 
 
 @router.get("/", name="index")
@@ -71,28 +100,62 @@ async def index(
     neg: Text = None,
     k: Annotated[int | None, Query(ge=1, le=TOP_K_CEILING)] = None,
     o: Annotated[int, Query(ge=0, le=OFFSET_CEILING)] = 0,
+    t: Target = "images",
+    ev: EvidenceMethod = "auto",
 ) -> Response:
     state = state_of(request)
     top_k = min(k or state.settings.default_top_k, state.settings.top_k_max)
     inp = QueryInput(q, None, qimg, like, w, neg, top_k, min(o, state.settings.offset_max))
-    form = _form(q, w, top_k, neg, qimg, like)
+    form = _form(q, w, top_k, neg, qimg, like, t, ev)
     if not inp.has_query:
         return state.templates.TemplateResponse(request, "index.html", _context(state, form=form))
     try:
         pipeline = await state.ready()
-        page: ResultPage = await anyio.to_thread.run_sync(state.search, pipeline, inp)
+        if t == "captions":
+            return await _captions_page(request, state, pipeline, inp, form)
+        method = None if ev == "auto" else ev
+        page: ResultPage = await anyio.to_thread.run_sync(state.search, pipeline, inp, method)
     except (ClearsightError, HTTPException) as exc:
         status, message = _status_message(state, exc)
         ctx = _context(state, form=form, error={"status": status, "message": message})
         return state.templates.TemplateResponse(request, "index.html", ctx, status_code=status)
     echo = page.query
     nav = {
-        "prev": _page_url(echo, top_k, max(0, page.offset - top_k)) if page.offset > 0 else None,
-        "next": _page_url(echo, top_k, page.offset + top_k) if page.has_more else None,
+        "prev": _page_url(echo, top_k, max(0, page.offset - top_k), t, ev) if page.offset > 0 else None,
+        "next": _page_url(echo, top_k, page.offset + top_k, t, ev) if page.has_more else None,
         "first": page.offset + 1,
         "last": page.offset + len(page.cards),
     }
     ctx = _context(state, form=form, page=page, cards=page.cards, query=echo.model_dump(), nav=nav)
+    return state.templates.TemplateResponse(request, "index.html", ctx)
+
+
+async def _captions_page(
+    request: Request, state: ServerState, pipeline: CardPipeline, inp: QueryInput, form: dict[str, Any]
+) -> Response:
+    """The "find captions" mode: the captions nearest the query, each with its image."""
+    result, query, echo = await anyio.to_thread.run_sync(state.search_captions, pipeline, inp)
+    hits = [h for h in (result.results if result else []) if isinstance(h, CaptionHit)]
+    has_more = len(hits) > query.top_k
+    top_k = query.top_k
+    nav = {
+        "prev": _page_url(echo, top_k, max(0, query.offset - top_k), "captions")
+        if query.offset > 0
+        else None,
+        "next": _page_url(echo, top_k, query.offset + top_k, "captions") if has_more else None,
+        "first": query.offset + 1,
+        "last": query.offset + min(len(hits), top_k),
+    }
+    ctx = _context(
+        state,
+        form=form,
+        caption_results=caption_cards(hits[:top_k]),
+        captions_note=None if result is not None else NO_CAPTIONS_NOTE,
+        no_confident_match=result.no_confident_match if result is not None else True,
+        captions_total=result.total if result is not None else 0,
+        query=echo.model_dump(),
+        nav=nav,
+    )
     return state.templates.TemplateResponse(request, "index.html", ctx)
 
 
@@ -113,20 +176,36 @@ async def upload(
     neg: Annotated[str | None, Form(max_length=TEXT_MAX)] = None,
     qimg: Annotated[str | None, Form(pattern=IMAGE_KEY_PATTERN)] = None,
     like: Annotated[int | None, Form(ge=1, le=2**62)] = None,
+    t: Annotated[Literal["images", "captions"], Form()] = "images",
+    ev: Annotated[Literal["auto", "grid", "dense"], Form()] = "auto",
 ) -> Response:
     """The form with a file: remember the image, then redirect to a plain GET page that names it.
 
-    Without a new file, an image the page already searched with (qimg or like) is kept.
+    Without a new file, an image the page already searched with (qimg or like) is kept. A box that
+    holds only an image URL is an image query: fetched when the server allows URL queries.
     """
     state = state_of(request)
     params: dict[str, str] = {}
+    if t != "images":
+        params["t"] = t
+    if ev != "auto":
+        params["ev"] = ev
+    data = await image.read(state.settings.max_upload_bytes + 1) if image is not None else b""
+    if text and is_url(text.strip()) and not data:
+        try:
+            data = await anyio.to_thread.run_sync(_fetch_for_page, state, text.strip())
+        except ClearsightError as exc:
+            form = _form(text, w, k or state.settings.default_top_k, neg, None, None, t, ev)
+            status, message = _status_message(state, exc)
+            ctx = _context(state, form=form, error={"status": status, "message": message})
+            return state.templates.TemplateResponse(request, "index.html", ctx, status_code=status)
+        text = None
     if text and text.strip():
         params["q"] = text.strip()
     if neg and neg.strip():
         params["neg"] = neg.strip()
     if k:
         params["k"] = str(k)
-    data = await image.read(state.settings.max_upload_bytes + 1) if image is not None else b""
     if image is not None:
         await image.close()
     if len(data) > state.settings.max_upload_bytes:
@@ -151,6 +230,18 @@ async def upload(
     if "q" in params and ("qimg" in params or "like" in params):
         params["w"] = f"{w:g}"
     return RedirectResponse("/?" + urlencode(params), status_code=303)
+
+
+def _fetch_for_page(state: ServerState, url: str) -> bytes:
+    """An image URL typed into the box, under the upload limits; refused unless URL queries are on."""
+    s = state.settings
+    if not s.allow_url_queries:
+        raise BadQuery(
+            "this server does not fetch image URLs (CLEARSIGHT_ALLOW_URL_QUERIES is off): "
+            "save the image and drop or paste it into the box instead"
+        )
+    config = FetchConfig(max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels)
+    return fetch_bytes(url, config).data
 
 
 @router.get("/images/{image_id}", name="detail")

@@ -7,12 +7,14 @@ live here, so a malformed request is refused with a 422 before any model work.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from explainer.cards.model import Card, ExplanationOut, QueryEcho
+from explainer.cards.model import Card, ExplanationOut, QueryEcho, image_url, thumb_url
 from explainer.cards.pipeline import ResultPage
+from retrieval.search import CaptionHit
 
 #: Hard ceiling of `top_k`; `Settings.top_k_max` may lower it.
 TOP_K_CEILING = 100
@@ -106,6 +108,30 @@ class CaptionCard(BaseModel):
     confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     image_url: str
     thumb_url: str
+
+
+NO_CAPTIONS_NOTE = (
+    "this collection has no captions yet: index a folder with a captions.jsonl, "
+    "or generate captions with `clearsight caption`"
+)
+
+
+def caption_cards(hits: Sequence[CaptionHit]) -> list[CaptionCard]:
+    """Caption hits as the API and the page show them: each with its image's URLs."""
+    return [
+        CaptionCard(
+            id=h.id,
+            text=h.text,
+            source=h.source,
+            image_id=h.image_id,
+            score=h.score,
+            rank=h.rank,
+            confidence=h.confidence,
+            image_url=image_url(h.image_id),
+            thumb_url=thumb_url(h.image_id),
+        )
+        for h in hits
+    ]
 
 
 class SearchResponse(BaseModel):

@@ -6,6 +6,7 @@ before `clearsight index` finishes comes up by itself; routes take it as a depen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from explainer.explain.chain import Explainer
 from explainer.explain.factory import explainer_from_settings
 from explainer.server.queries import QueryImages, QueryInput, resolve
 from explainer.settings import Settings
-from retrieval.search import Query, Searcher
+from retrieval.search import Query, Searcher, SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,23 @@ class ServerState:
         """The library query and its echo, under this server's upload store and pixel limit."""
         return resolve(inp, searcher, self.query_images, self.settings.max_upload_pixels)
 
-    def search(self, pipeline: CardPipeline, inp: QueryInput) -> ResultPage:
+    def search(
+        self, pipeline: CardPipeline, inp: QueryInput, evidence_method: str | None = None
+    ) -> ResultPage:
         """Resolve and search (blocking; run in a worker thread)."""
         query, echo = self.resolve(inp, pipeline.searcher)
-        return pipeline.search(query, echo)
+        return pipeline.search(query, echo, evidence_method=evidence_method)
+
+    def search_captions(
+        self, pipeline: CardPipeline, inp: QueryInput
+    ) -> tuple[SearchResult | None, Query, QueryEcho]:
+        """Caption hits for the query (one extra, to tell if a next page exists); the result is None
+        when the collection has no captions at all (blocking; run in a worker thread)."""
+        query, echo = self.resolve(inp, pipeline.searcher)
+        if pipeline.searcher.index.captions.ntotal == 0:
+            return None, query, echo
+        probe = dataclasses.replace(query, top_k=query.top_k + 1)
+        return pipeline.search_captions(probe), query, echo
 
     def retry_due(self) -> bool:
         return self._last_try is None or time.monotonic() - self._last_try > RETRY_OPEN_S

@@ -107,11 +107,31 @@
       chip.querySelector(".qi-label").textContent = f.name;
       chip.hidden = false;
     };
-    file.addEventListener("change", () => { if (file.files.length) setPreview(file.files[0]); });
+    // The weight slider only means something when the query has both text and an image.
+    const text = document.getElementById("q");
+    const weightRow = document.getElementById("weight-row");
+    const syncWeight = () => {
+      if (weightRow) weightRow.hidden = !(text.value.trim() && !chip.hidden);
+    };
+    text.addEventListener("input", syncWeight);
+    syncWeight();
+    file.addEventListener("change", () => { if (file.files.length) setPreview(file.files[0]); syncWeight(); });
+    // An image pasted from the clipboard becomes the query image, like a dropped one.
+    document.addEventListener("paste", (e) => {
+      const items = Array.from((e.clipboardData && e.clipboardData.files) || []).filter((f) => f.type.startsWith("image/"));
+      if (!items.length) return;
+      e.preventDefault();
+      const dt = new DataTransfer();
+      dt.items.add(items[0]);
+      file.files = dt.files;
+      setPreview(items[0]);
+      syncWeight();
+    });
     document.getElementById("clear-image").addEventListener("click", () => {
       file.value = "";
       chip.querySelectorAll("img, input[type=hidden]").forEach((n) => n.remove());
       chip.hidden = true;
+      syncWeight();
     });
     // Dropping an image anywhere on the form sets it as the query image.
     form.addEventListener("dragover", (e) => { e.preventDefault(); form.classList.add("drop"); });
@@ -122,6 +142,7 @@
       if (e.dataTransfer.files.length) {
         file.files = e.dataTransfer.files;
         setPreview(file.files[0]);
+        syncWeight();
       }
     });
   }
