@@ -74,6 +74,11 @@ class Card(BaseModel):
     evidence: list[Region] = Field(
         default_factory=list, description="Evidence regions, best first, in the original image's pixels"
     )
+    evidence_total: int | None = Field(
+        default=None,
+        description="Regions the evidence rule selected (top 4 plus all within 95% of the best); "
+        "`evidence` holds the first CLEARSIGHT_EVIDENCE_REGIONS of them (up to 16 in the detail view)",
+    )
     caption: str | None = None
     caption_source: str | None = Field(
         default=None, description='"generated:<model>", "dataset", or null when there is no caption'
@@ -105,6 +110,7 @@ def make_card(
     dataset_captions: list[str],
     regions: list[Region],
     echo: QueryEcho | None = None,
+    evidence_total: int | None = None,
 ) -> Card:
     """A hit's card without its explanation; without `echo` its detail link names no query."""
     return Card(
@@ -119,6 +125,7 @@ def make_card(
         width=hit.width,
         height=hit.height,
         evidence=regions,
+        evidence_total=evidence_total,
         caption=caption,
         caption_source=caption_source,
         dataset_captions=dataset_captions,

@@ -265,7 +265,8 @@ class CardPipeline:
             if ctx is not None:
                 self._contexts.put((token, hit.id), ctx)
             built.contexts.append(ctx)
-            built.cards.append(make_card(hit, caps.caption, caps.source, caps.dataset, regions, echo))
+            total = len(ev.regions) + ev.dropped_by_cap if ev is not None else None
+            built.cards.append(make_card(hit, caps.caption, caps.source, caps.dataset, regions, echo, total))
         return built
 
     # -- explanations ------------------------------------------------------------------------
