@@ -222,3 +222,12 @@ def test_region_strength_words() -> None:
 def test_invalid_box_is_refused() -> None:
     with pytest.raises(ValueError, match="box must be"):
         Region(box=(10, 10, 5, 20), score=0.1, rank=1)
+
+
+def test_calibrated_confidence_replaces_the_fixed_score_ranges() -> None:
+    """A high cosine on a collection where every query scores high is not a "strong match"."""
+    base = _ctx("purple elephant piano", None, score=0.34)
+    fixed = OfflineExplainer().explain(base)
+    calibrated = OfflineExplainer().explain(base.model_copy(update={"match_confidence": 0.05}))
+    assert "weak match" not in fixed.text and calibrated.confidence < 0.1
+    assert "strong match" not in calibrated.text and "weak match" in calibrated.text

@@ -40,6 +40,7 @@ def build_context(
         evidence=list(regions),
         image_size=(hit.width or 1, hit.height or 1),
         score=hit.score,
+        match_confidence=hit.confidence,
         rank=hit.rank,
         image_key=hit.content_hash,
     )

@@ -33,6 +33,8 @@ class ExplainContext(BaseModel):
     evidence: Sequence[Region] = ()
     image_size: tuple[int, int]
     score: float
+    #: The hit's confidence calibrated on its collection (retrieval.confidence), when known.
+    match_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     rank: int = Field(ge=1)
     #: Content hash of the hit's image (part of the cache key).
     image_key: str = Field(min_length=1)

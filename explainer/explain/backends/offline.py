@@ -164,7 +164,12 @@ class OfflineExplainer(Backend):
                 sentence += f", then the {regions[1]}"
             sentences.append(sentence + ".")
 
-        confidence = score_confidence(ctx.score, ctx.query_kind)
+        # The collection-calibrated confidence when the search gave one; the fixed score ranges otherwise
+        # (they say "strong match" for any high cosine, even where every query scores high).
+        if ctx.match_confidence is not None:
+            confidence = ctx.match_confidence
+        else:
+            confidence = score_confidence(ctx.score, ctx.query_kind)
         if query_words:
             coverage = (len(in_caption) + len(in_dataset)) / len(query_words)
             confidence = 0.6 * confidence + 0.4 * coverage
