@@ -113,5 +113,5 @@ def test_captions_index_follows_the_images_kind(tmp_path: Path, encoder: Encoder
     s = Searcher.open(tmp_path / "data", encoder=encoder)
     r = s.search_captions(Query(text="shape 3", top_k=2))
     assert r.index_factory == "HNSW16" and len(r.results) == 2
-    s.close()
+    s.collection.close()  # not s.close(): that would close the session's shared encoder
     col.close()

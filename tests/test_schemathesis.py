@@ -45,6 +45,7 @@ OPERATIONS = [
     ("GET", "/api/images/{image_id}/evidence.png"),
     ("GET", "/api/query-images/{key}"),
     ("GET", "/api/health"),
+    ("POST", "/search"),  # the reference system's API (explainer/server/compat.py)
 ]
 
 
