@@ -200,3 +200,26 @@ def test_page_captions_mode_and_evidence_choice(client: TestClient) -> None:
 def test_page_url_in_the_box_is_refused_when_off(client: TestClient) -> None:
     r = client.post("/", data={"text": "https://example.com/cat.jpg"}, follow_redirects=False)
     assert r.status_code == 422 and "does not fetch image URLs" in r.text
+
+
+def test_a_repeated_page_needs_no_encoder_call(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole page (search, evidence, captions) of a repeated query comes from the cache."""
+    pipeline = client.app.state.clearsight.pipeline  # type: ignore[attr-defined]
+    encoder = pipeline.searcher.encoder
+    calls: list[str] = []
+    for name in ("encode_texts", "encode_images", "encode_pixels"):
+        real = getattr(encoder, name)
+
+        def counting(*args: object, _name: str = name, _real: object = real, **kw: object) -> object:
+            calls.append(_name)
+            return _real(*args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(encoder, name, counting)
+    body = {"text": "an orange square in a corner", "top_k": 3, "explain": False}
+    first = client.post("/api/search", json=body).json()
+    assert first["cached"] is False and calls  # the first ask runs the model
+    calls.clear()
+    again = client.post("/api/search", json=body).json()
+    assert again["cached"] is True and calls == []
+    assert [c["id"] for c in again["results"]] == [c["id"] for c in first["results"]]
+    assert [c["evidence"] for c in again["results"]] == [c["evidence"] for c in first["results"]]

@@ -32,6 +32,7 @@ from explainer.errors import ClearsightError, ModelUnavailable
 from explainer.explain.chain import Explainer
 from explainer.explain.types import ExplainContext
 from retrieval.evidence import Evidence
+from retrieval.result_cache import LRU
 from retrieval.search import Hit, Query, Searcher, SearchResult
 from retrieval.types import Float32Array, Region
 
@@ -116,12 +117,14 @@ class CardPipeline:
         captions: CaptionProvider,
         *,
         context_cache_size: int = 4096,
+        page_cache_size: int = 256,
     ) -> None:
         self.searcher = searcher
         self.explainer = explainer
         self.evidence = evidence
         self.captions = captions
         self._contexts = _ContextCache(context_cache_size)
+        self._pages: LRU[ResultPage] = LRU(page_cache_size)
         # Model calls are serialised: the encoder's tokenizer is not safe to share between threads
         # and two cores gain nothing from running two forward passes at once.
         self._model_lock = threading.Lock()
@@ -138,6 +141,34 @@ class CardPipeline:
         """Search and build cards without explanations (`query_vec`: the query already embedded;
         `evidence_method`: grid or dense for this page instead of the configured method)."""
         probe = dataclasses.replace(query, top_k=query.top_k + 1)  # one extra says if a next page exists
+        # The same page again (same query, page, evidence method and index version) is answered from
+        # the page cache: no encoder call at all, not even evidence's. Explanations come from their cache.
+        page_key = (
+            self.searcher.index.version,
+            query_token(echo),
+            echo.min_score,
+            query.offset,
+            query.top_k,
+            evidence_method,
+        )
+        if query_vec is None:
+            hit = self._pages.get(page_key)
+            if hit is not None:
+                hit.cached = True
+                return hit
+        page = self._search(query, echo, probe, query_vec, evidence_method)
+        if query_vec is None:
+            self._pages.put(page_key, page)
+        return page
+
+    def _search(
+        self,
+        query: Query,
+        echo: QueryEcho,
+        probe: Query,
+        query_vec: Float32Array | None,
+        evidence_method: str | None,
+    ) -> ResultPage:
         with self._model_lock:
             try:
                 vec = self.searcher.embed_query(probe) if query_vec is None else query_vec
@@ -303,4 +334,7 @@ class CardPipeline:
 
     def reload(self) -> bool:
         """Swap in a newer index version written by a running `clearsight index`; True if it changed."""
-        return self.searcher.reload()
+        changed = self.searcher.reload()
+        if changed:
+            self._pages.clear()  # keyed by version anyway; this frees the old pages at once
+        return changed
