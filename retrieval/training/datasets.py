@@ -15,7 +15,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class LoadedDataset:
     format: str
     report: LoadReport
     split: str | None = None
+    annotations: Path | None = None  # the annotation file it was read from, for the report's provenance
 
 
 @dataclass
@@ -506,7 +507,7 @@ def _clean(spec: _Format, parsed: _Parsed, split: str | None) -> LoadedDataset:
 def load_dataset(fmt: str, annotations: Path, images: Path, split: str | None = None) -> LoadedDataset:
     """Load a captioned-image dataset; items keep the file's order so runs are reproducible."""
     spec, parsed = _parse(fmt, annotations, images, split)
-    return _clean(spec, parsed, split)
+    return replace(_clean(spec, parsed, split), annotations=Path(annotations))
 
 
 def load_splits_or_all(
@@ -526,7 +527,7 @@ def load_splits_or_all(
         for record in _merge_duplicates(parsed.records, _Tally())
     ):
         return [load_dataset(fmt, annotations, images, split) for split in splits]
-    return _clean(spec, parsed, None)
+    return replace(_clean(spec, parsed, None), annotations=Path(annotations))
 
 
 def _plural(n: int, one: str, many: str) -> str:
