@@ -33,8 +33,7 @@ class Collection:
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
         if not create and not exists(self.data_dir):
             raise IndexMissing(
-                f"no collection at {self.data_dir}: nothing has been indexed there yet "
-                "(index a folder of images into it first)"
+                f"no collection at {self.data_dir} (nothing has been indexed there)", remedy="index_first"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(self.data_dir / CATALOG_FILE)

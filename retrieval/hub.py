@@ -58,7 +58,7 @@ def resolve(
     if hub_id is None and (name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1]):
         raise ModelUnavailable(f"model directory {name!r} does not exist")
     if hub_id is None and known and "/" not in name and not in_cache(name):
-        raise ConfigError(unknown_name(name, known, what))
+        raise ConfigError(unknown_name(name, known, what), remedy="list_models")
     return ModelSource(name, hub_id or name, revision, False)
 
 

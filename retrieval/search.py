@@ -186,7 +186,7 @@ class Searcher:
     def search_vector(self, vec: Float32Array, q: Query, kind: str = "vector") -> SearchResult:
         idx = self.index.images
         if idx.ntotal == 0:
-            raise NotEnoughData(self._empty_message())
+            raise NotEnoughData(self._empty_message(), remedy="index_first")
         # ask for a little more than needed: ids deleted since the index was written are dropped
         want = q.offset + q.top_k
         scores, ids = idx.search(vec, want + 16, self.params)

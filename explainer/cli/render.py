@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import typer
-
 from explainer.cards.pipeline import ResultPage
+from explainer.cli.tables import article, console, plural, table
 from explainer.explain.chain import Explainer
 
 #: Card fields that only make sense against a running server.
@@ -53,27 +50,38 @@ def page_payload(
     return payload
 
 
-def print_table(result: dict[str, Any], details: bool = False) -> None:
-    """One line per result (rank, score, id, path or caption); `details` adds caption and explanation."""
-    rows = result["results"]
-    target = result["target"]
-    typer.echo(
-        f"{len(rows)} {target} for a {result['query_kind']} query "
+def headline(result: dict[str, Any]) -> str:
+    """'3 images for a text query (120 indexed, model ..., Flat)', in words that agree with the numbers."""
+    rows, target = result["results"], result["target"]
+    noun = "caption" if target == "captions" else "image"
+    return (
+        f"{plural(len(rows), noun)} for {article(str(result['query_kind']))} query "
         f"({result['total']} indexed, model {result['model']}, {result['index_factory']})"
     )
+
+
+def print_table(result: dict[str, Any], details: bool = False, width: int | None = None) -> None:
+    """One row per result (rank, score, id, file or caption), fitted to the terminal by rich; `details`
+    adds each card's caption and explanation under it."""
+    rows = result["results"]
+    out = console(width)
+    out.print(headline(result), highlight=False)
     if not rows:
         return
-    width = max(
-        40, min(100, os.get_terminal_size(sys.stdout.fileno()).columns - 20) if sys.stdout.isatty() else 100
+    captions = result["target"] == "captions"
+    t = table(
+        ("rank", {"justify": "right", "no_wrap": True}),
+        ("score", {"justify": "right", "no_wrap": True}),
+        ("id", {"justify": "right", "no_wrap": True}),
+        ("caption" if captions else "file", {"overflow": "fold", "ratio": 1}),
     )
-    typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>6}  {'caption' if target == 'captions' else 'path'}")
     for r in rows:
-        label = f"{r['text']}  [{Path(r['path']).name}]" if target == "captions" else r["path"]
-        if len(label) > width:
-            label = "…" + label[-(width - 1) :]
-        typer.echo(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['id']:>6}  {label}")
-        for line in detail_lines(r, width + 20) if details else []:
-            typer.echo(line)
+        name = r.get("relative_path") or r.get("file_name") or Path(r["path"]).name
+        label = f"{r['text']}  [{name}]" if captions else name
+        t.add_row(str(r["rank"]), f"{r['score']:.4f}", str(r["id"]), label)
+        for line in detail_lines(r, max(20, out.width - 8)) if details else []:
+            t.add_row("", "", "", line.strip())
+    out.print(t)
 
 
 def detail_lines(row: dict[str, Any], width: int, indent: int = 6) -> list[str]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from explainer.cards.model import Card, ExplanationOut, QueryEcho
 from explainer.cards.pipeline import ResultPage
+from explainer.version import version
 
 #: Hard ceiling of `top_k`; `Settings.top_k_max` may lower it.
 TOP_K_CEILING = 100
@@ -141,6 +142,7 @@ class HealthIndex(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
+    version: str = Field(default_factory=version, description="The Clearsight version serving")
     reason: str | None = None
     index: HealthIndex | None = None
     explainer: str | None = None

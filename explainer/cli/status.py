@@ -1,0 +1,54 @@
+"""`clearsight status`: what a collection holds, and every file that failed with its reason."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from explainer.cli.options import DataDir, JsonOut, data_dir_or_default
+from explainer.cli.tables import console, plural, table
+from retrieval.status import DEFAULT_FAILED_LIMIT, collection_status
+
+
+def status_cmd(
+    data_dir: DataDir = None,
+    limit: Annotated[
+        int,
+        typer.Option("--limit", min=0, max=1_000_000, help="Failed files listed at most (all are counted)"),
+    ] = DEFAULT_FAILED_LIMIT,
+    json_out: JsonOut = False,
+) -> None:
+    """The collection's model, index and its parameters, images by state, and each failed file's reason."""
+    st = collection_status(data_dir_or_default(data_dir), failed_limit=limit)
+    if json_out:
+        typer.echo(json.dumps(st.to_dict(), indent=2, ensure_ascii=False))
+        return
+    out = console()
+    c = st.counts
+    out.print(f"collection at {st.data_dir}", highlight=False)
+    if st.model and st.index:
+        raw = st.index["params"]
+        params = ", ".join(f"{k} {v}" for k, v in raw.items()) if isinstance(raw, dict) else ""
+        out.print(f"model: {st.model['name']} ({st.model['dim']} dimensions)", highlight=False)
+        out.print(
+            f"index: {st.index['kind']}, built as {st.index['built']} ({params or 'no parameters'})",
+            highlight=False,
+        )
+    else:
+        out.print("index: none yet", highlight=False)
+    out.print(
+        f"images: {plural(c['indexed'], 'indexed image')}, {c['pending']} pending, {c['failed']} failed; "
+        f"{plural(st.captions, 'caption')}",
+        highlight=False,
+    )
+    for root in st.roots:
+        out.print(f"indexed folder: {root}", highlight=False)
+    if st.failed:
+        t = table(("file", {"overflow": "fold", "ratio": 3}), ("reason", {"overflow": "fold", "ratio": 2}))
+        for f in st.failed:
+            t.add_row(f.path, f.reason)
+        out.print(t)
+    if st.failed_truncated:
+        out.print(f"(only the first {len(st.failed)} failed files are listed)", highlight=False)
