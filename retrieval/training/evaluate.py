@@ -302,6 +302,9 @@ class _Embedder:
                 known[h] = p.cached
             elif h in self._stored:
                 known[h] = self._stored[h]
+        unknown = [h for _, h in good if h not in known]
+        if self.cache is not None and unknown:  # images prepared earlier were not looked up yet
+            known.update(self.cache.get_embeddings(unknown, self.fp))
         todo = {h: p.pixels for p, h in good if h not in known and p.pixels is not None}
         fresh: dict[str, Float32Array] = {}
         if todo:

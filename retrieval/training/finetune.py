@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,9 @@ class FinetuneConfig:
     #: several times faster than two that keep preempting each other.
     threads: int | None = None
     progress: bool = True
+    #: Embedding cache for the starting model's validation (an eval cache folder; None: none). Only the
+    #: start is cached: its weights are fixed, while every later epoch evaluates changed weights.
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.freeze not in FREEZE_MODES:
@@ -337,14 +340,19 @@ def _prepare_validation(
 
 
 def _validate(
-    encoder: Any, val: LoadedDataset, config: FinetuneConfig, images: PreparedImages | None = None
+    encoder: Any,
+    val: LoadedDataset,
+    config: FinetuneConfig,
+    images: PreparedImages | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, float] | None:
     """Validation figures, or None when the model has diverged (its embeddings hold NaN or infinity)."""
     model = encoder.model
     was_training = model.training
     model.eval()
     try:
-        return summarise(evaluate(val, encoder, _eval_config(config), images).metrics)
+        eval_config = replace(_eval_config(config), cache_dir=Path(cache_dir) if cache_dir else None)
+        return summarise(evaluate(val, encoder, eval_config, images).metrics)
     except ShapeError:
         return None
     finally:
@@ -508,7 +516,7 @@ def _train(
     left = config.preload_mb * 2**20 - (pixels.cache.nbytes if pixels.cache is not None else 0)
     val_images = _prepare_validation(encoder, val, config, left)
 
-    start = _validate(encoder, val, config, val_images)
+    start = _validate(encoder, val, config, val_images, cache_dir=config.cache_dir)
     if start is None:
         raise ConfigError(
             f"the starting model {model!r} produces NaN or infinite embeddings; it cannot be tuned"

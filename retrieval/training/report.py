@@ -268,7 +268,8 @@ def comparison_table(reports: Sequence[EvalReport]) -> str:
     for label, key, pct in _rows(reports[0]):
         cells = " | ".join(_cell(d.get(key), pct) for pair in dicts for d in pair)
         lines.append(f"| {label} | {cells} |")
-    lines.append(f"| rsum | {' | '.join(f'{r.metrics.rsum:.1f} | ' for r in reports).rstrip(' |')} |")
+    rsums = [cell for r in reports for cell in (f"{r.metrics.rsum:.1f}", "")]  # one per model, two columns
+    lines.append(f"| rsum | {' | '.join(rsums)} |")
     return "\n".join(lines) + "\n"
 
 
