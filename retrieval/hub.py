@@ -63,9 +63,17 @@ def resolve(
 
 
 def close_names(name: str, known: Sequence[str], n: int = 3) -> list[str]:
-    """The registry names most like `name` (difflib's ratio, case-insensitive), best first."""
+    """The registry names most like `name` (difflib's ratio, case-insensitive), best first; only those
+    about as close as the best one, so a clear favourite is named alone."""
     lowered = {k.lower(): k for k in known}
-    return [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.6)]
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name.lower(), k).ratio(), k) for k in lowered), reverse=True
+    )
+    scored = [(r, k) for r, k in scored if r >= 0.6]
+    if not scored:
+        return []
+    best = scored[0][0]
+    return [lowered[k] for r, k in scored[:n] if r >= best - 0.02]
 
 
 def unknown_name(name: str, known: Sequence[str], what: str = "model") -> str:

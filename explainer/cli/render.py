@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from explainer.cards.model import public_model_name
 from explainer.cards.pipeline import ResultPage
 from explainer.cli.tables import article, console, plural, table
 from explainer.explain.chain import Explainer
@@ -56,7 +57,8 @@ def headline(result: dict[str, Any]) -> str:
     noun = "caption" if target == "captions" else "image"
     return (
         f"{plural(len(rows), noun)} for {article(str(result['query_kind']))} query "
-        f"({result['total']} indexed, model {result['model']}, {result['index_factory']})"
+        f"({result['total']} indexed, model {public_model_name(str(result['model']))}, "
+        f"{result['index_factory']})"
     )
 
 

@@ -7,9 +7,19 @@ from typing import Annotated
 
 import typer
 
+from explainer.cards.model import public_model_name
 from explainer.cli.options import DataDir, JsonOut, data_dir_or_default
 from explainer.cli.tables import console, plural, table
 from retrieval.status import DEFAULT_FAILED_LIMIT, collection_status
+
+
+def relative_to_roots(path: str, roots: list[str]) -> str:
+    """`path` relative to the deepest indexed folder holding it, else as it is."""
+    for root in sorted(roots, key=len, reverse=True):
+        prefix = root.rstrip("/") + "/"
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path
 
 
 def status_cmd(
@@ -31,7 +41,8 @@ def status_cmd(
     if st.model and st.index:
         raw = st.index["params"]
         params = ", ".join(f"{k} {v}" for k, v in raw.items()) if isinstance(raw, dict) else ""
-        out.print(f"model: {st.model['name']} ({st.model['dim']} dimensions)", highlight=False)
+        name = public_model_name(str(st.model["name"]))
+        out.print(f"model: {name} ({st.model['dim']} dimensions; --json gives its full id)", highlight=False)
         out.print(
             f"index: {st.index['kind']}, built as {st.index['built']} ({params or 'no parameters'})",
             highlight=False,
@@ -47,8 +58,8 @@ def status_cmd(
         out.print(f"indexed folder: {root}", highlight=False)
     if st.failed:
         t = table(("file", {"overflow": "fold", "ratio": 3}), ("reason", {"overflow": "fold", "ratio": 2}))
-        for f in st.failed:
-            t.add_row(f.path, f.reason)
+        for f in st.failed:  # relative to the indexed folder, as search results are; --json is absolute
+            t.add_row(relative_to_roots(f.path, st.roots), f.reason)
         out.print(t)
     if st.failed_truncated:
         out.print(f"(only the first {len(st.failed)} failed files are listed)", highlight=False)
