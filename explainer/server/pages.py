@@ -7,6 +7,7 @@ with the search form kept, and with the HTTP status that the API would have give
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -91,9 +92,26 @@ async def index(
         "next": _page_url(echo, top_k, page.offset + top_k) if page.has_more else None,
         "first": page.offset + 1,
         "last": page.offset + len(page.cards),
+        "pages": page_numbers(page.offset, top_k, page.has_more, lambda o: _page_url(echo, top_k, o)),
     }
     ctx = _context(state, form=form, page=page, cards=page.cards, query=echo.model_dump(), nav=nav)
     return state.templates.TemplateResponse(request, "index.html", ctx)
+
+
+def page_numbers(
+    offset: int, top_k: int, has_more: bool, url: Callable[[int], str], around: int = 3
+) -> list[dict[str, object]]:
+    """Numbered links for the pager: a few pages back, this one, and the next one when there is more.
+
+    The number of pages is not known (results run until the scores give out), so the pager never
+    promises a last page it cannot show.
+    """
+    current = offset // top_k + 1
+    last = current + (1 if has_more else 0)
+    return [
+        {"number": n, "url": url((n - 1) * top_k), "current": n == current}
+        for n in range(max(1, current - around), last + 1)
+    ]
 
 
 def _status_message(state: ServerState, exc: Exception) -> tuple[int, str]:
