@@ -194,12 +194,19 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def _quiet_transformers() -> None:
-    """Weight-loading progress bars and hub chatter are noise in a CLI that has its own progress."""
+def quiet_transformers() -> None:
+    """Weight loading and saving bars ("Writing model shards"), hub chatter and the "requires torchvision"
+    fallback notice are noise in a CLI that has its own progress: torchvision is deliberately absent here
+    (see DESIGN.md) and the Pillow image processor it falls back to is the one this project uses."""
     try:
+        from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
+        disable_progress_bars()
     except Exception:  # pragma: no cover - transformers missing is reported by the import itself
         pass
+
+
+_quiet_transformers = quiet_transformers  # the name callers used before it was public

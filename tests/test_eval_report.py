@@ -181,3 +181,26 @@ def test_eval_config_bounds() -> None:
         EvalConfig(gallery=10**6)
     with pytest.raises(ConfigError):
         EvalConfig(ks=(0,))
+
+
+# -- a wrong --format is answered with the right one -------------------------------------------------
+def test_a_wrong_format_names_the_format_the_file_looks_like(tmp_path: Path) -> None:
+    from retrieval.training.datasets import load_dataset as load
+    from retrieval.training.sniff import guess_formats
+
+    (tmp_path / "imgs").mkdir()
+    kaggle = tmp_path / "captions.txt"
+    kaggle.write_text("image,caption\na.jpg,a dog\n")
+    token = tmp_path / "Flickr8k.token.txt"
+    token.write_text("a.jpg#0\ta dog runs\n")
+    karpathy = tmp_path / "dataset.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "a.jpg", "sentences": [{"raw": "a dog"}]}]}))
+    lines = tmp_path / "x.jsonl"
+    lines.write_text(json.dumps({"image": "a.jpg", "captions": ["a dog"]}) + "\n")
+    assert guess_formats(kaggle) == ["kaggle"] and guess_formats(token) == ["flickr8k"]
+    assert guess_formats(karpathy) == ["karpathy", "rsicd"] and guess_formats(lines) == ["jsonl"]
+    assert guess_formats(tmp_path) == [] and guess_formats(tmp_path / "missing") == []
+    with pytest.raises(ConfigError, match="looks like the 'kaggle' format"):
+        load("flickr8k", kaggle, tmp_path / "imgs")
+    with pytest.raises(ConfigError, match="did you mean 'karpathy'"):
+        load("karpaty", karpathy, tmp_path / "imgs")
