@@ -137,7 +137,9 @@ def test_a_collapsed_model_is_refused_unless_forced(
     argv += ["--threads", "1", "-q"]
     refused = runner.invoke(app, argv)
     assert refused.exit_code == 6, refused.output
-    assert "worse on validation" in refused.output and "fine-tuned" in refused.output
+    # lr 0.1 either collapses the loss to ln(batch) or leaves a model worse than the start: both refuse
+    assert "worse on validation" in refused.output or "training collapsed" in refused.output
+    assert "fine-tuned" in refused.output
     assert "text→image R@1" in refused.output and not out.exists()
 
     forced = runner.invoke(app, [*argv, "--force", "--json"])

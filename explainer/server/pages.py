@@ -22,7 +22,6 @@ from explainer.errors import BadImage, ClearsightError, http_status_for, server_
 from explainer.server.queries import QueryInput
 from explainer.server.schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
 from explainer.server.state import ServerState, state_of
-from retrieval.paths import is_demo_model
 
 router = APIRouter(include_in_schema=False)
 
@@ -53,13 +52,7 @@ def _form(
 
 
 def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
-    pipeline = state.pipeline
-    status: dict[str, Any] = {"ready": pipeline is not None, "problem": state.problem}
-    if pipeline is not None:
-        status["images"] = pipeline.searcher.index.images.ntotal
-        status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
-        status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
-    return {"status": status, "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING), **extra}
+    return {"status": state.page_status(), "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING), **extra}
 
 
 @router.get("/", name="index")
