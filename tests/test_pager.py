@@ -23,3 +23,12 @@ def test_a_later_page_shows_three_back_and_no_next_when_done() -> None:
 
 def test_an_offset_inside_a_page_counts_as_that_page() -> None:
     assert [p["number"] for p in page_numbers(15, 10, False, _url) if p["current"]] == [2]
+
+
+def test_limits_in_plain_words() -> None:
+    from explainer.words import human_bytes, image_too_large, too_many_results
+
+    assert human_bytes(10 * 1024 * 1024) == "10 MB" and human_bytes(1536) == "1.5 KB"
+    assert human_bytes(512) == "512 bytes" and human_bytes(3 * 1024**4) == "3072 GB"
+    assert image_too_large(10 * 1024 * 1024).startswith("The image is larger than 10 MB")
+    assert too_many_results(100, 500) == "Show at most 100 results per page (asked for 500)"

@@ -22,6 +22,7 @@ from explainer.errors import BadImage, ClearsightError, http_status_for, server_
 from explainer.server.queries import QueryInput
 from explainer.server.schemas import IMAGE_KEY_PATTERN, OFFSET_CEILING, TEXT_MAX, TOP_K_CEILING
 from explainer.server.state import ServerState, state_of
+from explainer.words import image_too_large
 
 router = APIRouter(include_in_schema=False)
 
@@ -141,9 +142,7 @@ async def upload(
     if image is not None:
         await image.close()
     if len(data) > state.settings.max_upload_bytes:
-        raise HTTPException(
-            413, f"the image is larger than the limit of {state.settings.max_upload_bytes} bytes"
-        )
+        raise HTTPException(413, image_too_large(state.settings.max_upload_bytes))
     if data:
         try:
             _, key = await anyio.to_thread.run_sync(
