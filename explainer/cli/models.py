@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from rich.text import Text
+
 from explainer.cli.options import JsonOut
 from explainer.cli.tables import console, table
 from retrieval.hub import in_cache
@@ -27,7 +29,7 @@ def models_cmd(json_out: JsonOut = False) -> None:
     for s in specs:
         weights = "cached" if s["cached"] else "not here"
         name = s["name"] + ("*" if s["default"] else "")
-        t.add_row(name, s["hub_id"], str(s["dim"]), weights, s["licence"])
+        t.add_row(*(Text(str(v)) for v in (name, s["hub_id"], s["dim"], weights, s["licence"])))
     out = console()
     out.print(t)
     out.print(

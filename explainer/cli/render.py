@@ -6,6 +6,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
+
 from explainer.cards.model import public_model_name
 from explainer.cards.pipeline import ResultPage
 from explainer.cli.tables import article, console, plural, table
@@ -80,9 +82,10 @@ def print_table(result: dict[str, Any], details: bool = False, width: int | None
     for r in rows:
         name = r.get("relative_path") or r.get("file_name") or Path(r["path"]).name
         label = f"{r['text']}  [{name}]" if captions else name
-        t.add_row(str(r["rank"]), f"{r['score']:.4f}", str(r["id"]), label)
+        # Text, not markup: "[offline]" or a file named "[1].jpg" must print as written
+        t.add_row(str(r["rank"]), f"{r['score']:.4f}", str(r["id"]), Text(label))
         for line in detail_lines(r, max(20, out.width - 8)) if details else []:
-            t.add_row("", "", "", line.strip())
+            t.add_row("", "", "", Text(line.strip()))
     out.print(t)
 
 

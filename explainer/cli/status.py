@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from explainer.cards.model import public_model_name
 from explainer.cli.options import DataDir, JsonOut, data_dir_or_default
@@ -59,7 +60,7 @@ def status_cmd(
     if st.failed:
         t = table(("file", {"overflow": "fold", "ratio": 3}), ("reason", {"overflow": "fold", "ratio": 2}))
         for f in st.failed:  # relative to the indexed folder, as search results are; --json is absolute
-            t.add_row(relative_to_roots(f.path, st.roots), f.reason)
+            t.add_row(Text(relative_to_roots(f.path, st.roots)), Text(f.reason))
         out.print(t)
     if st.failed_truncated:
         out.print(f"(only the first {len(st.failed)} failed files are listed)", highlight=False)

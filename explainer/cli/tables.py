@@ -17,7 +17,7 @@ def console(width: int | None = None) -> Console:
     """A console on stdout: the terminal's width, else $COLUMNS, else 80; no colour when piped."""
     if width is None and not sys.stdout.isatty():
         width = _columns()
-    return Console(width=width, soft_wrap=False, highlight=False, emoji=False)
+    return Console(width=width, soft_wrap=False, highlight=False, emoji=False, markup=False)  # text as is
 
 
 def _columns() -> int:
