@@ -131,6 +131,7 @@ _CLI_REMEDIES: dict[str, str] = {
     "force_write": "lower the learning rate, freeze more, or pass --force to write it anyway",
     "other_out_dir": "choose another --out",
     "index_first": "index a folder first with `clearsight index PATH --data-dir DIR`",
+    "list_models": "`clearsight models` lists them",
 }
 
 #: The same remedies for a web client, which has no flags to pass.
@@ -140,7 +141,8 @@ _SERVER_REMEDIES: dict[str, str] = {
     "use_index_model": "search with the model the index was built with",
     "add_captions": "the collection has no captions yet",
     "use_grid_evidence": "grid evidence works with this model",
-    "index_first": "index a folder first on the server",
+    "index_first": "index a folder on the server first (`clearsight index PATH`)",
+    "list_models": "name a model the server's registry knows",
 }
 
 

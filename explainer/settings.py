@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,4 +63,30 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings, or a ConfigError naming each environment variable whose value is unusable."""
+    from pydantic import ValidationError
+
+    from retrieval.errors import ConfigError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(settings_problem(exc)) from None
+
+
+def settings_problem(exc: Any) -> str:
+    """One line for a settings validation error: the variable's name, what is wrong, and the value given.
+
+    Values of secret fields are never repeated.
+    """
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err.get("loc") else "?"
+        info = Settings.model_fields.get(field)
+        alias = info.validation_alias if info is not None and isinstance(info.validation_alias, str) else None
+        name = alias or f"{prefix}{field}".upper()
+        secret = info is not None and "SecretStr" in str(info.annotation)
+        given = "" if secret or "input" not in err else f" (got {str(err['input'])[:40]!r})"
+        parts.append(f"{name}: {str(err['msg']).lower()}{given}")
+    return "bad setting " + "; ".join(parts)

@@ -9,13 +9,14 @@ rebuilt from whatever committed.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -381,6 +382,33 @@ class Catalog:
                 "VALUES (?, ?, ?, ?)",
                 [(h, model, t, now) for h, t in captions.items()],
             )
+
+    # -- indexed roots -----------------------------------------------------------------------
+    def roots(self) -> list[str]:
+        """The folders indexed into this collection, as the user named them (absolute), longest first."""
+        raw = self.get_meta("roots")
+        try:
+            found = json.loads(raw) if raw else []
+        except json.JSONDecodeError:
+            found = []
+        return sorted((str(r) for r in found if isinstance(r, str)), key=len, reverse=True)
+
+    def add_root(self, root: str) -> None:
+        """Remember an indexed folder, so results can name files relative to it."""
+        roots = self.roots()
+        if root not in roots:
+            self.set_meta("roots", json.dumps(sorted([*roots, root])))
+
+    def relative_path(self, path: str, roots: Sequence[str] | None = None) -> str:
+        """`path` relative to the (longest) indexed folder holding it; the file name when none does.
+
+        Collections indexed before roots were recorded know no folder, and fall back to the file name.
+        """
+        for root in self.roots() if roots is None else roots:
+            prefix = root.rstrip("/") + "/"
+            if path.startswith(prefix):
+                return path[len(prefix) :]
+        return PurePosixPath(path).name
 
     # -- meta --------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

@@ -20,6 +20,7 @@ REMEDIES: frozenset[str] = frozenset(
         "force_write",  # write a model the guard refused
         "other_out_dir",  # the output folder belongs to something else
         "index_first",  # there is no collection yet
+        "list_models",  # a model name the registry does not know
     }
 )
 

@@ -1,26 +1,34 @@
 """Load transformers models by registry name, hub id or local directory, offline-first.
 
 The order is: a local directory; the local Hugging Face cache; a download, attempted only when
-the hub answers a quick probe (otherwise huggingface_hub retries for half a minute before failing).
-Every failure ends in one `ModelUnavailable` whose message says how to get the weights.
+huggingface_hub is not in offline mode and the hub answers a metadata request for that very repository
+(otherwise a download retries for half a minute before failing). Every failure ends in one
+`ModelUnavailable` whose message says how to get the weights; a name that is neither a directory, a
+registry name nor a hub id ends in a `ConfigError` naming the closest registry names.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
-import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
 
-from retrieval.errors import ModelUnavailable
+from retrieval.errors import ConfigError, ModelUnavailable
 
 T = TypeVar("T")
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: Files whose presence in the cache means a repository's weights are there (single file or sharded).
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 @dataclass(frozen=True)
@@ -31,13 +39,51 @@ class ModelSource:
     is_local: bool
 
 
-def resolve(name: str, hub_id: str | None = None, revision: str | None = None) -> ModelSource:
+def resolve(
+    name: str,
+    hub_id: str | None = None,
+    revision: str | None = None,
+    known: Sequence[str] = (),
+    what: str = "model",
+) -> ModelSource:
+    """Say where `name` is loaded from: a local directory, or a hub id (the registry's or the name itself).
+
+    A name that is no directory, not in the registry (`known` lists its names) and not shaped like a hub
+    id (`owner/name`) nor already in the local cache is a typo until proven otherwise: it is refused with
+    the closest known names rather than sent to the hub.
+    """
     path = Path(name).expanduser()
     if path.is_dir():
         return ModelSource(name, str(path.resolve()), None, True)
     if hub_id is None and (name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1]):
         raise ModelUnavailable(f"model directory {name!r} does not exist")
+    if hub_id is None and known and "/" not in name and not in_cache(name):
+        raise ConfigError(unknown_name(name, known, what), remedy="list_models")
     return ModelSource(name, hub_id or name, revision, False)
+
+
+def close_names(name: str, known: Sequence[str], n: int = 3) -> list[str]:
+    """The registry names most like `name` (difflib's ratio, case-insensitive), best first; only those
+    about as close as the best one, so a clear favourite is named alone."""
+    lowered = {k.lower(): k for k in known}
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name.lower(), k).ratio(), k) for k in lowered), reverse=True
+    )
+    scored = [(r, k) for r, k in scored if r >= 0.6]
+    if not scored:
+        return []
+    best = scored[0][0]
+    return [lowered[k] for r, k in scored[:n] if r >= best - 0.02]
+
+
+def unknown_name(name: str, known: Sequence[str], what: str = "model") -> str:
+    """One line for a mistyped model name: the closest names, and where the full list is."""
+    close = close_names(name, known)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return (
+        f"unknown {what} {name!r}: {hint}known names: {', '.join(known)} "
+        "(or give a hub id such as owner/name, or a local model directory)"
+    )
 
 
 def local_fingerprint(directory: Path) -> str:
@@ -64,26 +110,61 @@ def weights_fingerprint(src: ModelSource, model_config: object) -> str:
     return f"{src.target}@{getattr(model_config, '_commit_hash', None) or src.revision or 'main'}"
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+def offline_mode() -> bool:
+    """huggingface_hub's offline switch (HF_HUB_OFFLINE), plus transformers' older TRANSFORMERS_OFFLINE.
+
+    The environment is read on every call (huggingface_hub snapshots it once at import, and a test or a
+    notebook may change it later); with neither variable set, huggingface_hub's own setting decides.
+    """
+    from huggingface_hub import constants
+
+    truthy = ("1", "true", "yes", "on")
+    values = [os.environ.get(v) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if all(v is None for v in values):
+        return bool(constants.HF_HUB_OFFLINE)
+    return any((v or "").strip().lower() in truthy for v in values)
+
+
+def in_cache(repo_id: str, revision: str | None = None) -> bool:
+    """Whether the local Hugging Face cache holds `repo_id`'s config and weights (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+        except ValueError:  # not a valid repo id
+            return False
+
+    return cached("config.json") and any(cached(f) for f in _WEIGHT_FILES)
+
+
+def hub_has(repo_id: str, revision: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether the hub answers for this repository now: one metadata request, no retries.
+
+    A download would retry for half a minute on a machine without a network; this fails in under a
+    second. Raises ModelUnavailable when the hub answers that the repository or revision does not exist.
+    """
+    if offline_mode():
         return False
-    if os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+        HfApi().model_info(repo_id, revision=revision, timeout=timeout)
+    except RevisionNotFoundError as exc:
+        raise ModelUnavailable(f"the hub has {repo_id!r} but no revision {revision!r}") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelUnavailable(f"the hub has no model {repo_id!r} (or it is private)") from exc
+    except Exception:  # no network, DNS, TLS, timeouts, 5xx: the hub cannot be used now
         return False
+    return True
 
 
 def how_to_get(src: ModelSource, what: str = "model") -> str:
     return (
         f"The {what} {src.target!r} is not on this machine and cannot be downloaded here. "
-        f"On a machine with internet access run `huggingface-cli download {src.target}` (or "
-        f"`hf download {src.target}`) and copy the Hugging Face cache (~/.cache/huggingface) here, "
+        f"On a machine with internet access run `hf download {src.target}` (huggingface_hub's command) "
+        f"and copy the Hugging Face cache (~/.cache/huggingface) here, "
         f"or save the model with save_pretrained and pass its directory with --model. "
         f"To see every feature work without downloaded weights, run `clearsight demo`."
     )
@@ -100,7 +181,7 @@ def load(src: ModelSource, loader: Callable[..., T], what: str = "model") -> T:
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
         if src.is_local:
             raise ModelUnavailable(f"could not load the {what} in {src.target}: {_one_line(exc)}") from exc
-    if not hub_reachable():
+    if not hub_has(src.target, src.revision):
         raise ModelUnavailable(how_to_get(src, what))
     try:
         return loader(src.target, **kwargs)
@@ -113,12 +194,19 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def _quiet_transformers() -> None:
-    """Weight-loading progress bars and hub chatter are noise in a CLI that has its own progress."""
+def quiet_transformers() -> None:
+    """Weight loading and saving bars ("Writing model shards"), hub chatter and the "requires torchvision"
+    fallback notice are noise in a CLI that has its own progress: torchvision is deliberately absent here
+    (see DESIGN.md) and the Pillow image processor it falls back to is the one this project uses."""
     try:
+        from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
+        disable_progress_bars()
     except Exception:  # pragma: no cover - transformers missing is reported by the import itself
         pass
+
+
+_quiet_transformers = quiet_transformers  # the name callers used before it was public

@@ -444,7 +444,7 @@ class IndexStore:
     def read_manifest(self) -> Manifest:
         version = self.current_version()
         if version is None:
-            raise IndexMissing(f"no index in {self.root.parent}: run `clearsight index PATH` first")
+            raise IndexMissing(f"no index in {self.root.parent} yet", remedy="index_first")
         try:
             manifest = Manifest.from_json((self.root / version / "manifest.json").read_text())
         except (OSError, ValueError, TypeError) as exc:

@@ -181,6 +181,7 @@ def ingest(
                 )
 
         # 1. scan and reconcile with the catalog
+        cat.add_root(str(root))
         known = cat.images_under(str(root))
         seen: set[str] = set()
         todo: list[int] = []
@@ -239,7 +240,15 @@ def ingest(
     summary.seconds = time.perf_counter() - started
     if log and summary.index and summary.index.note:
         log(summary.index.note)
+    if log and summary.scanned == 0:
+        log(empty_folder_note(root))
     return summary
+
+
+def empty_folder_note(root: Path) -> str:
+    """What to say when a folder holds no image files at all: which suffixes were looked for."""
+    suffixes = " ".join(sorted(s.lstrip(".") for s in imageio.IMAGE_SUFFIXES))
+    return f"no image files under {root} (looked for {suffixes}, in subfolders too): nothing to index"
 
 
 def _missing_embeddings(collection: Collection, fp: str, exclude: set[int]) -> list[int]:

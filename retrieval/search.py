@@ -14,7 +14,7 @@ from retrieval.builder import embed_texts_cached
 from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
-from retrieval.errors import BadQuery
+from retrieval.errors import BadQuery, NotEnoughData
 from retrieval.index import LoadedIndex, SearchParams
 from retrieval.result_cache import ResultCache, image_key, vector_key
 from retrieval.types import Float32Array
@@ -66,6 +66,8 @@ class Hit:
     content_hash: str | None = None
     captions: list[str] = field(default_factory=list)
     confidence: float | None = None  # calibrated per query and collection (retrieval.confidence)
+    file_name: str = ""  # the file's own name, so a result names its file without parsing paths
+    relative_path: str = ""  # relative to the indexed folder holding it (see Catalog.relative_path)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -81,6 +83,8 @@ class CaptionHit:
     score: float
     rank: int
     confidence: float | None = None
+    file_name: str = ""
+    relative_path: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -154,7 +158,7 @@ class Searcher:
         encoder: Encoder | None = None,
     ) -> Searcher:
         """Open a collection with the model recorded at index time, unless another is named."""
-        collection = Collection(data_dir)
+        collection = Collection(data_dir, create=False)  # a reader never creates a data directory
         manifest = collection.store.read_manifest()
         if encoder is None:
             encoder = create_encoder(EncoderConfig(model=model or manifest.model_id, device=device))
@@ -252,11 +256,14 @@ class Searcher:
 
     def _search_images(self, vec: Float32Array, q: Query, kind: str) -> SearchResult:
         idx = self.index.images
+        if idx.ntotal == 0:
+            raise NotEnoughData(self._empty_message(), remedy="index_first")
         # ask for a little more than needed: ids deleted since the index was written are dropped
         want = q.offset + q.top_k
         scores, ids = idx.search(vec, want + 16, self.params)
         records = self.collection.catalog.get_images([int(i) for i in ids[0] if i >= 0])
         caps = self.collection.catalog.captions_for(list(records))
+        roots = self.collection.catalog.roots()
         hits: list[Hit] = []
         for s, i in zip(scores[0], ids[0], strict=True):
             rec = records.get(int(i))
@@ -274,11 +281,21 @@ class Searcher:
                     height=rec.height,
                     content_hash=rec.content_hash,
                     captions=[c.text for c in caps.get(rec.id, [])],
+                    file_name=Path(rec.path).name,
+                    relative_path=self.collection.catalog.relative_path(rec.path, roots),
                 )
             )
         page = hits[q.offset : q.offset + q.top_k]
         m = self.index.manifest
         return SearchResult(kind, m.model_name, m.built_factory, idx.ntotal, page)
+
+    def _empty_message(self) -> str:
+        counts = self.collection.catalog.counts()
+        why = f" ({counts['failed']} files could not be read; the collection's status lists them)"
+        return (
+            f"the collection at {self.collection.data_dir} holds no indexed images, so there is nothing "
+            f"to search{why if counts['failed'] else ''}"
+        )
 
     def search_captions(self, q: Query) -> SearchResult:
         """Image→text (or text→text): captions nearest the query, each with the image it belongs to."""
@@ -305,6 +322,7 @@ class Searcher:
         cat = self.collection.catalog
         caps = cat.get_captions([int(i) for i in ids[0] if i >= 0])
         images = cat.get_images(sorted({c.image_id for c in caps.values()}))
+        roots = cat.roots()
         hits: list[CaptionHit] = []
         for s, i in zip(scores[0], ids[0], strict=True):
             c = caps.get(int(i))
@@ -314,7 +332,17 @@ class Searcher:
             if q.min_score is not None and float(s) < q.min_score:
                 break
             hits.append(
-                CaptionHit(c.id, c.text, c.source, rec.id, rec.path, round(float(s), 6), len(hits) + 1)
+                CaptionHit(
+                    c.id,
+                    c.text,
+                    c.source,
+                    rec.id,
+                    rec.path,
+                    round(float(s), 6),
+                    len(hits) + 1,
+                    file_name=Path(rec.path).name,
+                    relative_path=cat.relative_path(rec.path, roots),
+                )
             )
         m = self.index.manifest
         return SearchResult(

@@ -128,7 +128,9 @@ def test_table_shows_caption_and_explanation_under_each_row(indexed: tuple[Path,
     assert len(rows) == 3
     for start, end in zip(rows, [*rows[1:], len(lines)], strict=True):
         block = lines[start + 1 : end]
-        assert block[0].startswith("      caption: a ") and block[0].endswith("(dataset)")
+        # details sit under the file column of the rich table, indented past rank, score and id
+        assert block[0].startswith("      ") and block[0].strip().startswith("caption: a ")
+        assert block[0].rstrip().endswith("(dataset)")
         why = " ".join(line.strip() for line in block[1:])
         assert why.startswith("why: ") and why.endswith("[offline]")
 

@@ -34,7 +34,7 @@ from retrieval.training.finetune import (
     FinetuneConfig,
     FinetuneResult,
     _apply_freeze,
-    _lr_factor,
+    _Optimiser,
     _param_groups,
     finetune,
     load_training_data,
@@ -137,7 +137,9 @@ def test_a_collapsed_model_is_refused_unless_forced(
     argv += ["--threads", "1", "-q"]
     refused = runner.invoke(app, argv)
     assert refused.exit_code == 6, refused.output
-    assert "worse on validation" in refused.output and "fine-tuned" in refused.output
+    # lr 0.1 either collapses the loss to ln(batch) or leaves a model worse than the start: both refuse
+    assert "worse on validation" in refused.output or "training collapsed" in refused.output
+    assert "fine-tuned" in refused.output
     assert "text→image R@1" in refused.output and not out.exists()
 
     forced = runner.invoke(app, [*argv, "--force", "--json"])
@@ -190,9 +192,18 @@ def test_freeze_modes_choose_the_trainable_parameters(tiny_clip_dir: Path) -> No
 
 
 def test_schedule_warms_up_then_decays_to_zero() -> None:
-    factors = [_lr_factor(s, 10, 100) for s in range(100)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in pairwise(factors[9:]))
+    """The optimiser's schedule (transformers' cosine with warmup): 10 warmup steps of 100 in all."""
+    net = torch.nn.Linear(2, 2)
+    config = FinetuneConfig(epochs=1, lr=1.0, warmup=0.1, progress=False)
+    opt = _Optimiser(net, list(net.parameters()), "cpu", 100, config)
+    factors = []
+    for _ in range(100):
+        factors.append(opt.lr)
+        opt.optimiser.step()
+        opt.schedule.step()
+    assert factors[0] == pytest.approx(0.0) and factors[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in pairwise(factors[:11]))
+    assert all(a >= b for a, b in pairwise(factors[10:]))
     assert factors[-1] < 0.01
 
 

@@ -100,7 +100,7 @@ def test_top_k_larger_than_the_index() -> None:
 
 def test_store_saves_versions_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = IndexStore(tmp_path / "index")
-    with pytest.raises(IndexMissing, match="clearsight index"):
+    with pytest.raises(IndexMissing, match="no index in"):
         store.load()
     v = _vecs(5)
     first = store.save(

@@ -172,6 +172,9 @@ def test_to_dict_keys() -> None:
         "median_rank",
         "mean_rank",
         "n_queries",
+        "ndcg@1",  # the default cutoffs 1, 5, 10 add nDCG at 1 and 5
+        "ndcg@5",
+        "chance",
     ]
     assert d["n_queries"] == 2
     assert isinstance(m, DirectionMetrics)

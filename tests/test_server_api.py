@@ -75,7 +75,9 @@ def test_text_search_returns_cards(client: TestClient) -> None:
         for e in c["evidence"]:
             x0, y0, x1, y1 = e["box"]
             assert 0 <= x0 < x1 <= c["width"] and 0 <= y0 < y1 <= c["height"]
-    assert "path" not in r.text and str(Path.cwd()) not in r.text
+    # files are named by name and by path relative to the indexed folder, never by absolute path
+    assert '"path":' not in r.text and str(Path.cwd()) not in r.text
+    assert all(c["file_name"] and not c["relative_path"].startswith("/") for c in cards)
     assert body["query"] == {
         "text": "a red circle",
         "kind": "text",

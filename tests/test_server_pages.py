@@ -112,6 +112,7 @@ def test_error_pages(client: TestClient) -> None:
     missing = client.get("/images/999999")
     assert missing.status_code == 404
     check_snapshot("error_404", normalise(missing.text))
+    assert "not ready" not in missing.text and "status ok" in missing.text  # the server's real state
     assert client.get("/?k=0").status_code == 422
 
 

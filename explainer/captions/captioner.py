@@ -155,7 +155,13 @@ class BlipCaptioner:
         name = config.model or default_captioner().name  # create_captioner always fills it
         self.device = select_device(config.device)  # a bad --device fails before weights load
         self.precision = default_dtype(self.device, config.precision)
-        src = hub.resolve(name, spec.hub_id if spec else None, spec.revision if spec else None)
+        src = hub.resolve(
+            name,
+            spec.hub_id if spec else None,
+            spec.revision if spec else None,
+            known=[c.name for c in list_captioners()],
+            what="captioner",
+        )
         # The config first: loading BLIP weights into a checkpoint of another family would "succeed"
         # with random weights, and the captions would be nonsense rather than an error.
         model_cfg = hub.load(src, AutoConfig.from_pretrained, "captioner")

@@ -69,6 +69,11 @@ class Card(BaseModel):
     thumb_url: str
     detail_url: str
     like_url: str = Field(description='Page URL of a "more like this" query from this image')
+    file_name: str = Field(default="", description="The image file's name")
+    relative_path: str = Field(
+        default="",
+        description="The file's path relative to the folder that was indexed (never the absolute path)",
+    )
     width: int | None = None
     height: int | None = None
     evidence: list[Region] = Field(
@@ -122,6 +127,8 @@ def make_card(
         thumb_url=thumb_url(hit.id),
         detail_url=detail_url(hit.id, echo, hit.rank),
         like_url=like_url(hit.id),
+        file_name=hit.file_name,
+        relative_path=hit.relative_path,
         width=hit.width,
         height=hit.height,
         evidence=regions,

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import typer
+from rich.text import Text
 
+from explainer.cards.model import public_model_name
 from explainer.cards.pipeline import ResultPage
+from explainer.cli.tables import article, console, plural, table
 from explainer.explain.chain import Explainer
 
 #: Card fields that only make sense against a running server.
@@ -55,37 +55,49 @@ def page_payload(
     return payload
 
 
-def print_table(result: dict[str, Any], details: bool = False) -> None:
-    """One line per result (rank, score, id, path or caption); `details` adds caption and explanation."""
-    rows = result["results"]
-    target = result["target"]
-    typer.echo(
-        f"{len(rows)} {target} for a {result['query_kind']} query "
-        f"({result['total']} indexed, model {result['model']}, {result['index_factory']})"
+def headline(result: dict[str, Any]) -> str:
+    """'3 images for a text query (120 indexed, model ..., Flat)', in words that agree with the numbers."""
+    rows, target = result["results"], result["target"]
+    noun = "caption" if target == "captions" else "image"
+    return (
+        f"{plural(len(rows), noun)} for {article(str(result['query_kind']))} query "
+        f"({result['total']} indexed, model {public_model_name(str(result['model']))}, "
+        f"{result['index_factory']})"
     )
+
+
+def print_table(result: dict[str, Any], details: bool = False, width: int | None = None) -> None:
+    """One row per result (rank, score, id, file or caption), fitted to the terminal by rich; `details`
+    adds each card's caption and explanation under it."""
+    rows = result["results"]
+    out = console(width)
+    out.print(headline(result), highlight=False)
     if result.get("no_confident_match"):
-        typer.echo(
-            "no confident match: nothing here stands out from what unrelated queries reach; "
-            "the closest results follow"
+        out.print(
+            "no confident match: the closest results follow"
             if rows
-            else "no confident match: nothing was found"
+            else "no confident match: nothing was found",
+            highlight=False,
         )
     if not rows:
         return
-    width = max(
-        40, min(100, os.get_terminal_size(sys.stdout.fileno()).columns - 20) if sys.stdout.isatty() else 100
-    )
-    typer.echo(
-        f"{'rank':>4}  {'score':>7}  {'conf':>5}  {'id':>6}  {'caption' if target == 'captions' else 'path'}"
+    captions = result["target"] == "captions"
+    t = table(
+        ("rank", {"justify": "right", "no_wrap": True}),
+        ("score", {"justify": "right", "no_wrap": True}),
+        ("conf", {"justify": "right", "no_wrap": True}),
+        ("id", {"justify": "right", "no_wrap": True}),
+        ("caption" if captions else "file", {"overflow": "fold", "ratio": 1}),
     )
     for r in rows:
-        label = f"{r['text']}  [{Path(r['path']).name}]" if target == "captions" else r["path"]
-        if len(label) > width:
-            label = "…" + label[-(width - 1) :]
+        name = r.get("relative_path") or r.get("file_name") or Path(r["path"]).name
+        label = f"{r['text']}  [{name}]" if captions else name
+        # Text, not markup: "[offline]" or a file named "[1].jpg" must print as written
         conf = f"{r['confidence']:.2f}" if r.get("confidence") is not None else "-"
-        typer.echo(f"{r['rank']:>4}  {r['score']:>7.4f}  {conf:>5}  {r['id']:>6}  {label}")
-        for line in detail_lines(r, width + 20) if details else []:
-            typer.echo(line)
+        t.add_row(str(r["rank"]), f"{r['score']:.4f}", conf, str(r["id"]), Text(label))
+        for line in detail_lines(r, max(20, out.width - 8)) if details else []:
+            t.add_row("", "", "", "", Text(line.strip()))
+    out.print(t)
 
 
 def detail_lines(row: dict[str, Any], width: int, indent: int = 6) -> list[str]:

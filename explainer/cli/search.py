@@ -19,7 +19,7 @@ from explainer.cards.captions import CaptionProvider, CatalogCaptions, Generatin
 from explainer.cards.context import query_echo
 from explainer.cards.evidence import EvidenceProvider, NoEvidence, make_evidence_provider
 from explainer.cards.pipeline import CardPipeline, ResultPage
-from explainer.cli.options import DataDir, Device, JsonOut, Model, data_dir_or_default, note
+from explainer.cli.options import DataDir, JsonOut, Model, data_dir_or_default, note
 from explainer.cli.render import page_payload, print_table
 from explainer.errors import BadQuery, ModelUnavailable
 from explainer.explain.chain import Explainer
@@ -57,7 +57,12 @@ def search_cmd(
     ] = False,
     model: Model = None,
     data_dir: DataDir = None,
-    device: Device = "auto",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device", help="auto, cpu, cuda, cuda:N or mps (default: $CLEARSIGHT_DEVICE, else auto)"
+        ),
+    ] = None,
     nprobe: Annotated[
         int | None,
         typer.Option("--nprobe", min=1, help="IVF lists to visit (ivfpq; default: what the index records)"),
@@ -112,6 +117,7 @@ def search_cmd(
             "--explain, --caption and --evidence describe image results; they cannot be used with --captions"
         )
     settings = get_settings()
+    device = device or settings.device
     with ExitStack() as stack:
         searcher = Searcher.open(data_dir_or_default(data_dir), model=model, device=device)
         stack.callback(searcher.close)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from explainer.cli.options import DataDir, Host, Port, note
+from explainer.errors import ConfigError, IndexMissing
+from retrieval.collection import exists as collection_exists
 
 
 def serve_cmd(
@@ -52,9 +56,12 @@ def run_server(
     if reload_interval is not None:
         updates["reload_interval_s"] = reload_interval
     settings = get_settings().model_copy(update=updates)
+    if not collection_exists(settings.data_dir):  # nothing to serve, and nothing is created there
+        raise IndexMissing(f"no collection at {settings.data_dir}", remedy="index_first")
+    sock = bind(settings.host, settings.port)  # a busy port is reported before "serving on"
     logging.getLogger("explainer").setLevel(log_level.upper())
-    note(f"clearsight: serving {settings.data_dir} on http://{settings.host}:{settings.port}")
-    uvicorn.run(
+    note(f"clearsight: serving {settings.data_dir} on http://{settings.host}:{sock.getsockname()[1]}")
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -62,3 +69,23 @@ def run_server(
         proxy_headers=False,
         server_header=False,
     )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a ConfigError saying the port is taken (or the host wrong)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is already in use (another server?): choose another with --port"
+            ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock

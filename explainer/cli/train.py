@@ -42,11 +42,33 @@ def eval_cmd(
     split: Annotated[
         str | None, typer.Option("--split", help="train, val (dev), test, ... or all (default: all)")
     ] = None,
-    model: Model = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Encoder (registry name, hub id or directory); repeat it to compare models side by side",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Write report.json, report.md, per-query ranks and plots here"),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write report.json, report.md, ranks, plots and failures.html here (one folder per model "
+            "and a comparison when several are given)",
+        ),
     ] = None,
+    k: Annotated[
+        str,
+        typer.Option("--k", help="Cutoffs for recall, precision and nDCG, e.g. 1,5,10 (at most 1000)"),
+    ] = "1,5,10",
+    bootstrap: Annotated[
+        int,
+        typer.Option(
+            "--bootstrap", min=0, max=100_000, help="Resamples for R@K confidence intervals (0: none)"
+        ),
+    ] = 1000,
     index: Annotated[
         str, typer.Option("--index", help="flat (exact), hnsw, ivfpq, or a FAISS factory string")
     ] = "flat",
@@ -65,33 +87,57 @@ def eval_cmd(
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Retrieval metrics in both directions (R@K, MRR, nDCG@10...) of a model on a captioned dataset."""
+    """Retrieval metrics in both directions (R@K, P@K, nDCG@K, MRR...) of one or more models on a dataset."""
     from retrieval.encoders import EncoderConfig, create_encoder
     from retrieval.training.datasets import format_report, load_dataset
-    from retrieval.training.evaluate import EvalConfig, evaluate, markdown_table
+    from retrieval.training.evaluate import EvalConfig, EvalReport, evaluate, markdown_table
+    from retrieval.training.metrics import parse_ks
+    from retrieval.training.report import comparison_table, write_comparison
 
+    models = list(dict.fromkeys(model or [None]))  # type: ignore[list-item]
+    ks = parse_ks(k)  # a typo in --k fails before any model loads
     dataset = load_dataset(fmt, annotations, images, split)
     note(format_report(dataset.report))
     cache = None if no_cache else (cache_dir or data_dir_or_default(data_dir) / "eval-cache")
-    encoder = create_encoder(EncoderConfig(model=model, device=device))
-    config = EvalConfig(index=index, batch_size=batch_size, cache_dir=cache, out_dir=out, progress=not quiet)
-    try:
-        report = evaluate(dataset, encoder, config)
-    finally:
-        encoder.close()
-    if report.index.note:
-        note(report.index.note)
+    reports: list[EvalReport] = []
+    for i, name in enumerate(models):
+        target = out if out is None or len(models) == 1 else out / f"model-{i + 1}"
+        config = EvalConfig(
+            index=index,
+            batch_size=batch_size,
+            cache_dir=cache,
+            out_dir=target,
+            progress=not quiet,
+            ks=ks,
+            bootstrap=bootstrap,
+        )
+        encoder = create_encoder(EncoderConfig(model=name, device=device))
+        try:
+            reports.append(evaluate(dataset, encoder, config))
+        finally:
+            encoder.close()
+        if reports[-1].index.note:
+            note(reports[-1].index.note)
+    compared = write_comparison(reports, out) if out is not None and len(reports) > 1 else {}
     if json_out:
-        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        payload: Any = (
+            reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}
+        )
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
-    typer.echo(markdown_table(report), nl=False)
-    c = report.cache
-    typer.echo(
-        f"embeddings: {c.image_hits} images and {c.text_hits} captions from the cache, "
-        f"{c.images_encoded} and {c.texts_encoded} encoded ({report.seconds['total']:.1f} s)"
-    )
-    if report.files:
-        typer.echo(f"report written to {Path(report.files['json']).parent}")
+    for report in reports:
+        typer.echo(markdown_table(report))
+        c = report.cache
+        typer.echo(
+            f"embeddings: {c.image_hits} images and {c.text_hits} captions from the cache, "
+            f"{c.images_encoded} and {c.texts_encoded} encoded ({report.seconds['total']:.1f} s)"
+        )
+        if report.files:
+            typer.echo(f"report written to {Path(report.files['json']).parent}\n")
+    if len(reports) > 1:
+        typer.echo(comparison_table(reports))
+        if compared:
+            typer.echo(f"comparison written to {compared['markdown'].parent}")
 
 
 def finetune_cmd(
@@ -129,10 +175,16 @@ def finetune_cmd(
         int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's choice)")
     ] = None,
     device: Device = "auto",
+    data_dir: DataDir = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Do not cache the starting model's validation embeddings")
+    ] = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Contrastive fine-tuning; refuses to write a model that is worse on validation than the start."""
+    """Contrastive fine-tuning; refuses a model that collapsed or is worse on validation than the start.
+
+    The starting model's validation embeddings are cached in DATA_DIR/eval-cache, shared with `eval`."""
     from retrieval.training.datasets import format_report
     from retrieval.training.finetune import FinetuneConfig, finetune, load_training_data, side_by_side
 
@@ -152,10 +204,11 @@ def finetune_cmd(
         force=force,
         threads=threads,
         progress=not quiet,
+        cache_dir=None if no_cache else str(data_dir_or_default(data_dir) / "eval-cache"),
     )
     train, val = load_training_data(fmt, annotations, images, train_split, val_split, val_fraction, seed)
     note(f"train: {format_report(train.report)}\nval: {format_report(val.report)}")
-    result = finetune(model or _default_model(), train, val, out, config)
+    result = finetune(model or _default_model(), train, val, out, config, log=note)
     for remark in result.notes:
         note(remark)
     if json_out:

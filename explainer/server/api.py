@@ -32,6 +32,7 @@ from explainer.server.schemas import (
     error_responses,
 )
 from explainer.server.state import ServerState, state_of
+from explainer.words import image_too_large, offset_too_far, too_many_results
 from retrieval.fetch import FetchConfig, fetch_bytes
 from retrieval.search import CaptionHit
 from retrieval.search import Query as LibraryQuery
@@ -76,7 +77,7 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
         finally:
             await form.close()
         if data is not None and len(data) > limit:
-            raise HTTPException(413, f"the image is larger than the limit of {limit} bytes")
+            raise HTTPException(413, image_too_large(limit))
         if "image_base64" in fields:
             raise BadQuery("send the image as the file field 'image' in a form")
         try:
@@ -88,7 +89,7 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
     else:
         raise HTTPException(415, "send the search as application/json or multipart/form-data")
     if data is not None and len(data) > limit:
-        raise HTTPException(413, f"the image is larger than the limit of {limit} bytes")
+        raise HTTPException(413, image_too_large(limit))
     if req.image_url is not None:
         data = await anyio.to_thread.run_sync(_fetch_url, state, req.image_url)
     return req, data
@@ -114,9 +115,9 @@ def _invalid(exc: ValidationError) -> Exception:
 def _check_bounds(state: ServerState, top_k: int, offset: int) -> None:
     s = state.settings
     if top_k > s.top_k_max:
-        raise BadQuery(f"top_k must be at most {s.top_k_max}, got {top_k}")
+        raise BadQuery(too_many_results(s.top_k_max, top_k))
     if offset > s.offset_max:
-        raise BadQuery(f"offset must be at most {s.offset_max}, got {offset}")
+        raise BadQuery(offset_too_far(s.offset_max, offset))
 
 
 @router.post(

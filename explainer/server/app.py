@@ -31,6 +31,7 @@ from explainer.server.queries import QueryImages
 from explainer.server.schemas import SearchForm, SearchRequest
 from explainer.server.state import ServerState
 from explainer.settings import Settings, get_settings
+from explainer.version import version
 from retrieval.assets import asset_dir
 from retrieval.search import Searcher
 
@@ -108,7 +109,7 @@ def create_app(
 
     app = FastAPI(
         title="Clearsight",
-        version="0.1.0",
+        version=version(),
         description="Explainable image search: cards with evidence regions, captions and explanations.",
         lifespan=lifespan,
     )

@@ -40,9 +40,8 @@ async def render_error(request: Request, status: int, message: str, kind: str | 
     if _wants_json(request):
         return error_json(status, kind, message)
     state = state_of(request)
-    return state.templates.TemplateResponse(
-        request, "error.html", {"status": status, "message": message, "kind": kind}, status_code=status
-    )
+    context = {"status": state.page_status(), "http_status": status, "message": message, "kind": kind}
+    return state.templates.TemplateResponse(request, "error.html", context, status_code=status)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -7,6 +7,7 @@ with the search form kept, and with the HTTP status that the API would have give
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
@@ -28,8 +29,8 @@ from explainer.server.schemas import (
     caption_cards,
 )
 from explainer.server.state import ServerState, state_of
+from explainer.words import image_too_large
 from retrieval.fetch import FetchConfig, fetch_bytes, is_url
-from retrieval.paths import is_demo_model
 from retrieval.search import CaptionHit
 
 router = APIRouter(include_in_schema=False)
@@ -76,14 +77,8 @@ def _form(
 
 
 def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
-    pipeline = state.pipeline
-    status: dict[str, Any] = {"ready": pipeline is not None, "problem": state.problem}
-    if pipeline is not None:
-        status["images"] = pipeline.searcher.index.images.ntotal
-        status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
-        status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
     return {
-        "status": status,
+        "status": state.page_status(),
         "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING),
         "allow_urls": state.settings.allow_url_queries,
         **extra,
@@ -125,6 +120,7 @@ async def index(
         "next": _page_url(echo, top_k, page.offset + top_k, t, ev) if page.has_more else None,
         "first": page.offset + 1,
         "last": page.offset + len(page.cards),
+        "pages": page_numbers(page.offset, top_k, page.has_more, lambda o: _page_url(echo, top_k, o, t, ev)),
     }
     ctx = _context(state, form=form, page=page, cards=page.cards, query=echo.model_dump(), nav=nav)
     return state.templates.TemplateResponse(request, "index.html", ctx)
@@ -157,6 +153,22 @@ async def _captions_page(
         nav=nav,
     )
     return state.templates.TemplateResponse(request, "index.html", ctx)
+
+
+def page_numbers(
+    offset: int, top_k: int, has_more: bool, url: Callable[[int], str], around: int = 3
+) -> list[dict[str, object]]:
+    """Numbered links for the pager: a few pages back, this one, and the next one when there is more.
+
+    The number of pages is not known (results run until the scores give out), so the pager never
+    promises a last page it cannot show.
+    """
+    current = offset // top_k + 1
+    last = current + (1 if has_more else 0)
+    return [
+        {"number": n, "url": url((n - 1) * top_k), "current": n == current}
+        for n in range(max(1, current - around), last + 1)
+    ]
 
 
 def _status_message(state: ServerState, exc: Exception) -> tuple[int, str]:
@@ -209,9 +221,7 @@ async def upload(
     if image is not None:
         await image.close()
     if len(data) > state.settings.max_upload_bytes:
-        raise HTTPException(
-            413, f"the image is larger than the limit of {state.settings.max_upload_bytes} bytes"
-        )
+        raise HTTPException(413, image_too_large(state.settings.max_upload_bytes))
     if data:
         try:
             _, key = await anyio.to_thread.run_sync(

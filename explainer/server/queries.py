@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import QueryEcho
 from explainer.errors import BadQuery
 from explainer.explain.types import QueryKind
+from explainer.words import image_too_large
 from retrieval import imageio
 from retrieval.search import Query, Searcher
 
@@ -58,7 +59,7 @@ def decode_base64(data: str, max_bytes: int) -> bytes:
     if data.startswith("data:"):
         _, _, data = data.partition(",")
     if len(data) > (max_bytes * 4) // 3 + 8:
-        raise HTTPException(413, f"the image is larger than the limit of {max_bytes} bytes")
+        raise HTTPException(413, image_too_large(max_bytes))
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from explainer.cards.model import Card, ExplanationOut, QueryEcho, image_url, thumb_url
 from explainer.cards.pipeline import ResultPage
+from explainer.version import version
 from retrieval.search import CaptionHit
 
 #: Hard ceiling of `top_k`; `Settings.top_k_max` may lower it.
@@ -207,6 +208,7 @@ class HealthIndex(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
+    version: str = Field(default_factory=version, description="The Clearsight version serving")
     reason: str | None = None
     index: HealthIndex | None = None
     explainer: str | None = None

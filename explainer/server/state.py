@@ -58,6 +58,22 @@ class ServerState:
     def data_dir(self) -> Path:
         return Path(self.settings.data_dir).expanduser()
 
+    def page_status(self) -> dict[str, object]:
+        """What the page header shows of the server's state: ready (with counts) or the problem.
+
+        Every page, error pages included, shows the same real state: a 404 for an unknown image on a
+        ready server must not claim the server is "not ready".
+        """
+        from retrieval.paths import is_demo_model
+
+        pipeline = self.pipeline
+        status: dict[str, object] = {"ready": pipeline is not None, "problem": self.problem}
+        if pipeline is not None:
+            status["images"] = pipeline.searcher.index.images.ntotal
+            status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
+            status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
+        return status
+
     def public(self, message: str) -> str:
         """Server paths stay on the server: the data directory is named, not shown."""
         return message.replace(str(self.data_dir), "the data directory")

@@ -13,7 +13,7 @@ from retrieval import hub
 from retrieval.encoders.base import EncoderInfo, default_dtype, l2_normalise, select_device, torch_dtype
 from retrieval.encoders.preprocess import PreprocessConfig, preprocess_batch
 from retrieval.errors import BadQuery, ModelUnavailable
-from retrieval.registry import EncoderSpec
+from retrieval.registry import EncoderSpec, list_encoders
 from retrieval.types import Float32Array
 
 _SUPPORTED = ("clip", "siglip", "siglip2")
@@ -40,9 +40,16 @@ class HFDualEncoder:
         device: str | None = None,
         precision: str | None = None,
     ) -> None:
+        # resolved before transformers is imported, so a mistyped name fails in a fraction of a second
+        src = hub.resolve(
+            name,
+            spec.hub_id if spec else None,
+            spec.revision if spec else None,
+            known=[s.name for s in list_encoders()],
+            what="encoder",
+        )
         from transformers import AutoModel, AutoProcessor
 
-        src = hub.resolve(name, spec.hub_id if spec else None, spec.revision if spec else None)
         model = hub.load(src, AutoModel.from_pretrained, "encoder")
         processor = hub.load(src, AutoProcessor.from_pretrained, "encoder's processor")
         family = str(getattr(model.config, "model_type", ""))

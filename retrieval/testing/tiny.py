@@ -199,6 +199,9 @@ def make_clip(
     import torch
     from transformers import CLIPConfig, CLIPModel
 
+    from retrieval.hub import quiet_transformers
+
+    quiet_transformers()  # the demo builds one: its save bar and torchvision notice mean nothing to users
     if isinstance(arch, str):
         if arch not in ARCHS:
             raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")

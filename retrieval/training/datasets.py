@@ -11,15 +11,17 @@ stop an evaluation; only an unusable file or option raises `ConfigError`.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from retrieval.errors import ConfigError
+from retrieval.training.sniff import guess_formats
 
 #: How many examples of each problem a report keeps: enough to find the pattern, short enough to print.
 MAX_EXAMPLES = 5
@@ -65,6 +67,7 @@ class LoadedDataset:
     format: str
     report: LoadReport
     split: str | None = None
+    annotations: Path | None = None  # the annotation file it was read from, for the report's provenance
 
 
 @dataclass
@@ -456,13 +459,22 @@ def _select_split(records: list[_Record], split: str | None, want: str) -> list[
 def _parse(fmt: str, annotations: Path, images: Path, split: str | None) -> tuple[_Format, _Parsed]:
     spec = _FORMATS.get(fmt.strip().lower())
     if spec is None:
-        raise ConfigError(f"unknown dataset format {fmt!r}; known formats: {', '.join(_FORMATS)}")
+        close = difflib.get_close_matches(fmt.strip().lower(), list(_FORMATS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown dataset format {fmt!r}; {hint}known formats: {', '.join(_FORMATS)}")
     annotations, images = Path(annotations), Path(images)
     if not annotations.exists():
         raise ConfigError(f"annotation file not found: {annotations}")
     if not images.is_dir():
         raise ConfigError(f"images folder not found: {images} (pass the folder the dataset's images live in)")
-    return spec, spec.parse(annotations, images, split)
+    try:
+        return spec, spec.parse(annotations, images, split)
+    except ConfigError as exc:
+        others = [g for g in guess_formats(annotations) if g != spec.name]
+        if not others:
+            raise
+        looks = " or ".join(repr(g) for g in others)
+        raise ConfigError(f"{exc}; the file looks like the {looks} format", remedy=exc.remedy) from exc
 
 
 def _clean(spec: _Format, parsed: _Parsed, split: str | None) -> LoadedDataset:
@@ -506,7 +518,7 @@ def _clean(spec: _Format, parsed: _Parsed, split: str | None) -> LoadedDataset:
 def load_dataset(fmt: str, annotations: Path, images: Path, split: str | None = None) -> LoadedDataset:
     """Load a captioned-image dataset; items keep the file's order so runs are reproducible."""
     spec, parsed = _parse(fmt, annotations, images, split)
-    return _clean(spec, parsed, split)
+    return replace(_clean(spec, parsed, split), annotations=Path(annotations))
 
 
 def load_splits_or_all(
@@ -526,7 +538,7 @@ def load_splits_or_all(
         for record in _merge_duplicates(parsed.records, _Tally())
     ):
         return [load_dataset(fmt, annotations, images, split) for split in splits]
-    return _clean(spec, parsed, None)
+    return replace(_clean(spec, parsed, None), annotations=Path(annotations))
 
 
 def _plural(n: int, one: str, many: str) -> str:

@@ -30,11 +30,16 @@ from retrieval.errors import BadImage, ConfigError, NotEnoughData
 from retrieval.index import VectorIndex, resolve_factory
 from retrieval.training.datasets import DatasetItem, LoadedDataset, LoadReport, format_report
 from retrieval.training.metrics import (
+    DEFAULT_KS,
     RetrievalMetrics,
+    bootstrap_recall_ci,
     image_to_text_metrics,
+    parse_ks,
     retrieval_metrics,
     text_to_image_metrics,
 )
+from retrieval.training.report import markdown_table as markdown_table  # re-exported for callers
+from retrieval.training.report import write_report
 from retrieval.types import Float32Array, Int64Array
 
 #: Cosine similarities live in [-1, 1]; items an approximate search did not return get this score.
@@ -55,11 +60,19 @@ class EvalConfig:
     approx_k: int = 100  # depth of approximate searches
     search_chunk: int = 2048  # queries per FAISS call, bounding the temporary result arrays
     progress: bool = True
+    ks: tuple[int, ...] = DEFAULT_KS  # cutoffs of recall, precision and nDCG (`--k 1,5,10`)
+    bootstrap: int = 1000  # resamples for the recall@K confidence intervals; 0 computes none
+    gallery: int = 24  # worst text→image queries kept for the failure gallery
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "text_batch_size", "workers", "approx_k", "search_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        object.__setattr__(self, "ks", parse_ks(self.ks))
+        if not 0 <= self.bootstrap <= 100_000:
+            raise ConfigError(f"bootstrap resamples must be between 0 and 100000, got {self.bootstrap}")
+        if not 0 <= self.gallery <= 1000:
+            raise ConfigError(f"the failure gallery holds 0 to 1000 queries, got {self.gallery}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,16 @@ class IndexInfo:
     factory: str  # what was built and searched
     exact: bool
     note: str
+
+
+@dataclass(frozen=True)
+class WorstQuery:
+    """A text→image query that ranked its image badly: what came first instead, for the failure gallery."""
+
+    caption: str
+    image: int  # index into EvalReport.image_ids / image_paths: the right image
+    rank: int
+    top: list[tuple[int, float]]  # (image index, score), best first
 
 
 @dataclass
@@ -97,6 +120,12 @@ class EvalReport:
     caption_to_image: Int64Array = field(repr=False)
     unreadable: list[tuple[str, str]] = field(default_factory=list, repr=False)
     files: dict[str, str] = field(default_factory=dict)
+    image_paths: list[str] = field(default_factory=list, repr=False)
+    worst: list[WorstQuery] = field(default_factory=list, repr=False)
+    #: Where the numbers come from: clearsight version, time, annotation file and its sha256.
+    provenance: dict[str, object] = field(default_factory=dict)
+    #: direction -> "recall@K" -> (low, high), percentile bootstrap over queries
+    intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -124,6 +153,11 @@ class EvalReport:
             "cache": asdict(self.cache),
             "seconds": self.seconds,
             "files": self.files,
+            **self.provenance,
+            "confidence_intervals": {
+                **{d: {k: list(v) for k, v in ci.items()} for d, ci in self.intervals.items()},
+                "method": "percentile bootstrap over queries, 95%",
+            },
         }
 
 
@@ -268,6 +302,9 @@ class _Embedder:
                 known[h] = p.cached
             elif h in self._stored:
                 known[h] = self._stored[h]
+        unknown = [h for _, h in good if h not in known]
+        if self.cache is not None and unknown:  # images prepared earlier were not looked up yet
+            known.update(self.cache.get_embeddings(unknown, self.fp))
         todo = {h: p.pixels for p, h in good if h not in known and p.pixels is not None}
         fresh: dict[str, Float32Array] = {}
         if todo:
@@ -334,7 +371,8 @@ def _rank_both(
     text_vecs: Float32Array,
     caption_to_image: Int64Array,
     config: EvalConfig,
-) -> tuple[RetrievalMetrics, IndexInfo]:
+) -> tuple[RetrievalMetrics, IndexInfo, list[tuple[int, list[tuple[int, float]]]]]:
+    """Metrics of both directions, and the worst text→image queries with their top images (by index)."""
     n_images, dim = image_vecs.shape
     n_captions = len(text_vecs)
     factory, note = resolve_factory(config.index, n_images, dim)
@@ -346,7 +384,8 @@ def _rank_both(
     if exact:
         # Exact scores are symmetric: image→text reads the transpose of the same matrix, without a copy
         # or a second index.
-        return retrieval_metrics(t2i, caption_to_image), info
+        metrics = retrieval_metrics(t2i, caption_to_image, ks=config.ks)
+        return metrics, info, _worst(t2i, metrics.text_to_image.ranks, config.gallery)
     cap_factory, _ = resolve_factory(config.index, n_captions, dim)
     captions = VectorIndex.build(np.arange(n_captions, dtype=np.int64), text_vecs, cap_factory, dim)
     kc = min(n_captions, config.approx_k * max(1, round(n_captions / n_images)))
@@ -354,9 +393,25 @@ def _rank_both(
         captions, image_vecs, n_captions, kc, config.search_chunk, "image→text", config.progress
     )
     metrics = RetrievalMetrics(
-        text_to_image_metrics(t2i, caption_to_image), image_to_text_metrics(i2t, caption_to_image)
+        text_to_image_metrics(t2i, caption_to_image, ks=config.ks),
+        image_to_text_metrics(i2t, caption_to_image, ks=config.ks),
     )
-    return metrics, info
+    return metrics, info, _worst(t2i, metrics.text_to_image.ranks, config.gallery)
+
+
+def _worst(
+    sim: Float32Array, ranks: Int64Array, n: int, top: int = 5
+) -> list[tuple[int, list[tuple[int, float]]]]:
+    """The `n` worst-ranked queries (worst first, ties by query order) with their `top` best items."""
+    if n == 0:
+        return []
+    order = np.lexsort((np.arange(len(ranks)), -ranks))[:n]
+    out = []
+    for q in order:
+        row = sim[q]
+        best = np.argsort(-row, kind="stable")[:top]
+        out.append((int(q), [(int(i), float(row[i])) for i in best]))
+    return out
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -412,8 +467,15 @@ def evaluate(
         stats = embedder.stats()
     finally:
         embedder.close()
-    metrics, info = _rank_both(image_vecs, text_vecs, caption_to_image, config)
+    metrics, info, worst = _rank_both(image_vecs, text_vecs, caption_to_image, config)
     done = time.perf_counter()
+    intervals = {}
+    if config.bootstrap:
+        for name, direction in (
+            ("text_to_image", metrics.text_to_image),
+            ("image_to_text", metrics.image_to_text),
+        ):
+            intervals[name] = bootstrap_recall_ci(direction.ranks, config.ks, samples=config.bootstrap)
     report = EvalReport(
         metrics=metrics,
         model={
@@ -422,6 +484,8 @@ def evaluate(
             "fingerprint": encoder.info.fingerprint,
             "family": encoder.info.family,
             "dim": encoder.info.dim,
+            "revision": _revision(encoder.info.fingerprint),
+            "precision": getattr(encoder, "precision", None),
         },
         index=info,
         dataset_format=dataset.format,
@@ -439,130 +503,43 @@ def evaluate(
         captions=captions,
         caption_to_image=caption_to_image,
         unreadable=unreadable,
+        image_paths=[str(item.path) for item in kept],
+        worst=[
+            WorstQuery(captions[q], int(caption_to_image[q]), int(metrics.text_to_image.ranks[q]), top)
+            for q, top in worst
+        ],
+        provenance=provenance(dataset),
+        intervals=intervals,
     )
     if config.out_dir is not None:
         write_report(report, Path(config.out_dir))  # also records the written files in `report.files`
     return report
 
 
-# --------------------------------------------------------------------------- report files
-
-_TABLE_ROWS = [
-    ("R@1", "recall@1", True),
-    ("R@5", "recall@5", True),
-    ("R@10", "recall@10", True),
-    ("MRR", "mrr", True),
-    ("nDCG@10", "ndcg@10", True),
-    ("P@1", "precision@1", True),
-    ("P@5", "precision@5", True),
-    ("P@10", "precision@10", True),
-    ("median rank", "median_rank", False),
-    ("mean rank", "mean_rank", False),
-    ("queries", "n_queries", False),
-]
+def _revision(fingerprint: str) -> str:
+    """The hub commit a model was loaded at ("hub_id@commit" fingerprints), else the local weights' hash."""
+    return fingerprint.rsplit("@", 1)[1] if "@" in fingerprint else f"local:{fingerprint}"
 
 
-def markdown_table(report: EvalReport) -> str:
-    """The table papers print (fractions shown as percentages), with what was evaluated underneath."""
-    t2i, i2t = report.metrics.text_to_image.to_dict(), report.metrics.image_to_text.to_dict()
+def provenance(dataset: LoadedDataset) -> dict[str, object]:
+    """What a reader of report.json needs to trust or reproduce it: version, time, the exact annotations."""
+    import datetime
+    import hashlib
+    from importlib import metadata
 
-    def cell(value: float | int, percent: bool) -> str:
-        if percent:
-            return f"{100 * value:.1f}"
-        return str(value) if isinstance(value, int) else f"{value:.1f}"
-
-    lines = ["| metric | text→image | image→text |", "|---|---:|---:|"]
-    lines += [f"| {label} | {cell(t2i[k], pct)} | {cell(i2t[k], pct)} |" for label, k, pct in _TABLE_ROWS]
-    c = report.counts
-    lines += [
-        "",
-        f"rsum {report.metrics.rsum:.1f} · mean recall {report.metrics.mean_recall:.2f} · "
-        f"model `{report.model['name']}` · index {report.index.factory}"
-        + (" (exact)" if report.index.exact else " (approximate)"),
-        f"dataset {report.dataset_format}, split {report.split or 'all'}: {c['images']} images, "
-        f"{c['captions']} captions; {c['images_missing']} listed images missing, "
-        f"{c['images_unreadable']} unreadable.",
-    ]
-    if report.index.note:
-        lines.append(f"note: {report.index.note}")
-    return "\n".join(lines) + "\n"
-
-
-def _save_plots(report: EvalReport, out_dir: Path) -> dict[str, Path]:
-    # The object-oriented API with an Agg canvas leaves pyplot's global backend alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    directions = {
-        "text→image": report.metrics.text_to_image.ranks,
-        "image→text": report.metrics.image_to_text.ranks,
-    }
-    ks = np.arange(1, CURVE_K + 1)
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, ranks in directions.items():
-        ax.plot(ks, [100 * float(np.mean(ranks <= k)) for k in ks], label=name)
-    ax.set(xlabel="K", ylabel="recall@K (%)", ylim=(0, 100), xlim=(1, ks[-1]))
-    ax.set_title(f"Recall@K · {Path(str(report.model['name'])).name}"[:70], fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths = {"recall_curve": out_dir / "recall_at_k.png"}
-    fig.savefig(paths["recall_curve"])
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    top = max(int(r.max()) for r in directions.values())
-    edges = [float(e) for e in np.unique(np.geomspace(1, top + 1, num=min(40, top + 1)).astype(int))]
-    if len(edges) < 2:
-        edges = [1.0, 2.0]
-    for name, ranks in directions.items():
-        # Shares, not counts: text→image has several queries per image-to-text query.
-        ax.hist(ranks, bins=edges, weights=np.full(len(ranks), 100.0 / len(ranks)), alpha=0.55, label=name)
-    ax.set(xlabel="rank of the first relevant item", ylabel="% of queries")
-    if len(edges) > 2:
-        ax.set_xscale("log")
-    ax.set_title("Rank histogram (1 is best)", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    paths["rank_histogram"] = out_dir / "rank_histogram.png"
-    fig.savefig(paths["rank_histogram"])
-    return paths
-
-
-def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
-    """Write report.json, report.md, per-query rank CSVs and PNG plots into `out_dir`."""
-    import csv
-    import json
-
-    out_dir = Path(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
-    paths = {
-        "ranks_text_to_image": out_dir / "ranks_text_to_image.csv",
-        "ranks_image_to_text": out_dir / "ranks_image_to_text.csv",
+        version = metadata.version("clearsight")
+    except metadata.PackageNotFoundError:  # a source tree run without installing
+        version = "unknown"
+    annotations: dict[str, object] | None = None
+    if dataset.annotations is not None and dataset.annotations.is_file():
+        h = hashlib.sha256()
+        with dataset.annotations.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        annotations = {"path": str(dataset.annotations.resolve()), "sha256": h.hexdigest()}
+    return {
+        "clearsight_version": version,
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "annotations": annotations,
     }
-    with paths["ranks_text_to_image"].open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["caption", "image", "rank"])
-        ranks = report.metrics.text_to_image.ranks
-        for caption, image, rank in zip(report.captions, report.caption_to_image, ranks, strict=True):
-            writer.writerow([caption, report.image_ids[int(image)], int(rank)])
-    with paths["ranks_image_to_text"].open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "captions", "rank"])
-        per_image = np.bincount(report.caption_to_image, minlength=len(report.image_ids))
-        ranks = report.metrics.image_to_text.ranks
-        for image, n, rank in zip(report.image_ids, per_image, ranks, strict=True):
-            writer.writerow([image, int(n), int(rank)])
-    paths.update(_save_plots(report, out_dir))
-    paths["markdown"] = out_dir / "report.md"
-    paths["markdown"].write_text(markdown_table(report), encoding="utf-8")
-    paths["json"] = out_dir / "report.json"
-    report.files = {name: str(path) for name, path in paths.items()}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
-    return paths

@@ -20,8 +20,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,9 @@ class FinetuneConfig:
     #: several times faster than two that keep preempting each other.
     threads: int | None = None
     progress: bool = True
+    #: Embedding cache for the starting model's validation (an eval cache folder; None: none). Only the
+    #: start is cached: its weights are fixed, while every later epoch evaluates changed weights.
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.freeze not in FREEZE_MODES:
@@ -97,6 +101,23 @@ class FinetuneConfig:
             raise ConfigError("lr and grad_clip must be positive; weight_decay and warmup non-negative")
 
 
+#: An epoch whose mean contrastive loss is within this fraction of ln(batch), or above it, learned
+#: nothing: ln(batch) is the loss of logits that do not tell the batch's pairs apart (a collapsed model,
+#: or one still at chance), and more than that is worse than guessing.
+COLLAPSE_TOLERANCE = 0.02
+
+
+def is_collapsed(loss: float | None, batch_size: int, tolerance: float = COLLAPSE_TOLERANCE) -> bool:
+    """Whether a mean InfoNCE loss sits at ln(batch) (or above), where every caption is as likely as any.
+
+    Retrieval figures alone can miss it: from a chance-level start, a collapsed model's R@1 can beat the
+    start's by luck (4 -> 5 of 795), while the loss says plainly that nothing was learned.
+    """
+    if loss is None or batch_size < 2:
+        return False
+    return loss >= (1.0 - tolerance) * math.log(batch_size)
+
+
 @dataclass(frozen=True)
 class EpochRecord:
     epoch: int
@@ -105,6 +126,7 @@ class EpochRecord:
     val: dict[str, float]
     seconds: float
     improved: bool
+    collapsed: bool = False  # mean loss at ln(batch): never chosen over an epoch that learned
 
 
 @dataclass
@@ -122,6 +144,8 @@ class FinetuneResult:
     out_dir: str | None
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    best_collapsed: bool = False  # the best epoch's loss sat at ln(batch)
+    chance_loss: float = 0.0  # ln(batch): the loss of a model that tells no pair apart
 
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
@@ -136,20 +160,30 @@ def summarise(metrics: RetrievalMetrics) -> dict[str, float]:
         for name, direction in (("t2i", metrics.text_to_image), ("i2t", metrics.image_to_text))
         for k in (1, 5, 10)
     }
-    return {**out, "rsum": metrics.rsum}
+    mean_rank = 0.5 * (metrics.text_to_image.mean_rank + metrics.image_to_text.mean_rank)
+    return {**out, "rsum": metrics.rsum, "mean_rank": mean_rank}
 
 
 def _key(summary: dict[str, float]) -> tuple[float, float]:
-    """Text→image R@1 decides, rsum breaks ties: the figure users feel first, then the overall one."""
-    return (round(summary["t2i_r1"], 9), round(summary["rsum"], 6))
+    """rsum decides (six recalls: one lucky R@1 cannot carry it), the mean rank of both directions breaks
+    ties (lower is better: it moves even where every recall is still zero)."""
+    return (round(summary["rsum"], 6), -round(summary.get("mean_rank", 0.0), 6))
+
+
+def _better(summary: dict[str, float], collapsed: bool, best: dict[str, float], best_collapsed: bool) -> bool:
+    """Whether an epoch beats the best so far: one that learned always beats one that collapsed."""
+    if collapsed != best_collapsed:
+        return best_collapsed
+    return _key(summary) > _key(best)
 
 
 def side_by_side(start: dict[str, float], tuned: dict[str, float]) -> str:
     """Start and fine-tuned validation figures in two columns (recalls in %), for people to compare."""
     rows = [f"{'validation':<18} {'start':>8} {'fine-tuned':>11}"]
     for k in start:
-        scale = 1.0 if k == "rsum" else 100.0
+        scale = 1.0 if k in ("rsum", "mean_rank") else 100.0
         name = k.replace("_r", " R@").replace("t2i", "text→image").replace("i2t", "image→text")
+        name = name.replace("mean R@ank", "mean rank")
         rows.append(f"{name:<18} {scale * start[k]:>8.1f} {scale * tuned[k]:>11.1f}")
     return "\n".join(rows)
 
@@ -270,13 +304,6 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def clip_loss(model: Any, pixels: Any, input_ids: Any, attention_mask: Any) -> Any:
     """Symmetric InfoNCE: each image must pick its caption among the batch's, and each caption its image."""
     import torch
@@ -313,14 +340,19 @@ def _prepare_validation(
 
 
 def _validate(
-    encoder: Any, val: LoadedDataset, config: FinetuneConfig, images: PreparedImages | None = None
+    encoder: Any,
+    val: LoadedDataset,
+    config: FinetuneConfig,
+    images: PreparedImages | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, float] | None:
     """Validation figures, or None when the model has diverged (its embeddings hold NaN or infinity)."""
     model = encoder.model
     was_training = model.training
     model.eval()
     try:
-        return summarise(evaluate(val, encoder, _eval_config(config), images).metrics)
+        eval_config = replace(_eval_config(config), cache_dir=Path(cache_dir) if cache_dir else None)
+        return summarise(evaluate(val, encoder, eval_config, images).metrics)
     except ShapeError:
         return None
     finally:
@@ -333,11 +365,14 @@ def finetune(
     val: LoadedDataset,
     out_dir: Path | str,
     config: FinetuneConfig | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` (hub id, registry name or directory) and save the best epoch to `out_dir`.
 
-    Raises `FinetuneRefused` (carrying the result) when the best epoch is worse on validation than the
-    starting model and `config.force` is false; nothing is written then.
+    The best epoch is judged on rsum, then mean rank; an epoch whose loss sits at ln(batch) (collapse)
+    never beats one that learned. Raises `FinetuneRefused` (carrying the result) when the best epoch
+    collapsed or is worse on validation than the starting model and `config.force` is false; nothing is
+    written then. `log` receives one line per epoch with its loss and validation figures.
     """
     import torch
 
@@ -346,7 +381,7 @@ def finetune(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _finetune(model, train, val, Path(out_dir), config)
+        return _finetune(model, train, val, Path(out_dir), config, log)
     finally:
         torch.set_num_threads(previous)
 
@@ -366,10 +401,12 @@ class _Optimiser:
         self.accum = config.grad_accum if self.cuda else 1
         total = config.epochs * math.ceil(steps_per_epoch / self.accum)
         warmup = max(1, int(config.warmup * total) if config.warmup < 1 else int(config.warmup))
+        from transformers import get_cosine_schedule_with_warmup
+
         groups = _param_groups(net, config.weight_decay)
         self.optimiser = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimiser, lambda s: _lr_factor(s, warmup, total)
+        self.schedule = get_cosine_schedule_with_warmup(
+            self.optimiser, num_warmup_steps=warmup, num_training_steps=total
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
@@ -403,6 +440,7 @@ def _finetune(
     val: LoadedDataset,
     out_dir: Path,
     config: FinetuneConfig,
+    log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     import torch
 
@@ -417,13 +455,20 @@ def _finetune(
     try:
         if encoder.info.family != "clip":
             raise ConfigError(f"fine-tuning supports CLIP models; {model!r} is a {encoder.info.family} model")
-        result, best_state = _train(encoder, model, train, val, config)
+        result, best_state = _train(encoder, model, train, val, config, log)
         if best_state is None:
             raise FinetuneRefused(
                 "no epoch produced a usable model (training diverged at once); nothing was written. "
                 "Lower the learning rate. " + " ".join(result.notes),
                 result,
                 remedy=None,
+            )
+        if result.best_collapsed and not config.force:
+            raise FinetuneRefused(
+                "training collapsed: the contrastive loss stayed at or above ln(batch) = "
+                f"{result.chance_loss:.3f}, the loss of a model that tells no image-caption pair apart, so "
+                "nothing was written\n" + side_by_side(result.start, result.best) + "\n",
+                result,
             )
         worse = _key(result.best) < _key(result.start)
         if worse and not config.force:
@@ -433,8 +478,9 @@ def _finetune(
                 + "\n",
                 result,
             )
-        if worse:
-            result.notes.append("written although worse than the start (force)")
+        if worse or result.best_collapsed:
+            what = "collapsed" if result.best_collapsed else "worse than the start"
+            result.notes.append(f"written although {what} (force)")
         encoder.model.load_state_dict(best_state)
         _save(encoder, result, out_dir)
         return result
@@ -443,7 +489,12 @@ def _finetune(
 
 
 def _train(
-    encoder: Any, model: str, train: LoadedDataset, val: LoadedDataset, config: FinetuneConfig
+    encoder: Any,
+    model: str,
+    train: LoadedDataset,
+    val: LoadedDataset,
+    config: FinetuneConfig,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[FinetuneResult, dict[str, Any] | None]:
     """The epochs: train, validate, keep the best state, stop on patience or divergence."""
     import torch
@@ -465,7 +516,7 @@ def _train(
     left = config.preload_mb * 2**20 - (pixels.cache.nbytes if pixels.cache is not None else 0)
     val_images = _prepare_validation(encoder, val, config, left)
 
-    start = _validate(encoder, val, config, val_images)
+    start = _validate(encoder, val, config, val_images, cache_dir=config.cache_dir)
     if start is None:
         raise ConfigError(
             f"the starting model {model!r} produces NaN or infinite embeddings; it cannot be tuned"
@@ -482,7 +533,10 @@ def _train(
         out_dir=None,
         notes=notes,
         config={**asdict(config), "model": model, "train_images": len(items), "val_images": len(val.items)},
+        chance_loss=math.log(batch_size),
     )
+    if log:
+        log(f"epoch 0 (start): {_epoch_line(start)}")
     best_state: dict[str, Any] | None = None
     stale = 0
     for epoch in range(1, config.epochs + 1):
@@ -516,16 +570,25 @@ def _train(
                 f"the model diverged in epoch {epoch} (NaN or infinite embeddings); training stopped"
             )
             result.stopped_early = True
-        improved = checked is not None and (best_state is None or _key(checked) > _key(result.best))
+        mean_loss = float(np.mean(losses)) if losses else None
+        collapsed = is_collapsed(mean_loss, batch_size)
+        improved = checked is not None and (
+            best_state is None or _better(checked, collapsed, result.best, result.best_collapsed)
+        )
         if checked is not None and improved:
-            result.best, result.best_epoch, stale = checked, epoch, 0
+            result.best, result.best_epoch, result.best_collapsed, stale = checked, epoch, collapsed, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         else:
             stale += 1
         summary = checked or {k: 0.0 for k in start}
-        mean_loss = float(np.mean(losses)) if losses else None
         seconds = time.perf_counter() - began
-        result.history.append(EpochRecord(epoch, mean_loss, opt.lr, summary, seconds, improved))
+        result.history.append(EpochRecord(epoch, mean_loss, opt.lr, summary, seconds, improved, collapsed))
+        if log:
+            loss_text = "no finite loss" if mean_loss is None else f"loss {mean_loss:.3f}"
+            flags = (" · best so far" if improved else "") + (
+                f" · COLLAPSED (loss at or above ln(batch) = {result.chance_loss:.3f})" if collapsed else ""
+            )
+            log(f"epoch {epoch}/{config.epochs}: {loss_text}, {_epoch_line(summary)}{flags}")
         if result.stopped_early:
             break
         if stale >= config.patience:
@@ -533,6 +596,14 @@ def _train(
             notes.append(f"stopped after epoch {epoch}: no improvement for {config.patience} epochs")
             break
     return result, best_state
+
+
+def _epoch_line(summary: dict[str, float]) -> str:
+    """One epoch's validation in words, for the per-epoch progress line."""
+    return (
+        f"validation text→image R@1 {100 * summary['t2i_r1']:.1f}%, image→text R@1 "
+        f"{100 * summary['i2t_r1']:.1f}%, rsum {summary['rsum']:.1f}, mean rank {summary['mean_rank']:.1f}"
+    )
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -565,7 +636,11 @@ def _save(encoder: Any, result: FinetuneResult, out_dir: Path) -> None:
 
 
 def save_curves(result: FinetuneResult, path: Path) -> Path:
-    """Loss and learning rate per step beside validation R@1 per epoch (epoch 0 is the start)."""
+    """Loss and learning rate per step beside validation R@1 per epoch (epoch 0 is the start).
+
+    Both panels carry a legend; the loss panel marks ln(batch), the loss of a collapsed model, and the
+    validation axis is scaled to the figures (R@1 of a few percent on a 0-100 axis reads as a flat line).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -574,17 +649,25 @@ def save_curves(result: FinetuneResult, path: Path) -> Path:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
     steps = np.arange(1, len(result.step_losses) + 1)
-    left.plot(steps, result.step_losses, lw=0.8, label="loss")
+    lines = left.plot(steps, result.step_losses, lw=0.8, label="loss (per step)")
+    if result.chance_loss:
+        lines.append(
+            left.axhline(result.chance_loss, color="tab:red", ls="--", lw=0.8, label="ln(batch): collapse")
+        )
     left.set(xlabel="step", ylabel="InfoNCE loss", title="training")
     twin = left.twinx()
-    twin.plot(steps, result.step_lrs, color="tab:orange", lw=0.8, label="lr")
+    lines += twin.plot(steps, result.step_lrs, color="tab:orange", lw=0.8, label="learning rate")
     twin.set_ylabel("learning rate")
+    left.legend(lines, [str(line.get_label()) for line in lines], fontsize=8, loc="upper right")
     epochs = [0] + [r.epoch for r in result.history]
+    top = 0.0
     for key, label in (("t2i_r1", "text→image R@1"), ("i2t_r1", "image→text R@1")):
-        values = [result.start[key]] + [r.val[key] for r in result.history]
-        right.plot(epochs, [100 * v for v in values], marker="o", label=label)
+        values = [100 * result.start[key]] + [100 * r.val[key] for r in result.history]
+        top = max(top, *values)
+        right.plot(epochs, values, marker="o", label=label)
     right.axvline(result.best_epoch, color="grey", ls=":", label=f"best (epoch {result.best_epoch})")
-    right.set(xlabel="epoch", ylabel="validation %", title="validation", ylim=(0, 100))
+    right.set(xlabel="epoch", ylabel="validation R@1 (%)", title="validation")
+    right.set_ylim(0, min(100.0, max(1.0, top * 1.15)))
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.legend(fontsize=8)
     fig.tight_layout()

@@ -20,8 +20,9 @@
     const backend = el("span", "backend" + (ex.fallback_reason ? " fallback" : ""), ex.backend);
     backend.title = ex.fallback_reason ? "fell back to offline: " + ex.fallback_reason : "written by " + ex.backend;
     meta.appendChild(backend);
+    meta.appendChild(el("span", "conf-label", "confidence " + Math.round(ex.confidence * 100) + "%"));
     const conf = el("span", "confidence");
-    conf.title = "confidence " + ex.confidence.toFixed(2);
+    conf.setAttribute("aria-hidden", "true");
     const bar = el("span");
     bar.style.width = Math.round(ex.confidence * 100) + "%";
     conf.appendChild(bar);
@@ -29,8 +30,13 @@
     box.appendChild(meta);
     if ((ex.matched_concepts || []).length || (ex.mismatches || []).length) {
       const ul = el("ul", "concepts");
-      for (const c of ex.matched_concepts || []) ul.appendChild(el("li", "hit", c));
-      for (const c of ex.mismatches || []) ul.appendChild(el("li", "miss", c));
+      const item = (cls, tag, text) => {
+        const li = el("li", cls);
+        li.append(el("span", "tag", tag), " " + text);
+        return li;
+      };
+      for (const c of ex.matched_concepts || []) ul.appendChild(item("hit", "matches", c));
+      for (const c of ex.mismatches || []) ul.appendChild(item("miss", "missing", c));
       box.appendChild(ul);
     }
   }

@@ -1,0 +1,74 @@
+"""What a collection holds, read from its catalog and manifest: the answer to "what state is my index in?".
+
+Failures were counted by ingest but never named; a user with 3 failed files out of 40,000 needs their
+paths and reasons to act on them. Reading status never creates or changes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from retrieval.collection import Collection
+
+#: Failed files listed by default; the counts always cover all of them.
+DEFAULT_FAILED_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CollectionStatus:
+    """The collection's model, index kind and parameters, image counts by state, and every failed file."""
+
+    data_dir: str
+    model: dict[str, object] | None  # None: nothing indexed yet (no index version written)
+    index: dict[str, object] | None
+    counts: dict[str, int]
+    captions: int
+    roots: list[str]
+    failed: list[FailedFile] = field(default_factory=list)
+    failed_truncated: bool = False  # more failures than listed (see counts["failed"])
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def collection_status(
+    data_dir: Path | str | None, failed_limit: int = DEFAULT_FAILED_LIMIT
+) -> CollectionStatus:
+    """Read the status of the collection in `data_dir`; IndexMissing when there is none (creates nothing)."""
+    if failed_limit < 0:
+        raise ValueError("failed_limit must be 0 or more")
+    with Collection(data_dir, create=False) as collection:
+        cat = collection.catalog
+        counts = cat.counts()
+        model = index = None
+        captions = 0
+        if collection.store.exists():
+            m = collection.store.read_manifest()
+            model = {"name": m.model_name, "id": m.model_id, "fingerprint": m.fingerprint, "dim": m.dim}
+            index = {
+                "kind": m.factory,
+                "built": m.built_factory,
+                "params": {k: v for k, v in asdict(m.params).items() if v is not None},
+                "vectors": m.count,
+                "version": collection.store.current_version(),
+                "note": m.note,
+            }
+            captions = m.captions_count
+        failures = cat.failures(limit=failed_limit + 1)
+        return CollectionStatus(
+            data_dir=str(collection.data_dir),
+            model=model,
+            index=index,
+            counts=counts,
+            captions=captions,
+            roots=sorted(cat.roots()),
+            failed=[FailedFile(p, r) for p, r in failures[:failed_limit]],
+            failed_truncated=len(failures) > failed_limit,
+        )
