@@ -21,11 +21,12 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableLambda
 from typer.testing import CliRunner
 
-from explainer.captions.captioner import BlipCaptioner, make_blip
+from explainer.captions.captioner import BlipCaptioner
 from explainer.cli.app import app
 from explainer.explain.backends import ChatModelBackend, LLMConfig, register_backend, unregister_backend
 from explainer.settings import get_settings
 from retrieval import Collection
+from retrieval.testing.blip import make_blip
 
 runner = CliRunner()
 KEY = "gsk_cli_test_secret_0123456789"

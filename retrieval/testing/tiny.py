@@ -109,6 +109,8 @@ class TinyArch:
     heads: int = 2
     projection_dim: int = 64
     context_length: int = 32
+    #: log of the starting logit scale; CLIP's 2.6592 (1/0.07) is slow to rise from scratch on few steps
+    logit_scale_init: float = 2.6592
 
 
 ARCHS: dict[str, TinyArch] = {
@@ -229,6 +231,7 @@ def make_clip(
             "patch_size": arch.patch_size,
         },
         projection_dim=arch.projection_dim,
+        logit_scale_init_value=arch.logit_scale_init,
     )
     CLIPModel(cfg).save_pretrained(str(out))
     return out
