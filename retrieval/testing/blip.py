@@ -20,7 +20,7 @@ import numpy as np
 
 from retrieval import imageio
 from retrieval.errors import BadImage, ConfigError, NotEnoughData
-from retrieval.testing.tiny import DEFAULT_WORDS
+from retrieval.testing.tiny import DEFAULT_WORDS, set_grid_positions
 from retrieval.training.datasets import DatasetItem
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -94,7 +94,12 @@ def make_blip(out: Path | str, arch: str = "tiny", words: Iterable[str] | None =
     BlipProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(str(out))
     torch.manual_seed(seed)
     cfg = BlipConfig(text_config=text, vision_config=vision, **top)
-    BlipForConditionalGeneration(cfg).save_pretrained(str(out))
+    model = BlipForConditionalGeneration(cfg)
+    if arch == "demo":  # position from the first step, as the demo CLIP (see TinyArch.grid_positions)
+        set_grid_positions(
+            model.vision_model.embeddings.position_embedding, image_size // int(vision["patch_size"])
+        )
+    model.save_pretrained(str(out))
     return out
 
 
