@@ -134,7 +134,8 @@ def test_bf16_agrees_with_fp32_on_a_trained_model(trained: tuple[Path, LoadedDat
     model, test = trained
     t2i32, i2t32, top32 = _ranked(model, test, "fp32")
     t2i16, i2t16, top16 = _ranked(model, test, "bf16")
-    assert t2i32.recall_at_1 > 0.5, "the model must be trained for agreement to mean anything"
+    chance = 1 / len(test.items)
+    assert t2i32.recall_at_1 > 20 * chance, "the model must be trained for agreement to mean anything"
     for name, a, b in (("text→image", t2i32, t2i16), ("image→text", i2t32, i2t16)):
         for metric in ("recall_at_1", "recall_at_5", "recall_at_10", "mrr"):
             diff = abs(getattr(a, metric) - getattr(b, metric))
