@@ -148,3 +148,24 @@ def test_bf16_agrees_with_fp32_on_a_trained_model(trained: tuple[Path, LoadedDat
         f"MRR {t2i16.mrr:.4f}; top-10 overlap {overlap:.4f}"
     )
     assert overlap >= 0.95
+
+
+@pytest.mark.parametrize("command", [["search", "a red circle"], ["index", "."], ["caption"]])
+def test_a_bad_precision_is_refused_before_any_model_loads(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from explainer.cli.app import app
+    from explainer.settings import get_settings
+
+    runner = CliRunner()
+    r = runner.invoke(app, [*command, "--precision", "fp8", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown precision 'fp8'" in r.stderr, r.output
+    monkeypatch.setenv("CLEARSIGHT_PRECISION", "int4")
+    get_settings.cache_clear()
+    try:
+        r = runner.invoke(app, [*command, "--data-dir", str(tmp_path)])
+        assert r.exit_code != 0 and "int4" in r.output + r.stderr, r.output
+    finally:
+        get_settings.cache_clear()

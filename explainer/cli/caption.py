@@ -69,12 +69,13 @@ def caption_cmd(
     from retrieval.paths import demo_captioner
 
     settings = get_settings()
+    precision = precision_or_setting(precision)  # a typo fails before anything is read or loaded
     collection = Collection(data_dir or settings.data_dir)
     manifest = collection.store.read_manifest()  # no index, nothing to caption: say so before loading BLIP
     if model is None and not settings.caption_model:  # a demo collection captions with the demo's captioner
         model = demo_captioner(collection.data_dir)
     cfg = CaptionerConfig.from_settings(
-        settings, model=model, device=device, batch_size=batch_size, precision=precision_or_setting(precision)
+        settings, model=model, device=device, batch_size=batch_size, precision=precision
     )
     with collection.writer_lock():
         # The index's own encoder embeds the new captions; loading it first fails fast, not after hours.

@@ -32,7 +32,7 @@ BLIP_ARCHS = ("tiny", "demo", "base")
 
 _SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"width": 32, "layers": 2, "heads": 2, "image_size": 32, "patch_size": 8, "init": 0.2},
-    "demo": {"width": 64, "layers": 2, "heads": 2, "image_size": 48, "patch_size": 8, "init": 0.02},
+    "demo": {"width": 64, "layers": 2, "heads": 2, "image_size": 24, "patch_size": 4, "init": 0.02},
 }
 
 

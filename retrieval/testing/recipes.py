@@ -8,10 +8,10 @@ user of the recipe gets the same measured behaviour.
 What the recipe changes from the first demo recipe (64-pixel images, random batches of 64, position
 embeddings drawn as noise), each measured on this project's CPU (figures in docs/EVAL.md): validation
 and test scenes that no caption confuses with another scene, so R@1 measures the model and not coin
-flips between two "red circles in the top left"; objects of at least 30% of the image side; 32-pixel
-images in 8-pixel patches (16 patches instead of 64: a step costs a third as much, so more steps fit);
-batches of 32; and position embeddings that start as a sine-cosine grid, since the model otherwise
-learns colours long before places.
+flips between two "red circles in the top left"; objects of at least 30% of the image side; 24-pixel
+images in 4-pixel patches (36 patches instead of 64, each small enough for its linear embedding to
+tell a corner from a curve); batches of 32; and position embeddings that start as a sine-cosine grid,
+since the model otherwise learns colours long before places.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ DEMO_SCENES = SyntheticConfig(
     seed=0,
     unambiguous_eval=True,
 )
-#: Two layers per tower, 64 wide, 32-pixel images in 8-pixel patches, positions from a sine-cosine grid.
-DEMO_ARCH = TinyArch(image_size=32, patch_size=8, grid_positions=True)
+#: Two layers per tower, 64 wide, 24-pixel images in 4-pixel patches, positions from a sine-cosine grid.
+DEMO_ARCH = TinyArch(image_size=24, patch_size=4, grid_positions=True)
 #: One torch thread: on a shared two-core machine two threads preempting each other are slower.
 #: fp32 training (amp off) everywhere, so the recipe behaves as measured whatever the CPU.
 DEMO_TRAINING = FinetuneConfig(
