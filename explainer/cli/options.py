@@ -64,6 +64,13 @@ def boundary(fn: Callable[P, R]) -> Callable[P, R]:
 
     @wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from explainer.settings import get_settings
+
+        # A command reads the environment as it is now, as a fresh process would (in-process callers,
+        # such as tests and `clearsight run`, may have changed it since an earlier command).
+        clear = getattr(get_settings, "cache_clear", None)
+        if clear is not None:
+            clear()
         try:
             return fn(*args, **kwargs)
         except ClearsightError as exc:
