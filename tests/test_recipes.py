@@ -1,10 +1,9 @@
-"""The training recipes' building blocks: hard-negative batch order, grid positions, BLIP training."""
+"""The training recipes' building blocks: grid positions and BLIP training."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,37 +13,6 @@ from retrieval.testing.blip import BlipRecipe, make_blip, train_blip
 from retrieval.testing.synthetic import SyntheticConfig, generate_scenes, render_scene, write_scenes
 from retrieval.testing.tiny import DEFAULT_WORDS, TinyArch, grid_position_table, make_clip
 from retrieval.training.datasets import load_dataset
-from retrieval.training.finetune import FinetuneConfig, epoch_order
-
-
-def _words(n: int) -> list[frozenset[str]]:
-    scenes = generate_scenes(SyntheticConfig(n_train=n, n_val=0, n_test=0, seed=3))
-    return [frozenset(s.captions[0].split()) for s in scenes]
-
-
-def test_hard_batches_keep_every_item_once_and_gather_near_captions() -> None:
-    words = _words(320)
-    rng = np.random.default_rng(0)
-    order = epoch_order(words, 32, 0.5, rng)
-    assert sorted(order.tolist()) == list(range(320))
-    shared_hard, shared_random = [], []
-    for b in range(0, 320, 32):
-        batch = order[b : b + 32]
-        anchor = words[int(batch[0])]
-        gathered = [words[int(i)] for i in batch[1:16]]
-        assert anchor not in gathered and len(set(gathered)) == len(gathered)  # no false negatives
-        shared_hard.append(np.mean([len(anchor & w) for w in gathered]))
-        shared_random.append(np.mean([len(anchor & words[int(i)]) for i in rng.permutation(320)[:15]]))
-    assert np.mean(shared_hard) > np.mean(shared_random) + 1  # nearer than chance by more than a word
-
-
-def test_no_hard_fraction_is_a_plain_shuffle() -> None:
-    words = _words(64)
-    a = epoch_order(words, 16, 0.0, np.random.default_rng(5))
-    b = np.random.default_rng(5).permutation(64)
-    assert a.tolist() == b.tolist()
-    with pytest.raises(ConfigError, match="hard_fraction"):
-        FinetuneConfig(hard_fraction=1.5)
 
 
 def test_grid_positions_start_distinct_and_smooth(tmp_path: Path) -> None:

@@ -74,15 +74,9 @@ class FinetuneConfig:
     #: torch CPU threads while training (None: torch's default). On a busy machine one thread can be
     #: several times faster than two that keep preempting each other.
     threads: int | None = None
-    #: Share of each batch (0..1) filled with the images whose first captions share the most words with
-    #: a random anchor's: in-batch negatives that differ in one detail ("top left" vs "top right"),
-    #: which random batches rarely hold. Helps small data with few attributes learn them all.
-    hard_fraction: float = 0.0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.hard_fraction <= 1.0:
-            raise ConfigError(f"hard_fraction must be in [0, 1], got {self.hard_fraction}")
         if self.freeze not in FREEZE_MODES:
             raise ConfigError(f"unknown freeze mode {self.freeze!r}; use one of {', '.join(FREEZE_MODES)}")
         if self.amp not in ("auto", "fp16", "bf16", "off"):
@@ -228,50 +222,6 @@ class _Pixels:
         arrays = self._decode([self.items[int(i)] for i in index])
         keep = np.array([a is not None for a in arrays])
         return np.stack([a for a in arrays if a is not None]), index[keep]
-
-
-def epoch_order(
-    words: list[frozenset[str]], batch_size: int, hard_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
-    """One epoch's item order: random, or batches that each gather an anchor's nearest captions.
-
-    Nearness is the number of shared words, ties broken at random; items whose first caption is the
-    anchor's own are not gathered (they would be false negatives). Every item appears once.
-    """
-    n = len(words)
-    order = rng.permutation(n)
-    hard = round(hard_fraction * batch_size)
-    if hard < 2 or n <= batch_size:
-        return order
-    left = np.ones(n, dtype=bool)
-    out: list[int] = []
-    for anchor in order:
-        if not left[anchor]:
-            continue
-        left[anchor] = False
-        batch = [int(anchor)]
-        candidates = np.flatnonzero(left)
-        if len(candidates):
-            mine = words[int(anchor)]
-            shared = np.array([len(mine & words[int(i)]) for i in candidates])
-            ranked = candidates[np.lexsort((rng.random(len(candidates)), -shared))]
-            seen = {mine}
-            picked: list[int] = []
-            for i in ranked:  # nearest first; one item per distinct caption, none with the anchor's
-                if len(picked) == hard - 1:
-                    break
-                if words[int(i)] not in seen:
-                    seen.add(words[int(i)])
-                    picked.append(int(i))
-            nearest = np.asarray(picked, dtype=np.int64)
-            left[nearest] = False
-            batch.extend(int(i) for i in nearest)
-            rest = np.flatnonzero(left)
-            fill = rng.permutation(rest)[: batch_size - len(batch)]
-            left[fill] = False
-            batch.extend(int(i) for i in fill)
-        out.extend(batch)
-    return np.asarray(out, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- model surgery
@@ -542,11 +492,10 @@ def _train(
     )
     best_state: dict[str, Any] | None = None
     stale = 0
-    words = [frozenset(it.captions[0].lower().split()) if it.captions else frozenset() for it in items]
     for epoch in range(1, config.epochs + 1):
         began = time.perf_counter()
         net.train()
-        order = epoch_order(words, batch_size, config.hard_fraction, rng)
+        order = rng.permutation(len(items))
         bar = tqdm(range(batches), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress)
         losses: list[float] = []
         for b in bar:
