@@ -10,6 +10,7 @@ but the numbers are the same, so the test runs everywhere.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,9 +106,16 @@ def test_the_manifest_records_the_precision_and_another_query_precision_is_noted
 # -- agreement on trained weights -------------------------------------------------------------------
 
 
+#: The demo's scenes with 500 held-out scenes instead of 200. At 200, one image→text query is half a
+#: point, so the half-point tolerance was the size of a single query: measured once here, image→text
+#: R@5 was 0.785 in fp32 and 0.795 in bf16 (two images of 200 crossing the rank-5 line, both the same
+#: way) while every text→image figure agreed. Training is unchanged (the test split is seeded apart).
+AGREEMENT_SCENES = replace(DEMO_SCENES, n_test=500)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LoadedDataset]:
-    jsonl = write_scenes(DEMO_SCENES, tmp_path_factory.mktemp("scenes"), progress=False)
+    jsonl = write_scenes(AGREEMENT_SCENES, tmp_path_factory.mktemp("scenes"), progress=False)
     out = tmp_path_factory.mktemp("scene-clip") / "model"
     train_scene_clip(jsonl, out, device="cpu")
     return out, load_dataset("jsonl", jsonl, jsonl.parent, "test")
