@@ -42,11 +42,11 @@ DEMO_ARCH = TinyArch(image_size=24, patch_size=4, grid_positions=True)
 #: One torch thread: on a shared two-core machine two threads preempting each other are slower.
 #: fp32 training (amp off) everywhere, so the recipe behaves as measured whatever the CPU.
 DEMO_TRAINING = FinetuneConfig(
-    epochs=15,
+    epochs=20,
     lr=3e-3,
-    batch_size=64,
+    batch_size=32,
     warmup=0.05,
-    patience=15,
+    patience=20,
     weight_decay=0.1,
     threads=1,
     seed=0,
