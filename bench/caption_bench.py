@@ -5,7 +5,7 @@
     .venv/bin/python bench/caption_bench.py --model DIR --beams 3
 
 Without --model the captioner is Salesforce/blip-image-captioning-base's architecture with random
-weights (`explainer.captions.captioner.make_blip(..., "base")`, vocabulary of the real size), loaded through
+weights (`retrieval.testing.blip.make_blip(..., "base")`, vocabulary of the real size), loaded through
 `create_captioner` like downloaded weights: speed does not depend on the weights' values. Every
 caption is forced to exactly --tokens new tokens (min = max), so random weights cannot stop early
 and both modes do the same work. Images are decoded before timing: this measures the model.
@@ -35,8 +35,8 @@ from explainer.captions.captioner import (
     CaptionerConfig,
     GenerationSettings,
     create_captioner,
-    make_blip,
 )
+from retrieval.testing.blip import make_blip
 
 REPO = Path(__file__).resolve().parent.parent
 COCO = (REPO / ".." / "shared" / "data" / "coco-mini" / "images").resolve()

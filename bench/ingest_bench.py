@@ -379,6 +379,75 @@ def machine_facts() -> str:
     )
 
 
+def measure_precision(
+    args: argparse.Namespace, model_dir: Path, tmp: Path, precision: str
+) -> list[tuple[str, str, float, float]]:
+    """Every measurement with the encoder in one precision.
+
+    Returns (precision/input, precision it ran in, forward img/s, pipeline img/s) per input.
+    """
+    import torch
+
+    from retrieval.encoders import EncoderConfig, create_encoder
+
+    print(f"\n# precision {precision}", flush=True)
+    encoder = create_encoder(EncoderConfig(model=str(model_dir), device=args.device, precision=precision))
+    ran = str(getattr(encoder, "precision", "?"))
+    print(
+        f"encoder: {args.arch} on {encoder.device} ({ran}), "
+        f"input {encoder.info.image_size}px, dim {encoder.info.dim}"
+    )
+    if encoder.device.startswith("cuda"):
+        print(f"GPU: {torch.cuda.get_device_name(0)}")
+
+    inputs: list[tuple[str, list[Path]]] = []
+    if args.images.is_dir():
+        real = find_images(args.images)[: args.limit]
+        if real:
+            inputs.append(("photos", real))
+        else:
+            print(f"skipped real photos: no images under {args.images}")
+    else:
+        print(f"skipped real photos: {args.images} does not exist (pass --images DIR)")
+    if args.synthetic > 0:
+        inputs.append(
+            (
+                "synthetic",
+                write_synthetic(tmp / f"synthetic-src-{precision}", min(args.synthetic, args.limit)),
+            )
+        )
+    if not inputs:
+        print("nothing to measure: give --images DIR or --synthetic N")
+        encoder.close()
+        return []
+
+    suites = []
+    work = tmp / f"work-{precision}"
+    work.mkdir(exist_ok=True)
+    for label, files in inputs:
+        suite = prepare_suite(label, files, encoder, work)
+        print(f"\n## {label} ({ran}): {len(suite.files)} images", flush=True)
+        run_rounds(suite, encoder, args, work)
+        suites.append(suite)
+    for suite in suites:
+        report(suite, args.batch_size)
+    encoder.close()
+    return [(f"{precision}/{s.label}", ran, s.best("forward").rate, s.best("pipeline").rate) for s in suites]
+
+
+def _precisions(text: str) -> list[str]:
+    """`fp32,auto` -> ["fp32", "auto"]; the same model and files are measured in each, one after the other."""
+    from retrieval.encoders import PRECISIONS
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in PRECISIONS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(
+            f"use a comma-separated list of {', '.join(PRECISIONS)}; got {text!r}"
+        )
+    return list(dict.fromkeys(values))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument(
@@ -391,9 +460,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="encoder precision (auto: fp32 on CPU, fp16 on GPU)",
+        type=_precisions,
+        default=["fp32", "auto"],
+        help="encoder precisions to measure in turn, comma-separated (default: fp32,auto; auto: fp16 on "
+        "GPU, bf16 on a CPU with native bf16, else fp32)",
     )
     p.add_argument(
         "--arch", default="vit-b-32", help="retrieval.testing.tiny architecture (default: %(default)s)"
@@ -421,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    from retrieval.encoders import EncoderConfig, create_encoder
+    from retrieval.encoders import cpu_has_native_bf16
     from retrieval.testing.tiny import make_clip
 
     with tempfile.TemporaryDirectory(prefix="clearsight-ingest-bench-") as tmp_name:
@@ -431,42 +501,16 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             make_clip(model_dir, arch=args.arch)
             print(f"built a random-weight {args.arch} CLIP in {model_dir} ({time.perf_counter() - t0:.0f} s)")
-        encoder = create_encoder(
-            EncoderConfig(model=str(model_dir), device=args.device, precision=args.precision)
-        )
-        print(
-            f"encoder: {args.arch} on {encoder.device} ({getattr(encoder, 'precision', '?')}), "
-            f"input {encoder.info.image_size}px, dim {encoder.info.dim}"
-        )
-        if encoder.device.startswith("cuda"):
-            print(f"GPU: {torch.cuda.get_device_name(0)}")
-
-        inputs: list[tuple[str, list[Path]]] = []
-        if args.images.is_dir():
-            real = find_images(args.images)[: args.limit]
-            if real:
-                inputs.append(("photos", real))
-            else:
-                print(f"skipped real photos: no images under {args.images}")
-        else:
-            print(f"skipped real photos: {args.images} does not exist (pass --images DIR)")
-        if args.synthetic > 0:
-            inputs.append(
-                ("synthetic", write_synthetic(tmp / "synthetic-src", min(args.synthetic, args.limit)))
-            )
-        if not inputs:
-            print("nothing to measure: give --images DIR or --synthetic N")
-            return 0
-
-        suites = []
-        for label, files in inputs:
-            suite = prepare_suite(label, files, encoder, tmp)
-            print(f"\n## {label}: {len(suite.files)} images", flush=True)
-            run_rounds(suite, encoder, args, tmp)
-            suites.append(suite)
-        for suite in suites:
-            report(suite, args.batch_size)
-        encoder.close()
+        print(f"CPU with native bf16 (avx512_bf16 or AMX): {cpu_has_native_bf16()}")
+        summary: list[tuple[str, str, float, float]] = []
+        for precision in args.precision:
+            summary += measure_precision(args, model_dir, tmp, precision)
+        if len(args.precision) > 1:
+            print("\n### precisions side by side (best rounds)\n")
+            print("| requested | ran in | input | encoder forward img/s | pipeline img/s |")
+            print("|---|---|---|---:|---:|")
+            for label, ran, fw, pl in summary:
+                print(f"| {label.split('/')[0]} | {ran} | {label.split('/')[1]} | {fw:.2f} | {pl:.2f} |")
     print(f"\nload average at the end: {load_average()}")
     return 0
 

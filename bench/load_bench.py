@@ -88,7 +88,7 @@ def _free_port() -> int:
 
 def prepare(work: Path, n_images: int) -> tuple[Path, Path, Path]:
     """Scenes, tiny models, an index and cached captions; returns (images dir, data dir, clip dir)."""
-    from explainer.captions.captioner import make_blip
+    from retrieval.testing.blip import make_blip
     from retrieval.testing.synthetic import SyntheticConfig, write_scenes
     from retrieval.testing.tiny import make_clip
 

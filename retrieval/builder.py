@@ -167,6 +167,7 @@ def sync_indexes(
             params=images.params,
             captions_factory=captions.factory,
             captions_params=captions.params,
+            precision=info.precision,
         )
         version = store.save(manifest, images, captions)
     return SyncReport(images.ntotal, captions.ntotal, added, removed, rebuilt, version, images.factory, note)

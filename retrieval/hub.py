@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,49 @@ class ModelSource:
     is_local: bool
 
 
+#: The files of a checkpoint saved by OpenCLIP (`open_clip.push_to_hf_hub`), as LAION publishes them.
+OPENCLIP_CONFIG = "open_clip_config.json"
+OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+#: The transformers-format twins of LAION's OpenCLIP checkpoints, by (patch size, vision width, layers).
+_OPENCLIP_TWINS = {
+    (32, 768, 12): "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+    (16, 768, 12): "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+    (14, 1024, 24): "laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
+}
+
+
+def openclip_only_message(directory: Path) -> str | None:
+    """A one-line how-to when `directory` holds an OpenCLIP checkpoint without transformers files.
+
+    OpenCLIP's layout (open_clip_config.json + open_clip_model.safetensors) is a different set of
+    weight names and a different config, which transformers cannot load; LAION's hub repositories carry
+    both layouts, so the usual fix is to fetch the whole repository, or use its transformers twin.
+    """
+    if not (directory / OPENCLIP_CONFIG).is_file() or (directory / "config.json").is_file():
+        return None
+    weights = [w for w in OPENCLIP_WEIGHTS if (directory / w).is_file()]
+    twin = None
+    try:
+        config = json.loads((directory / OPENCLIP_CONFIG).read_text(encoding="utf-8"))
+        vision = config["model_cfg"]["vision_cfg"]
+        key = (int(vision["patch_size"]), int(vision["width"]), int(vision["layers"]))
+        twin = _OPENCLIP_TWINS.get(key)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    suggestion = (
+        f"pass the hub id of its transformers-format twin (for this architecture: --model {twin})"
+        if twin
+        else "pass the hub id of its transformers-format twin (see `clearsight models`)"
+    )
+    return (
+        f"{directory} is an OpenCLIP checkpoint ({OPENCLIP_CONFIG}"
+        f"{' + ' + weights[0] if weights else ', no weights'}) without the transformers files "
+        f"(config.json + model.safetensors) that Clearsight loads: {suggestion}, download the full hub "
+        "repository (LAION's carry both formats side by side), or convert the checkpoint to the "
+        "transformers CLIP layout with save_pretrained"
+    )
+
+
 def resolve(
     name: str,
     hub_id: str | None = None,
@@ -54,6 +98,9 @@ def resolve(
     """
     path = Path(name).expanduser()
     if path.is_dir():
+        message = openclip_only_message(path)
+        if message:
+            raise ModelUnavailable(message)
         return ModelSource(name, str(path.resolve()), None, True)
     if hub_id is None and (name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1]):
         raise ModelUnavailable(f"model directory {name!r} does not exist")

@@ -147,6 +147,9 @@ class Manifest:
     #: The captions index is built like the images index (for its own count); older manifests: Flat.
     captions_factory: str = "Flat"
     captions_params: IndexParams = field(default_factory=IndexParams)
+    #: Precision of the encoder that last synced the index ("" in manifests older than this field).
+    #: Embeddings cached from earlier runs keep the precision they were computed in.
+    precision: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

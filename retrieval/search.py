@@ -156,14 +156,29 @@ class Searcher:
         model: str | None = None,
         device: str | None = None,
         encoder: Encoder | None = None,
+        precision: str | None = None,
     ) -> Searcher:
         """Open a collection with the model recorded at index time, unless another is named."""
         collection = Collection(data_dir, create=False)  # a reader never creates a data directory
         manifest = collection.store.read_manifest()
         if encoder is None:
-            encoder = create_encoder(EncoderConfig(model=model or manifest.model_id, device=device))
+            encoder = create_encoder(
+                EncoderConfig(model=model or manifest.model_id, device=device, precision=precision)
+            )
         index = collection.store.load(expect_fingerprint=encoder.info.fingerprint, expect_model=model)
         return cls(collection, encoder, index)
+
+    def precision_note(self) -> str | None:
+        """A note when queries are encoded in another precision than the index was built in.
+
+        Allowed (the embedding space is the same and agreement is tested), but worth saying, since
+        scores can differ in the third decimal.
+        """
+        built = self.index.manifest.precision
+        query = getattr(self.encoder.info, "precision", "")
+        if built and query and built != query:
+            return f"queries are encoded in {query}; the index was built in {built}"
+        return None
 
     def reload(self) -> bool:
         """Pick up a newer index version written by a running ingest; True when it changed."""

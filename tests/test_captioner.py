@@ -20,13 +20,13 @@ from explainer.captions.captioner import (
     cache_key,
     create_captioner,
     list_captioners,
-    make_blip,
 )
 from explainer.cli.app import app
 from explainer.settings import Settings, get_settings
 from retrieval import Collection, Encoder, IngestConfig
 from retrieval.errors import ConfigError, ModelUnavailable
 from retrieval.ingest import ingest
+from retrieval.testing.blip import make_blip
 
 runner = CliRunner()
 GEN = GenerationSettings(num_beams=1, max_new_tokens=10, min_new_tokens=1)

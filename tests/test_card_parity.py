@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from server_kit import server_settings
 from typer.testing import CliRunner
 
-from explainer.captions.captioner import make_blip
 from explainer.cli.app import app
 from explainer.server import create_app
 from explainer.settings import get_settings
+from retrieval.testing.blip import make_blip
 
 runner = CliRunner()
 

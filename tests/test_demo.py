@@ -15,7 +15,19 @@ from typer.testing import CliRunner
 from explainer.cli.app import app
 
 runner = CliRunner()
-SMALL = ["--train-scenes", "300", "--test-scenes", "30", "--epochs", "4", "--device", "cpu", "-q"]
+SMALL = [
+    "--train-scenes",
+    "300",
+    "--test-scenes",
+    "30",
+    "--epochs",
+    "4",
+    "--captioner-steps",
+    "30",
+    "--device",
+    "cpu",
+    "-q",
+]
 
 
 @pytest.mark.slow
@@ -36,6 +48,17 @@ def test_demo_builds_a_searchable_collection_and_reuses_its_model(tmp_path: Path
     assert len(hits) == 10
     assert all(Path(h["path"]).resolve().parent == Path(result["images_dir"]).resolve() for h in hits)
     assert all(h["dataset_captions"] for h in hits)  # the dataset captions were attached by ingest
+
+    # the demo's captioner captioned every scene, labelled as the demo's
+    assert result["captioned"]["captioned"] == 30 and "demo-blip" in result["captioner_dir"]
+    cards = runner.invoke(
+        app,
+        ["search", result["sample_query"], "--caption", "--top-k", "3", "--data-dir", str(data), "--json"],
+    )
+    assert cards.exit_code == 0, cards.output
+    sources = [h["caption_source"] for h in json.loads(cards.stdout)["results"]]
+    assert sources and all(s.startswith("generated:clearsight-demo-blip-") for s in sources), sources
+    assert result["seconds"]["total"] > 0 and "train_captioner" in result["seconds"]
 
     again = runner.invoke(app, ["demo", "--no-serve", "--data-dir", str(data), *SMALL])
     assert again.exit_code == 0, again.output

@@ -121,13 +121,16 @@ def test_reports_supported_and_missing_query_words() -> None:
     assert result.matched_concepts == ["dog"]
     assert result.mismatches == ["purple", "bicycle"]
     assert '"purple" and "bicycle" are not found' in result.text
-    assert 'The caption mentions "dog"' in result.text
+    assert 'The caption confirms "dog"' in result.text
+    assert 'the caption says "brown" and "grass" instead' in result.text
+    assert "a brown dog on the grass" not in result.text  # the card shows the caption; it is not repeated
+    assert "1 of 3 query words confirmed" in result.text
 
 
 def test_dataset_captions_count_as_support() -> None:
     result = OfflineExplainer().explain(_ctx("boat", "a lake at dusk", ["a small boat on a lake"]))
     assert result.matched_concepts == ["boat"] and result.mismatches == []
-    assert 'dataset captions mention "boat"' in result.text
+    assert 'dataset captions confirm "boat"' in result.text
 
 
 def test_image_query_describes_caption_only() -> None:

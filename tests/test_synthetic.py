@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,40 @@ def test_progress_bar_only_for_large_runs_and_can_be_disabled(
 def test_invalid_configs_raise_config_error(changes: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         SyntheticConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_unambiguous_eval_splits_give_every_caption_one_right_image() -> None:
+    from retrieval.testing.synthetic import caption_claims, scene_facts
+
+    plain = SyntheticConfig(n_train=20, n_val=60, n_test=150, max_objects=2, seed=0)
+    strict = replace(plain, unambiguous_eval=True)
+    scenes = generate_scenes(strict)
+    # the training split is drawn exactly as without the option
+    assert [s for s in scenes if s.split == "train"] == [
+        s for s in generate_scenes(plain) if s.split == "train"
+    ]
+    for split, n in (("val", 60), ("test", 150)):
+        kept = [s for s in scenes if s.split == split]
+        assert [s.image_id for s in kept] == [f"{split}/scene_{k:05d}" for k in range(1, n + 1)]
+        facts = [scene_facts(s) for s in kept]
+        for scene in kept:
+            for claim in caption_claims(scene):
+                assert sum(claim <= f for f in facts) == 1, (scene.image_id, claim)
+    # without the option, some test caption fits two scenes: the reason the option exists
+    loose = [s for s in generate_scenes(plain) if s.split == "test"]
+    loose_facts = [scene_facts(s) for s in loose]
+    assert any(sum(c <= f for f in loose_facts) > 1 for s in loose for c in caption_claims(s))
+
+
+def test_unambiguous_eval_refuses_an_impossible_request() -> None:
+    cfg = SyntheticConfig(
+        n_train=0,
+        n_val=0,
+        n_test=40,
+        max_objects=1,
+        colours=("red",),
+        shapes=("circle",),
+        unambiguous_eval=True,
+    )
+    with pytest.raises(ConfigError, match="mutually unambiguous"):
+        generate_scenes(cfg)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from explainer.cli.options import DataDir, JsonOut, Quiet
+from explainer.cli.options import DataDir, JsonOut, Precision, Quiet, precision_or_setting
 
 CaptionModel = Annotated[
     str | None,
@@ -51,6 +51,7 @@ def caption_cmd(
         int | None,
         typer.Option("--limit", min=0, help="Caption at most N more images now (cached ones do not count)"),
     ] = None,
+    precision: Precision = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -65,11 +66,17 @@ def caption_cmd(
     from explainer.settings import get_settings
     from retrieval import Collection, EncoderConfig, create_encoder
     from retrieval.builder import sync_indexes
+    from retrieval.paths import demo_captioner
 
     settings = get_settings()
+    precision = precision_or_setting(precision)  # a typo fails before anything is read or loaded
     collection = Collection(data_dir or settings.data_dir)
     manifest = collection.store.read_manifest()  # no index, nothing to caption: say so before loading BLIP
-    cfg = CaptionerConfig.from_settings(settings, model=model, device=device, batch_size=batch_size)
+    if model is None and not settings.caption_model:  # a demo collection captions with the demo's captioner
+        model = demo_captioner(collection.data_dir)
+    cfg = CaptionerConfig.from_settings(
+        settings, model=model, device=device, batch_size=batch_size, precision=precision
+    )
     with collection.writer_lock():
         # The index's own encoder embeds the new captions; loading it first fails fast, not after hours.
         encoder = create_encoder(EncoderConfig(model=manifest.model_id, device=cfg.device))

@@ -1,14 +1,16 @@
-"""`clearsight demo`: a collection and a model that work with no downloaded weights at all.
+"""`clearsight demo`: a collection and models that work with no downloaded weights at all.
 
-Real CLIP weights cannot be fetched on many machines, yet a user should see every feature work before
-hunting for them. So the demo draws synthetic scenes, trains a tiny CLIP on them from scratch with the
-product's own fine-tuning code (from a random start, which the "refuse if worse" guard compares
-against and the trained model beats by far), evaluates it on held-out scenes, and indexes the test
-scenes with their captions through the normal ingest. Everything is keyed by the configuration, so a
-second run reuses the scenes and the model and only re-checks the index.
+Real CLIP and BLIP weights cannot be fetched on many machines, yet a user should see every feature work
+before hunting for them. So the demo draws synthetic scenes, trains a tiny CLIP and a tiny BLIP on
+them from scratch with the library's recipes (`retrieval.testing.recipes`: the same ones the tests
+use), evaluates the CLIP on held-out scenes, indexes the test scenes with their captions through the
+normal ingest, and captions them with the BLIP through the normal caption cache, so cards show
+generated captions. Everything is keyed by the configuration, so a second run reuses the scenes and
+models and only re-checks the index.
 
-The model is labelled as a demo everywhere it could be mistaken for a real one: its directory name
-holds "demo" and it carries a DEMO.md saying what it can and cannot do.
+The models are labelled as demo models everywhere they could be mistaken for real ones: their
+directory names start with "clearsight-demo-" (so captions read "generated:clearsight-demo-blip-...")
+and the CLIP carries a DEMO.md saying what it can and cannot do.
 """
 
 from __future__ import annotations
@@ -16,53 +18,59 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from explainer.captions.captioner import CaptionerConfig, CaptionService, GenerationSettings, create_captioner
 from explainer.cli.options import Device, Host, JsonOut, Port, Quiet, data_dir_or_default, note
 from explainer.cli.serve import run_server
+from retrieval.builder import sync_indexes
 from retrieval.collection import Collection
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.ingest import IngestConfig, ingest
-from retrieval.paths import DEMO_MODEL_PREFIX
+from retrieval.paths import DEMO_MODEL_PREFIX, DEMO_RECORD
 from retrieval.search import Query, Searcher
+from retrieval.testing.blip import BlipRecipe
+from retrieval.testing.recipes import (
+    DEMO_CAPTIONER,
+    DEMO_SCENES,
+    ClipRecipe,
+    train_scene_captioner,
+    train_scene_clip,
+)
 from retrieval.testing.synthetic import SyntheticConfig, generate_scenes, query_for, write_scenes
-from retrieval.testing.tiny import DEFAULT_WORDS, make_clip
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import EvalConfig, evaluate
-from retrieval.training.finetune import FinetuneConfig, finetune
 
 SCENES_DIR = "demo-scenes"
 MODELS_DIR = "models"
 MARKER = "demo-config.json"
-
-DEFAULT_SCENES = SyntheticConfig(n_train=2000, n_val=100, n_test=200, image_size=128, max_objects=2, seed=0)
-#: Measured to reach test text→image R@1 of about 0.35 (chance 1/200) in about a minute on two CPU cores.
-#: One torch thread: on a shared two-core machine two threads preempting each other are several times slower.
-DEFAULT_TRAINING = FinetuneConfig(
-    epochs=20, lr=2e-3, batch_size=64, warmup=0.05, patience=20, weight_decay=0.1, threads=1, seed=0
-)
+#: The default decoding (greedy, 5 to 30 tokens), so `search --caption` finds these captions in the cache.
+DEMO_GENERATION = GenerationSettings()
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    scenes: SyntheticConfig = DEFAULT_SCENES
-    training: FinetuneConfig = DEFAULT_TRAINING
-    arch: str = "tiny"
+    scenes: SyntheticConfig = DEMO_SCENES
+    clip: ClipRecipe = field(default_factory=ClipRecipe)
+    captioner: BlipRecipe = DEMO_CAPTIONER
     device: str | None = None
-    retrain: bool = False  # train again even when a model for this configuration exists
+    retrain: bool = False  # train again even when models for this configuration exist
     progress: bool = True
 
     def key(self) -> str:
         """What determines the trained weights; progress, device and threads do not."""
-        training = {
-            k: v for k, v in asdict(self.training).items() if k not in ("progress", "device", "threads")
+        clip = asdict(self.clip)
+        clip["training"] = {
+            k: v for k, v in clip["training"].items() if k not in ("progress", "device", "threads")
         }
+        captioner = {k: v for k, v in asdict(self.captioner).items() if k not in ("threads", "time_budget_s")}
         blob = json.dumps(
-            {"scenes": asdict(self.scenes), "training": training, "arch": self.arch}, sort_keys=True
+            {"scenes": asdict(self.scenes), "clip": clip, "captioner": captioner}, sort_keys=True
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -71,18 +79,21 @@ class DemoConfig:
 class DemoResult:
     data_dir: str
     model_dir: str
+    captioner_dir: str
     scenes_dir: str
     images_dir: str
-    trained: bool  # False when an earlier run's model was reused
+    trained: bool  # False when an earlier run's models were reused
     start_val_r1: float | None
     val_r1: float | None
     test: dict[str, float]
     chance_r1: float
     indexed: dict[str, object]
+    captioned: dict[str, object]
     sample_query: str
     sample_target: str
     sample_rank: int | None  # rank of the scene the query describes among the top 10, None if absent
     sample_hits: list[dict[str, object]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, and "total"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -109,18 +120,19 @@ def _scenes(root: Path, config: DemoConfig) -> Path:
 
 
 def _demo_readme(config: DemoConfig, val_r1: float, test: dict[str, float], chance: float) -> str:
-    s = config.scenes
+    s, a = config.scenes, config.clip.arch
     return f"""# DEMO MODEL: not for real images
 
-A tiny CLIP ({config.arch} architecture: 64-pixel images, two layers per tower) trained from scratch by
-`clearsight demo` on {s.n_train} synthetic scenes of coloured shapes (colours: {", ".join(s.colours)};
-shapes: {", ".join(s.shapes)}; 3x3 grid positions). It understands only captions such as
-"a red circle in the top left" or "a blue square left of a green triangle". On photographs it is no
-better than chance. It exists so that every feature of Clearsight can be seen working offline; for real
-search use pretrained weights (see the README).
+A tiny CLIP ({a.image_size}-pixel images in {a.patch_size}-pixel patches, {a.vision_layers} layers per
+tower, {a.vision_width} wide) trained from scratch by `clearsight demo` on {s.n_train} synthetic scenes of
+coloured shapes (colours: {", ".join(s.colours)}; shapes: {", ".join(s.shapes)}; 3x3 grid positions). It
+understands only captions such as "a red circle in the top left" or "a blue square left of a green
+triangle". On photographs it is no better than chance. It exists so that every feature of Clearsight
+can be seen working offline; for real search use pretrained weights (see the README).
 
 - validation text→image R@1: {100 * val_r1:.1f}%
-- test text→image R@1: {100 * test["t2i_r1"]:.1f}% (chance: {100 * chance:.2f}%)
+- test text→image R@1: {100 * test["t2i_r1"]:.1f}% (chance: {100 * chance:.2f}%; every test caption fits
+  exactly one test scene)
 - test text→image R@5: {100 * test["t2i_r5"]:.1f}%
 - configuration key: {config.key()}
 
@@ -128,40 +140,71 @@ The fine-tuning history and curves are in finetune_history.json and finetune_cur
 """
 
 
-def _train(root: Path, config: DemoConfig, jsonl: Path, model_dir: Path) -> tuple[float, float]:
-    """Train from a random start; returns (start, best) validation R@1."""
-    scenes_dir = jsonl.parent
-    train = load_dataset("jsonl", jsonl, scenes_dir, "train")
-    val = load_dataset("jsonl", jsonl, scenes_dir, "val")
-    start_dir = root / MODELS_DIR / f".start-{config.key()}"
-    shutil.rmtree(start_dir, ignore_errors=True)
-    if not config.progress:  # save_pretrained draws its own bar otherwise
-        from transformers.utils import logging as transformers_logging
+def _quiet_saving() -> None:
+    """save_pretrained draws its own progress bar; the demo has its own output."""
+    from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
-    make_clip(start_dir, config.arch, words=DEFAULT_WORDS, seed=config.training.seed)
-    training = replace(config.training, progress=config.progress, device=config.device)
+    transformers_logging.disable_progress_bar()
+
+
+def _models(root: Path, config: DemoConfig, jsonl: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """Train (or reuse) the CLIP and the captioner; returns their folders and what training reported."""
+    key = config.key()
+    model_dir = root / MODELS_DIR / f"{DEMO_MODEL_PREFIX}clip-{key}"
+    blip_dir = root / MODELS_DIR / f"{DEMO_MODEL_PREFIX}blip-{key}"
+    done: dict[str, Any] = {"trained": False, "seconds": {}}
+    if not config.progress:
+        _quiet_saving()
+    clip_ready = (model_dir / "DEMO.md").exists() and (model_dir / "config.json").exists()
+    if config.retrain or not clip_ready:
+        (model_dir / "DEMO.md").unlink(missing_ok=True)
+        began = time.perf_counter()
+        result = train_scene_clip(
+            jsonl, model_dir, config.clip, progress=config.progress, device=config.device
+        )
+        done["seconds"]["train_clip"] = time.perf_counter() - began
+        done.update(trained=True, start_r1=result.start["t2i_r1"], val_r1=result.best["t2i_r1"])
+    blip_ready = (blip_dir / "DEMO.md").exists()
+    if config.retrain or not blip_ready:
+        shutil.rmtree(blip_dir, ignore_errors=True)
+        began = time.perf_counter()
+        blip = train_scene_captioner(jsonl, blip_dir, config.captioner)
+        done["seconds"]["train_captioner"] = time.perf_counter() - began
+        (blip_dir / "DEMO.md").write_text(
+            "# DEMO CAPTIONER: not for real images\n\nA tiny BLIP trained by `clearsight demo` for "
+            f"{blip.steps} steps on the synthetic scenes' first captions (loss {blip.first_loss:.2f} -> "
+            f"{blip.last_loss:.2f}). It describes coloured shapes only.\n",
+            encoding="utf-8",
+        )
+        done["trained"] = True
+    return model_dir, blip_dir, done
+
+
+def _caption(collection: Collection, blip_dir: Path, config: DemoConfig) -> dict[str, object]:
+    """Caption the indexed scenes with the demo's BLIP through the normal cache (cards then show them)."""
+    captioner = create_captioner(
+        CaptionerConfig(model=str(blip_dir), device=config.device, batch_size=32, generation=DEMO_GENERATION)
+    )
     try:
-        result = finetune(str(start_dir), train, val, model_dir, training)
+        report = CaptionService(collection, captioner, batch_size=32).caption_collection(progress=False)
     finally:
-        shutil.rmtree(start_dir, ignore_errors=True)
-    return result.start["t2i_r1"], result.best["t2i_r1"]
+        captioner.close()
+    return {"captioned": report.captioned, "cached": report.cached, "failed": report.failed}
 
 
 def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoResult:
-    """Build (or reuse) the demo scenes and model, index the test scenes into `data_root`, try a query."""
+    """Build (or reuse) the demo scenes and models, index and caption the test scenes, try a query."""
     config = config or DemoConfig()
+    began = time.perf_counter()
     root = Path(data_root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     jsonl = _scenes(root, config)
-    model_dir = root / MODELS_DIR / f"{DEMO_MODEL_PREFIX}{config.arch}-{config.key()}"
-    ready = (model_dir / "DEMO.md").exists() and (model_dir / "config.json").exists()
-    start_r1 = val_r1 = None
-    trained = config.retrain or not ready
-    if trained:
-        (model_dir / "DEMO.md").unlink(missing_ok=True)
-        start_r1, val_r1 = _train(root, config, jsonl, model_dir)
+    seconds = {"scenes": time.perf_counter() - began}
+    model_dir, blip_dir, done = _models(root, config, jsonl)
+    seconds.update(done["seconds"])
+    start_r1, val_r1 = done.get("start_r1"), done.get("val_r1")
 
+    stage = time.perf_counter()
     encoder = create_encoder(EncoderConfig(model=str(model_dir), device=config.device))
     try:
         test_set: LoadedDataset = load_dataset("jsonl", jsonl, jsonl.parent, "test")
@@ -179,7 +222,9 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
         (model_dir / "DEMO.md").write_text(
             _demo_readme(config, val_r1 or 0.0, test, chance), encoding="utf-8"
         )
+        seconds["evaluate"] = time.perf_counter() - stage
 
+        stage = time.perf_counter()
         images_dir = jsonl.parent / "images" / "test"
         with Collection(root) as collection:
             rebuild = (
@@ -189,6 +234,11 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
             summary = ingest(
                 images_dir, collection, encoder, IngestConfig(progress=config.progress, rebuild=rebuild)
             )
+            seconds["index"] = time.perf_counter() - stage
+            stage = time.perf_counter()
+            captioned = _caption(collection, blip_dir, config)
+            sync_indexes(collection, encoder)  # generated captions join image→text search
+            seconds["caption"] = time.perf_counter() - stage
             searcher = Searcher(
                 collection, encoder, collection.store.load(expect_fingerprint=encoder.info.fingerprint)
             )
@@ -199,21 +249,29 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
             rank = next((h.rank for h in hits if str(Path(h.path).resolve()) == target), None)
     finally:
         encoder.close()
+    (root / DEMO_RECORD).write_text(
+        json.dumps({"encoder": str(model_dir), "captioner": str(blip_dir), "key": config.key()}, indent=2),
+        encoding="utf-8",
+    )
+    seconds["total"] = time.perf_counter() - began
     return DemoResult(
         data_dir=str(root),
         model_dir=str(model_dir),
+        captioner_dir=str(blip_dir),
         scenes_dir=str(jsonl.parent),
         images_dir=str(images_dir),
-        trained=trained,
+        trained=bool(done["trained"]),
         start_val_r1=start_r1,
         val_r1=val_r1,
         test=test,
         chance_r1=chance,
         indexed={"images": summary.index.images if summary.index else 0, "encoded": summary.encoded},
+        captioned=captioned,
         sample_query=query,
         sample_target=target,
         sample_rank=rank,
         sample_hits=[{"rank": h.rank, "score": h.score, "path": h.path} for h in hits[:5]],
+        seconds={k: round(v, 1) for k, v in seconds.items()},
     )
 
 
@@ -229,9 +287,17 @@ def demo_cmd(
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the demo and exit")] = False,
     host: Host = None,
     port: Port = None,
-    train_scenes: Annotated[int, typer.Option("--train-scenes", min=8, help="Training scenes")] = 2000,
-    test_scenes: Annotated[int, typer.Option("--test-scenes", min=2, help="Scenes indexed for search")] = 200,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 20,
+    train_scenes: Annotated[
+        int, typer.Option("--train-scenes", min=8, max=100_000, help="Training scenes")
+    ] = DEMO_SCENES.n_train,
+    test_scenes: Annotated[
+        int, typer.Option("--test-scenes", min=2, max=2_000, help="Scenes indexed for search")
+    ] = DEMO_SCENES.n_test,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, max=1_000, help="CLIP epochs")] = None,
+    captioner_steps: Annotated[
+        int,
+        typer.Option("--captioner-steps", min=1, max=100_000, help="Training steps of the demo captioner"),
+    ] = DEMO_CAPTIONER.steps,
     retrain: Annotated[
         bool, typer.Option("--retrain", help="Train again even if a demo model exists")
     ] = False,
@@ -241,9 +307,15 @@ def demo_cmd(
 ) -> None:
     """Build an offline demo: synthetic scenes, a tiny CLIP trained on them, and an index to search."""
     root = data_dir or data_dir_or_default(None) / "demo"
+    recipe = ClipRecipe()
+    if epochs is not None:
+        recipe = replace(recipe, training=replace(recipe.training, epochs=epochs, patience=epochs))
     config = DemoConfig(
-        scenes=replace(DEFAULT_SCENES, n_train=train_scenes, n_test=test_scenes),
-        training=replace(DEFAULT_TRAINING, epochs=epochs, patience=epochs),
+        scenes=replace(DEMO_SCENES, n_train=train_scenes, n_test=test_scenes),
+        clip=recipe,
+        captioner=replace(
+            DEMO_CAPTIONER, steps=captioner_steps, warmup=min(DEMO_CAPTIONER.warmup, captioner_steps)
+        ),
         device=device,
         retrain=retrain,
         progress=not quiet,
@@ -267,6 +339,13 @@ def report_demo(result: DemoResult, root: Path, json_out: bool) -> None:
             f"R@5 {100 * result.test['t2i_r5']:.1f}%; it knows coloured shapes only, not photos"
         )
         typer.echo(f"indexed {result.indexed['images']} test scenes from {result.images_dir} into {root}")
+        typer.echo(
+            f"captioned {result.captioned['captioned']} scenes with the demo captioner "
+            f"({result.captioned['cached']} from cache): {result.captioner_dir}"
+        )
+        secs = result.seconds
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")
+        typer.echo(f"demo built in {secs.get('total', 0):.0f} s ({stages})")
         rank = f"rank {result.sample_rank}" if result.sample_rank else "not in the top 10"
         typer.echo(f'sample query "{result.sample_query}": the scene it describes is at {rank}')
     note(

@@ -9,7 +9,17 @@ from typing import Annotated, Any
 
 import typer
 
-from explainer.cli.options import DataDir, Device, JsonOut, Model, Quiet, data_dir_or_default, note
+from explainer.cli.options import (
+    DataDir,
+    Device,
+    JsonOut,
+    Model,
+    Precision,
+    Quiet,
+    data_dir_or_default,
+    note,
+    precision_or_setting,
+)
 from explainer.errors import ConfigError
 from retrieval import Collection, EncoderConfig, IngestConfig, IngestSummary, create_encoder
 from retrieval.evidence import StoreReport
@@ -46,6 +56,7 @@ def index_folder(
     batch_size: int = 32,
     workers: int = 2,
     device: str = "auto",
+    precision: str | None = None,
     rebuild: bool = False,
     patches: bool = False,
     progress: bool = True,
@@ -65,7 +76,9 @@ def index_folder(
     collection = Collection(ddir)
     if model is None and collection.store.exists() and not rebuild:
         model = collection.store.read_manifest().model_id  # keep indexing with the index's own model
-    encoder = create_encoder(EncoderConfig(model=model, device=device))
+    encoder = create_encoder(
+        EncoderConfig(model=model, device=device, precision=precision_or_setting(precision))
+    )
     if patches and not can_give_patches(encoder):
         raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
     knobs = knobs or IndexKnobs()
@@ -108,6 +121,7 @@ def index_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Decode threads")] = 2,
     device: Device = "auto",
+    precision: Precision = None,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Replace an index built with another model")
     ] = False,
@@ -153,6 +167,7 @@ def index_cmd(
         batch_size=batch_size,
         workers=workers,
         device=device,
+        precision=precision,
         rebuild=rebuild,
         patches=patches,
         progress=not quiet,

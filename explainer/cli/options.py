@@ -13,7 +13,7 @@ from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
-from explainer.errors import ClearsightError, cli_message, exit_code_for
+from explainer.errors import ClearsightError, ConfigError, cli_message, exit_code_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,6 +34,15 @@ Model = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps")]
+Precision = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="auto, fp32, bf16 or fp16 (default: $CLEARSIGHT_PRECISION, else auto: fp16 on CUDA, "
+        "bf16 on a CPU with native bf16, fp32 otherwise)",
+        show_default=False,
+    ),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
 Host = Annotated[str | None, typer.Option("--host", help="Interface to listen on (default: 127.0.0.1)")]
@@ -55,6 +64,13 @@ def boundary(fn: Callable[P, R]) -> Callable[P, R]:
 
     @wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from explainer.settings import get_settings
+
+        # A command reads the environment as it is now, as a fresh process would (in-process callers,
+        # such as tests and `clearsight run`, may have changed it since an earlier command).
+        clear = getattr(get_settings, "cache_clear", None)
+        if clear is not None:
+            clear()
         try:
             return fn(*args, **kwargs)
         except ClearsightError as exc:
@@ -72,3 +88,14 @@ def data_dir_or_default(data_dir: Path | None) -> Path:
     from explainer.settings import get_settings
 
     return data_dir or get_settings().data_dir
+
+
+def precision_or_setting(precision: str | None) -> str:
+    """The `--precision` given, else $CLEARSIGHT_PRECISION; checked before any model loads."""
+    from explainer.settings import get_settings
+    from retrieval.encoders import PRECISIONS
+
+    value = (precision or get_settings().precision or "auto").strip().lower()
+    if value not in PRECISIONS:
+        raise ConfigError(f"unknown precision {value!r}: use {', '.join(PRECISIONS)}")
+    return value

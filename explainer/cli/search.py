@@ -19,7 +19,15 @@ from explainer.cards.captions import CaptionProvider, CatalogCaptions, Generatin
 from explainer.cards.context import query_echo
 from explainer.cards.evidence import EvidenceProvider, NoEvidence, make_evidence_provider
 from explainer.cards.pipeline import CardPipeline, ResultPage
-from explainer.cli.options import DataDir, JsonOut, Model, data_dir_or_default, note
+from explainer.cli.options import (
+    DataDir,
+    JsonOut,
+    Model,
+    Precision,
+    data_dir_or_default,
+    note,
+    precision_or_setting,
+)
 from explainer.cli.render import page_payload, print_table
 from explainer.errors import BadQuery, ModelUnavailable
 from explainer.explain.chain import Explainer
@@ -63,6 +71,7 @@ def search_cmd(
             "--device", help="auto, cpu, cuda, cuda:N or mps (default: $CLEARSIGHT_DEVICE, else auto)"
         ),
     ] = None,
+    precision: Precision = None,
     nprobe: Annotated[
         int | None,
         typer.Option("--nprobe", min=1, help="IVF lists to visit (ivfpq; default: what the index records)"),
@@ -119,8 +128,15 @@ def search_cmd(
     settings = get_settings()
     device = device or settings.device
     with ExitStack() as stack:
-        searcher = Searcher.open(data_dir_or_default(data_dir), model=model, device=device)
+        searcher = Searcher.open(
+            data_dir_or_default(data_dir),
+            model=model,
+            device=device,
+            precision=precision_or_setting(precision),
+        )
         stack.callback(searcher.close)
+        if (mixed := searcher.precision_note()) is not None:
+            note(f"clearsight: note: {mixed}")
         knobs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
         if knobs:  # this search only; the index keeps the knobs it records
             searcher.params = replace(searcher.index.images.params.search, **knobs)
@@ -157,7 +173,9 @@ def search_cmd(
         if want_evidence or explain:  # the explainer reads the evidence the page would show
             evidence_stage = make_evidence_provider(settings.evidence_regions, evidence_method or "auto")
         explainer = _explainer(settings, explain_backend, searcher, stack) if explain else None
-        caption_stage = _captions(searcher, settings, device, stack) if caption else CatalogCaptions(searcher)
+        caption_stage = (
+            _captions(searcher, settings, device, stack, precision) if caption else CatalogCaptions(searcher)
+        )
         pipeline = CardPipeline(searcher, explainer, evidence_stage, caption_stage)
         page = pipeline.search(q, query_echo(q))
         pipeline.explain_cards_sync(page)
@@ -186,11 +204,16 @@ def _explainer(settings: Settings, backend: str | None, searcher: Searcher, stac
     return explainer
 
 
-def _captions(searcher: Searcher, settings: Settings, device: str, stack: ExitStack) -> CaptionProvider:
+def _captions(
+    searcher: Searcher, settings: Settings, device: str, stack: ExitStack, precision: str | None = None
+) -> CaptionProvider:
     """BLIP for hits without a caption; the catalog's captions when BLIP is not on this machine."""
     from explainer.captions.captioner import CaptionerConfig, CaptionService, create_captioner
+    from retrieval.paths import demo_captioner
 
-    config = CaptionerConfig.from_settings(settings, device=device)
+    # A demo collection captions with the demo's own captioner unless another one is configured.
+    demo = None if settings.caption_model else demo_captioner(searcher.collection.data_dir)
+    config = CaptionerConfig.from_settings(settings, device=device, model=demo, precision=precision)
     try:
         captioner = create_captioner(config)
     except ModelUnavailable as exc:

@@ -11,7 +11,18 @@ from typing import Annotated, Any
 
 import typer
 
-from explainer.cli.options import DataDir, Device, JsonOut, Model, Quiet, data_dir_or_default, note
+from explainer.cli.options import (
+    DataDir,
+    Device,
+    JsonOut,
+    Model,
+    Precision,
+    Quiet,
+    data_dir_or_default,
+    note,
+    precision_or_setting,
+)
+from explainer.errors import ConfigError
 from retrieval.training.datasets import describe_formats
 
 _FORMATS = ", ".join(describe_formats())
@@ -74,6 +85,7 @@ def eval_cmd(
     ] = "flat",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
     device: Device = "auto",
+    precision: Precision = None,
     cache_dir: Annotated[
         Path | None,
         typer.Option(
@@ -111,7 +123,9 @@ def eval_cmd(
             ks=ks,
             bootstrap=bootstrap,
         )
-        encoder = create_encoder(EncoderConfig(model=name, device=device))
+        encoder = create_encoder(
+            EncoderConfig(model=name, device=device, precision=precision_or_setting(precision))
+        )
         try:
             reports.append(evaluate(dataset, encoder, config))
         finally:
@@ -166,7 +180,11 @@ def finetune_cmd(
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.1,
     patience: Annotated[int, typer.Option("--patience", min=1, help="Epochs without improvement")] = 3,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per step (CUDA)")] = 1,
-    amp: Annotated[str, typer.Option("--amp", help="auto (fp16 on CUDA), fp16, bf16 or off")] = "auto",
+    amp: Annotated[
+        str | None,
+        typer.Option("--amp", help="Training autocast: auto, fp16, bf16 or off (same as --precision)"),
+    ] = None,
+    precision: Precision = None,
     force: Annotated[
         bool, typer.Option("--force", help="Write the model even if it is worse than the start")
     ] = False,
@@ -198,7 +216,7 @@ def finetune_cmd(
         last_n=last_n,
         patience=patience,
         grad_accum=grad_accum,
-        amp=amp,
+        amp=_training_amp(amp, precision),
         device=device,
         seed=seed,
         force=force,
@@ -218,6 +236,17 @@ def finetune_cmd(
         return
     typer.echo(side_by_side(result.start, result.best))
     typer.echo(f"best epoch {result.best_epoch}; model written to {result.out_dir}")
+
+
+#: `--precision` in training terms: which autocast the training steps run under.
+_AMP = {"auto": "auto", "fp32": "off", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _training_amp(amp: str | None, precision: str | None) -> str:
+    """The autocast for training: --amp (the older spelling) or --precision, else the setting; not both."""
+    if amp is not None and precision is not None and _AMP[precision_or_setting(precision)] != amp:
+        raise ConfigError(f"--amp {amp} and --precision {precision} disagree; give one of them")
+    return amp if amp is not None else _AMP[precision_or_setting(precision)]
 
 
 def _default_model() -> str:

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from retrieval.encoders.base import Encoder, EncoderInfo, l2_normalise, select_device
+from retrieval.encoders.base import (
+    PRECISIONS,
+    Encoder,
+    EncoderInfo,
+    cpu_has_native_bf16,
+    default_dtype,
+    l2_normalise,
+    select_device,
+)
 from retrieval.registry import EncoderSpec, default_encoder, find_encoder, list_encoders
 
 __all__ = [
+    "PRECISIONS",
     "Encoder",
     "EncoderConfig",
     "EncoderInfo",
+    "cpu_has_native_bf16",
     "create_encoder",
+    "default_dtype",
     "l2_normalise",
     "list_encoders",
     "select_device",
@@ -24,7 +35,8 @@ class EncoderConfig:
 
     model: str | None = None  # None: the registry's default
     device: str | None = None  # None/"auto": CUDA, then MPS, then CPU
-    precision: str | None = None  # None/"auto": fp16 on accelerators, fp32 on CPU
+    #: None/"auto": fp16 on CUDA/MPS, bf16 on CPUs with native bf16, else fp32 (`default_dtype`)
+    precision: str | None = None
 
 
 def create_encoder(config: EncoderConfig | str | None = None) -> Encoder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
@@ -27,6 +28,9 @@ class EncoderInfo:
     image_size: int
     patch_size: int
     context_length: int
+    #: What the model computes in (fp32, bf16, fp16). Not part of the fingerprint: the embedding
+    #: space is the same, and agreement across precisions is tested, so caches and indexes are shared.
+    precision: str = "fp32"
 
 
 @runtime_checkable
@@ -80,15 +84,52 @@ def select_device(requested: str | None = None) -> str:
     return "cpu"
 
 
+#: What `--precision` accepts; `auto` resolves per device (see `default_dtype`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 is faster, not emulated.
+
+    Without it, torch converts bf16 through fp32 in software and a bf16 model runs slower than fp32.
+    Linux reports the flags in /proc/cpuinfo; elsewhere torch's own capability string is the hint.
+    """
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return True
+    try:
+        import torch
+
+        capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # pragma: no cover - very old torch
+        return False
+    return "BF16" in capability or "AMX" in capability
+
+
 def default_dtype(device: str, precision: str | None = None) -> str:
-    """Half precision on accelerators, float32 on the CPU (CPU half is slow and lossy)."""
+    """The precision to run a model in; `auto` (or None) picks what the hardware does fast and well.
+
+    fp16 on CUDA and MPS; bf16 on a CPU with native bf16 (its agreement with fp32 on trained weights
+    is checked by the tests); fp32 on other CPUs, where half types are emulated and slow.
+    """
     if precision and precision != "auto":
-        if precision not in ("fp32", "fp16", "bf16"):
+        if precision not in PRECISIONS:
             from retrieval.errors import ConfigError
 
-            raise ConfigError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
+            raise ConfigError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
         return precision
-    return "fp16" if device.startswith("cuda") or device == "mps" else "fp32"
+    if device.startswith("cuda") or device == "mps":
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def torch_dtype(precision: str) -> torch.dtype:

@@ -77,6 +77,7 @@ class HFDualEncoder:
             image_size=int(vcfg.image_size),
             patch_size=int(vcfg.patch_size),
             context_length=int(spec.context_length if spec else getattr(tcfg, "max_position_embeddings", 77)),
+            precision=self.precision,
         )
         self._lock = threading.Lock()  # one forward pass at a time on a shared model
 

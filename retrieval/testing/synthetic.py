@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,14 @@ __all__ = [
     "Scene",
     "SceneObject",
     "SyntheticConfig",
+    "caption_claims",
     "generate_scenes",
     "position_of",
     "query_for",
     "read_scene_boxes",
     "relations_between",
     "render_scene",
+    "scene_facts",
     "write_scenes",
 ]
 
@@ -134,6 +136,11 @@ class SyntheticConfig:
     colours: tuple[str, ...] = tuple(PALETTE)
     shapes: tuple[str, ...] = SHAPES
     seed: int = 0
+    #: Keep validation and test scenes whose captions are true of no other scene of their split, so
+    #: every caption query has one right image and R@1 can reach 1 (with random scenes, two images
+    #: often fit "a red circle in the top left" and R@1 is capped near 0.7 for 200 test scenes).
+    #: Training scenes stay as drawn: ambiguity there is harmless and their number unbounded.
+    unambiguous_eval: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test", "seed"):
@@ -331,11 +338,83 @@ def _make_scene(cfg: SyntheticConfig, split: str, number: int, width: int) -> Sc
     )
 
 
+Fact = tuple[str, ...]
+
+
+def _relation_fact(a: SceneObject, relation: str, b: SceneObject) -> Fact:
+    """One spelling per relation: "b right of a" and "a left of b" are the same fact."""
+    if relation in ("right of", "below"):
+        a, b, relation = b, a, _INVERSE[relation]
+    return ("rel", a.colour, a.shape, relation, b.colour, b.shape)
+
+
+def _object_fact(obj: SceneObject) -> Fact:
+    return ("obj", obj.colour, obj.shape, obj.position)
+
+
+def scene_facts(scene: Scene) -> frozenset[Fact]:
+    """Everything true of a scene that a caption can say: each object at its place, every strict relation."""
+    facts = {_object_fact(o) for o in scene.objects}
+    for a in scene.objects:
+        for b in scene.objects:
+            if a is not b:
+                facts.update(_relation_fact(a, r, b) for r in relations_between(a.box, b.box))
+    return frozenset(facts)
+
+
+def caption_claims(scene: Scene) -> list[frozenset[Fact]]:
+    """What the scene's captions can assert, one fact set per caption kind (paraphrases share one)."""
+    objects = scene.objects
+    if len(objects) == 1:
+        return [frozenset({_object_fact(objects[0])})]
+    a, b = objects[0], objects[1]
+    claims = [frozenset({_relation_fact(a, r, b)}) for r in relations_between(a.box, b.box)]
+    claims.append(frozenset(_object_fact(o) for o in objects))  # the listing names every object
+    return claims
+
+
+def _ambiguous(claims: list[frozenset[Fact]], facts: frozenset[Fact]) -> bool:
+    return any(claim <= facts for claim in claims)
+
+
+def _unambiguous_split(config: SyntheticConfig, split: str, size: int, width: int) -> list[Scene]:
+    """The first `size` candidate scenes (in seed order) that no caption confuses with one kept before."""
+    kept: list[Scene] = []
+    kept_claims: list[list[frozenset[Fact]]] = []
+    kept_facts: list[frozenset[Fact]] = []
+    number = 0
+    limit = 50 * size + 1000
+    while len(kept) < size:
+        number += 1
+        if number > limit:
+            raise ConfigError(
+                f"could not find {size} mutually unambiguous {split} scenes in {limit} draws: "
+                "use fewer scenes, or more colours, shapes or objects per scene"
+            )
+        scene = _make_scene(config, split, number, width)
+        claims, facts = caption_claims(scene), scene_facts(scene)
+        if any(
+            _ambiguous(claims, other_facts) or _ambiguous(other_claims, facts)
+            for other_claims, other_facts in zip(kept_claims, kept_facts, strict=True)
+        ):
+            continue
+        kept.append(replace(scene, image_id=f"{split}/scene_{len(kept) + 1:0{width}d}"))
+        kept_claims.append(claims)
+        kept_facts.append(facts)
+    return kept
+
+
 def generate_scenes(config: SyntheticConfig) -> list[Scene]:
     """All scenes of all splits (train, then val, then test), numbered from 1 within each split."""
     sizes = config.split_sizes
     width = max(5, len(str(max(sizes.values()))))
-    return [_make_scene(config, split, k, width) for split in SPLITS for k in range(1, sizes[split] + 1)]
+    out: list[Scene] = []
+    for split in SPLITS:
+        if config.unambiguous_eval and split != "train":
+            out.extend(_unambiguous_split(config, split, sizes[split], width))
+        else:
+            out.extend(_make_scene(config, split, k, width) for k in range(1, sizes[split] + 1))
+    return out
 
 
 def render_scene(scene: Scene) -> Image.Image:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from retrieval.errors import ConfigError
 
@@ -109,6 +110,12 @@ class TinyArch:
     heads: int = 2
     projection_dim: int = 64
     context_length: int = 32
+    #: log of the starting logit scale; CLIP's 2.6592 (1/0.07) is slow to rise from scratch on few steps
+    logit_scale_init: float = 2.6592
+    #: Start the vision tower's position embeddings as a 2-d sine-cosine grid (as MAE does) instead of
+    #: std-0.02 noise, which is twenty times weaker than the patch content at the start, so a model
+    #: trained for a minute learns colours long before it learns where things are.
+    grid_positions: bool = False
 
 
 ARCHS: dict[str, TinyArch] = {
@@ -232,6 +239,45 @@ def make_clip(
             "patch_size": arch.patch_size,
         },
         projection_dim=arch.projection_dim,
+        logit_scale_init_value=arch.logit_scale_init,
     )
-    CLIPModel(cfg).save_pretrained(str(out))
+    model = CLIPModel(cfg)
+    if arch.grid_positions:
+        set_grid_positions(
+            model.vision_model.embeddings.position_embedding.weight, arch.image_size // arch.patch_size
+        )
+    model.save_pretrained(str(out))
     return out
+
+
+def grid_position_table(side: int, width: int) -> Any:
+    """A (1 + side*side, width) 2-d sine-cosine table (row 0, the class token, is zero).
+
+    Half the channels encode the row, half the column, each at geometrically spaced frequencies:
+    nearby patches get similar vectors and every patch a distinct one, from the first step.
+    """
+    import torch
+
+    if width % 4:
+        raise ConfigError(f"grid positions need a width divisible by 4, got {width}")
+    quarter = width // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    coords = torch.arange(side, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (rows.reshape(-1), cols.reshape(-1)):
+        angles = axis[:, None] * freqs[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    table = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(1, width), table], dim=0)
+
+
+def set_grid_positions(weight: Any, side: int) -> None:
+    """Overwrite a (1 + side*side, width) position embedding with `grid_position_table`."""
+    import torch
+
+    with torch.no_grad():
+        flat = weight.view(-1, weight.shape[-1])
+        if flat.shape[0] != 1 + side * side:
+            raise ConfigError(f"position table has {flat.shape[0]} rows, expected {1 + side * side}")
+        flat.copy_(grid_position_table(side, flat.shape[1]))

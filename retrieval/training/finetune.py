@@ -9,8 +9,9 @@ The recipe is CLIP's own: symmetric InfoNCE with the model's learnable temperatu
 in the paper), AdamW with linear warmup and cosine decay, no weight decay on gains, biases, 1-d
 embeddings or the temperature, and gradient clipping. Each epoch shows every image once with one of its
 captions drawn at random, so all captions are used without over-weighting images that have many.
-Mixed precision and gradient accumulation are written the standard torch way and switched on only on
-CUDA; note that accumulation does not enlarge the pool of in-batch negatives, only the optimiser batch.
+Mixed precision and gradient accumulation are written the standard torch way: autocast on CUDA, and bf16
+autocast on a CPU that computes bf16 natively (or when asked); accumulation on CUDA only, and it does not
+enlarge the pool of in-batch negatives, only the optimiser batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from retrieval import imageio
-from retrieval.encoders import EncoderConfig, create_encoder
+from retrieval.encoders import EncoderConfig, cpu_has_native_bf16, create_encoder
 from retrieval.errors import (
     BadImage,
     ConfigError,
@@ -62,7 +63,9 @@ class FinetuneConfig:
     last_n: int = 2  # layers per tower trained with freeze="last-n"
     patience: int = 3  # epochs without improvement before stopping
     grad_accum: int = 1  # micro-batches per optimiser step (CUDA only)
-    amp: str = "auto"  # auto (fp16 on CUDA), fp16, bf16 or off; never used on the CPU
+    #: Autocast while training: auto (fp16 on CUDA, bf16 on a CPU with native bf16), fp16 (CUDA only),
+    #: bf16 or off. Validation and the saved weights stay fp32.
+    amp: str = "auto"
     device: str | None = None
     seed: int = 0
     force: bool = False  # write the model even when it is worse than the start
@@ -396,8 +399,12 @@ class _Optimiser:
 
         self.net, self.trainable, self.config = net, trainable, config
         self.cuda = device.startswith("cuda")
-        self.amp_dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
-        self.use_amp = self.cuda and config.amp != "off"
+        # On a CPU only bf16 autocast exists, and `auto` takes it only where the CPU computes bf16 natively.
+        cpu_bf16 = device == "cpu" and (
+            config.amp == "bf16" or (config.amp == "auto" and cpu_has_native_bf16())
+        )
+        self.amp_dtype = torch.bfloat16 if config.amp == "bf16" or cpu_bf16 else torch.float16
+        self.use_amp = (self.cuda and config.amp != "off") or cpu_bf16
         self.accum = config.grad_accum if self.cuda else 1
         total = config.epochs * math.ceil(steps_per_epoch / self.accum)
         warmup = max(1, int(config.warmup * total) if config.warmup < 1 else int(config.warmup))

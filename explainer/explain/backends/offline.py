@@ -5,6 +5,10 @@ so it must be trustworthy rather than eloquent: every concept it states as prese
 caption or the dataset captions (query words are named only as "found" when a caption contains
 them, or as "not found"); it never adds an object or a colour of its own. The only fixed words
 are the template's own ("caption", "region", "score"...).
+
+The card already shows the caption, so the explanation does not repeat it: it says what of the query
+the captions confirm, what they do not (and what the caption says instead), where in the image the
+match is strongest, and how confident the match is and why (query words confirmed, score, rank).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from explainer.explain.types import ExplainContext, Explanation, QueryKind
 
 OFFLINE_LABEL = "offline"
 #: Version of the offline template; bump it when the wording changes so cached texts are told apart.
-OFFLINE_PROMPT = "offline@v1"
+OFFLINE_PROMPT = "offline@v2"
 
 _WORD_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 #: Function words and search filler: never reported as concepts, found or missing.
@@ -95,6 +99,12 @@ def _place(region: str) -> str:
     return "spans the whole image" if region == "whole image" else f"is in the {region}"
 
 
+def _instead(caption: str | None, query_words: Sequence[str]) -> list[str]:
+    """The caption's own content words that the query does not use: what the caption says in their place."""
+    asked = {f for w in query_words for f in forms(w)}
+    return [w for w in content_words(caption) if not forms(w) & asked][:3]
+
+
 def score_confidence(score: float, kind: QueryKind) -> float:
     """Map a similarity score to 0..1 on a scale that suits the query kind (a heuristic, documented)."""
     lo, hi = _SCORE_RANGE[kind]
@@ -139,19 +149,19 @@ class OfflineExplainer(Backend):
         sentences: list[str] = []
         if ctx.query_kind in ("image", "text+image"):
             sentences.append("Found by visual similarity to the query image.")
-        if ctx.caption:
-            sentences.append(f'Caption: "{ctx.caption.strip()}".')
         has_descriptions = bool(ctx.caption or ctx.dataset_captions)
         if has_text:
             if in_caption:
-                sentences.append(f"The caption mentions {_quote_list(in_caption)}.")
+                sentences.append(f"The caption confirms {_quote_list(in_caption)}.")
             if in_dataset:
-                sentences.append(f"The dataset captions mention {_quote_list(in_dataset)}.")
+                sentences.append(f"The dataset captions confirm {_quote_list(in_dataset)}.")
             if missing and has_descriptions:
                 verb = "is" if len(missing) == 1 else "are"
-                sentences.append(
-                    f"{_quote_list(missing)} {verb} not found in the caption or the dataset captions."
-                )
+                sentence = f"{_quote_list(missing)} {verb} not found in the caption or the dataset captions"
+                instead = _instead(ctx.caption, query_words)
+                if instead:
+                    sentence += f"; the caption says {_quote_list(instead)} instead"
+                sentences.append(sentence + ".")
             elif missing:
                 sentences.append(f"No caption is available to confirm {_quote_list(missing)}.")
             if query_words and not in_caption and not in_dataset and has_descriptions:
@@ -170,13 +180,13 @@ class OfflineExplainer(Backend):
             confidence = ctx.match_confidence
         else:
             confidence = score_confidence(ctx.score, ctx.query_kind)
+        why = f"similarity {ctx.score:.3f}, rank {ctx.rank}"
         if query_words:
-            coverage = (len(in_caption) + len(in_dataset)) / len(query_words)
-            confidence = 0.6 * confidence + 0.4 * coverage
+            confirmed = len(in_caption) + len(in_dataset)
+            confidence = 0.6 * confidence + 0.4 * confirmed / len(query_words)
+            why = f"{confirmed} of {len(query_words)} query words confirmed, {why}"
         confidence = round(confidence, 2)
-        sentences.append(
-            f"Similarity score {ctx.score:.3f} ({_strength(confidence)} match, rank {ctx.rank})."
-        )
+        sentences.append(f"Confidence {confidence:.2f}, a {_strength(confidence)} match: {why}.")
         return Explanation(
             text=" ".join(sentences),
             backend=OFFLINE_LABEL,
