@@ -15,6 +15,7 @@ so a stale vector can never be committed) and does not encode them again.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from retrieval.ingest import Committer, Encoded, IngestConfig, IngestSummary, in
 from retrieval.types import Float32Array, Int64Array
 
 SHARD_DIR = "shards"
+#: What `address` may be: auto, or a host (name, IPv4, [IPv6]) and port, optionally as a ray:// client URL.
+ADDRESS = re.compile(r"auto|(ray://)?([A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:]{2,39}\]):\d{1,5}")
+MAX_WORKERS = 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,16 @@ class RayConfig:
     local_cpus: int | None = None  # CPUs a private local cluster advertises (None: all)
     actor_cls: type | None = None  # the encoder actor; tests pass one that crashes on purpose
     shard_tasks: int = 4  # parallel tasks that fill an on-disk index
+
+    def __post_init__(self) -> None:
+        if self.address is not None and not ADDRESS.fullmatch(self.address):
+            raise ConfigError(
+                f"Ray address {self.address[:80]!r} is neither 'auto' nor HOST:PORT (ray://HOST:PORT for a client)"
+            )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
+        if self.decode_batch < 1 or self.shard_tasks < 1:
+            raise ConfigError("decode batch and shard tasks must be at least 1")
 
 
 def connect(cfg: RayConfig) -> Any:
