@@ -64,7 +64,8 @@ class OnDiskLayout:
         # about 4 sqrt(n) lists (autofaiss's rule of thumb), but never more than the data can train
         nlist = 2 ** max(0, round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))
         nlist = max(1, min(nlist, n // POINTS_PER_CENTROID if n >= POINTS_PER_CENTROID else 1, 65536))
-        m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, dim // 8))
+        # one code byte per 8 dimensions (64 bytes at 512-d), but at least 16 bytes for small dims
+        m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(dim // 8, min(dim, 16)))
         return cls(nlist=nlist, pq_m=m)
 
     def factory(self, n: int) -> str:

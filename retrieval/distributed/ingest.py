@@ -58,12 +58,14 @@ class RayConfig:
     decode_batch: int = 16
     local_cpus: int | None = None  # CPUs a private local cluster advertises (None: all)
     actor_cls: type | None = None  # the encoder actor; tests pass one that crashes on purpose
+    actor_kwargs: dict[str, Any] | None = None  # extra constructor arguments for `actor_cls`
     shard_tasks: int = 4  # parallel tasks that fill an on-disk index
 
     def __post_init__(self) -> None:
         if self.address is not None and not ADDRESS.fullmatch(self.address):
             raise ConfigError(
-                f"Ray address {self.address[:80]!r} is neither 'auto' nor HOST:PORT (ray://HOST:PORT for a client)"
+                f"Ray address {self.address[:80]!r} is neither 'auto' nor HOST:PORT "
+                "(ray://HOST:PORT for a client)"
             )
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
@@ -222,6 +224,7 @@ def encode_stage(
                     precision=cfg.precision or encoder_config.precision,
                 ),
                 "threads": None if gpu else threads,
+                **(cfg.actor_kwargs or {}),
             },
             batch_size=ingest_config.batch_size,
             batch_format="numpy",
