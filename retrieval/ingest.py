@@ -191,7 +191,7 @@ class Committer:
         """
         fresh = [r for r in rows if r.vector is not None]
         stored = self.catalog.get_embeddings(
-            list({r.content_hash for r in fresh} | {w.content_hash for w in self.waiting}), self.fp
+            list({r.content_hash for r in rows} | {w.content_hash for w in self.waiting}), self.fp
         )
         new_vectors: dict[str, Float32Array] = {}
         done: list[tuple[int, str, int, int]] = []
