@@ -89,6 +89,7 @@ class SearchResult:
     total: int  # vectors in the searched index
     results: list[Hit] | list[CaptionHit]
     target: str = "images"  # or "captions"
+    missing_shards: list[int] = field(default_factory=list)  # a sharded index's shards that did not answer
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -98,7 +99,7 @@ class SearchResult:
             "index_factory": self.index_factory,
             "total": self.total,
             "results": [r.to_dict() for r in self.results],
-        }
+        } | ({"partial": True, "missing_shards": self.missing_shards} if self.missing_shards else {})
 
 
 def load_query_image(
@@ -184,6 +185,7 @@ class Searcher:
         # ask for a little more than needed: ids deleted since the index was written are dropped
         want = q.offset + q.top_k
         scores, ids = idx.search(vec, want + 16, self.params)
+        missing = idx.missing_shards() if hasattr(idx, "missing_shards") else []  # sharded indexes only
         records = self.collection.catalog.get_images([int(i) for i in ids[0] if i >= 0])
         caps = self.collection.catalog.captions_for(list(records))
         hits: list[Hit] = []
@@ -207,7 +209,7 @@ class Searcher:
             )
         page = hits[q.offset : q.offset + q.top_k]
         m = self.index.manifest
-        return SearchResult(kind, m.model_name, m.built_factory, idx.ntotal, page)
+        return SearchResult(kind, m.model_name, m.built_factory, idx.ntotal, page, missing_shards=missing)
 
     def search_captions(self, q: Query) -> SearchResult:
         """Image→text (or text→text): captions nearest the query, each with the image it belongs to."""

@@ -328,3 +328,31 @@ def test_scale_ray_engine_parity_on_500_images(
     ids_a, vec_a = Collection(tmp_path / "local").catalog.indexed_vectors(fp, dim)
     ids_b, vec_b = Collection(tmp_path / "ray").catalog.indexed_vectors(fp, dim)
     assert np.array_equal(ids_a, ids_b) and np.allclose(vec_a, vec_b, atol=1e-5)
+
+
+def test_serve_with_ray_engine_answers_like_local_and_flags_a_dead_shard(
+    tmp_path: Path, tiny_clip_dir: Path, ray_cluster: Any
+) -> None:
+    from fastapi.testclient import TestClient
+    from server_kit import build_collection, server_settings
+
+    from explainer.server import create_app
+    from retrieval.distributed.sharded import ShardedVectorIndex
+
+    data = build_collection(tmp_path, tiny_clip_dir, n=12)
+    body = {"text": "a red circle", "top_k": 6, "explain": False}
+    with TestClient(create_app(server_settings(data, tmp_path / "l"))) as local:
+        want = local.post("/api/search", json=body).json()
+    settings = server_settings(data, tmp_path / "r", engine="ray", shards=3)
+    with TestClient(create_app(settings)) as client:
+        got = client.post("/api/search", json=body).json()
+        assert [c["id"] for c in got["results"]] == [c["id"] for c in want["results"]]
+        assert got["partial"] is False and got["missing_shards"] == []
+        images = client.app.state.clearsight.pipeline.searcher.index.images  # type: ignore[attr-defined]
+        assert isinstance(images, ShardedVectorIndex) and len(images.sharded.actors) == 3
+        ray_cluster.kill(images.sharded.actors[1])
+        r = client.post("/api/search", json=body)
+        assert r.status_code == 200
+        assert r.json()["partial"] is True and r.json()["missing_shards"] == [1]
+        page = client.get("/", params={"q": "a red circle"})
+        assert page.status_code == 200 and "Partial results" in page.text

@@ -58,6 +58,8 @@ class ResultPage:
     evidence: list[Evidence | None] = field(default_factory=list)
     #: The search result's own facts (query kind, index factory...), for the CLI's JSON.
     result: SearchResult | None = None
+    #: Shards of a sharded index that did not answer: the cards are the best of the others.
+    missing_shards: list[int] = field(default_factory=list)
 
 
 def query_token(echo: QueryEcho) -> str:
@@ -155,6 +157,7 @@ class CardPipeline:
             hits=hits,
             evidence=built.evidence,
             result=result,
+            missing_shards=list(result.missing_shards),
         )
 
     def contexts(

@@ -86,6 +86,10 @@ class SearchResponse(BaseModel):
     top_k: int
     has_more: bool
     model: str
+    partial: bool = Field(
+        default=False, description="True when some index shards did not answer: the results miss their images"
+    )
+    missing_shards: list[int] = Field(default_factory=list, description="Which shards did not answer")
 
     @classmethod
     def from_page(cls, page: ResultPage) -> SearchResponse:
@@ -97,6 +101,8 @@ class SearchResponse(BaseModel):
             top_k=page.top_k,
             has_more=page.has_more,
             model=page.model,
+            partial=bool(page.missing_shards),
+            missing_shards=page.missing_shards,
         )
 
 

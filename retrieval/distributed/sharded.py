@@ -1,5 +1,8 @@
 """Sharded search: a collection's vectors split across Ray actors, queries fanned out, top-K merged.
 
+Each shard is exact, so the merged top-K equals one exact search over the whole collection.
+`clearsight serve --engine ray --shards N` serves through `ShardedSearcher`.
+
 Each shard holds an exact (or any factory's) index over its slice of the ids; the driver sends a
 query to every shard at once and merges their top-K lists. With exact shards the merge is exact:
 the global top-K is the top-K of the union of every shard's top-K. A shard that fails or does not
@@ -9,14 +12,16 @@ whole search failing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from retrieval.collection import Collection
 from retrieval.errors import ConfigError
-from retrieval.index import SearchParams, VectorIndex, check_vectors
+from retrieval.index import IndexParams, SearchParams, VectorIndex, check_vectors
+from retrieval.search import Searcher
 from retrieval.types import Float32Array, Int64Array
 
 #: Most shards a collection may be split into: each is an actor with its own process.
@@ -135,3 +140,78 @@ class ShardedIndex:
         for a in self.actors:
             self._ray.kill(a)
         self.actors = []
+
+
+class ShardedVectorIndex(VectorIndex):
+    """A ShardedIndex behind the VectorIndex interface, so the Searcher (and so the page and the API)
+    search it unchanged. Which shards a search missed is kept per thread, for `missing_shards`."""
+
+    def __init__(self, sharded: ShardedIndex, factory: str, params: IndexParams) -> None:
+        # no faiss object of its own: the shards hold the data, so VectorIndex.__init__ is not called
+        self.sharded = sharded
+        self.index = None
+        self.dim = sharded.dim
+        self.factory = factory
+        self.params = params
+        self._refines: list[float] = []
+        self._ivf = None
+        self._hnsw = None
+        self._local = threading.local()
+
+    @property
+    def ntotal(self) -> int:
+        return self.sharded.ntotal
+
+    @property
+    def supports_remove(self) -> bool:
+        return False
+
+    @property
+    def supports_add(self) -> bool:
+        return False
+
+    def search(
+        self, queries: Float32Array, k: int, params: SearchParams | None = None
+    ) -> tuple[Float32Array, Int64Array]:
+        res = self.sharded.search(queries, k, params)
+        self._local.missing = res.failed_shards
+        return res.scores, res.ids
+
+    def missing_shards(self) -> list[int]:
+        """Shards that did not answer this thread's last search (empty: the result is complete)."""
+        return list(getattr(self._local, "missing", []))
+
+    def to_bytes(self) -> bytes:
+        raise ConfigError("a sharded index lives in Ray actors; save the collection's own index instead")
+
+
+class ShardedSearcher(Searcher):
+    """A Searcher whose image index is split over Ray actors, rebuilt when a new version appears."""
+
+    def __init__(self, searcher: Searcher, shards: int, timeout_s: float = 10.0) -> None:
+        super().__init__(searcher.collection, searcher.encoder, searcher.index, searcher.params)
+        self.shards = shards
+        self.timeout_s = timeout_s
+        self._shard()
+
+    def _shard(self) -> None:
+        info = self.encoder.info
+        old = self.index.images
+        sharded = ShardedIndex.from_collection(
+            self.collection, info.fingerprint, info.dim, self.shards, timeout_s=self.timeout_s
+        )
+        self.index = replace(self.index, images=ShardedVectorIndex(sharded, "Flat", IndexParams()))
+        if isinstance(old, ShardedVectorIndex):
+            old.sharded.close()
+
+    def reload(self) -> bool:
+        if not super().reload():
+            return False
+        self._shard()
+        return True
+
+    def close(self) -> None:
+        images = self.index.images
+        if isinstance(images, ShardedVectorIndex):
+            images.sharded.close()
+        super().close()
