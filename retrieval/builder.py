@@ -24,12 +24,12 @@ from retrieval.index import (
     DEFAULT_EF_CONSTRUCTION,
     LoadedIndex,
     Manifest,
-    OnDiskVectorIndex,
     SearchParams,
     VectorIndex,
     resolve_factory,
     same_layout,
 )
+from retrieval.ondisk_store import OnDiskVectorIndex
 from retrieval.types import Float32Array
 
 

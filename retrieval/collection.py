@@ -11,7 +11,11 @@ from pathlib import Path
 from retrieval.catalog import Catalog
 from retrieval.errors import ConfigError
 from retrieval.index import IndexStore
+from retrieval.ondisk_store import OnDiskVectorIndex
 from retrieval.paths import default_data_dir
+
+#: The store opens these layouts too (they register themselves with retrieval.index on import).
+STORED_LAYOUTS = (OnDiskVectorIndex,)
 
 
 class Collection:

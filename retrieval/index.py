@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -422,6 +422,11 @@ class VectorIndex:
     def to_bytes(self) -> bytes:
         return bytes(faiss.serialize_index(self.index))
 
+    def write_into(self, directory: Path) -> None:
+        """Put this index's file(s) into a version directory being written (layouts of several
+        files override this)."""
+        _write_file(directory / "images.faiss", self.to_bytes())
+
     @classmethod
     def from_file(cls, path: Path, dim: int, factory: str, params: IndexParams | None = None) -> VectorIndex:
         try:
@@ -433,80 +438,10 @@ class VectorIndex:
         return cls(index, dim, factory, params)
 
 
-class OnDiskVectorIndex(VectorIndex):
-    """`ivf-ondisk` behind the VectorIndex interface: memory-mapped, read-only, rebuilt on change."""
-
-    def __init__(self, disk: ondisk.OnDiskIndex, params: IndexParams) -> None:
-        self.disk = disk
-        super().__init__(disk.index, disk.dim, ondisk.ONDISK, params)
-
-    @classmethod
-    def build_in(
-        cls,
-        directory: Path,
-        ids: Int64Array,
-        vectors: Float32Array,
-        dim: int,
-        *,
-        search: SearchParams | None = None,
-        runner: ondisk.ShardRunner = ondisk.run_shards_here,
-        shards: int = 4,
-    ) -> OnDiskVectorIndex:
-        vectors = check_vectors(vectors, dim)
-        search = search or SearchParams()
-        disk = ondisk.build(
-            ids,
-            vectors,
-            dim,
-            directory,
-            shards=shards,
-            runner=runner,
-            nprobe=search.nprobe,
-            k_factor=search.k_factor,
-        )
-        return cls(disk, cls.params_for(disk, search))
-
-    @staticmethod
-    def params_for(disk: ondisk.OnDiskIndex, search: SearchParams) -> IndexParams:
-        layout = IndexParams.for_factory(disk.factory)
-        return IndexParams(
-            nlist=layout.nlist, pq_m=layout.pq_m, nprobe=search.nprobe, k_factor=search.k_factor
-        )
-
-    @property
-    def ntotal(self) -> int:
-        return self.disk.ntotal
-
-    def ids(self) -> Int64Array:
-        return self.disk.ids()
-
-    @property
-    def supports_remove(self) -> bool:
-        return False
-
-    @property
-    def supports_add(self) -> bool:
-        return False
-
-    def add(self, ids: Int64Array, vectors: Float32Array) -> None:
-        raise ConfigError("an on-disk IVF index is read-only: rebuild it to add vectors")
-
-    def remove(self, ids: Int64Array) -> None:
-        raise ConfigError("an on-disk IVF index is read-only: rebuild it to remove vectors")
-
-    def search(
-        self, queries: Float32Array, k: int, params: SearchParams | None = None
-    ) -> tuple[Float32Array, Int64Array]:
-        queries = check_vectors(queries, self.dim, "queries")
-        params = params or self.params.search
-        with omp_threads(params.single_query_threads if len(queries) == 1 else None):
-            return self.disk.search(queries, k, nprobe=params.nprobe, k_factor=params.k_factor)
-
-    def reconstruct(self, id_: int) -> Float32Array:
-        return self.disk.reconstruct(id_)
-
-    def to_bytes(self) -> bytes:
-        raise ConfigError("an on-disk IVF index is a set of files, not one blob: use IndexStore.save")
+#: Image-index layouts stored as several files, keyed by the manifest's `built_factory`: how to open
+#: one from its version directory. Their modules register here (retrieval.ondisk_store), so this
+#: module needs not import them; `import retrieval` registers every layout the library has.
+FILE_LAYOUTS: dict[str, Callable[[Path, Manifest], VectorIndex]] = {}
 
 
 @dataclass
@@ -578,17 +513,14 @@ class IndexStore:
         version = self.current_version()
         assert version is not None
         d = self.root / version
-        images: VectorIndex
-        if manifest.built_factory == ondisk.ONDISK:
-            search = manifest.params.search
-            disk = ondisk.OnDiskIndex.load(
-                d, manifest.dim, ondisk.ONDISK, nprobe=search.nprobe, k_factor=search.k_factor
-            )
-            images = OnDiskVectorIndex(disk, manifest.params)
-        else:
-            images = VectorIndex.from_file(
+        opener = FILE_LAYOUTS.get(manifest.built_factory)
+        images = (
+            opener(d, manifest)
+            if opener is not None
+            else VectorIndex.from_file(
                 d / "images.faiss", manifest.dim, manifest.built_factory, manifest.params
             )
+        )
         captions = VectorIndex.from_file(d / "captions.faiss", manifest.dim, "Flat")
         return LoadedIndex(manifest, images, captions, version)
 
@@ -597,10 +529,7 @@ class IndexStore:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
-            if isinstance(images, OnDiskVectorIndex):
-                images.disk.copy_to(tmp)  # hard links: the files were written and fsynced by the build
-            else:
-                _write_file(tmp / "images.faiss", images.to_bytes())
+            images.write_into(tmp)
             _write_file(tmp / "captions.faiss", captions.to_bytes())
             _write_file(tmp / "manifest.json", manifest.to_json().encode())
             _fsync_dir(tmp)

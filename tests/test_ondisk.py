@@ -16,8 +16,9 @@ from retrieval.autoindex import FLAT_MAX, choose_index, estimate_bytes, parse_by
 from retrieval.distributed.sharded import merge_topk, split_ids
 from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError, IndexCorrupt, ShapeError
-from retrieval.index import INDEX_SCHEMA_VERSION, Manifest, OnDiskVectorIndex, SearchParams
+from retrieval.index import INDEX_SCHEMA_VERSION, Manifest, SearchParams
 from retrieval.ingest import ingest
+from retrieval.ondisk_store import OnDiskVectorIndex
 
 
 def _clustered(n: int, dim: int = 32, centres: int = 40, seed: int = 0) -> np.ndarray:
