@@ -204,3 +204,49 @@ def test_merged_shard_results_equal_one_exact_search(shards: int) -> None:
     short = [(p[0][:, :3], np.where(np.arange(3) < 2, p[1][:, :3], -1)) for p in parts]
     _, found = merge_topk(short, 10, len(q))
     assert (found >= -1).all() and not (found[:, : min(found.shape[1], 2)] == -1).any()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engine", "spark"], "unknown engine"),
+        (["--ray-address", "auto"], "Ray address only applies"),
+        (["--index", "auto", "--memory-budget", "lots"], "cannot read 'lots' as a size"),
+        (["--engine", "ray", "--ray-address", "http://x/"], "neither 'auto' nor HOST:PORT"),
+    ],
+)
+def test_index_command_refuses_bad_engine_options(
+    tmp_path: Path, tiny_clip_dir: Path, args: list[str], message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from explainer.cli.app import app
+
+    make_folder(tmp_path / "imgs", 2)
+    r = CliRunner().invoke(
+        app,
+        [
+            "index",
+            str(tmp_path / "imgs"),
+            "--model",
+            str(tiny_clip_dir),
+            "--data-dir",
+            str(tmp_path / "d"),
+            *args,
+        ],
+    )
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_serve_refuses_shards_without_the_ray_engine(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from explainer.cli.app import app
+
+    r = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--shards", "3"])
+    assert r.exit_code == 2 and "--engine ray only" in r.output
+    r = CliRunner().invoke(
+        app, ["serve", "--data-dir", str(tmp_path), "--engine", "ray", "--ray-address", "a b"]
+    )
+    assert r.exit_code == 2 and "Ray address" in r.output
