@@ -59,7 +59,6 @@ class RayConfig:
     local_cpus: int | None = None  # CPUs a private local cluster advertises (None: all)
     actor_cls: type | None = None  # the encoder actor; tests pass one that crashes on purpose
     actor_kwargs: dict[str, Any] | None = None  # extra constructor arguments for `actor_cls`
-    shard_tasks: int = 4  # parallel tasks that fill an on-disk index
 
     def __post_init__(self) -> None:
         if self.address is not None and not ADDRESS.fullmatch(self.address):
@@ -69,8 +68,8 @@ class RayConfig:
             )
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
-        if self.decode_batch < 1 or self.shard_tasks < 1:
-            raise ConfigError("decode batch and shard tasks must be at least 1")
+        if self.decode_batch < 1:
+            raise ConfigError("the decode batch must hold at least 1 image")
 
 
 def connect(cfg: RayConfig) -> Any:
