@@ -135,8 +135,8 @@ DRIVER = textwrap.dedent(
     cfg = EncoderConfig(model, "cpu")
     ray_ingest(Path(imgs), Collection(Path(data)), create_encoder(cfg), cfg,
                IngestConfig(batch_size=4, progress=False),
-               RayConfig(workers=1, threads=1, local_cpus=2, actor_cls=FaultyEncodeActor,
-                         actor_kwargs={"delay_s": 0.4}))
+               RayConfig(workers=1, threads=1, local_cpus=2, decode_batch=4, actor_cls=FaultyEncodeActor,
+                         actor_kwargs={"delay_s": 1.0}))
     """
 )
 

@@ -38,6 +38,7 @@ SHARD_DIR = "shards"
 #: What `address` may be: auto, or a host (name, IPv4, [IPv6]) and port, optionally as a ray:// client URL.
 ADDRESS = re.compile(r"auto|(ray://)?([A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:]{2,39}\]):\d{1,5}")
 MAX_WORKERS = 1024
+MAX_BLOCKS = 10_000
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,11 @@ def encode_stage(
         ctx.enable_progress_bars = ingest_config.progress
         cpus = int(ray.cluster_resources().get("CPU", 1))
         threads = cfg.threads or max(1, cpus // workers)
+        # one block per decode batch (up to MAX_BLOCKS): results then stream back and commit batch by
+        # batch, so a killed driver loses little, instead of arriving in a few large bursts
         ds = ray.data.from_items(
             [{"image_id": r.id, "path": r.path} for r in records],
-            override_num_blocks=max(1, min(len(records) // max(1, cfg.decode_batch), 4 * cpus)),
+            override_num_blocks=max(1, min(-(-len(records) // cfg.decode_batch), MAX_BLOCKS)),
         )
         ds = ds.map_batches(
             decode_batch,
