@@ -4,7 +4,9 @@ Both engines index the same files into fresh data directories with the same rand
 ViT-B/32 shapes (speed does not depend on weight values), in alternating rounds; each keeps its best
 round, and every round prints the share of the machine other processes used meanwhile. The Ray
 cluster is started once before the rounds (as a long-lived cluster would be); each Ray round still
-pays for its actors loading the model, since that is part of every real `--engine ray` run.
+pays for its worker processes starting and its actors loading the model, since that is part of every
+real `--engine ray` run: a fixed cost of several seconds that short runs cannot amortise (`--synthetic N`
+lengthens the run).
 Floor (issue 14): Ray >= 0.8x the local throughput. `--device cuda` measures the GPU path where a
 GPU exists and says so otherwise.
 
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--limit", type=int, default=240)
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="add N synthetic 640x480 JPEGs (longer runs amortise start-up)",
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="decode threads (local) / encoder actors (Ray)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -65,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         src.mkdir()
         for i, f in enumerate(files):  # one flat folder, so both engines see the very same files
             (src / f"{i:05d}.jpg").symlink_to(f)
+        if args.synthetic:
+            from ingest_bench import write_synthetic
+
+            write_synthetic(src / "synthetic", args.synthetic)
         model = make_clip(tmp / "model", arch=args.arch)
         enc_cfg = EncoderConfig(model=str(model), device=args.device)
         encoder = create_encoder(enc_cfg)
         print(
-            f"{len(files)} photos from {args.images}; encoder {args.arch} on {encoder.device}, "
-            f"{getattr(encoder, 'precision', '?')}; workers {args.workers}, batch {args.batch_size}"
+            f"{len(files)} photos from {args.images} + {args.synthetic} synthetic; "
+            f"encoder {args.arch} on {encoder.device}, {getattr(encoder, 'precision', '?')}; "
+            f"workers {args.workers}, batch {args.batch_size}"
         )
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
