@@ -125,7 +125,9 @@ def sync_indexes(
     def build() -> VectorIndex:
         if built == ondisk.ONDISK:
             work = Path(tempfile.mkdtemp(prefix=".build-", dir=store.root))
-            return OnDiskVectorIndex.build_in(work, ids, vecs, info.dim, search=search, runner=shard_runner)
+            # another layout's recorded knobs (k_factor 4 for in-memory refinement) do not carry over
+            kept = search if current is not None and current.manifest.built_factory == ondisk.ONDISK else None
+            return OnDiskVectorIndex.build_in(work, ids, vecs, info.dim, search=kept, runner=shard_runner)
         return VectorIndex.build(ids, vecs, built, info.dim, ef_construction=ef_construction, search=search)
 
     store.root.mkdir(parents=True, exist_ok=True)

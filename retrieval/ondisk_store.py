@@ -42,7 +42,7 @@ class OnDiskVectorIndex(VectorIndex):
         shards: int = 4,
     ) -> OnDiskVectorIndex:
         vectors = check_vectors(vectors, dim)
-        search = search or SearchParams()
+        search = search or SearchParams(k_factor=ondisk.DEFAULT_K_FACTOR)
         disk = ondisk.build(
             ids,
             vectors,

@@ -96,7 +96,10 @@ def test_collection_with_ondisk_index_matches_exact_search(
     col = Collection(tmp_path / "disk")
     version_dir = col.store.root / col.store.current_version()  # type: ignore[operator]
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    assert manifest["schema_version"] == INDEX_SCHEMA_VERSION and manifest["params"]["k_factor"] == 4
+    assert (
+        manifest["schema_version"] == INDEX_SCHEMA_VERSION
+        and manifest["params"]["k_factor"] == ondisk.DEFAULT_K_FACTOR
+    )
     assert {p.name for p in version_dir.iterdir()} >= set(ondisk.FILES)
     assert not list(col.store.root.glob(".build-*"))  # the build directory is collected
     for text in ["red", "blue circle", "green"]:
