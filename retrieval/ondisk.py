@@ -98,8 +98,9 @@ def _c_stdout_to_stderr() -> Iterator[None]:
 
 
 def _random_access(arr: np.ndarray) -> None:
-    """Tell the kernel re-ranking reads are random: no read-ahead and no fault-around, which would
-    otherwise map (and count as resident) the neighbours of every row a query touches."""
+    """Tell the kernel re-ranking reads are random (no read-ahead). Measured at 1M, the serving
+    process still counted the whole vectors file as resident file pages with this hint (its own
+    anonymous memory stayed at 36 MiB): the cause is not found yet (bench/RESULTS.md)."""
     mm = getattr(arr, "_mmap", None)
     if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
