@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     explain_max_retries: int = Field(default=2, ge=0, le=10)
     evidence_regions: int = Field(default=3, ge=0, le=16)  # boxes per card; 0 turns evidence off
     reload_interval_s: float = Field(default=2.0, ge=0)  # 0: never look for a newer index version
+    # `serve --engine ray`: the image index split over Ray actors, queries fanned out and merged
+    engine: Literal["local", "ray"] = "local"
+    shards: int = Field(default=2, ge=1, le=256)
+    ray_address: str | None = Field(default=None, max_length=300)  # None: a private local cluster
 
 
 @lru_cache(maxsize=1)

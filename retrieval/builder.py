@@ -6,12 +6,16 @@ The catalog is the source of truth; the indexes are derived. This is what lets e
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from retrieval import ondisk
+from retrieval.autoindex import choose_index
 from retrieval.catalog import Catalog
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
@@ -25,6 +29,7 @@ from retrieval.index import (
     resolve_factory,
     same_layout,
 )
+from retrieval.ondisk_store import OnDiskVectorIndex
 from retrieval.types import Float32Array
 
 
@@ -80,11 +85,16 @@ def sync_indexes(
     progress: bool = False,
     search: SearchParams | None = None,
     ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+    memory_budget: int | None = None,
+    shard_runner: ondisk.ShardRunner = ondisk.run_shards_here,
 ) -> SyncReport:
     """Update (or rebuild) the indexes from the catalog.
 
     `search` sets the query-time knobs recorded in the manifest (default: keep what the current
-    index records); `ef_construction` applies when an HNSW index is (re)built.
+    index records); `ef_construction` applies when an HNSW index is (re)built. `factory` "auto"
+    picks a layout from the collection's size and `memory_budget` (bytes) at every sync.
+    `shard_runner` fills the shards of an `ivf-ondisk` build (in this process by default; the Ray
+    engine passes one that runs them as Ray tasks).
     """
     info = encoder.info
     store = collection.store
@@ -102,26 +112,42 @@ def sync_indexes(
     factory = factory or "flat"
 
     ids, vecs = collection.catalog.indexed_vectors(info.fingerprint, info.dim)
-    built, note = resolve_factory(factory, len(ids), info.dim)
+    if factory == "auto":
+        choice = choose_index(len(ids), info.dim, memory_budget)
+        built, note = resolve_factory(choice.factory, len(ids), info.dim)
+        note = f"auto: {choice.reason}" + (f"; {note}" if note else "")
+    else:
+        built, note = resolve_factory(factory, len(ids), info.dim)
     added = removed = 0
     rebuilt = params_changed = False
     images: VectorIndex
+
+    def build() -> VectorIndex:
+        if built == ondisk.ONDISK:
+            work = Path(tempfile.mkdtemp(prefix=".build-", dir=store.root))
+            # another layout's recorded knobs (k_factor 4 for in-memory refinement) do not carry over
+            kept = search if current is not None and current.manifest.built_factory == ondisk.ONDISK else None
+            return OnDiskVectorIndex.build_in(work, ids, vecs, info.dim, search=kept, runner=shard_runner)
+        return VectorIndex.build(ids, vecs, built, info.dim, ef_construction=ef_construction, search=search)
+
+    store.root.mkdir(parents=True, exist_ok=True)
     if current is None or not same_layout(current.manifest.built_factory, built):
-        images = VectorIndex.build(ids, vecs, built, info.dim, ef_construction=ef_construction, search=search)
+        images = build()
         rebuilt, added = True, len(ids)
     else:
         images = current.images
         params = images.params.with_search(search) if search is not None else images.params
         if params != images.params:
-            images = VectorIndex(images.index, info.dim, images.factory, params)
+            if isinstance(images, OnDiskVectorIndex):
+                images = OnDiskVectorIndex(images.disk, params)
+            else:
+                images = VectorIndex(images.index, info.dim, images.factory, params)
             params_changed = True
         have = images.ids()
         to_remove = np.setdiff1d(have, ids, assume_unique=True)
         to_add = np.isin(ids, have, invert=True)
-        if len(to_remove) and not images.supports_remove:
-            images = VectorIndex.build(
-                ids, vecs, built, info.dim, ef_construction=ef_construction, search=search
-            )
+        if (len(to_remove) and not images.supports_remove) or (to_add.any() and not images.supports_add):
+            images = build()
             rebuilt, added, removed = True, len(ids), len(to_remove)
         else:
             images.remove(to_remove)

@@ -33,7 +33,8 @@ from retrieval.types import Float32Array
 @dataclass(frozen=True)
 class IngestConfig:
     batch_size: int = 32
-    workers: int = 2  # decode threads
+    workers: int = 2  # parallel workers: decode threads here, encoder actors on Ray
+    memory_budget: int | None = None  # bytes, for factory "auto"; None: a quarter of physical memory
     factory: str | None = None  # None: keep the index's factory (flat for a new index)
     captions_file: Path | None = None  # generic JSONL {"image", "captions"}; default: PATH/captions.jsonl
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS
@@ -152,14 +153,92 @@ class Ready:
     pixels: Float32Array | None
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One image's outcome, as an encode stage hands it to the `Committer`.
+
+    `vector` None: the content is identical to another image's, whose vector is (or will be) stored.
+    """
+
+    image_id: int
+    content_hash: str
+    width: int
+    height: int
+    vector: Float32Array | None
+
+
+class Committer:
+    """Turns encode results into catalog commits, one transaction per call: the unit of crash safety.
+
+    Shared by every engine so incremental runs, content dedup and failure recording behave the same
+    whether the vectors came from this process's encoder or from Ray actors.
+    """
+
+    def __init__(self, collection: Collection, fingerprint: str, summary: IngestSummary) -> None:
+        self.catalog = collection.catalog
+        self.fp = fingerprint
+        self.summary = summary
+        self.waiting: list[Encoded] = []  # identical content whose vector another item will produce
+        self.failed_hash: dict[str, str] = {}  # content hash -> reason, so identical copies fail alike
+
+    def fail(self, image_id: int, reason: str, content_hash: str | None = None) -> None:
+        self.catalog.mark_failed(image_id, reason, content_hash)
+        if content_hash:
+            self.failed_hash[content_hash] = reason
+
+    def commit(self, rows: list[Encoded]) -> None:
+        """Store new vectors and mark their images indexed; resolve items waiting on their content.
+
+        A row with a vector whose content is stored already (or arrives twice in one call) is
+        committed as reused, and its vector dropped, so each content hash is stored once.
+        """
+        fresh = [r for r in rows if r.vector is not None]
+        stored = self.catalog.get_embeddings(
+            list({r.content_hash for r in rows} | {w.content_hash for w in self.waiting}), self.fp
+        )
+        new_vectors: dict[str, Float32Array] = {}
+        done: list[tuple[int, str, int, int]] = []
+        for r in fresh:
+            assert r.vector is not None
+            if r.content_hash in stored or r.content_hash in new_vectors:
+                self.summary.reused += 1
+            else:
+                new_vectors[r.content_hash] = r.vector
+                self.summary.encoded += 1
+            done.append((r.image_id, r.content_hash, r.width, r.height))
+        still: list[Encoded] = []
+        for w in self.waiting + [r for r in rows if r.vector is None]:
+            if w.content_hash in new_vectors or w.content_hash in stored:
+                done.append((w.image_id, w.content_hash, w.width, w.height))
+                self.summary.reused += 1
+            elif w.content_hash in self.failed_hash:
+                self.catalog.mark_failed(w.image_id, self.failed_hash[w.content_hash], w.content_hash)
+            else:
+                still.append(w)
+        self.catalog.commit_indexed(self.fp, done, new_vectors)
+        self.waiting = still
+
+
+#: An engine's encode step: given the pending records in order, encode them and hand every
+#: outcome to the committer (failures through `fail`, vectors through `commit`).
+EncodeStage = Callable[[list[ImageRecord], Committer], None]
+
+
 def ingest(
     root: Path | str,
     collection: Collection,
     encoder: Encoder,
     config: IngestConfig | None = None,
     log: Callable[[str], None] | None = None,
+    encode_stage: EncodeStage | None = None,
+    sync: Callable[[Collection, Encoder, IngestConfig], SyncReport] | None = None,
 ) -> IngestSummary:
-    """Index every image under `root` into `collection`; see the module docstring."""
+    """Index every image under `root` into `collection`; see the module docstring.
+
+    `encode_stage` replaces the in-process decode threads and encoder (the Ray engine passes its
+    own); `sync` replaces the final index build (the Ray engine fills on-disk shards on the
+    cluster). Scanning, dedup, failure recording and commits stay here, shared by both.
+    """
     config = config or IngestConfig()
     root = Path(os.path.abspath(Path(root).expanduser()))  # normalised, symlinks kept as the user named them
     if not root.exists():
@@ -220,20 +299,17 @@ def ingest(
                 if rec and cat.set_captions(rec.id, "dataset", texts):
                     summary.captioned += 1
 
-        # 3. decode in threads, encode in batches, commit each batch
+        # 3. decode and encode (threads here, or the engine's stage), commit each batch
         if todo:
-            _encode_all(collection, encoder, todo, config, summary)
+            records = cat.get_images(todo)
+            ordered = [records[i] for i in todo if i in records]
+            committer = Committer(collection, fp, summary)
+            stage = encode_stage or (lambda recs, com: _encode_all(encoder, recs, config, com))
+            stage(ordered, committer)
+            # Whatever still waits keeps its 'pending' state and is picked up by the next run.
 
         # 4. derive the indexes from the catalog
-        summary.index = sync_indexes(
-            collection,
-            encoder,
-            factory=config.factory,
-            force_rebuild=config.rebuild,
-            progress=config.progress,
-            search=config.search,
-            ef_construction=config.ef_construction,
-        )
+        summary.index = (sync or _sync)(collection, encoder, config)
     prefix = str(root).rstrip("/") + "/"
     reasons = [r for p, r in cat.failures(limit=10**9) if p.startswith(prefix)]
     summary.failed, summary.failures = len(reasons), dict(Counter(reasons))
@@ -251,6 +327,19 @@ def empty_folder_note(root: Path) -> str:
     return f"no image files under {root} (looked for {suffixes}, in subfolders too): nothing to index"
 
 
+def _sync(collection: Collection, encoder: Encoder, config: IngestConfig) -> SyncReport:
+    return sync_indexes(
+        collection,
+        encoder,
+        factory=config.factory,
+        force_rebuild=config.rebuild,
+        progress=config.progress,
+        memory_budget=config.memory_budget,
+        search=config.search,
+        ef_construction=config.ef_construction,
+    )
+
+
 def _missing_embeddings(collection: Collection, fp: str, exclude: set[int]) -> list[int]:
     indexed = [r for r in collection.catalog.iter_images("indexed") if r.id not in exclude]
     hashes = [r.content_hash for r in indexed if r.content_hash]
@@ -259,15 +348,14 @@ def _missing_embeddings(collection: Collection, fp: str, exclude: set[int]) -> l
 
 
 def _encode_all(
-    collection: Collection,
     encoder: Encoder,
-    todo: list[int],
+    ordered: list[ImageRecord],
     config: IngestConfig,
-    summary: IngestSummary,
+    committer: Committer,
 ) -> None:
-    cat = collection.catalog
-    fp = encoder.info.fingerprint
-    records = cat.get_images(todo)
+    """The local engine: decode in threads, encode full batches in this thread."""
+    cat = committer.catalog
+    fp = committer.fp
     draft = max(encoder.info.image_size, 1)
     claimed: dict[str, int] = {}  # content hash -> image id whose decode will produce it this run
 
@@ -287,33 +375,22 @@ def _encode_all(
             item.error = exc
         return item
 
-    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not config.progress, smoothing=0.1)
+    bar = tqdm(total=len(ordered), desc="indexing", unit="img", disable=not config.progress, smoothing=0.1)
     batch: list[Ready] = []  # decoded items awaiting the encoder
-    waiting: list[Ready] = []  # identical content whose vector another item will produce
-    failed_hash: dict[str, str] = {}  # content hash -> reason, so identical copies fail alike
+    dups: list[Encoded] = []  # identical content: no vector of their own
 
     def flush() -> None:
-        nonlocal batch, waiting
-        new_vectors: dict[str, Float32Array] = {}
+        nonlocal batch, dups
+        rows = list(dups)
         if batch:
             vecs = encoder.encode_pixels(np.stack([b.pixels for b in batch if b.pixels is not None]))
-            new_vectors = {b.content_hash: v for b, v in zip(batch, vecs, strict=True)}
-            summary.encoded += len(batch)
-        done = [(b.image_id, b.content_hash, b.width, b.height) for b in batch]
-        stored = cat.get_embeddings([w.content_hash for w in waiting], fp)
-        still: list[Ready] = []
-        for w in waiting:
-            if w.content_hash in new_vectors or w.content_hash in stored:
-                done.append((w.image_id, w.content_hash, w.width, w.height))
-                summary.reused += 1
-            elif w.content_hash in failed_hash:
-                cat.mark_failed(w.image_id, failed_hash[w.content_hash], w.content_hash)
-            else:
-                still.append(w)
-        cat.commit_indexed(fp, done, new_vectors)
-        batch, waiting = [], still
+            rows += [
+                Encoded(b.image_id, b.content_hash, b.width, b.height, v)
+                for b, v in zip(batch, vecs, strict=True)
+            ]
+        committer.commit(rows)
+        batch, dups = [], []
 
-    ordered = [records[i] for i in todo if i in records]
     window = max(config.batch_size * 2, config.workers * 4)
     with ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="decode") as pool:
         inflight: deque[Future[Prepared]] = deque(pool.submit(prepare, r) for r in ordered[:window])
@@ -326,14 +403,13 @@ def _encode_all(
             bar.update(1)
             if item.error is not None or item.content_hash is None:
                 reason = item.error.reason if item.error else imageio.UNREADABLE
-                cat.mark_failed(item.image_id, reason, item.content_hash)
-                if item.content_hash:
-                    failed_hash[item.content_hash] = reason
+                committer.fail(item.image_id, reason, item.content_hash)
                 continue
-            ready = Ready(item.image_id, item.content_hash, item.width, item.height, item.pixels)
-            (waiting if item.pixels is None else batch).append(ready)
+            if item.pixels is None:
+                dups.append(Encoded(item.image_id, item.content_hash, item.width, item.height, None))
+            else:
+                batch.append(Ready(item.image_id, item.content_hash, item.width, item.height, item.pixels))
             if len(batch) >= config.batch_size:
                 flush()
         flush()
-    # Whatever still waits keeps its 'pending' state and is picked up by the next run.
     bar.close()

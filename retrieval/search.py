@@ -102,6 +102,7 @@ class SearchResult:
     no_confident_match: bool | None = None
     #: True when the whole result came from the result cache (no encoder call, no index search).
     cached: bool = False
+    missing_shards: list[int] = field(default_factory=list)  # a sharded index's shards that did not answer
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -113,7 +114,7 @@ class SearchResult:
             "no_confident_match": self.no_confident_match,
             "cached": self.cached,
             "results": [r.to_dict() for r in self.results],
-        }
+        } | ({"partial": True, "missing_shards": self.missing_shards} if self.missing_shards else {})
 
 
 def load_query_image(
@@ -276,6 +277,7 @@ class Searcher:
         # ask for a little more than needed: ids deleted since the index was written are dropped
         want = q.offset + q.top_k
         scores, ids = idx.search(vec, want + 16, self.params)
+        missing = idx.missing_shards() if hasattr(idx, "missing_shards") else []  # sharded indexes only
         records = self.collection.catalog.get_images([int(i) for i in ids[0] if i >= 0])
         caps = self.collection.catalog.captions_for(list(records))
         roots = self.collection.catalog.roots()
@@ -302,7 +304,7 @@ class Searcher:
             )
         page = hits[q.offset : q.offset + q.top_k]
         m = self.index.manifest
-        return SearchResult(kind, m.model_name, m.built_factory, idx.ntotal, page)
+        return SearchResult(kind, m.model_name, m.built_factory, idx.ntotal, page, missing_shards=missing)
 
     def _empty_message(self) -> str:
         counts = self.collection.catalog.counts()

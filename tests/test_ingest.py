@@ -12,7 +12,7 @@ from PIL import Image
 from explainer.errors import cli_message
 from retrieval import Collection, IngestConfig, Query, Searcher, load_query_image
 from retrieval import imageio as imageio_mod
-from retrieval.encoders import EncoderConfig, create_encoder
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder
 from retrieval.errors import BadImage, BadQuery, ConfigError, IndexMismatch
 from retrieval.ingest import ingest
 
@@ -209,3 +209,14 @@ def test_search_modes(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyp
     with pytest.raises(BadQuery):
         searcher.search(Query(text="x", top_k=0))
     assert len(searcher.search(Query(text="x", top_k=500)).results) == 12
+
+
+def test_copies_of_content_stored_by_an_earlier_batch_are_indexed_in_the_same_run(
+    tmp_path: Path, encoder: Encoder
+) -> None:
+    files = make_folder(tmp_path / "imgs", 10)
+    for n in range(3):  # sorted after img_*: they reach the committer after img_0000's batch is stored
+        (tmp_path / "imgs" / f"zz_copy{n}.jpg").write_bytes(files[0].read_bytes())
+    s = ingest(tmp_path / "imgs", Collection(tmp_path / "d"), encoder, QUIET)
+    assert (s.encoded, s.reused, s.failed) == (10, 3, 0)
+    assert Collection(tmp_path / "d").catalog.counts().get("pending", 0) == 0

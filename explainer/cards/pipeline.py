@@ -63,6 +63,8 @@ class ResultPage:
     no_confident_match: bool | None = None
     #: True when the search itself came from the searcher's result cache.
     cached: bool = False
+    #: Shards of a sharded index that did not answer: the cards are the best of the others.
+    missing_shards: list[int] = field(default_factory=list)
 
 
 def query_token(echo: QueryEcho) -> str:
@@ -199,6 +201,7 @@ class CardPipeline:
             result=result,
             no_confident_match=result.no_confident_match,
             cached=result.cached,
+            missing_shards=list(result.missing_shards),
         )
 
     def search_captions(self, query: Query) -> SearchResult:

@@ -46,6 +46,9 @@ class IndexKnobs:
         return kind.lower().startswith("hnsw") and m.params.ef_construction != self.ef_construction
 
 
+ENGINES = ("local", "ray")
+
+
 def index_folder(
     path: Path,
     data_dir: Path | None = None,
@@ -61,23 +64,39 @@ def index_folder(
     patches: bool = False,
     progress: bool = True,
     knobs: IndexKnobs | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    memory_budget: str | None = None,
 ) -> tuple[IngestSummary, StoreReport | None, Path]:
     """Index (or update) `path` into a collection; the plain function behind the command (and `run`).
 
     Returns the ingest summary, the patch-store report when `patches` was asked, and the data dir.
+    `workers` is the one "parallel workers" knob: decode threads with the local engine, encoder
+    actors with `engine="ray"` (which imports Ray only then).
     """
+    from retrieval.autoindex import parse_bytes
     from retrieval.evidence import can_give_patches, store_collection_patches
     from retrieval.ingest import ingest
 
     if not path.is_dir():  # before loading any model: a typo should fail in a second, not after a load
         what = "is not a folder" if path.exists() else "does not exist"
         raise ConfigError(f"{path} {what}: give the folder of images to index")
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
+    if ray_address is not None and engine != "ray":
+        raise ConfigError("a Ray address only applies to the Ray engine")
+    budget = parse_bytes(memory_budget) if memory_budget is not None else None
     ddir = data_dir_or_default(data_dir)
     collection = Collection(ddir)
     if model is None and collection.store.exists() and not rebuild:
         model = collection.store.read_manifest().model_id  # keep indexing with the index's own model
+    # on Ray the driver's encoder only embeds caption texts: --device names the actors' device
     encoder = create_encoder(
-        EncoderConfig(model=model, device=device, precision=precision_or_setting(precision))
+        EncoderConfig(
+            model=model,
+            device="auto" if engine == "ray" else device,
+            precision=precision_or_setting(precision),
+        )
     )
     if patches and not can_give_patches(encoder):
         raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
@@ -97,8 +116,16 @@ def index_folder(
         progress=progress,
         search=search,
         ef_construction=knobs.ef_construction or DEFAULT_EF_CONSTRUCTION,
+        memory_budget=budget,
     )
-    summary = ingest(path, collection, encoder, cfg, log=note)
+    if engine == "ray":
+        from retrieval.distributed.ingest import RayConfig, ray_ingest
+
+        ray_cfg = RayConfig(address=ray_address, workers=workers, device=None if device == "auto" else device)
+        actor_encoder = EncoderConfig(model=model or encoder.info.name, device=ray_cfg.device)
+        summary = ray_ingest(path, collection, encoder, actor_encoder, cfg, ray_cfg, log=note)
+    else:
+        summary = ingest(path, collection, encoder, cfg, log=note)
     report = store_collection_patches(collection, encoder, progress=progress)[1] if patches else None
     return summary, report, ddir
 
@@ -111,7 +138,9 @@ def index_cmd(
         str | None,
         typer.Option(
             "--index",
-            help="flat (exact, default), hnsw, ivf (with --nlist), ivfpq, or a FAISS factory string",
+            help="flat (exact, default), hnsw, ivf (with --nlist), ivfpq, ivf-ondisk (memory-mapped, for "
+            "collections past RAM), auto (chosen from the collection's size and --memory-budget), "
+            "or a FAISS factory string",
         ),
     ] = None,
     captions: Annotated[
@@ -119,9 +148,30 @@ def index_cmd(
         typer.Option("--captions", help="JSONL of {image, captions} (default: PATH/captions.jsonl)"),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Decode threads")] = 2,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, max=64, help="Parallel workers: decode threads locally, encoder actors on Ray"
+        ),
+    ] = 2,
     device: Device = "auto",
     precision: Precision = None,
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="local (this process, default) or ray (Ray Data + encoder actors)"),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="With --engine ray: auto (this machine's cluster) or HOST:PORT "
+            "(default: a private local cluster)",
+        ),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", help="Memory the index may hold, for --index auto (e.g. 512M, 8G)"),
+    ] = None,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Replace an index built with another model")
     ] = False,
@@ -172,6 +222,9 @@ def index_cmd(
         patches=patches,
         progress=not quiet,
         knobs=IndexKnobs(hnsw_m, ef_construction, ef_search, nprobe, nlist),
+        engine=engine,
+        ray_address=ray_address,
+        memory_budget=memory_budget,
     )
     print_summary(summary, report, ddir, json_out)
 

@@ -28,9 +28,40 @@ def serve_cmd(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error")] = "info",
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", help="local (default) or ray: the image index split over Ray actors"),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option("--shards", min=1, max=256, help="With --engine ray: index shards (default 2)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", help="With --engine ray: auto or HOST:PORT (default: a private local cluster)"
+        ),
+    ] = None,
 ) -> None:
     """Serve the search page and the JSON API (models load once, at start-up)."""
-    run_server(data_dir, host, port, reload_interval, log_level)
+    if engine is not None and engine not in ("local", "ray"):
+        raise ConfigError(f"unknown engine {engine!r}: use local or ray")
+    if (shards is not None or ray_address is not None) and engine != "ray":
+        raise ConfigError("--shards and --ray-address apply to --engine ray only")
+    if ray_address is not None:
+        from retrieval.distributed.ingest import RayConfig
+
+        RayConfig(address=ray_address)  # refuse a malformed address before anything starts
+    run_server(
+        data_dir,
+        host,
+        port,
+        reload_interval,
+        log_level,
+        engine=engine,
+        shards=shards,
+        ray_address=ray_address,
+    )
 
 
 def run_server(
@@ -39,6 +70,10 @@ def run_server(
     port: int | None = None,
     reload_interval: float | None = None,
     log_level: str = "info",
+    *,
+    engine: str | None = None,
+    shards: int | None = None,
+    ray_address: str | None = None,
 ) -> None:
     """Serve one collection with uvicorn until interrupted; None means "from settings"."""
     import uvicorn
@@ -55,6 +90,9 @@ def run_server(
         updates["port"] = port
     if reload_interval is not None:
         updates["reload_interval_s"] = reload_interval
+    for key, value in (("engine", engine), ("shards", shards), ("ray_address", ray_address)):
+        if value is not None:
+            updates[key] = value
     settings = get_settings().model_copy(update=updates)
     if not collection_exists(settings.data_dir):  # nothing to serve, and nothing is created there
         raise IndexMissing(f"no collection at {settings.data_dir}", remedy="index_first")

@@ -151,6 +151,10 @@ class SearchResponse(BaseModel):
     )
     cached: bool = Field(default=False, description="true when the search came from the result cache")
     note: str | None = Field(default=None, description="Why there are no results, when it is not the query")
+    partial: bool = Field(
+        default=False, description="True when some index shards did not answer: the results miss their images"
+    )
+    missing_shards: list[int] = Field(default_factory=list, description="Which shards did not answer")
 
     @classmethod
     def from_page(cls, page: ResultPage) -> SearchResponse:
@@ -164,6 +168,8 @@ class SearchResponse(BaseModel):
             model=page.model,
             no_confident_match=page.no_confident_match,
             cached=page.cached,
+            partial=bool(page.missing_shards),
+            missing_shards=page.missing_shards,
         )
 
 

@@ -85,7 +85,7 @@ class ServerState:
                 return
             self._last_try = time.monotonic()
             try:
-                searcher = self.injected_searcher or Searcher.open(self.data_dir)
+                searcher = self.injected_searcher or self._open_searcher()
             except ClearsightError as exc:
                 self.problem = self.public(server_message(exc))
                 self._problem_type = (
@@ -102,6 +102,20 @@ class ServerState:
             explainer = self.injected_explainer or self._explainer()
             self.pipeline = CardPipeline(searcher, explainer, evidence, CatalogCaptions(searcher))
             self.problem = None
+
+    def _open_searcher(self) -> Searcher:
+        searcher = Searcher.open(self.data_dir)
+        if self.settings.engine != "ray":
+            return searcher
+        from retrieval.distributed.ingest import RayConfig, connect
+        from retrieval.distributed.sharded import ShardedSearcher
+
+        try:
+            connect(RayConfig(address=self.settings.ray_address))
+            return ShardedSearcher(searcher, self.settings.shards)
+        except BaseException:
+            searcher.close()
+            raise
 
     def _explainer(self) -> Explainer:
         def warn(message: str) -> None:

@@ -1,0 +1,312 @@
+"""An IVF index whose inverted lists and re-ranking vectors stay on disk, for collections past RAM.
+
+Layout of one version directory (written by `build`, read by `OnDiskIndex.load`):
+
+    images.faiss      the trained IVF-PQ index; its inverted lists point at images.ivfdata
+    images.ivfdata    every list's PQ codes and ids, merged from shards by faiss's on-disk merge
+    images.ids.npy    the catalog ids, sorted
+    images.vecs.npy   the exact float32 vectors in that order, for re-ranking
+
+Everything is memory-mapped when loaded, so a process serving the index holds only the coarse
+centroids, the PQ tables and the pages the queries touch. A search scans `nprobe` lists with the
+compressed codes, then re-scores `k_factor * k` candidates against the exact vectors: recall then
+depends on whether the true neighbours reach the candidate list, not on the PQ error.
+
+The build has three stages that a distributed engine can spread: `train` (one process, on a
+sample), `fill_shard` (independent, one per slice of the vectors: Ray tasks in
+retrieval.distributed.ondisk_build, a plain loop here) and `merge` (one process, streaming).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import mmap
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
+
+from retrieval.errors import ConfigError, IndexCorrupt, ShapeError
+from retrieval.types import Float32Array, Int64Array
+
+#: The name `--index` takes and the manifest records.
+ONDISK = "ivf-ondisk"
+INDEX_FILE = "images.faiss"
+DATA_FILE = "images.ivfdata"
+IDS_FILE = "images.ids.npy"
+VECS_FILE = "images.vecs.npy"
+FILES = (INDEX_FILE, DATA_FILE, IDS_FILE, VECS_FILE)
+#: Training points per centroid that faiss asks for (it warns below 39).
+POINTS_PER_CENTROID = 39
+#: Candidates re-ranked per result. 4 (the in-memory refine default) left recall@10 at 0.918 on 1M
+#: clustered 512-d vectors with PQ64 lists (bench/RESULTS.md); exact re-ranking of 16x reads 160 rows of
+#: 2 KB per top-10 query, a few hundred KB from the page cache.
+DEFAULT_K_FACTOR = 16
+#: Below this many vectors the lists hold SQ8 codes instead of PQ (see OnDiskLayout.factory).
+SQ8_BELOW = 65536
+#: Vectors a training sample holds at most: k-means and PQ training cost grow with it, quality barely.
+MAX_TRAIN = 100_000
+
+
+@dataclass(frozen=True)
+class OnDiskLayout:
+    """The IVF shape for `n` vectors of `dim`: lists, PQ sub-quantisers, and the factory string."""
+
+    nlist: int
+    pq_m: int
+
+    @classmethod
+    def for_size(cls, n: int, dim: int) -> OnDiskLayout:
+        # about 4 sqrt(n) lists (autofaiss's rule of thumb), but never more than the data can train
+        nlist = 2 ** max(0, round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))
+        nlist = max(1, min(nlist, n // POINTS_PER_CENTROID if n >= POINTS_PER_CENTROID else 1, 65536))
+        # one code byte per 8 dimensions (64 bytes at 512-d), but at least 16 bytes for small dims
+        m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(dim // 8, min(dim, 16)))
+        return cls(nlist=nlist, pq_m=m)
+
+    def factory(self, n: int) -> str:
+        """PQ codes for large collections; below SQ8_BELOW vectors 8-bit scalar codes, whose few MB do
+        not matter and which rank well enough that small, near-uniform sets keep their recall; the
+        tiniest get exact lists."""
+        if n < 64:
+            return f"IVF{self.nlist},Flat"
+        if n < SQ8_BELOW:
+            return f"IVF{self.nlist},SQ8"
+        return f"IVF{self.nlist},PQ{self.pq_m}np"
+
+
+@contextmanager
+def _c_stdout_to_stderr() -> Iterator[None]:
+    """faiss's on-disk lists print progress with C printf; keep it off stdout, which may carry JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _random_access(arr: np.ndarray) -> None:
+    """Tell the kernel re-ranking reads are random (no read-ahead). Measured at 1M, the serving
+    process still counted the whole vectors file as resident file pages with this hint (its own
+    anonymous memory stayed at 36 MiB): the cause is not found yet (bench/RESULTS.md)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+
+
+def _check(ids: Int64Array, vectors: Float32Array, dim: int) -> tuple[Int64Array, Float32Array]:
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.dtype != np.float32:
+        raise ShapeError(f"vectors must be float32 of shape (n, {dim}), got {vectors.dtype} {vectors.shape}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if len(ids) != len(vectors):
+        raise ShapeError(f"{len(ids)} ids for {len(vectors)} vectors")
+    return ids, np.ascontiguousarray(vectors)
+
+
+def train(vectors: Float32Array, dim: int, factory: str, seed: int = 0) -> bytes:
+    """Train the coarse quantiser and PQ on a sample; the empty trained index, serialized."""
+    n = len(vectors)
+    take = min(n, MAX_TRAIN)
+    rng = np.random.default_rng(seed)
+    sample = vectors if take == n else vectors[np.sort(rng.choice(n, size=take, replace=False))]
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return bytes(faiss.serialize_index(index))
+
+
+def fill_shard(trained: bytes, ids: Int64Array, vectors: Float32Array, out: str) -> int:
+    """Add one slice of the vectors to a copy of the trained index and write it to `out`.
+
+    Independent of every other shard: this is the step a cluster runs in parallel.
+    """
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids))
+    tmp = out + ".tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, out)
+    return int(index.ntotal)
+
+
+#: How shard jobs run: given (trained index, [(ids, vectors, output path)]), fill every shard.
+ShardRunner = Callable[[bytes, Sequence[tuple[Int64Array, Float32Array, str]]], None]
+
+
+def run_shards_here(trained: bytes, jobs: Sequence[tuple[Int64Array, Float32Array, str]]) -> None:
+    """The single-process runner: one shard after another."""
+    for ids, vecs, out in jobs:
+        fill_shard(trained, ids, vecs, out)
+
+
+def build(
+    ids: Int64Array,
+    vectors: Float32Array,
+    dim: int,
+    out_dir: Path,
+    *,
+    shards: int = 4,
+    runner: ShardRunner = run_shards_here,
+    nprobe: int = 32,
+    k_factor: int = DEFAULT_K_FACTOR,
+    timings: dict[str, float] | None = None,
+) -> OnDiskIndex:
+    """Train, fill `shards` shard indexes through `runner`, merge them on disk, and write the
+    re-ranking vectors; everything lands in `out_dir` (created), which then holds a loadable index."""
+    import time
+
+    ids, vectors = _check(ids, vectors, dim)
+    n = len(ids)
+    if n == 0:
+        raise ConfigError("an on-disk IVF index needs at least one vector")
+    if len(np.unique(ids)) != n:
+        raise ShapeError("ids must be unique")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layout = OnDiskLayout.for_size(n, dim)
+    factory = layout.factory(n)
+    clock = timings if timings is not None else {}
+
+    t0 = time.perf_counter()
+    trained = train(vectors, dim, factory)
+    clock["train_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    work = out_dir / ".shards"
+    work.mkdir(exist_ok=True)
+    bounds = np.linspace(0, n, max(1, min(shards, n)) + 1).astype(int)
+    jobs = [
+        (ids[a:b], vectors[a:b], str(work / f"shard-{i:04d}.faiss"))
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+    runner(trained, jobs)
+    clock["fill_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    data_path = out_dir / DATA_FILE
+    if data_path.exists():
+        data_path.unlink()
+    with _c_stdout_to_stderr():
+        merge_ondisk(index, [j[2] for j in jobs], str(data_path))
+    faiss.write_index(index, str(out_dir / INDEX_FILE))
+    shutil.rmtree(work, ignore_errors=True)
+    clock["merge_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    order = np.argsort(ids, kind="stable")
+    np.save(out_dir / IDS_FILE, ids[order])
+    vec_out = np.lib.format.open_memmap(out_dir / VECS_FILE, mode="w+", dtype=np.float32, shape=(n, dim))
+    for a in range(0, n, 65536):  # in chunks: a gather of the whole array would double the memory
+        vec_out[a : a + 65536] = vectors[order[a : a + 65536]]
+    vec_out.flush()
+    del vec_out
+    clock["vectors_s"] = time.perf_counter() - t0
+    return OnDiskIndex.load(out_dir, dim, factory, nprobe=nprobe, k_factor=k_factor)
+
+
+class OnDiskIndex:
+    """A loaded, memory-mapped on-disk IVF index with exact re-ranking. Read-only."""
+
+    def __init__(
+        self,
+        index: Any,
+        ids: Int64Array,
+        vectors: Float32Array,
+        directory: Path,
+        dim: int,
+        factory: str,
+        nprobe: int,
+        k_factor: int,
+    ) -> None:
+        self.index = index
+        self._ids = ids
+        self._vectors = vectors
+        self.directory = directory
+        self.dim = dim
+        self.factory = factory
+        self.nprobe = nprobe
+        self.k_factor = k_factor
+        self._ivf = faiss.extract_index_ivf(index)
+
+    @classmethod
+    def load(
+        cls, directory: Path, dim: int, factory: str, *, nprobe: int = 32, k_factor: int = DEFAULT_K_FACTOR
+    ) -> OnDiskIndex:
+        missing = [f for f in FILES if not (directory / f).exists()]
+        if missing:
+            raise IndexCorrupt(f"on-disk index in {directory} lacks {', '.join(missing)}; rebuild it")
+        try:
+            # ONDISK_SAME_DIR: the lists file is looked up beside images.faiss, wherever the version
+            # directory was renamed to; the lists are mmap'ed, not read
+            with _c_stdout_to_stderr():
+                index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            ids = np.load(directory / IDS_FILE, mmap_mode="r")
+            vecs = np.load(directory / VECS_FILE, mmap_mode="r")
+            _random_access(vecs)
+        except Exception as exc:
+            raise IndexCorrupt(f"cannot read the on-disk index in {directory}: {exc}") from exc
+        if index.d != dim or vecs.shape != (len(ids), dim) or int(index.ntotal) != len(ids):
+            raise IndexCorrupt(
+                f"on-disk index in {directory} is inconsistent: {index.ntotal} listed, {len(ids)} ids, "
+                f"vectors {vecs.shape}, expected dimension {dim}"
+            )
+        return cls(index, ids, vecs, directory, dim, factory, nprobe, k_factor)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> Int64Array:
+        return np.asarray(self._ids, dtype=np.int64)
+
+    def reconstruct(self, id_: int) -> Float32Array:
+        row = int(np.searchsorted(self._ids, id_))
+        if row >= len(self._ids) or int(self._ids[row]) != int(id_):
+            raise KeyError(id_)
+        return np.array(self._vectors[row], dtype=np.float32)
+
+    def search(
+        self, queries: Float32Array, k: int, nprobe: int | None = None, k_factor: int | None = None
+    ) -> tuple[Float32Array, Int64Array]:
+        """Top-k by exact inner product among the IVF-PQ candidates (queries already validated)."""
+        nq = len(queries)
+        k = max(0, min(int(k), self.ntotal))
+        if k == 0:
+            return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+        depth = min(self.ntotal, k * max(1, k_factor or self.k_factor))
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(int(nprobe or self.nprobe), self._ivf.nlist)
+        _, cand = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), depth, params=params)
+        scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        found = np.full((nq, k), -1, dtype=np.int64)
+        for qi in range(nq):
+            c = cand[qi][cand[qi] >= 0]
+            if not len(c):
+                continue
+            rows = np.searchsorted(self._ids, c)
+            s = np.asarray(self._vectors[rows]) @ queries[qi]
+            top = np.argsort(-s, kind="stable")[:k]
+            scores[qi, : len(top)] = s[top]
+            found[qi, : len(top)] = c[top]
+        return scores, found
+
+    def copy_to(self, directory: Path) -> None:
+        """Put this index's files into another version directory (hard links where the disk allows)."""
+        for name in FILES:
+            src, dst = self.directory / name, directory / name
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
