@@ -112,8 +112,10 @@ def sync_indexes(
     factory = factory or "flat"
 
     ids, vecs = collection.catalog.indexed_vectors(info.fingerprint, info.dim)
+    kind = factory  # the kind both indexes follow: "auto" resolved to what it chose
     if factory == "auto":
         choice = choose_index(len(ids), info.dim, memory_budget)
+        kind = choice.factory
         built, note = resolve_factory(choice.factory, len(ids), info.dim)
         note = f"auto: {choice.reason}" + (f"; {note}" if note else "")
     else:
@@ -159,7 +161,8 @@ def sync_indexes(
     cap_vecs, _ = embed_texts_cached(collection.catalog, encoder, [c.text for c in caps], progress=progress)
     # the captions index follows the images index's kind (resolved for its own count: too few
     # captions to train IVF stay exact), and its search knobs
-    cap_built, _ = resolve_factory(factory, len(cap_ids), info.dim)
+    # captions stay in memory: an on-disk layout is for image collections past RAM
+    cap_built, _ = resolve_factory("flat" if built == ondisk.ONDISK else kind, len(cap_ids), info.dim)
     captions_changed = (
         current is None
         or rebuilt

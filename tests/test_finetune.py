@@ -26,6 +26,7 @@ from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.errors import ConfigError
 from retrieval.testing.synthetic import SyntheticConfig, write_scenes
 from retrieval.testing.tiny import make_clip
+from retrieval.training.contrastive import Optimiser, apply_freeze, param_groups
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import EvalConfig, evaluate
 from retrieval.training.finetune import (
@@ -33,9 +34,6 @@ from retrieval.training.finetune import (
     PLOT_FILE,
     FinetuneConfig,
     FinetuneResult,
-    _apply_freeze,
-    _Optimiser,
-    _param_groups,
     finetune,
     load_training_data,
 )
@@ -164,7 +162,7 @@ def test_freeze_modes_choose_the_trainable_parameters(tiny_clip_dir: Path) -> No
     model = CLIPModel.from_pretrained(str(tiny_clip_dir))
 
     def trainable(mode: str, last_n: int = 1) -> set[str]:
-        _apply_freeze(model, mode, last_n)
+        apply_freeze(model, mode, last_n)
         return {n for n, p in model.named_parameters() if p.requires_grad}
 
     everything = {n for n, _ in model.named_parameters()}
@@ -180,10 +178,10 @@ def test_freeze_modes_choose_the_trainable_parameters(tiny_clip_dir: Path) -> No
     assert any(n.startswith("vision_model.encoder.layers.1.") for n in last)
     assert not any(".layers.0." in n or "embeddings" in n for n in last)
     with pytest.raises(ConfigError, match="last_n"):
-        _apply_freeze(model, "last-n", 5)
+        apply_freeze(model, "last-n", 5)
 
-    _apply_freeze(model, "none", 1)
-    decay, plain = _param_groups(model, 0.1)
+    apply_freeze(model, "none", 1)
+    decay, plain = param_groups(model, 0.1)
     plain_ids = {id(p) for p in plain["params"]}
     for name, p in model.named_parameters():
         expect_plain = p.ndim < 2 or name.endswith(".bias") or "norm" in name or name == "logit_scale"
@@ -195,7 +193,7 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
     """The optimiser's schedule (transformers' cosine with warmup): 10 warmup steps of 100 in all."""
     net = torch.nn.Linear(2, 2)
     config = FinetuneConfig(epochs=1, lr=1.0, warmup=0.1, progress=False)
-    opt = _Optimiser(net, list(net.parameters()), "cpu", 100, config)
+    opt = Optimiser(net, list(net.parameters()), "cpu", 100, config)
     factors = []
     for _ in range(100):
         factors.append(opt.lr)
