@@ -261,14 +261,15 @@ def decode(
                 raise BadImage(TOO_SMALL, f"{w}x{h}")
             if getattr(im, "is_animated", False):
                 im.seek(0)  # first frame stands for an animation
-            orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
             if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
                 im.draft(im.mode, (draft_size, draft_size))
             cost = decode_cost(im.size, im.mode, reduced=bool(draft_size))
             with (budget or _budget).hold(cost):
                 im.load()
+                # after load: PNG's getexif() decodes the whole image to find a late eXIf chunk
+                orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+                if orientation in (5, 6, 7, 8):
+                    w, h = h, w
                 if draft_size:
                     im = _reduce(im, draft_size)
                 shown: Image.Image = ImageOps.exif_transpose(im) or im

@@ -270,3 +270,22 @@ def test_cleanup_keeps_the_live_version_after_a_crash_before_the_switch(
     left = sorted(p.name for p in store.root.glob("v[0-9]*"))
     assert left == sorted({live, newest}), "cleanup must keep CURRENT's old version, not the orphan"
     assert store.load().manifest.count == 5
+
+
+def test_png_orientation_is_read_inside_the_budget() -> None:
+    """PNG's getexif() decodes the whole image (to find an eXIf chunk after the pixels): it must not run
+    before the decode has reserved its memory, or concurrent uploads add up outside the budget."""
+    budget = imageio.DecodeBudget(1 << 30)
+    loads_outside: list[bool] = []
+    real_getexif = Image.Image.getexif
+
+    def spy(self: Image.Image) -> Image.Exif:
+        loads_outside.append(budget.in_use == 0)
+        return real_getexif(self)
+
+    try:
+        Image.Image.getexif = spy  # type: ignore[method-assign]
+        imageio.decode(_png((600, 400)), draft_size=64, budget=budget)
+    finally:
+        Image.Image.getexif = real_getexif  # type: ignore[method-assign]
+    assert loads_outside and not any(loads_outside)
