@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from retrieval.imageio import DEFAULT_MAX_PIXELS
 from retrieval.paths import default_data_dir
 
 
@@ -63,6 +65,30 @@ class Settings(BaseSettings):
     engine: Literal["local", "ray"] = "local"
     shards: int = Field(default=2, ge=1, le=256)
     ray_address: str | None = Field(default=None, max_length=300)  # None: a private local cluster
+
+    # Sharing on a network (explainer/server/security.py). Binding a non-loopback address needs a
+    # token: CLEARSIGHT_API_TOKEN, or one generated once (`generate_token`) and kept in the data dir.
+    api_token: SecretStr | None = None
+    generate_token: bool = False  # make a token on first start (printed once, kept mode 0600)
+    token_on_loopback: bool = False  # also require the token on 127.0.0.1 / ::1 / localhost
+    # Host names beyond loopback and the bind address: "a.example,b.example" or a JSON list
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auth_failures_per_minute: int = Field(default=10, ge=1, le=10_000)  # per client, then 429
+    explain_requests_per_minute: int = Field(default=240, ge=1, le=100_000)  # per client, then 429
+    explain_burst: int = Field(default=48, ge=1, le=10_000)  # requests a client may send at once
+    decode_budget_mb: int = Field(default=384, ge=16, le=1_000_000)  # decoded pixels held at once
+    body_budget_mb: int = Field(default=64, ge=1, le=1_000_000)  # large request bodies held at once
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=64)  # collection images (ingest's limit)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [h.strip() for h in text.split(",") if h.strip()]
+        return value
 
 
 @lru_cache(maxsize=1)

@@ -536,6 +536,7 @@ class IndexStore:
     def save(self, manifest: Manifest, images: VectorIndex, captions: VectorIndex) -> str:
         """Write a complete new version and switch CURRENT to it atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
+        previous = self.current_version()  # what readers may hold open until they reload
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             images.write_into(tmp)
@@ -552,13 +553,19 @@ class IndexStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._collect_garbage(keep={version})
+        self._collect_garbage(keep={version} | ({previous} if previous else set()))
         return version
 
     def _collect_garbage(self, keep: set[str]) -> None:
-        """Drop old versions and debris from crashed writers; the previous version is kept for readers."""
-        versions = sorted(p.name for p in self.root.glob("v[0-9]*"))
-        keep = keep | set(versions[-2:])
+        """Drop every version but `keep` (the new live one and the one it replaced) and crash debris.
+
+        What to keep is decided by what CURRENT pointed to, never by name order: a writer killed
+        between renaming its version into place and switching CURRENT leaves an orphan with the
+        highest number, and keeping "the two newest" would keep that orphan and delete the version
+        readers are still using.
+        """
+        live = self.current_version()
+        keep = keep | ({live} if live else set())
         for p in self.root.iterdir():
             debris = p.name.startswith((".tmp-", ".build-")) and p.is_dir()
             if (p.name.startswith("v") and p.name not in keep) or debris:

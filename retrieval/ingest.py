@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ class IngestConfig:
     factory: str | None = None  # None: keep the index's factory (flat for a new index)
     captions_file: Path | None = None  # generic JSONL {"image", "captions"}; default: PATH/captions.jsonl
     max_pixels: int = imageio.DEFAULT_MAX_PIXELS
+    max_file_bytes: int = imageio.DEFAULT_MAX_FILE_BYTES  # larger files are refused while reading
     rebuild: bool = False  # re-encode everything with this model, replacing an index of another model
     progress: bool = True
     search: SearchParams | None = None  # query-time knobs to record (None: keep the index's)
@@ -56,6 +58,7 @@ class IngestSummary:
     reused: int = 0  # identical content found already encoded
     failed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    unreadable_dirs: int = 0  # directories that could not be listed (also in failures, by reason)
     captioned: int = 0
     seconds: float = 0.0
     index: SyncReport | None = None
@@ -81,10 +84,28 @@ class FoundFile:
     error: str | None = None  # a reason when the file cannot even be stat'ed
 
 
+#: Reason recorded for a directory that cannot be listed (its images are not seen, so say so).
+UNREADABLE_DIR = "unreadable directory"
+
+
 def walk(root: Path) -> Iterator[FoundFile]:
-    """Every image-suffixed file under root, following directory symlinks without looping."""
+    """Every image-suffixed file under root, following directory symlinks without looping.
+
+    Only regular files (after resolving symlinks) come out clean: FIFOs, sockets and devices come
+    out with the reason "not a regular file", so nobody ever opens them. Directories that cannot
+    be listed come out as failures too, so a permission problem is reported instead of silently
+    shrinking the collection.
+    """
     seen_dirs: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    unlisted: list[FoundFile] = []
+
+    def on_error(exc: OSError) -> None:
+        where = exc.filename if isinstance(exc.filename, str) else str(root)
+        unlisted.append(FoundFile(where, 0, 0, UNREADABLE_DIR))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
+        yield from unlisted
+        unlisted.clear()
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -108,7 +129,11 @@ def walk(root: Path) -> Iterator[FoundFile]:
             except OSError:
                 yield FoundFile(p, 0, 0, imageio.UNREADABLE)
                 continue
+            if not stat.S_ISREG(fst.st_mode):
+                yield FoundFile(p, 0, 0, imageio.NOT_REGULAR)
+                continue
             yield FoundFile(p, fst.st_size, fst.st_mtime_ns)
+    yield from unlisted
 
 
 # -- dataset captions ----------------------------------------------------------------------------
@@ -311,8 +336,9 @@ def ingest(
         # 4. derive the indexes from the catalog
         summary.index = (sync or _sync)(collection, encoder, config)
     prefix = str(root).rstrip("/") + "/"
-    reasons = [r for p, r in cat.failures(limit=10**9) if p.startswith(prefix)]
+    reasons = [r for p, r in cat.failures(limit=10**9) if p.startswith(prefix) or p == str(root)]
     summary.failed, summary.failures = len(reasons), dict(Counter(reasons))
+    summary.unreadable_dirs = summary.failures.get(UNREADABLE_DIR, 0)
     summary.seconds = time.perf_counter() - started
     if log and summary.index and summary.index.note:
         log(summary.index.note)
@@ -362,7 +388,7 @@ def _encode_all(
     def prepare(rec: ImageRecord) -> Prepared:
         item = Prepared(rec.id, rec.path)
         try:
-            data = imageio.read_bytes(Path(rec.path))
+            data = imageio.read_bytes(Path(rec.path), config.max_file_bytes)
             item.content_hash = h = imageio.content_hash(data)
             if cat.get_embeddings([h], fp) or claimed.setdefault(h, rec.id) != rec.id:
                 # identical content: encoded already, or being encoded by another item of this run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,11 +11,12 @@ from PIL import Image
 
 from retrieval import imageio
 from retrieval.builder import embed_texts_cached
+from retrieval.catalog import CaptionRecord, ImageRecord
 from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
 from retrieval.errors import BadQuery, NotEnoughData
-from retrieval.index import LoadedIndex, SearchParams
+from retrieval.index import LoadedIndex, SearchParams, VectorIndex
 from retrieval.result_cache import ResultCache, image_key, vector_key
 from retrieval.types import Float32Array
 
@@ -274,25 +275,26 @@ class Searcher:
         idx = self.index.images
         if idx.ntotal == 0:
             raise NotEnoughData(self._empty_message(), remedy="index_first")
-        # ask for a little more than needed: ids deleted since the index was written are dropped
         want = q.offset + q.top_k
-        scores, ids = idx.search(vec, want + 16, self.params)
+        catalog = self.collection.catalog
+        records: dict[int, ImageRecord] = {}
+
+        def valid(ids: list[int]) -> list[bool]:
+            records.update(catalog.get_images([i for i in ids if i not in records]))
+            return [(r := records.get(i)) is not None and r.state == "indexed" for i in ids]
+
+        found = _fetch_valid(idx, vec, want, q.min_score, valid, self.params)
         missing = idx.missing_shards() if hasattr(idx, "missing_shards") else []  # sharded indexes only
-        records = self.collection.catalog.get_images([int(i) for i in ids[0] if i >= 0])
-        caps = self.collection.catalog.captions_for(list(records))
-        roots = self.collection.catalog.roots()
+        caps = catalog.captions_for([i for _, i in found])
+        roots = catalog.roots()
         hits: list[Hit] = []
-        for s, i in zip(scores[0], ids[0], strict=True):
-            rec = records.get(int(i))
-            if rec is None or rec.state != "indexed":
-                continue
-            if q.min_score is not None and float(s) < q.min_score:
-                break
+        for s, i in found:
+            rec = records[i]
             hits.append(
                 Hit(
                     id=rec.id,
                     path=rec.path,
-                    score=round(float(s), 6),
+                    score=round(s, 6),
                     rank=len(hits) + 1,
                     width=rec.width,
                     height=rec.height,
@@ -335,19 +337,26 @@ class Searcher:
                 remedy="add_captions",
             )
         want = q.offset + q.top_k
-        scores, ids = idx.search(vec, want + 16, self.params)
         cat = self.collection.catalog
-        caps = cat.get_captions([int(i) for i in ids[0] if i >= 0])
-        images = cat.get_images(sorted({c.image_id for c in caps.values()}))
+        caps: dict[int, CaptionRecord] = {}
+        images: dict[int, ImageRecord] = {}
+
+        def valid(ids: list[int]) -> list[bool]:
+            caps.update(cat.get_captions([i for i in ids if i not in caps]))
+            owners = {c.image_id for c in caps.values()} - set(images)
+            images.update(cat.get_images(sorted(owners)))
+            out = []
+            for i in ids:
+                c = caps.get(i)
+                rec = images.get(c.image_id) if c else None
+                out.append(rec is not None and rec.state == "indexed")
+            return out
+
         roots = cat.roots()
         hits: list[CaptionHit] = []
-        for s, i in zip(scores[0], ids[0], strict=True):
-            c = caps.get(int(i))
-            rec = images.get(c.image_id) if c else None
-            if c is None or rec is None or rec.state != "indexed":
-                continue
-            if q.min_score is not None and float(s) < q.min_score:
-                break
+        for s, i in _fetch_valid(idx, vec, want, q.min_score, valid, self.params):
+            c = caps[i]
+            rec = images[c.image_id]
             hits.append(
                 CaptionHit(
                     c.id,
@@ -355,7 +364,7 @@ class Searcher:
                     c.source,
                     rec.id,
                     rec.path,
-                    round(float(s), 6),
+                    round(s, 6),
                     len(hits) + 1,
                     file_name=Path(rec.path).name,
                     relative_path=cat.relative_path(rec.path, roots),
@@ -429,3 +438,44 @@ class Searcher:
         for h, c in zip(hits, confs, strict=True):
             h.confidence = c
         result.no_confident_match = cal.no_confident_match(confs)
+
+
+#: The first fetch asks for this many more than wanted; each further round doubles the fetch.
+FIRST_EXTRA = 16
+
+
+def _fetch_valid(
+    idx: VectorIndex,
+    vec: Float32Array,
+    want: int,
+    min_score: float | None,
+    valid: Callable[[list[int]], list[bool]],
+    params: SearchParams | None,
+) -> list[tuple[float, int]]:
+    """The best `want` (score, id) pairs whose ids `valid` accepts, best first.
+
+    The live index can hold ids the catalog no longer counts as indexed (files deleted or changed
+    since the index was written, until the next sync). However many there are, the fetch grows
+    until `want` valid hits are found, the index has nothing more to give, or scores fall below
+    `min_score`, so a page is never short because of them.
+    """
+    total = idx.ntotal
+    fetch = min(want + FIRST_EXTRA, max(total, 1))
+    while True:
+        scores, ids = idx.search(vec, fetch, params)
+        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        ok = valid([i for _, i in pairs])
+        found: list[tuple[float, int]] = []
+        below = False
+        for (s, i), good in zip(pairs, ok, strict=True):
+            if min_score is not None and s < min_score:
+                below = True
+                break
+            if good:
+                found.append((s, i))
+                if len(found) == want:
+                    return found
+        exhausted = len(pairs) < fetch or fetch >= total
+        if below or exhausted:
+            return found
+        fetch = min(total, fetch * 2)

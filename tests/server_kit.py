@@ -53,6 +53,7 @@ def server_settings(data_dir: Path, tmp: Path, **overrides: Any) -> Settings:
         "reload_interval_s": 0.0,
         "explain_max_retries": 0,
         "explain_timeout_s": 5.0,
+        "allowed_hosts": ["testserver"],  # the Host name TestClient sends
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -78,10 +78,10 @@ def test_zoo_is_indexed_and_bad_files_recorded(
     good, bad = _zoo(root)
     real_read = imageio_mod.read_bytes
 
-    def read(path: Path) -> bytes:  # root can read any file, so permission loss is simulated
+    def read(path: Path, *args: int) -> bytes:  # root can read any file, so permission loss is simulated
         if path.name == "unreadable.jpg":
             raise BadImage(imageio_mod.UNREADABLE, "Permission denied")
-        return real_read(path)
+        return real_read(path, *args)
 
     monkeypatch.setattr(imageio_mod, "read_bytes", read)
     col = Collection(tmp_path / "data")

@@ -42,6 +42,14 @@ def serve_cmd(
             "--ray-address", help="With --engine ray: auto or HOST:PORT (default: a private local cluster)"
         ),
     ] = None,
+    generate_token: Annotated[
+        bool,
+        typer.Option(
+            "--generate-token",
+            help="On a non-loopback address without CLEARSIGHT_API_TOKEN: make a token, print it once "
+            "and keep it in the data dir (mode 0600)",
+        ),
+    ] = False,
 ) -> None:
     """Serve the search page and the JSON API (models load once, at start-up)."""
     if engine is not None and engine not in ("local", "ray"):
@@ -61,6 +69,7 @@ def serve_cmd(
         engine=engine,
         shards=shards,
         ray_address=ray_address,
+        generate_token=generate_token,
     )
 
 
@@ -74,11 +83,16 @@ def run_server(
     engine: str | None = None,
     shards: int | None = None,
     ray_address: str | None = None,
+    generate_token: bool = False,
 ) -> None:
-    """Serve one collection with uvicorn until interrupted; None means "from settings"."""
+    """Serve one collection with uvicorn until interrupted; None means "from settings".
+
+    A non-loopback address needs a token; without one this refuses before loading anything.
+    """
     import uvicorn
 
     from explainer.server import create_app
+    from explainer.server.security import auth_decision
     from explainer.settings import get_settings
 
     updates: dict[str, object] = {}
@@ -93,14 +107,22 @@ def run_server(
     for key, value in (("engine", engine), ("shards", shards), ("ray_address", ray_address)):
         if value is not None:
             updates[key] = value
+    if generate_token:
+        updates["generate_token"] = True
     settings = get_settings().model_copy(update=updates)
+    decision = auth_decision(settings)  # ConfigError (one line, non-zero exit) when a token is missing
     if not collection_exists(settings.data_dir):  # nothing to serve, and nothing is created there
         raise IndexMissing(f"no collection at {settings.data_dir}", remedy="index_first")
+    if decision.generated:
+        where = f"kept in {decision.token_file}, mode 0600"
+        note(f"clearsight: generated an access token ({where}), shown this once: {decision.token}")
+    elif decision.token is not None:
+        note("clearsight: the API needs the access token (Authorization: Bearer); the page asks for it")
     sock = bind(settings.host, settings.port)  # a busy port is reported before "serving on"
     logging.getLogger("explainer").setLevel(log_level.upper())
     note(f"clearsight: serving {settings.data_dir} on http://{settings.host}:{sock.getsockname()[1]}")
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, token=decision.token),
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),

@@ -248,7 +248,7 @@ async def thumbnail(
 
 def _thumbs(state: ServerState) -> images.Thumbnails:
     root = state.settings.thumb_dir or state.data_dir / "thumbs"
-    return images.Thumbnails(root, state.settings.max_upload_pixels)
+    return images.Thumbnails(root, state.settings.max_image_pixels)
 
 
 @router.get(
@@ -275,7 +275,7 @@ async def evidence_png(
 
     def draw() -> bytes:
         query, _ = state.resolve(inp, pipeline.searcher)
-        view = images.view(rec, size, state.settings.max_upload_pixels)
+        view = images.view(rec, size, state.settings.max_image_pixels)
         picture = pipeline.evidence_picture(image_id, query, view)
         if isinstance(picture, PILImage.Image):
             return images.png_bytes(picture)

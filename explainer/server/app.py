@@ -24,14 +24,16 @@ from fastapi.templating import Jinja2Templates
 from explainer.cards.evidence import EvidenceProvider
 from explainer.errors import ConfigError
 from explainer.explain.chain import Explainer
-from explainer.server import api, compat, pages
+from explainer.server import api, compat, pages, security
+from explainer.server.docs import mount_docs
 from explainer.server.handlers import install_error_handlers, render_error
-from explainer.server.limits import BodyLimitMiddleware
+from explainer.server.limits import BodyBudgetMiddleware, BodyLimitMiddleware
 from explainer.server.queries import QueryImages
 from explainer.server.schemas import SearchForm, SearchRequest
 from explainer.server.state import ServerState
 from explainer.settings import Settings, get_settings
 from explainer.version import version
+from retrieval import imageio
 from retrieval.assets import asset_dir
 from retrieval.search import Searcher
 
@@ -73,9 +75,16 @@ def create_app(
     explainer: Explainer | None = None,
     *,
     evidence: EvidenceProvider | None = None,
+    token: str | None = None,
 ) -> FastAPI:
-    """Build the app; `searcher`, `explainer` and `evidence` replace what settings would load (tests)."""
+    """Build the app; `searcher`, `explainer` and `evidence` replace what settings would load (tests).
+
+    `token`: the one `clearsight serve` decided on; None decides from settings (see security.py).
+    """
     settings = settings or get_settings()
+    if token is None:
+        token = security.auth_decision(settings).token
+    imageio.set_decode_budget(settings.decode_budget_mb * 1024 * 1024)
     templates_dir = asset_dir("templates")
     static_dir = templates_dir / "static"
     if not static_dir.is_dir():
@@ -112,8 +121,11 @@ def create_app(
         version=version(),
         description="Explainable image search: cards with evidence regions, captions and explanations.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.clearsight = state
+    app.state.security = security.SecurityConfig.from_settings(settings, token)
     install_error_handlers(app)
     body_limit = (settings.max_upload_bytes * 4) // 3 + 64 * 1024  # base64 and multipart overhead
     mib = settings.max_upload_bytes / (1024 * 1024)
@@ -123,6 +135,11 @@ def create_app(
         render=render_error,
         message=f"the upload is too large: images are limited to {mib:.3g} MiB",
     )
+    app.add_middleware(BodyBudgetMiddleware, budget=settings.body_budget_mb * 1024 * 1024, limit=body_limit)
+    app.add_middleware(security.SecurityMiddleware, config=app.state.security, render=render_error)
+    app.add_route(security.LOGIN_PATH, security.login_form, methods=["GET"], include_in_schema=False)
+    app.add_route(security.LOGIN_PATH, security.login_submit, methods=["POST"], include_in_schema=False)
+    mount_docs(app)
     app.include_router(api.router)
     app.include_router(compat.router)
     app.include_router(pages.router)

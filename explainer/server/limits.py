@@ -9,6 +9,7 @@ do a "lingering close".
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
@@ -93,3 +94,44 @@ def _content_length(request: Request) -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+class BodyBudgetMiddleware:
+    """Large bodies wait their turn: together they hold at most `budget` bytes while being handled.
+
+    The body limit bounds one request; this bounds many at once. A request declaring more than
+    `small` bytes (or sending chunked, counted at `limit`) reserves its size before its body is read
+    and releases it when its response is done, so 16 clients sending maximum-size JSON bodies cost
+    the memory of a few, not of sixteen. A body larger than the whole budget still runs, alone.
+    """
+
+    def __init__(self, app: ASGIApp, budget: int, limit: int, small: int = 256 * 1024) -> None:
+        self.app = app
+        self.budget = budget
+        self.limit = limit
+        self.small = small
+        self._used = 0
+        self._cond: asyncio.Condition | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(Request(scope))
+        size = self.limit if declared is None else min(declared, self.limit)
+        if size <= self.small:
+            await self.app(scope, receive, send)
+            return
+        need = min(size, self.budget)
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        cond = self._cond
+        async with cond:
+            await cond.wait_for(lambda: self._used + need <= self.budget)
+            self._used += need
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            async with cond:
+                self._used -= need
+                cond.notify_all()

@@ -136,9 +136,17 @@ def echo_for(inp: QueryInput) -> QueryEcho:
 
 
 def resolve(
-    inp: QueryInput, searcher: Searcher, images: QueryImages, max_pixels: int
+    inp: QueryInput,
+    searcher: Searcher,
+    images: QueryImages,
+    max_pixels: int,
+    collection_max_pixels: int = imageio.DEFAULT_MAX_PIXELS,
 ) -> tuple[Query, QueryEcho]:
-    """The library query and its public echo; raises BadQuery (422) or HTTPException (404)."""
+    """The library query and its public echo; raises BadQuery (422) or HTTPException (404).
+
+    Uploads are held to `max_pixels`; a collection image ("more like this") to the collection's own
+    limit, the one ingest accepted it under.
+    """
     if not inp.has_query:
         raise BadQuery("give a text query, an image, or both")
     image: Image.Image | None = None
@@ -156,7 +164,9 @@ def resolve(
         rec = searcher.collection.catalog.get_image(inp.like_id)
         if rec is None or rec.state != "indexed":
             raise HTTPException(404, f"no indexed image with id {inp.like_id}")
-        image = imageio.open_image(Path(rec.path), draft_size=_STORED_EDGE, max_pixels=max_pixels).image
+        image = imageio.open_image(
+            Path(rec.path), draft_size=_STORED_EDGE, max_pixels=collection_max_pixels
+        ).image
         image_key_for_cache = rec.content_hash
     echo = echo_for(inp)
     query = Query(

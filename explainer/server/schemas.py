@@ -8,7 +8,7 @@ live here, so a malformed request is refused with a 422 before any model work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -176,7 +176,10 @@ class SearchResponse(BaseModel):
 class ExplainRequest(QueryFields):
     """Explanations for some hits of a query (the page asks per card)."""
 
-    ids: list[int] = Field(min_length=1, max_length=EXPLAIN_MAX_IDS, description="Catalog ids of the hits")
+    # item bounds live in the schema too, so clients (and schemathesis) see what the server accepts
+    ids: list[Annotated[int, Field(ge=1, le=2**62)]] = Field(
+        min_length=1, max_length=EXPLAIN_MAX_IDS, description="Catalog ids of the hits"
+    )
     ranks: list[int] | None = Field(
         default=None, description="The hits' ranks, same length as ids (used when the page is not remembered)"
     )

@@ -138,7 +138,8 @@ class ServerState:
 
     def resolve(self, inp: QueryInput, searcher: Searcher) -> tuple[Query, QueryEcho]:
         """The library query and its echo, under this server's upload store and pixel limit."""
-        return resolve(inp, searcher, self.query_images, self.settings.max_upload_pixels)
+        s = self.settings
+        return resolve(inp, searcher, self.query_images, s.max_upload_pixels, s.max_image_pixels)
 
     def search(
         self, pipeline: CardPipeline, inp: QueryInput, evidence_method: str | None = None

@@ -153,7 +153,19 @@
     });
   }
 
+  // The Content-Security-Policy forbids style attributes in the markup, so geometry arrives as data
+  // attributes and is applied here through the CSSOM (which the policy allows).
+  function applyGeometry(root) {
+    root.querySelectorAll("[data-ar]").forEach((e) => e.style.setProperty("--ar", e.dataset.ar));
+    root.querySelectorAll("[data-width]").forEach((e) => { e.style.width = Number(e.dataset.width) + "%"; });
+    root.querySelectorAll("[data-box]").forEach((e) => {
+      const [left, top, width, height] = e.dataset.box.split(" ").map(Number);
+      Object.assign(e.style, { left: left + "%", top: top + "%", width: width + "%", height: height + "%" });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    applyGeometry(document);
     evidenceToggle();
     searchForm();
     explainAll();
