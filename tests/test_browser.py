@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -40,6 +41,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(page: Any, expression: str, timeout_s: float = 60.0) -> None:
+    """Poll a page expression through the debugging protocol: the page's CSP forbids the eval that
+    Playwright's `wait_for_function` uses in the page, and the CSP must stay on in this test."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {expression}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +102,11 @@ def test_search_shows_cards_that_fill_in(page: object, base_url: str) -> None:
     pg.wait_for_selector(".card")
     assert pg.locator(".card").count() == 8
     assert "q=a+red+circle" in pg.url
-    pg.wait_for_function("document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0")
+    wait_until(pg, "document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0")
     assert pg.locator(".card .backend").count() == 8
     assert pg.locator(".card .backend").first.inner_text() == "offline"
     # images load, and the evidence boxes sit inside the displayed image
-    pg.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    wait_until(pg, "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     stage = pg.locator(".card .stage").first.bounding_box()
     box = pg.locator(".card .box").first.bounding_box()
     assert stage and box
@@ -135,7 +146,7 @@ def test_upload_an_image_then_more_like_this(page: object, base_url: str, tmp_pa
     pg.wait_for_selector(".card")
     assert f"like={first_id}" in pg.url
     assert pg.locator(".card").first.get_attribute("data-id") == first_id  # an image is most like itself
-    pg.wait_for_function("document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0")
+    wait_until(pg, "document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0")
 
 
 def test_bad_upload_shows_a_clear_message(page: object, base_url: str, tmp_path: Path) -> None:

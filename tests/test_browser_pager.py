@@ -7,7 +7,7 @@ search box) and is not tested here.
 from __future__ import annotations
 
 import pytest
-from test_browser import CHROMIUM, base_url, page  # noqa: F401  (fixtures)
+from test_browser import CHROMIUM, base_url, page, wait_until  # noqa: F401  (fixtures)
 
 pytestmark = [
     pytest.mark.browser,
@@ -27,7 +27,7 @@ def test_pager_numbers_file_names_and_labels(page: object, base_url: str) -> Non
     assert "o=4" in pg.url and pg.locator(".pager [aria-current=page]").inner_text() == "Page 2"
     assert pg.locator(".pager .pages a[aria-label='page 1']").count() == 1
     # explanations say their confidence in words, not only with a bar
-    pg.wait_for_function("document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0")
+    wait_until(pg, "document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0")
     assert pg.locator(".card .conf-label").first.inner_text().startswith("confidence ")
 
 
