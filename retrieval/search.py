@@ -268,7 +268,8 @@ class Searcher:
             return hit
         result = self._search_images(vec, q, kind)
         self._calibrate(result)
-        self.cache.results.put(key, result)
+        if not result.missing_shards:  # a partial answer is not kept: the next ask may reach every shard
+            self.cache.results.put(key, result)
         return result
 
     def _search_images(self, vec: Float32Array, q: Query, kind: str) -> SearchResult:

@@ -351,8 +351,9 @@ def test_serve_with_ray_engine_answers_like_local_and_flags_a_dead_shard(
         images = client.app.state.clearsight.pipeline.searcher.index.images  # type: ignore[attr-defined]
         assert isinstance(images, ShardedVectorIndex) and len(images.sharded.actors) == 3
         ray_cluster.kill(images.sharded.actors[1])
-        r = client.post("/api/search", json=body)
+        # another query: the one above is answered from the result cache, without asking the shards
+        r = client.post("/api/search", json={**body, "text": "a blue square"})
         assert r.status_code == 200
         assert r.json()["partial"] is True and r.json()["missing_shards"] == [1]
-        page = client.get("/", params={"q": "a red circle"})
+        page = client.get("/", params={"q": "a green circle"})
         assert page.status_code == 200 and "Partial results" in page.text

@@ -159,7 +159,7 @@ class CardPipeline:
                 hit.cached = True
                 return hit
         page = self._search(query, echo, probe, query_vec, evidence_method)
-        if query_vec is None:
+        if query_vec is None and not page.missing_shards:  # partial pages are never replayed
             self._pages.put(page_key, page)
         return page
 
