@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import imageio
+from retrieval import imageio, ondisk
 from retrieval.builder import SyncReport, sync_indexes
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
@@ -334,7 +334,7 @@ def ingest(
             # Whatever still waits keeps its 'pending' state and is picked up by the next run.
 
         # 4. derive the indexes from the catalog
-        summary.index = (sync or _sync)(collection, encoder, config)
+        summary.index = (sync or sync_for)(collection, encoder, config)
     prefix = str(root).rstrip("/") + "/"
     reasons = [r for p, r in cat.failures(limit=10**9) if p.startswith(prefix) or p == str(root)]
     summary.failed, summary.failures = len(reasons), dict(Counter(reasons))
@@ -353,7 +353,14 @@ def empty_folder_note(root: Path) -> str:
     return f"no image files under {root} (looked for {suffixes}, in subfolders too): nothing to index"
 
 
-def _sync(collection: Collection, encoder: Encoder, config: IngestConfig) -> SyncReport:
+def sync_for(
+    collection: Collection,
+    encoder: Encoder,
+    config: IngestConfig,
+    shard_runner: ondisk.ShardRunner = ondisk.run_shards_here,
+) -> SyncReport:
+    """The index sync an ingest run ends with, with every index option of `config`; each engine passes
+    only where on-disk shards are filled."""
     return sync_indexes(
         collection,
         encoder,
@@ -363,6 +370,7 @@ def _sync(collection: Collection, encoder: Encoder, config: IngestConfig) -> Syn
         memory_budget=config.memory_budget,
         search=config.search,
         ef_construction=config.ef_construction,
+        shard_runner=shard_runner,
     )
 
 

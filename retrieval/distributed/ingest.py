@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 
 from retrieval import ondisk
-from retrieval.builder import SyncReport, sync_indexes
+from retrieval.builder import SyncReport
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.encoders.preprocess import PreprocessConfig
 from retrieval.errors import ConfigError
-from retrieval.ingest import Committer, Encoded, IngestConfig, IngestSummary, ingest
+from retrieval.ingest import Committer, Encoded, IngestConfig, IngestSummary, ingest, sync_for
 from retrieval.types import Float32Array, Int64Array
 
 SHARD_DIR = "shards"
@@ -280,15 +280,7 @@ def ray_ingest(
     shard_dir = collection.data_dir / SHARD_DIR
 
     def sync(col: Collection, enc: Encoder, ic: IngestConfig) -> SyncReport:
-        return sync_indexes(
-            col,
-            enc,
-            factory=ic.factory,
-            force_rebuild=ic.rebuild,
-            progress=ic.progress,
-            memory_budget=ic.memory_budget,
-            shard_runner=shard_runner(cfg),
-        )
+        return sync_for(col, enc, ic, shard_runner(cfg))
 
     return ingest(
         root,
