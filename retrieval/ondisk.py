@@ -7,10 +7,11 @@ Layout of one version directory (written by `build`, read by `OnDiskIndex.load`)
     images.ids.npy    the catalog ids, sorted
     images.vecs.npy   the exact float32 vectors in that order, for re-ranking
 
-Everything is memory-mapped when loaded, so a process serving the index holds only the coarse
-centroids, the PQ tables and the pages the queries touch. A search scans `nprobe` lists with the
-compressed codes, then re-scores `k_factor * k` candidates against the exact vectors: recall then
-depends on whether the true neighbours reach the candidate list, not on the PQ error.
+When loaded, the lists are memory-mapped and the vectors read row by row (`RowFile`), so a process
+serving the index holds only the coarse centroids, the PQ tables and the list pages the queries
+touch. A search scans `nprobe` lists with the compressed codes, then re-scores `k_factor * k`
+candidates against the exact vectors: recall then depends on whether the true neighbours reach the
+candidate list, not on the PQ error.
 
 The build has three stages that a distributed engine can spread: `train` (one process, on a
 sample), `fill_shard` (independent, one per slice of the vectors: Ray tasks in
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import mmap
 import os
 import shutil
 import sys
@@ -97,13 +97,71 @@ def _c_stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _random_access(arr: np.ndarray) -> None:
-    """Tell the kernel re-ranking reads are random (no read-ahead). Measured at 1M, the serving
-    process still counted the whole vectors file as resident file pages with this hint (its own
-    anonymous memory stayed at 36 MiB): the cause is not found yet (bench/RESULTS.md)."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        mm.madvise(mmap.MADV_RANDOM)
+class RowFile:
+    """Rows of a float32 .npy matrix read with `os.pread`, never memory-mapped.
+
+    A memory map of the re-ranking vectors made the serving process's resident set grow to the whole
+    file at 1M vectors (bench/RESULTS.md): on every page fault Linux also maps the neighbouring pages
+    already in the page cache ("fault-around", 64 KiB), MADV_RANDOM does not turn that off, and a file
+    just written is entirely in the cache. Reading rows with pread copies only the candidates into the
+    process; the file's pages stay in the shared, reclaimable page cache, as a database's would.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                self._offset = fh.tell()
+            if len(shape) != 2 or fortran or dtype != np.dtype("<f4"):
+                raise IndexCorrupt(f"{path} is not a C-ordered float32 matrix ({dtype}, {shape})")
+            self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+            self._row_bytes = 4 * self.shape[1]
+            if os.fstat(fd).st_size < self._offset + self.shape[0] * self._row_bytes:
+                raise IndexCorrupt(f"{path} is shorter than its header says; rebuild the index")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, rows: np.ndarray) -> Float32Array:
+        """The given rows, in the given order; runs of adjacent rows are read in one call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= self.shape[0]:
+            raise IndexError(f"row out of range 0..{self.shape[0] - 1}")
+        order = np.argsort(rows, kind="stable")
+        wanted = rows[order]
+        starts = np.flatnonzero(np.diff(wanted, prepend=wanted[0] - 2) > 1)  # first row of each run
+        ends = np.append(starts[1:], len(wanted))
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            first, last = int(wanted[a]), int(wanted[b - 1])
+            size = (last - first + 1) * self._row_bytes
+            data = os.pread(self._fd, size, self._offset + first * self._row_bytes)
+            if len(data) != size:
+                raise IndexCorrupt(f"{self.path} ended early; rebuild the index")
+            block = np.frombuffer(data, dtype="<f4").reshape(-1, self.shape[1])
+            out[order[a:b]] = block[wanted[a:b] - first]
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _check(ids: Int64Array, vectors: Float32Array, dim: int) -> tuple[Int64Array, Float32Array]:
@@ -223,7 +281,7 @@ class OnDiskIndex:
         self,
         index: Any,
         ids: Int64Array,
-        vectors: Float32Array,
+        vectors: RowFile,
         directory: Path,
         dim: int,
         factory: str,
@@ -253,8 +311,7 @@ class OnDiskIndex:
             with _c_stdout_to_stderr():
                 index = faiss.read_index(str(directory / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
             ids = np.load(directory / IDS_FILE, mmap_mode="r")
-            vecs = np.load(directory / VECS_FILE, mmap_mode="r")
-            _random_access(vecs)
+            vecs = RowFile(directory / VECS_FILE)
         except Exception as exc:
             raise IndexCorrupt(f"cannot read the on-disk index in {directory}: {exc}") from exc
         if index.d != dim or vecs.shape != (len(ids), dim) or int(index.ntotal) != len(ids):
@@ -275,7 +332,7 @@ class OnDiskIndex:
         row = int(np.searchsorted(self._ids, id_))
         if row >= len(self._ids) or int(self._ids[row]) != int(id_):
             raise KeyError(id_)
-        return np.array(self._vectors[row], dtype=np.float32)
+        return self._vectors.rows(np.array([row]))[0]
 
     def search(
         self, queries: Float32Array, k: int, nprobe: int | None = None, k_factor: int | None = None
@@ -296,7 +353,7 @@ class OnDiskIndex:
             if not len(c):
                 continue
             rows = np.searchsorted(self._ids, c)
-            s = np.asarray(self._vectors[rows]) @ queries[qi]
+            s = self._vectors.rows(rows) @ queries[qi]
             top = np.argsort(-s, kind="stable")[:k]
             scores[qi, : len(top)] = s[top]
             found[qi, : len(top)] = c[top]

@@ -32,6 +32,26 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
+def test_row_file_reads_rows_in_any_order_and_refuses_damaged_files(tmp_path: Path) -> None:
+    x = np.arange(50 * 8, dtype=np.float32).reshape(50, 8)
+    np.save(tmp_path / "v.npy", x)
+    rows = ondisk.RowFile(tmp_path / "v.npy")
+    assert rows.shape == (50, 8) and len(rows) == 50
+    want = np.array([49, 3, 4, 5, 3, 0, 20, 21])  # runs, repeats and gaps, unsorted
+    assert np.array_equal(rows.rows(want), x[want])
+    assert rows.rows(np.array([], np.int64)).shape == (0, 8)
+    with pytest.raises(IndexError):
+        rows.rows(np.array([50]))
+    rows.close()
+    np.save(tmp_path / "f64.npy", x.astype(np.float64))
+    with pytest.raises(IndexCorrupt, match="float32"):
+        ondisk.RowFile(tmp_path / "f64.npy")
+    raw = (tmp_path / "v.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(IndexCorrupt, match="shorter"):
+        ondisk.RowFile(tmp_path / "cut.npy")
+
+
 @pytest.mark.parametrize("n", [40, 3000, 70_000])
 def test_ondisk_build_reload_memory_mapped_and_recall(tmp_path: Path, n: int) -> None:
     dim = 32
@@ -48,7 +68,7 @@ def test_ondisk_build_reload_memory_mapped_and_recall(tmp_path: Path, n: int) ->
     idx = ondisk.OnDiskIndex.load(tmp_path / "moved", dim, ondisk.ONDISK)
     ivf = faiss.extract_index_ivf(idx.index)
     assert isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
-    assert isinstance(idx._vectors, np.memmap) and isinstance(idx._ids, np.memmap)
+    assert isinstance(idx._vectors, ondisk.RowFile) and isinstance(idx._ids, np.memmap)
     assert idx.ntotal == n == built.ntotal
     assert built.factory.startswith("IVF") and ("PQ" in built.factory) == (n >= ondisk.SQ8_BELOW)
     scores, found = idx.search(q, 10)
@@ -115,7 +135,7 @@ def test_collection_with_ondisk_index_matches_exact_search(
     loaded = Collection(tmp_path / "disk").store.load()
     assert isinstance(loaded.images, OnDiskVectorIndex)
     _, ids = loaded.images.search(
-        loaded.images.disk._vectors[:1].copy(), 3, SearchParams(nprobe=1, k_factor=1)
+        loaded.images.disk._vectors.rows(np.array([0])), 3, SearchParams(nprobe=1, k_factor=1)
     )
     assert ids.shape == (1, 3)
 
