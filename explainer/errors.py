@@ -46,6 +46,7 @@ __all__ = [
     "cli_message",
     "exit_code_for",
     "http_status_for",
+    "public_fallback_reason",
     "redact",
     "server_message",
 ]
@@ -79,6 +80,27 @@ class LLMMalformedOutput(LLMError):
     """The model answered, but not with the structured output the prompt asked for."""
 
     reason_code = "malformed_output"
+
+
+#: What a remote client is told when an LLM explanation was replaced, per reason code. The full reason
+#: (provider, base URL, the provider's error body) stays in the server's log: it can name internal hosts
+#: and echo request details that are the operator's business, not every client's.
+_PUBLIC_FALLBACKS: dict[str, str] = {
+    LLMTimeout.reason_code: "the language model did not answer in time",
+    LLMRateLimited.reason_code: "the language model provider is rate limiting this server",
+    LLMMalformedOutput.reason_code: "the language model's answer was not in the requested form",
+    LLMError.reason_code: "the language model call failed",
+}
+
+
+def public_fallback_reason(reason: str | None) -> str | None:
+    """A fallback reason fit for remote clients: its stable code and a fixed sentence, no details."""
+    if reason is None:
+        return None
+    code = reason.partition(":")[0].strip()
+    if code not in _PUBLIC_FALLBACKS:
+        code = LLMError.reason_code
+    return f"{code}: {_PUBLIC_FALLBACKS[code]} (details are in the server log)"
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:

@@ -400,3 +400,13 @@ def test_the_default_groq_model_is_the_registrys() -> None:
     assert spec.default and LLMConfig().model == spec.model
     with pytest.raises(ConfigError, match="lists no model"):
         default_llm("no-such-backend")
+
+
+def test_public_fallback_reasons_keep_the_code_and_drop_the_details() -> None:
+    from explainer.errors import public_fallback_reason
+
+    assert public_fallback_reason(None) is None
+    timeout = public_fallback_reason("timeout: groq:m at https://internal.example/v1: no answer")
+    assert timeout is not None and timeout.startswith("timeout: ") and "internal.example" not in timeout
+    odd = public_fallback_reason("weird: body {'error': 'x'}")
+    assert odd is not None and odd.startswith("llm_error: ") and "body" not in odd

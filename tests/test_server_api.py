@@ -127,6 +127,11 @@ def test_multipart_upload_finds_the_same_image_and_can_be_reused(client: TestCli
     again = client.post("/api/search", json={"image_key": key, "top_k": 3, "explain": False}).json()
     assert [c["id"] for c in again["results"]] == [c["id"] for c in body["results"]]
     assert client.get(f"/api/query-images/{key}").headers["content-type"] == "image/png"
+    # a well-formed key the server does not hold names a missing resource: 404, on every route
+    gone = "0" * 32
+    assert client.post("/api/search", json={"image_key": gone}).status_code == 404
+    assert client.get(f"/api/images/5/evidence.png?qimg={gone}").status_code == 404
+    assert client.get(f"/?qimg={gone}").status_code == 404
 
 
 def test_base64_and_hybrid_and_like(client: TestClient, data_dir: Path) -> None:
@@ -278,6 +283,11 @@ def test_the_groq_key_never_leaks(
         cards = r.json()["results"]
         assert {c["explanation"]["backend"] for c in cards} == {"offline"}
         assert all(c["explanation"]["fallback_reason"] for c in cards)
+        # clients get the reason's code and a fixed sentence; the base URL and error stay in the log
+        for card in cards:
+            reason = card["explanation"]["fallback_reason"]
+            assert reason.startswith("llm_error: the language model call failed") and "127.0.0.1" not in reason
+        assert "127.0.0.1:9" not in r.text and "127.0.0.1:9" in caplog.text
         seen += [r.text, c.get("/api/health").text, c.get("/?q=red").text, c.get("/openapi.json").text]
         seen.append(c.post("/api/explain", json={"text": "blue", "ids": [1]}).text)
         seen.append(c.get(f"/images/{cards[0]['id']}?q=red").text)
@@ -300,3 +310,11 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     content = spec["paths"]["/api/search"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     assert "SearchRequest" in spec["components"]["schemas"] and "Card" in spec["components"]["schemas"]
+
+
+def test_the_search_form_schema_is_what_a_form_can_send(client: TestClient) -> None:
+    form = client.get("/openapi.json").json()["components"]["schemas"]["SearchForm"]["properties"]
+    for name, prop in form.items():
+        assert "anyOf" not in prop and prop.get("type") != "null", name  # a form cannot send null
+    assert form["image_key"]["pattern"] and form["like_id"]["minimum"] == 1
+    assert form["min_score"]["minimum"] == -1.0 and form["text"]["maxLength"] > 0

@@ -28,9 +28,9 @@ from explainer.cards.captions import CaptionProvider
 from explainer.cards.context import build_context
 from explainer.cards.evidence import EvidenceProvider, card_regions
 from explainer.cards.model import Card, ExplanationOut, QueryEcho, make_card, public_model_name
-from explainer.errors import ClearsightError, ModelUnavailable
+from explainer.errors import ClearsightError, ModelUnavailable, public_fallback_reason
 from explainer.explain.chain import Explainer
-from explainer.explain.types import ExplainContext
+from explainer.explain.types import ExplainContext, Explanation
 from retrieval.evidence import Evidence
 from retrieval.result_cache import LRU
 from retrieval.search import Hit, Query, Searcher, SearchResult
@@ -120,8 +120,12 @@ class CardPipeline:
         *,
         context_cache_size: int = 4096,
         page_cache_size: int = 256,
+        public_reasons: bool = False,
     ) -> None:
+        """`public_reasons`: explanations served to remote clients carry only the fallback reason's code
+        and a fixed sentence; the full reason is logged (the server sets it, the CLI keeps details)."""
         self.searcher = searcher
+        self.public_reasons = public_reasons
         self.explainer = explainer
         self.evidence = evidence
         self.captions = captions
@@ -315,7 +319,14 @@ class CardPipeline:
         if self.explainer is None or not contexts:
             return []
         explanations = await self.explainer.aexplain_many(contexts)
-        return [ExplanationOut.from_explanation(e) for e in explanations]
+        return [self._out(e) for e in explanations]
+
+    def _out(self, explanation: Explanation) -> ExplanationOut:
+        out = ExplanationOut.from_explanation(explanation)
+        if self.public_reasons and out.fallback_reason is not None:
+            log.warning("explanation fell back to %s: %s", out.backend, out.fallback_reason)
+            out.fallback_reason = public_fallback_reason(out.fallback_reason)
+        return out
 
     async def explain_cards(self, page: ResultPage) -> None:
         """Fill every card's explanation in place (the API's inline mode)."""
@@ -331,7 +342,7 @@ class CardPipeline:
         ready = self.page_contexts(page)
         outs = self.explainer.explain_many([ctx for _, ctx in ready])
         for (card, _), out in zip(ready, outs, strict=True):
-            card.explanation = ExplanationOut.from_explanation(out)
+            card.explanation = self._out(out)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

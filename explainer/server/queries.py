@@ -158,7 +158,8 @@ def resolve(
     elif inp.image_key is not None:
         image = images.get(inp.image_key)
         if image is None:
-            raise BadQuery("the query image is no longer held by the server: upload it again")
+            # 404, not 422: the key is well formed, the resource it names is gone (or never was)
+            raise HTTPException(404, "the query image is no longer held by the server: upload it again")
         image_key_for_cache = inp.image_key
     elif inp.like_id is not None:
         rec = searcher.collection.catalog.get_image(inp.like_id)

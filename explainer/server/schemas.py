@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from explainer.cards.model import Card, ExplanationOut, QueryEcho, image_url, thumb_url
 from explainer.cards.pipeline import ResultPage
@@ -79,19 +80,25 @@ class SearchRequest(QueryFields):
 
 
 class SearchForm(BaseModel):
-    """The multipart form twin of SearchRequest (documentation only: the route parses the form)."""
+    """The multipart form twin of SearchRequest (documentation only: the route parses the form).
 
-    text: str | None = Field(default=None, max_length=TEXT_MAX)
-    image: bytes | None = Field(default=None, json_schema_extra={"format": "binary"})
-    image_url: str | None = Field(default=None, max_length=URL_MAX)
-    image_key: str | None = Field(default=None, pattern=IMAGE_KEY_PATTERN)
-    like_id: int | None = Field(default=None, ge=1)
+    Optional fields are left out of the form when not used; a form cannot send a null value.
+    """
+
+    # SkipJsonSchema[None]: a form field is sent or not, never JSON null, so the schema must not call
+    # the optional ones nullable (a client generated from it would send the string "null").
+
+    text: Annotated[str, Field(max_length=TEXT_MAX)] | SkipJsonSchema[None] = None
+    image: Annotated[bytes, Field(json_schema_extra={"format": "binary"})] | SkipJsonSchema[None] = None
+    image_url: Annotated[str, Field(max_length=URL_MAX)] | SkipJsonSchema[None] = None
+    image_key: Annotated[str, Field(pattern=IMAGE_KEY_PATTERN)] | SkipJsonSchema[None] = None
+    like_id: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
     target: Literal["images", "captions"] = "images"
     weight: float = Field(default=0.5, ge=0.0, le=1.0)
-    negative: str | None = Field(default=None, max_length=TEXT_MAX)
+    negative: Annotated[str, Field(max_length=TEXT_MAX)] | SkipJsonSchema[None] = None
     top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING)
     offset: int = Field(default=0, ge=0, le=OFFSET_CEILING)
-    min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
+    min_score: Annotated[float, Field(ge=-1.0, le=1.0)] | SkipJsonSchema[None] = None
     explain: bool = True
 
 

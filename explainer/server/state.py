@@ -100,7 +100,9 @@ class ServerState:
                 return
             evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
             explainer = self.injected_explainer or self._explainer()
-            self.pipeline = CardPipeline(searcher, explainer, evidence, CatalogCaptions(searcher))
+            self.pipeline = CardPipeline(
+                searcher, explainer, evidence, CatalogCaptions(searcher), public_reasons=True
+            )
             self.problem = None
 
     def _open_searcher(self) -> Searcher:
