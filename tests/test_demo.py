@@ -59,7 +59,10 @@ def test_demo_builds_a_searchable_collection_and_reuses_its_model(tmp_path: Path
     assert cards.exit_code == 0, cards.output
     sources = [h["caption_source"] for h in json.loads(cards.stdout)["results"]]
     assert sources and all(s.startswith("generated:clearsight-demo-blip-") for s in sources), sources
-    assert result["seconds"]["total"] > 0 and "train_captioner" in result["seconds"]
+    secs = result["seconds"]
+    assert secs["total"] > 0 and "train_captioner" in secs
+    captioner_s = secs["train_captioner"] + secs["caption"]
+    assert secs["searchable"] == pytest.approx(secs["total"] - captioner_s, abs=0.2)
 
     again = runner.invoke(app, ["demo", "--no-serve", "--data-dir", str(data), *SMALL])
     assert again.exit_code == 0, again.output

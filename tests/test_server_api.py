@@ -286,7 +286,8 @@ def test_the_groq_key_never_leaks(
         # clients get the reason's code and a fixed sentence; the base URL and error stay in the log
         for card in cards:
             reason = card["explanation"]["fallback_reason"]
-            assert reason.startswith("llm_error: the language model call failed") and "127.0.0.1" not in reason
+            assert reason.startswith("llm_error: the language model call failed")
+            assert "127.0.0.1" not in reason
         assert "127.0.0.1:9" not in r.text and "127.0.0.1:9" in caplog.text
         seen += [r.text, c.get("/api/health").text, c.get("/?q=red").text, c.get("/openapi.json").text]
         seen.append(c.post("/api/explain", json={"text": "blue", "ids": [1]}).text)
