@@ -35,6 +35,16 @@ DRIVER = textwrap.dedent(
             real_write(path, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
         index_mod._write_file = dying_write
+    if os.environ.get("DIE_AT") == "sync":  # the catalog has its deletions, the live index not yet
+        import retrieval.ingest as ingest_mod
+        ingest_mod.sync_for = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("DIE_AT") == "switch":  # a new version is renamed into place, CURRENT not yet
+        real_replace = os.replace
+        def dying_replace(src, dst, **kw):
+            if os.path.basename(str(dst)) == "CURRENT":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst, **kw)
+        os.replace = dying_replace
     from explainer.cli.app import main
     sys.argv = ["clearsight"] + sys.argv[1:]
     main()
@@ -113,3 +123,49 @@ def test_kill_at_several_points_then_resume(tmp_path: Path, tiny_clip_dir: Path)
     again.communicate(timeout=180)
     assert again.returncode == 0
     _assert_consistent(data, files)
+
+
+def test_killed_before_sync_and_before_the_switch(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    """The two windows of issue 11, with a real SIGKILL in each: search between a scan's deletions and
+    the index sync, and cleanup after a crash between a version's rename and the CURRENT switch."""
+    from retrieval import Query, Searcher
+    from retrieval.encoders import EncoderConfig, create_encoder
+
+    images, data = tmp_path / "images", tmp_path / "data"
+    files = make_folder(images, 30)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = ["index", str(images), "--model", str(tiny_clip_dir), "--data-dir", str(data), "-q"]
+    first = _run(driver, args, {"SLOW": "0"})
+    assert first.wait(timeout=180) == 0
+    live = (data / "index" / "CURRENT").read_text().strip()
+
+    for f in files[:20]:
+        f.unlink()
+    assert _run(driver, args, {"SLOW": "0", "DIE_AT": "sync"}).wait(timeout=180) == -signal.SIGKILL
+    encoder = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu"))
+    searcher = Searcher.open(data, encoder=encoder)
+    try:
+        assert searcher.index.images.ntotal == 30  # the live index still holds the 20 deleted ids
+        page = searcher.search(Query(text="a red circle", top_k=10)).results
+        survivors = {str(f) for f in files[20:]}
+        assert len(page) == 10 and {h.path for h in page} <= survivors
+        assert [h.rank for h in page] == list(range(1, 11))
+    finally:
+        searcher.collection.close()
+        encoder.close()
+
+    added = make_folder(images, 5, start=100)
+    assert _run(driver, args, {"SLOW": "0", "DIE_AT": "switch"}).wait(timeout=180) == -signal.SIGKILL
+    index_dir = data / "index"
+    assert (index_dir / "CURRENT").read_text().strip() == live  # the switch never happened...
+    assert Collection(data).store.load().images.ntotal == 30  # ...and the live version still loads
+    orphans = {p.name for p in index_dir.glob("v[0-9]*")} - {live}
+    assert orphans, "the killed run should have left its renamed version behind"
+
+    done = _run(driver, args, {"SLOW": "0"})
+    _, err = done.communicate(timeout=180)
+    assert done.returncode == 0, err.decode()[-2000:]
+    _assert_consistent(data, [*files[20:], *added])
+    newest = (index_dir / "CURRENT").read_text().strip()
+    assert {p.name for p in index_dir.glob("v[0-9]*")} <= {live, newest}  # the orphan is gone, not live
