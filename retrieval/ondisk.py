@@ -104,7 +104,8 @@ class RowFile:
     file at 1M vectors (bench/RESULTS.md): on every page fault Linux also maps the neighbouring pages
     already in the page cache ("fault-around", 64 KiB), MADV_RANDOM does not turn that off, and a file
     just written is entirely in the cache. Reading rows with pread copies only the candidates into the
-    process; the file's pages stay in the shared, reclaimable page cache, as a database's would.
+    process; the file's pages stay in the shared, reclaimable page cache, as a database's would. At 1M
+    vectors the serving process then held 88 MiB more than a bare one (4.5% of the flat index).
     """
 
     def __init__(self, path: Path) -> None:
