@@ -59,6 +59,8 @@ def test_demo_builds_a_searchable_collection_and_reuses_its_model(tmp_path: Path
     assert cards.exit_code == 0, cards.output
     sources = [h["caption_source"] for h in json.loads(cards.stdout)["results"]]
     assert sources and all(s.startswith("generated:clearsight-demo-blip-") for s in sources), sources
+    truth = result["captioned"]["true_of_scene"]
+    assert truth is not None and 0.0 <= truth <= 1.0  # scored against each scene's own facts
     secs = result["seconds"]
     assert secs["total"] > 0 and "train_captioner" in secs
     captioner_s = secs["train_captioner"] + secs["caption"]

@@ -22,9 +22,11 @@ from retrieval.testing.synthetic import (
     SHAPES,
     Scene,
     SyntheticConfig,
+    caption_holds,
     generate_scenes,
     query_for,
     read_scene_boxes,
+    relations_between,
     render_scene,
     write_scenes,
 )
@@ -288,3 +290,28 @@ def test_unambiguous_eval_refuses_an_impossible_request() -> None:
     )
     with pytest.raises(ConfigError, match="mutually unambiguous"):
         generate_scenes(cfg)
+
+
+def test_caption_holds_scores_canonical_captions_against_the_scene() -> None:
+    scenes = generate_scenes(SyntheticConfig(n_train=200, n_val=0, n_test=0, seed=3))
+    singles = [s for s in scenes if len(s.objects) == 1]
+    pairs = [s for s in scenes if len(s.objects) == 2]
+    assert singles and pairs
+    for scene in scenes:
+        assert caption_holds(scene.captions[0], scene), scene.captions[0]
+    one = singles[0]
+    obj = one.objects[0]
+    other_colour = next(c for c in PALETTE if c != obj.colour)
+    assert not caption_holds(one.captions[0].replace(obj.colour, other_colour), one)
+    assert not caption_holds(f"a {obj.colour} {obj.shape} in the nowhere", one)
+    assert not caption_holds("some words", one)
+    pair = pairs[0]
+    a, b = pair.objects
+    relation = relations_between(a.box, b.box)[0]
+    inverse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[relation]
+    assert caption_holds(f"{b.phrase} {inverse} {a.phrase}", pair)  # said the other way round
+    assert not caption_holds(f"{a.phrase} {inverse} {b.phrase}", pair)
+    assert not caption_holds(f"{a.phrase} in the {a.position}", pair)  # true of one object, not the scene
+    centre = next((s for s in singles if s.objects[0].position == "centre"), None)
+    if centre is not None:
+        assert caption_holds(f"{centre.objects[0].phrase} in the middle", centre)

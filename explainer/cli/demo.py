@@ -42,7 +42,14 @@ from retrieval.testing.recipes import (
     train_scene_captioner,
     train_scene_clip,
 )
-from retrieval.testing.synthetic import SyntheticConfig, generate_scenes, query_for, write_scenes
+from retrieval.testing.synthetic import (
+    Scene,
+    SyntheticConfig,
+    caption_holds,
+    generate_scenes,
+    query_for,
+    write_scenes,
+)
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import EvalConfig, evaluate
 
@@ -193,6 +200,22 @@ def _caption(collection: Collection, blip_dir: Path, config: DemoConfig) -> dict
     return {"captioned": report.captioned, "cached": report.cached, "failed": report.failed}
 
 
+def _caption_truth(collection: Collection, scenes: list[Scene]) -> float | None:
+    """The share of captioned test scenes whose generated caption is true of the scene (None: none)."""
+    by_name = {Path(s.path).name: s for s in scenes}
+    records = {r.id: r for r in collection.catalog.iter_images("indexed") if Path(r.path).name in by_name}
+    said = {
+        image_id: next((c.text for c in captions if c.source.startswith("generated")), None)
+        for image_id, captions in collection.catalog.captions_for(list(records)).items()
+    }
+    verdicts = [
+        caption_holds(text, by_name[Path(records[i].path).name])
+        for i, text in said.items()
+        if text is not None
+    ]
+    return sum(verdicts) / len(verdicts) if verdicts else None
+
+
 def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoResult:
     """Build (or reuse) the demo scenes and models, index and caption the test scenes, try a query."""
     config = config or DemoConfig()
@@ -238,12 +261,14 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
             seconds["index"] = time.perf_counter() - stage
             stage = time.perf_counter()
             captioned = _caption(collection, blip_dir, config)
+            test_scenes = [s for s in generate_scenes(config.scenes) if s.split == "test"]
+            captioned["true_of_scene"] = _caption_truth(collection, test_scenes)
             sync_indexes(collection, encoder)  # generated captions join image→text search
             seconds["caption"] = time.perf_counter() - stage
             searcher = Searcher(
                 collection, encoder, collection.store.load(expect_fingerprint=encoder.info.fingerprint)
             )
-            scene = next(s for s in generate_scenes(config.scenes) if s.split == "test")
+            scene = test_scenes[0]
             query = query_for(scene)
             target = str((images_dir / Path(scene.path).name).resolve())
             hits = searcher.search(Query(text=query, top_k=10)).results
@@ -344,9 +369,15 @@ def report_demo(result: DemoResult, root: Path, json_out: bool) -> None:
             f"R@5 {100 * result.test['t2i_r5']:.1f}%; it knows coloured shapes only, not photos"
         )
         typer.echo(f"indexed {result.indexed['images']} test scenes from {result.images_dir} into {root}")
+        truth = result.captioned.get("true_of_scene")
+        said = (
+            f"; {100 * truth:.0f}% of its captions are true of their scene"
+            if isinstance(truth, float)
+            else ""
+        )
         typer.echo(
             f"captioned {result.captioned['captioned']} scenes with the demo captioner "
-            f"({result.captioned['cached']} from cache): {result.captioner_dir}"
+            f"({result.captioned['cached']} from cache): {result.captioner_dir}{said}"
         )
         secs = result.seconds
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k not in ("total", "searchable"))

@@ -14,6 +14,7 @@ so `x1 - x0` is the width, as with NumPy slicing; each shape touches all four si
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "SceneObject",
     "SyntheticConfig",
     "caption_claims",
+    "caption_holds",
     "generate_scenes",
     "position_of",
     "query_for",
@@ -371,6 +373,30 @@ def caption_claims(scene: Scene) -> list[frozenset[Fact]]:
     claims = [frozenset({_relation_fact(a, r, b)}) for r in relations_between(a.box, b.box)]
     claims.append(frozenset(_object_fact(o) for o in objects))  # the listing names every object
     return claims
+
+
+_OBJECT = r"an? (\w+) (\w+)"
+_SAYS_PLACE = re.compile(rf"^{_OBJECT} in the (.+?)(?: corner)?$")
+_SAYS_RELATION = re.compile(rf"^{_OBJECT} (left of|right of|above|below) {_OBJECT}$")
+
+
+def caption_holds(text: str, scene: Scene) -> bool:
+    """Whether a caption in the canonical forms ("a red circle in the top left", "a red circle left of a
+    blue square") is true of the scene: for scoring a captioner. A single-object caption must also name
+    the scene's only object; any other wording counts as not true."""
+    text = " ".join(text.lower().split())
+    placed = _SAYS_PLACE.match(text)
+    if placed:
+        colour, shape, where = placed.groups()
+        where = "centre" if where == "middle" else where
+        return len(scene.objects) == 1 and _object_fact(scene.objects[0]) == ("obj", colour, shape, where)
+    related = _SAYS_RELATION.match(text)
+    if not related:
+        return False
+    c1, s1, relation, c2, s2 = related.groups()
+    by_kind = {(o.colour, o.shape): o for o in scene.objects}
+    a, b = by_kind.get((c1, s1)), by_kind.get((c2, s2))
+    return a is not None and b is not None and a is not b and relation in relations_between(a.box, b.box)
 
 
 def _ambiguous(claims: list[frozenset[Fact]], facts: frozenset[Fact]) -> bool:
