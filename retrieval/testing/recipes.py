@@ -12,8 +12,9 @@ flips between two "red circles in the top left"; 24-pixel images in 4-pixel patc
 small enough for its linear embedding to tell a corner from a curve); position embeddings that start
 as a sine-cosine grid, since the model otherwise learns colours long before places; objects of 42-45%
 of the image side (at 30% most remaining errors were wrong shapes: an object 7 pixels wide after
-resizing); and a learning rate of 1e-3 over about 1,000 steps (3e-3 plateaued near R@1 0.6 and
-6e-3 near 0.3). Held-out text→image R@1 went from 0.45 to 0.87 with these last two changes.
+resizing); and a learning rate of 1e-3 over about 1,000 steps (with these objects, after 1,000 steps:
+3e-3 R@1 0.82, 2e-3 0.855, 1e-3 0.87). Held-out text→image R@1 of the demo command went from 0.45
+(its branch) to 0.87 with these last two changes.
 """
 
 from __future__ import annotations
