@@ -28,7 +28,8 @@ def busy_ticks() -> int | None:
 
 @dataclass
 class Span:
-    """Wall seconds, CPU seconds of this process, other processes' share of all cores (-1: unknown)."""
+    """Wall seconds, CPU seconds of this process and the children it waited for (a command it ran),
+    other processes' share of all cores (-1: unknown)."""
 
     wall: float = 0.0
     own_cpu: float = 0.0
@@ -49,7 +50,9 @@ def span() -> Iterator[Span]:
     finally:
         out.wall = time.perf_counter() - t0
         b1, c1 = busy_ticks(), os.times()
-        out.own_cpu = (c1.user - c0.user) + (c1.system - c0.system)
+        out.own_cpu = sum(
+            getattr(c1, k) - getattr(c0, k) for k in ("user", "system", "children_user", "children_system")
+        )
         # Below half a second the clock-tick counters (10 ms) are too coarse to say anything.
         if b0 is not None and b1 is not None and out.wall >= MIN_WALL:
             out.others = min(1.0, max(0.0, ((b1 - b0) / hz - out.own_cpu) / (out.wall * cores)))

@@ -357,3 +357,17 @@ def test_serve_with_ray_engine_answers_like_local_and_flags_a_dead_shard(
         assert r.json()["partial"] is True and r.json()["missing_shards"] == [1]
         page = client.get("/", params={"q": "a green circle"})
         assert page.status_code == 200 and "Partial results" in page.text
+
+
+def test_an_unreachable_cluster_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from retrieval.distributed.ingest import connect
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.9.9.9:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match=r"cannot reach a Ray cluster at '10.9.9.9:6379'.*ray status"):
+        connect(RayConfig(address="10.9.9.9:6379"))

@@ -86,7 +86,13 @@ def connect(cfg: RayConfig) -> Any:
                 log_to_driver=False,
             )
         else:
-            ray.init(address=cfg.address, log_to_driver=False)
+            try:
+                ray.init(address=cfg.address, log_to_driver=False)
+            except ConnectionError as exc:  # a traceback would bury the one thing to check: the address
+                raise ConfigError(
+                    f"cannot reach a Ray cluster at {cfg.address!r} ({exc}); check that it is running "
+                    "(`ray status`) and that the address is the one `ray start --head` printed"
+                ) from exc
     return ray
 
 
