@@ -91,7 +91,7 @@ def connect(cfg: RayConfig) -> Any:
             except ConnectionError as exc:  # a traceback would bury the one thing to check: the address
                 raise ConfigError(
                     f"cannot reach a Ray cluster at {cfg.address!r} ({exc}); check that it is running "
-                    "(`ray status`) and that the address is the one `ray start --head` printed"
+                    "(`ray status` on its head node) and that the address is the one its head node printed"
                 ) from exc
     return ray
 
