@@ -19,7 +19,7 @@ import pytest
 from conftest import env_offline, make_folder
 
 from retrieval import Collection, IngestConfig, Query, Searcher
-from retrieval.distributed.ingest import RayConfig, ray_ingest, read_shard, write_shard
+from retrieval.distributed.ingest import RayConfig, check_fits, ray_ingest, read_shard, write_shard
 from retrieval.distributed.sharded import ShardedIndex
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.errors import ConfigError
@@ -33,7 +33,8 @@ QUIET = IngestConfig(batch_size=8, progress=False)
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a private cluster even when this machine runs one (ray.init alone would join it)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -262,6 +263,47 @@ def test_ray_addresses_are_validated(address: str) -> None:
     with pytest.raises(ConfigError, match="workers"):
         RayConfig(workers=0)
     assert RayConfig(address="auto").address == "auto" and RayConfig(address="10.0.0.5:6379").workers == 2
+
+
+@pytest.mark.parametrize(
+    ("workers", "cpus", "gpus", "gpu", "refused"),
+    [
+        (2, 2, 0, False, None),
+        (1, 1, 0, False, None),
+        (3, 2, 0, False, "need a CPU each"),  # more actors than cores: model copies, no speed
+        (4, 2, 0, False, "need a CPU each"),  # the case Ray Data used to wait on forever
+        (2, 8, 1, True, "need 2 GPUs"),
+        (4, 2, 4, True, "cannot hold 4 encoder workers"),  # GPUs enough, CPUs not
+        (4, 4, 4, True, None),
+    ],
+)
+def test_a_pool_the_cluster_cannot_hold_is_refused(
+    workers: int, cpus: float, gpus: float, gpu: bool, refused: str | None
+) -> None:
+    if refused is None:
+        check_fits(workers, cpus, gpus, gpu)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_fits(workers, cpus, gpus, gpu)
+
+
+def test_too_many_workers_fail_at_once_on_a_real_cluster(
+    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+) -> None:
+    make_folder(tmp_path / "imgs", 4)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="the Ray cluster has 2"):
+        ray_ingest(
+            tmp_path / "imgs",
+            Collection(tmp_path / "d"),
+            encoder,
+            EncoderConfig(str(tiny_clip_dir), "cpu"),
+            QUIET,
+            RayConfig(workers=4, threads=1),
+        )
+    assert time.monotonic() - started < 120  # refused, not left waiting for CPUs that never come
+    # nothing was lost: the scanned images wait as pending for a run with a pool that fits
+    assert _state(tmp_path / "d")[:2] == (0, 4)
 
 
 def test_the_embedded_default_never_imports_ray(tmp_path: Path, tiny_clip_dir: Path) -> None:

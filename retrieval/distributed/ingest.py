@@ -39,6 +39,11 @@ SHARD_DIR = "shards"
 ADDRESS = re.compile(r"auto|(ray://)?([A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:]{2,39}\]):\d{1,5}")
 MAX_WORKERS = 1024
 MAX_BLOCKS = 10_000
+#: CPUs Ray reserves per decode task and per encoder actor. Labels for scheduling, not thread counts
+#: (an actor's torch threads are set apart): half a CPU each lets a 2-CPU machine run two actors and a
+#: decode task at once.
+DECODE_CPUS = 0.5
+ACTOR_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,30 @@ def connect(cfg: RayConfig) -> Any:
                     "(`ray status` on its head node) and that the address is the one its head node printed"
                 ) from exc
     return ray
+
+
+def check_fits(workers: int, cpus: float, gpus: float, gpu: bool) -> None:
+    """Refuse a pool the cluster cannot hold: Ray Data would wait for it forever, saying nothing.
+
+    CPU actors: one core each at least (more actors than cores only adds model copies), and room for a
+    decode task beside them. GPU actors: one GPU each. The totals are the cluster's; how they split
+    across nodes is Ray's to place.
+    """
+    if gpu and workers > gpus:
+        raise ConfigError(
+            f"{workers} GPU encoder workers need {workers} GPUs; the Ray cluster has {gpus:g}: "
+            f"ask for at most {int(gpus)} workers, or encode on CPU"
+        )
+    if not gpu and workers > cpus:
+        raise ConfigError(
+            f"{workers} encoder workers need a CPU each; the Ray cluster has {cpus:g}: "
+            f"ask for at most {max(int(cpus), 1)} workers"
+        )
+    if workers * ACTOR_CPUS + DECODE_CPUS > cpus:
+        raise ConfigError(
+            f"the Ray cluster's {cpus:g} CPUs cannot hold {workers} encoder workers and a decode task "
+            f"({workers * ACTOR_CPUS + DECODE_CPUS:g} CPUs)"
+        )
 
 
 def _preprocess_config(encoder: Encoder) -> PreprocessConfig:
@@ -208,7 +237,9 @@ def encode_stage(
         ray = connect(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = ingest_config.progress
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        resources = ray.cluster_resources()
+        check_fits(workers, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), gpu)
+        cpus = int(resources.get("CPU", 1))
         threads = cfg.threads or max(1, cpus // workers)
         # one block per decode batch (up to MAX_BLOCKS): results then stream back and commit batch by
         # batch, so a killed driver loses little, instead of arriving in a few large bursts
@@ -221,7 +252,7 @@ def encode_stage(
             fn_kwargs={"pre": pre, "draft": draft, "max_pixels": ingest_config.max_pixels},
             batch_size=cfg.decode_batch,
             batch_format="numpy",
-            num_cpus=0.5,
+            num_cpus=DECODE_CPUS,
         )
         ds = ds.map_batches(
             actor_cls,
@@ -238,7 +269,7 @@ def encode_stage(
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_gpus=1 if gpu else 0,
-            num_cpus=0.5,
+            num_cpus=ACTOR_CPUS,
             max_restarts=-1,
             max_task_retries=-1,
         )
