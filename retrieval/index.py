@@ -451,6 +451,27 @@ class VectorIndex:
 FILE_LAYOUTS: dict[str, Callable[[Path, Manifest], VectorIndex]] = {}
 
 
+class ReadOnlyIndex(VectorIndex):
+    """An index whose vectors live elsewhere (files on disk, Ray actors): searched, never edited in
+    place; the builder rebuilds it instead. `what` names it in errors."""
+
+    what = "this index"
+
+    @property
+    def supports_remove(self) -> bool:
+        return False
+
+    @property
+    def supports_add(self) -> bool:
+        return False
+
+    def add(self, ids: Int64Array, vectors: Float32Array) -> None:
+        raise ConfigError(f"{self.what} is read-only: rebuild it to add vectors")
+
+    def remove(self, ids: Int64Array) -> None:
+        raise ConfigError(f"{self.what} is read-only: rebuild it to remove vectors")
+
+
 @dataclass
 class LoadedIndex:
     manifest: Manifest

@@ -14,6 +14,7 @@ from retrieval.index import (
     FILE_LAYOUTS,
     IndexParams,
     Manifest,
+    ReadOnlyIndex,
     SearchParams,
     VectorIndex,
     check_vectors,
@@ -22,8 +23,10 @@ from retrieval.index import (
 from retrieval.types import Float32Array, Int64Array
 
 
-class OnDiskVectorIndex(VectorIndex):
+class OnDiskVectorIndex(ReadOnlyIndex):
     """`ivf-ondisk` behind the VectorIndex interface: memory-mapped, read-only, rebuilt on change."""
+
+    what = "an on-disk IVF index"
 
     def __init__(self, disk: ondisk.OnDiskIndex, params: IndexParams) -> None:
         self.disk = disk
@@ -68,20 +71,6 @@ class OnDiskVectorIndex(VectorIndex):
 
     def ids(self) -> Int64Array:
         return self.disk.ids()
-
-    @property
-    def supports_remove(self) -> bool:
-        return False
-
-    @property
-    def supports_add(self) -> bool:
-        return False
-
-    def add(self, ids: Int64Array, vectors: Float32Array) -> None:
-        raise ConfigError("an on-disk IVF index is read-only: rebuild it to add vectors")
-
-    def remove(self, ids: Int64Array) -> None:
-        raise ConfigError("an on-disk IVF index is read-only: rebuild it to remove vectors")
 
     def search(
         self, queries: Float32Array, k: int, params: SearchParams | None = None

@@ -20,9 +20,10 @@ from conftest import env_offline, make_folder
 
 from retrieval import Collection, IngestConfig, Query, Searcher
 from retrieval.distributed.ingest import RayConfig, check_fits, ray_ingest, read_shard, write_shard
-from retrieval.distributed.sharded import ShardedIndex
+from retrieval.distributed.sharded import ShardedIndex, ShardedVectorIndex
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.errors import ConfigError
+from retrieval.index import IndexParams
 from retrieval.ingest import Committer, IngestSummary, ingest
 from retrieval.testing.faults import FaultyEncodeActor, crashed
 
@@ -254,6 +255,21 @@ def test_sharded_search_is_exact_and_flags_a_dead_shard(shards: int, ray_cluster
         assert res.ids.shape == (20, 10) and np.isin(res.ids, ids).all()  # the other shards still answer
     finally:
         index.close()
+
+
+def test_a_sharded_index_refuses_edits_in_place(ray_cluster: Any) -> None:
+    x = np.eye(4, dtype=np.float32)
+    sharded = ShardedIndex(np.arange(4, dtype=np.int64), x, 4, 1, timeout_s=30)
+    try:
+        view = ShardedVectorIndex(sharded, "Flat", IndexParams.for_factory("Flat"))
+        assert not view.supports_add and not view.supports_remove  # so the builder rebuilds instead
+        with pytest.raises(ConfigError, match="a sharded index is read-only"):
+            view.add(np.array([9], dtype=np.int64), x[:1])
+        with pytest.raises(ConfigError, match="a sharded index is read-only"):
+            view.remove(np.array([0], dtype=np.int64))
+        assert view.search(x[2:3], 1)[1].tolist() == [[2]]  # and still answers
+    finally:
+        sharded.close()
 
 
 @pytest.mark.parametrize("address", ["http://evil/", "host", "a b:1", "x" * 300 + ":1", "auto; rm -rf /"])

@@ -20,7 +20,7 @@ import numpy as np
 
 from retrieval.collection import Collection
 from retrieval.errors import ConfigError
-from retrieval.index import IndexParams, SearchParams, VectorIndex, check_vectors
+from retrieval.index import IndexParams, ReadOnlyIndex, SearchParams, VectorIndex, check_vectors
 from retrieval.search import Searcher
 from retrieval.types import Float32Array, Int64Array
 
@@ -142,9 +142,11 @@ class ShardedIndex:
         self.actors = []
 
 
-class ShardedVectorIndex(VectorIndex):
+class ShardedVectorIndex(ReadOnlyIndex):
     """A ShardedIndex behind the VectorIndex interface, so the Searcher (and so the page and the API)
     search it unchanged. Which shards a search missed is kept per thread, for `missing_shards`."""
+
+    what = "a sharded index"
 
     def __init__(self, sharded: ShardedIndex, factory: str, params: IndexParams) -> None:
         # no faiss object of its own: the shards hold the data, so VectorIndex.__init__ is not called
@@ -161,14 +163,6 @@ class ShardedVectorIndex(VectorIndex):
     @property
     def ntotal(self) -> int:
         return self.sharded.ntotal
-
-    @property
-    def supports_remove(self) -> bool:
-        return False
-
-    @property
-    def supports_add(self) -> bool:
-        return False
 
     def search(
         self, queries: Float32Array, k: int, params: SearchParams | None = None
