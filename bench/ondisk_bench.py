@@ -62,13 +62,16 @@ SERVE = textwrap.dedent(
 )
 
 
-def single(index: VectorIndex, q: np.ndarray, k: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+def single(
+    index: VectorIndex, q: np.ndarray, k: int, count: int, params: SearchParams | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    params = params or SearchParams()
     for i in range(20):
-        index.search(q[i : i + 1], k)
+        index.search(q[i : i + 1], k, params)
     times, found = [], []
     for i in range(count):
         t0 = time.perf_counter()
-        _, ids = index.search(q[i : i + 1], k, SearchParams())
+        _, ids = index.search(q[i : i + 1], k, params)
         times.append((time.perf_counter() - t0) * 1000)
         found.append(ids[0])
     return np.asarray(times), np.stack(found)
@@ -88,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--indexes", default="flat,hnsw,ondisk", help="comma list of flat, hnsw, ivfpq, ondisk")
     p.add_argument("--shards", type=int, default=4)
+    p.add_argument(
+        "--refine-k",
+        default="",
+        help="comma list of re-ranking depths to search the in-memory ivfpq with (default: its recorded one)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where the on-disk index goes (default: /tmp)")
     args = p.parse_args(argv)
     kinds = args.indexes.split(",")
@@ -127,16 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         idx = VectorIndex.build(ids, x, factory, args.dim)
         build_s = time.perf_counter() - t0
-        times, found = single(idx, q, 10, args.queries)
         size = len(idx.to_bytes())
-        row(
-            f"{kind} `{factory}`",
-            f"{build_s:.1f}",
-            size / args.n,
-            f"{size / 2**20:,.0f} MiB (serialized size)",
-            recall_at_k(found, truth),
-            times,
-        )
+        depths = [int(d) for d in args.refine_k.split(",") if d] if kind == "ivfpq" else []
+        for depth in depths or [None]:
+            params = SearchParams(k_factor=depth) if depth else None
+            times, found = single(idx, q, 10, args.queries, params)
+            row(
+                f"{kind} `{factory}`" + (f" re-ranking x{depth}" if depth else ""),
+                f"{build_s:.1f}",
+                size / args.n,
+                f"{size / 2**20:,.0f} MiB (serialized size)",
+                recall_at_k(found, truth),
+                times,
+            )
         del idx
     if "ondisk" in kinds:
         import ray

@@ -55,9 +55,10 @@ IVFPQ_MIN_VECTORS = 1024
 
 DEFAULT_NPROBE = 32
 #: Candidates re-ranked per result by a refine step (`…,Refine(SQ8)`, `ivf-ondisk`). PQ64 codes alone
-#: cap recall@10 near 0.73 (100k) / 0.63 (1M) whatever nprobe is; re-scoring 4x the candidates with
-#: SQ8 codes reached 0.983 at 100k, 8x 0.993 for 35 % more latency (bench/RESULTS.md).
-DEFAULT_REFINE_K = 4
+#: cap recall@10 near 0.73 (100k) / 0.63 (1M) whatever nprobe is. Re-scoring with SQ8 codes at 1M:
+#: 4x 0.937, 8x 0.978 for 3 % more latency, 16x 0.986 for 10 % (at 100k: 4x 0.983, 8x 0.993); 8x is the
+#: smallest depth past 0.95 at 1M (bench/RESULTS.md). Indexes keep the depth they were built with.
+DEFAULT_REFINE_K = 8
 DEFAULT_EF_SEARCH = 128
 #: HNSW build beam. faiss's default (40) left recall@10 at 0.887 on 1M clustered vectors, where
 #: 128 reached 0.988 for about twice the build time (bench/RESULTS.md).
