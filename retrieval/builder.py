@@ -127,7 +127,7 @@ def sync_indexes(
     def build() -> VectorIndex:
         if built == ondisk.ONDISK:
             work = Path(tempfile.mkdtemp(prefix=".build-", dir=store.root))
-            # another layout's recorded knobs (k_factor 4 for in-memory refinement) do not carry over
+            # another layout's recorded knobs (k_factor 8 for in-memory refinement) do not carry over
             kept = search if current is not None and current.manifest.built_factory == ondisk.ONDISK else None
             return OnDiskVectorIndex.build_in(work, ids, vecs, info.dim, search=kept, runner=shard_runner)
         return VectorIndex.build(ids, vecs, built, info.dim, ef_construction=ef_construction, search=search)
