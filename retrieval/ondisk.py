@@ -110,26 +110,29 @@ class RowFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = -1
-        fd = os.open(path, os.O_RDONLY)
+        # kept open for the object's life (closed by close): the header is read through it, rows with pread
+        self._file = open(path, "rb")  # noqa: SIM115
         try:
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                version = np.lib.format.read_magic(fh)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-                self._offset = fh.tell()
+            try:
+                version = np.lib.format.read_magic(self._file)
+                header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = header(self._file)
+            except ValueError as exc:  # not a .npy file, or a header numpy cannot parse
+                raise IndexCorrupt(f"{path} is not a .npy matrix ({exc}); rebuild the index") from exc
+            self._offset = self._file.tell()
             if len(shape) != 2 or fortran or dtype != np.dtype("<f4"):
                 raise IndexCorrupt(f"{path} is not a C-ordered float32 matrix ({dtype}, {shape})")
             self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
             self._row_bytes = 4 * self.shape[1]
-            if os.fstat(fd).st_size < self._offset + self.shape[0] * self._row_bytes:
+            if os.fstat(self._file.fileno()).st_size < self._offset + self.shape[0] * self._row_bytes:
                 raise IndexCorrupt(f"{path} is shorter than its header says; rebuild the index")
         except BaseException:
-            os.close(fd)
+            self._file.close()
             raise
-        self._fd = fd
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -149,7 +152,7 @@ class RowFile:
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
             first, last = int(wanted[a]), int(wanted[b - 1])
             size = (last - first + 1) * self._row_bytes
-            data = os.pread(self._fd, size, self._offset + first * self._row_bytes)
+            data = os.pread(self._file.fileno(), size, self._offset + first * self._row_bytes)
             if len(data) != size:
                 raise IndexCorrupt(f"{self.path} ended early; rebuild the index")
             block = np.frombuffer(data, dtype="<f4").reshape(-1, self.shape[1])
@@ -157,12 +160,11 @@ class RowFile:
         return out
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_file"):  # a failed open leaves nothing to close
+            self._file.close()
 
 
 def _check(ids: Int64Array, vectors: Float32Array, dim: int) -> tuple[Int64Array, Float32Array]:

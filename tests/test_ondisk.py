@@ -50,6 +50,12 @@ def test_row_file_reads_rows_in_any_order_and_refuses_damaged_files(tmp_path: Pa
     (tmp_path / "cut.npy").write_bytes(raw[: len(raw) - 40])
     with pytest.raises(IndexCorrupt, match="shorter"):
         ondisk.RowFile(tmp_path / "cut.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not a numpy file at all")
+    with pytest.raises(IndexCorrupt, match=r"not a \.npy matrix"):
+        ondisk.RowFile(tmp_path / "junk.npy")
+    (tmp_path / "torn.npy").write_bytes(raw[:12])
+    with pytest.raises(IndexCorrupt, match=r"not a \.npy matrix"):  # magic intact, header torn
+        ondisk.RowFile(tmp_path / "torn.npy")
 
 
 @pytest.mark.parametrize("n", [40, 3000, 70_000])
