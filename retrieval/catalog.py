@@ -242,6 +242,21 @@ class Catalog:
         sql = "SELECT content_hash, vector FROM embeddings WHERE model=? AND content_hash IN ({marks})"
         return {h: np.frombuffer(b, dtype=np.float32) for h, b in self._select_in(sql, hashes, [model])}
 
+    def embedded_hash_keys(self, model: str) -> np.ndarray:
+        """The first 64 bits of every content hash embedded for `model`, sorted, as uint64.
+
+        8 bytes a hash: compact enough to hand to every worker of a large collection, which checks
+        membership with a binary search before decoding (a 64-bit prefix collides about once in 10^12
+        lookups at 10M hashes; the caller treats a hit as a hint, not a fact).
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT substr(content_hash, 1, 16) FROM embeddings WHERE model=?", (model,)
+            ).fetchall()
+        keys = np.fromiter((int(r[0], 16) for r in rows), dtype=np.uint64, count=len(rows))
+        keys.sort()
+        return keys
+
     def commit_indexed(
         self,
         model: str,

@@ -18,14 +18,16 @@ import numpy as np
 import pytest
 from conftest import env_offline, make_folder
 
-from retrieval import Collection, IngestConfig, Query, Searcher
+from retrieval import Collection, IngestConfig, Query, Searcher, imageio
+from retrieval.catalog import Catalog
 from retrieval.distributed.ingest import RayConfig, check_fits, ray_ingest, read_shard, write_shard
 from retrieval.distributed.sharded import ShardedIndex, ShardedVectorIndex
+from retrieval.distributed.stages import hash_key
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.errors import ConfigError
 from retrieval.index import IndexParams
 from retrieval.ingest import Committer, IngestSummary, ingest
-from retrieval.testing.faults import FaultyEncodeActor, crashed
+from retrieval.testing.faults import CountingEncodeActor, FaultyEncodeActor, crashed, encoded_count
 
 pytestmark = pytest.mark.slow
 QUIET = IngestConfig(batch_size=8, progress=False)
@@ -123,6 +125,55 @@ def test_a_worker_killed_mid_run_is_retried(
     assert crashed(marker)  # one actor really died (os._exit) on its first batch
     assert (summary.encoded, summary.failed) == (20, 0)
     assert _state(tmp_path / "d") == (20, 0, 20, 20)
+
+
+def test_a_moved_folder_is_not_encoded_again(
+    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+) -> None:
+    make_folder(tmp_path / "imgs", 12)
+    data = Collection(tmp_path / "d")
+    first = ray_ingest(
+        tmp_path / "imgs", data, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, _cfg()
+    )
+    assert first.encoded == 12
+    (tmp_path / "imgs").rename(tmp_path / "moved")  # every path new, every content known
+    counts = tmp_path / "counts"
+    counting = _cfg(actor_cls=CountingEncodeActor, actor_kwargs={"count_file": str(counts)})
+    moved = ray_ingest(
+        tmp_path / "moved", data, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, counting
+    )
+    assert (moved.new, moved.encoded, moved.reused) == (12, 0, 12)
+    assert counts.exists() and encoded_count(counts) == 0  # batches went through, none was encoded
+    # the old root stays in the catalog until it is scanned again: 24 paths, 12 vectors
+    assert _state(tmp_path / "d") == (24, 0, 24, 12)
+    make_folder(tmp_path / "moved" / "more", 1, start=12)  # new content
+    counts.unlink()
+    more = ray_ingest(
+        tmp_path / "moved", data, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, counting
+    )
+    assert (more.new, more.encoded) == (1, 1) and encoded_count(counts) == 1
+    assert _state(tmp_path / "d") == (25, 0, 25, 13)
+
+
+def test_a_key_that_matched_unstored_content_is_encoded_after_all(
+    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = make_folder(tmp_path / "imgs", 6)
+    # keys for every file while nothing is stored: what a 64-bit collision would look like, six times
+    keys = np.sort(np.array([hash_key(imageio.content_hash(f.read_bytes())) for f in files], np.uint64))
+    monkeypatch.setattr(Catalog, "embedded_hash_keys", lambda self, model: keys)
+    counts = tmp_path / "counts"
+    summary = ray_ingest(
+        tmp_path / "imgs",
+        Collection(tmp_path / "d"),
+        encoder,
+        EncoderConfig(str(tiny_clip_dir), "cpu"),
+        QUIET,
+        _cfg(actor_cls=CountingEncodeActor, actor_kwargs={"count_file": str(counts)}),
+    )
+    assert (summary.encoded, summary.reused, summary.failed) == (6, 0, 0)
+    assert encoded_count(counts) == 6  # skipped on the first pass, encoded on the second
+    assert _state(tmp_path / "d") == (6, 0, 6, 6)
 
 
 DRIVER = textwrap.dedent(

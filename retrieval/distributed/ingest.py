@@ -133,6 +133,12 @@ def _preprocess_config(encoder: Encoder) -> PreprocessConfig:
 
 
 # -- embedding shards on disk --------------------------------------------------------------------
+def dup_flags(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Which rows are content embedded already (no "dup" column: none, as in shards of older runs)."""
+    flags = batch.get("dup")
+    return np.zeros(len(batch["image_id"]), bool) if flags is None else np.asarray(flags, dtype=bool)
+
+
 def write_shard(directory: Path, batch: dict[str, np.ndarray]) -> Path:
     """One Parquet file per encoded batch, written atomically (temporary name, then rename)."""
     import pyarrow as pa
@@ -147,6 +153,7 @@ def write_shard(directory: Path, batch: dict[str, np.ndarray]) -> Path:
             "width": pa.array(np.asarray(batch["width"], dtype=np.int64)),
             "height": pa.array(np.asarray(batch["height"], dtype=np.int64)),
             "error": pa.array([str(e) for e in batch["error"]]),
+            "dup": pa.array(dup_flags(batch)),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
         }
     )
@@ -172,6 +179,7 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
         "width": table.column("width").to_numpy(),
         "height": table.column("height").to_numpy(),
         "error": np.asarray(table.column("error").to_pylist(), dtype=object),
+        "dup": table.column("dup").to_numpy() if "dup" in table.column_names else np.zeros(len(table), bool),
         "vector": col.flatten().to_numpy().astype(np.float32).reshape(-1, dim),
     }
 
@@ -179,6 +187,7 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
 def commit_batch(batch: dict[str, np.ndarray], committer: Committer, keep: set[int] | None = None) -> int:
     """Commit one encoded batch (only the image ids in `keep`, when given); rows committed."""
     rows: list[Encoded] = []
+    dups = dup_flags(batch)
     for i, image_id in enumerate(batch["image_id"]):
         image_id = int(image_id)
         if keep is not None and image_id not in keep:
@@ -187,7 +196,8 @@ def commit_batch(batch: dict[str, np.ndarray], committer: Committer, keep: set[i
         if error:
             committer.fail(image_id, error, digest or None)
             continue
-        vec = np.ascontiguousarray(batch["vector"][i], dtype=np.float32)
+        # a dup's content is embedded already: no vector of its own, the committer reuses the stored one
+        vec = None if dups[i] else np.ascontiguousarray(batch["vector"][i], dtype=np.float32)
         rows.append(Encoded(image_id, digest, int(batch["width"][i]), int(batch["height"][i]), vec))
     committer.commit(rows)
     return len(rows)
@@ -229,12 +239,7 @@ def encode_stage(
     actor_cls = cfg.actor_cls or EncodeActor
     workers = max(1, cfg.workers)
 
-    def stage(records: list[ImageRecord], committer: Committer) -> None:
-        recovered = recover_shards(shard_dir, records, committer)
-        records = [r for r in records if r.id not in recovered]
-        if not records:
-            return
-        ray = connect(cfg)
+    def run(ray: Any, records: list[ImageRecord], committer: Committer, known: Any) -> None:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = ingest_config.progress
         resources = ray.cluster_resources()
@@ -249,7 +254,13 @@ def encode_stage(
         )
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"pre": pre, "draft": draft, "max_pixels": ingest_config.max_pixels},
+            fn_kwargs={
+                "pre": pre,
+                "draft": draft,
+                "max_pixels": ingest_config.max_pixels,
+                "max_bytes": ingest_config.max_file_bytes,
+                "known": known,
+            },
             batch_size=cfg.decode_batch,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,
@@ -277,6 +288,22 @@ def encode_stage(
             shard = write_shard(shard_dir, batch)
             commit_batch(batch, committer)
             shard.unlink(missing_ok=True)
+
+    def stage(records: list[ImageRecord], committer: Committer) -> None:
+        recovered = recover_shards(shard_dir, records, committer)
+        records = [r for r in records if r.id not in recovered]
+        if not records:
+            return
+        ray = connect(cfg)
+        # content this model has embedded (a moved or copied folder) is hashed, not decoded or encoded
+        keys = committer.catalog.embedded_hash_keys(committer.fp)
+        run(ray, records, committer, ray.put(keys) if len(keys) else None)
+        # a 64-bit key that matched content not stored (or stored content since deleted) leaves its
+        # images waiting: encode them after all
+        if committer.waiting:
+            again = {w.image_id for w in committer.waiting}
+            committer.waiting = []
+            run(ray, [r for r in records if r.id in again], committer, None)
 
     return stage
 

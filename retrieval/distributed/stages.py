@@ -19,32 +19,68 @@ from retrieval.errors import BadImage
 Batch = dict[str, np.ndarray]
 
 
-def decode_batch(batch: Batch, pre: PreprocessConfig, draft: int, max_pixels: int) -> Batch:
-    """Read, hash, decode and preprocess each path; a failure becomes a reason, not an exception."""
+def hash_key(digest: str) -> np.uint64:
+    """A content hash's first 64 bits, the key of `Catalog.embedded_hash_keys`."""
+    return np.uint64(int(digest[:16], 16))
+
+
+def is_known(keys: np.ndarray, digest: str) -> bool:
+    if not len(keys):
+        return False
+    key = hash_key(digest)
+    at = int(np.searchsorted(keys, key))
+    return at < len(keys) and keys[at] == key
+
+
+def decode_batch(
+    batch: Batch,
+    pre: PreprocessConfig,
+    draft: int,
+    max_pixels: int,
+    max_bytes: int = imageio.DEFAULT_MAX_FILE_BYTES,
+    known: Any = None,
+) -> Batch:
+    """Read, hash, decode and preprocess each path; a failure becomes a reason, not an exception.
+
+    `known` (sorted uint64 hash keys, or a Ray reference to them) names content this model has
+    embedded already: such images are only measured, not decoded, and flagged `dup` so the actors
+    skip them and the committer reuses the stored vector, as the local engine does.
+    """
+    if known is not None and not isinstance(known, np.ndarray):
+        import ray
+
+        known = ray.get(known)  # shared memory on the same node: no copy per task
+    keys = known if known is not None else np.zeros(0, np.uint64)
     h, w = pre.output_hw
     n = len(batch["image_id"])
     pixels = np.zeros((n, 3, h, w), dtype=np.float32)
-    hashes, widths, heights, errors = [], [], [], []
+    hashes, widths, heights, errors, dups = [], [], [], [], []
     for i, path in enumerate(batch["path"]):
-        digest, width, height, error = "", 0, 0, ""
+        digest, width, height, error, dup = "", 0, 0, "", False
         try:
-            data = imageio.read_bytes(Path(str(path)))
+            data = imageio.read_bytes(Path(str(path)), max_bytes)
             digest = imageio.content_hash(data)
-            dec = imageio.decode(data, draft_size=draft, max_pixels=max_pixels)
-            width, height = dec.width, dec.height
-            pixels[i] = preprocess_one(dec.image, pre)
+            if is_known(keys, digest):
+                dup = True
+                width, height = imageio.probe_size(data)
+            else:
+                dec = imageio.decode(data, draft_size=draft, max_pixels=max_pixels)
+                width, height = dec.width, dec.height
+                pixels[i] = preprocess_one(dec.image, pre)
         except BadImage as exc:
             error = exc.reason
         hashes.append(digest)
         widths.append(width)
         heights.append(height)
         errors.append(error)
+        dups.append(dup)
     return {
         "image_id": np.asarray(batch["image_id"], dtype=np.int64),
         "content_hash": np.asarray(hashes, dtype=object),
         "width": np.asarray(widths, dtype=np.int64),
         "height": np.asarray(heights, dtype=np.int64),
         "error": np.asarray(errors, dtype=object),
+        "dup": np.asarray(dups, dtype=bool),
         "pixels": pixels,
     }
 
@@ -64,7 +100,7 @@ class EncodeActor:
         self.encoder = create_encoder(config)
 
     def __call__(self, batch: Batch) -> Batch:
-        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool) & ~np.asarray(batch["dup"], dtype=bool)
         vectors = np.zeros((len(ok), self.encoder.info.dim), dtype=np.float32)
         if ok.any():
             vectors[ok] = self.encoder.encode_pixels(np.ascontiguousarray(batch["pixels"][ok]))

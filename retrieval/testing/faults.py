@@ -1,4 +1,5 @@
-"""Encoder actors that misbehave on purpose, so tests can kill Ray workers mid-run for real."""
+"""Encoder actors for tests: ones that misbehave on purpose, so tests can kill Ray workers mid-run for real,
+and one that counts what it encodes."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ class FaultyEncodeActor(EncodeActor):
         if self.delay_s:
             time.sleep(self.delay_s)
         return super().__call__(batch)
+
+
+class CountingEncodeActor(EncodeActor):
+    """Appends to `count_file` how many images of each batch it really encoded (not failed, not
+    content embedded already), so a test can see work skipped rather than infer it from results."""
+
+    def __init__(self, config: EncoderConfig, threads: int | None = None, count_file: str = "") -> None:
+        super().__init__(config, threads)
+        self.count_file = count_file
+
+    def __call__(self, batch: Batch) -> Batch:
+        encoded = sum(1 for e, d in zip(batch["error"], batch["dup"], strict=True) if not e and not d)
+        with open(self.count_file, "a") as f:
+            f.write(f"{encoded}\n")
+        return super().__call__(batch)
+
+
+def encoded_count(count_file: Path) -> int:
+    return sum(int(x) for x in count_file.read_text().split()) if count_file.exists() else 0
 
 
 def crashed(marker: Path) -> bool:
