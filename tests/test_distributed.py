@@ -176,6 +176,24 @@ def test_a_key_that_matched_unstored_content_is_encoded_after_all(
     assert _state(tmp_path / "d") == (6, 0, 6, 6)
 
 
+def test_the_file_size_limit_holds_on_ray_as_locally(
+    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+) -> None:
+    make_folder(tmp_path / "imgs", 3)
+    small = IngestConfig(batch_size=8, progress=False, max_file_bytes=100)  # every JPEG here is larger
+    local = ingest(tmp_path / "imgs", Collection(tmp_path / "local"), encoder, small)
+    dist = ray_ingest(
+        tmp_path / "imgs",
+        Collection(tmp_path / "ray"),
+        encoder,
+        EncoderConfig(str(tiny_clip_dir), "cpu"),
+        small,
+        _cfg(),
+    )
+    assert (dist.encoded, dist.failed) == (local.encoded, local.failed) == (0, 3)
+    assert dist.failures == local.failures
+
+
 DRIVER = textwrap.dedent(
     """
     import sys
