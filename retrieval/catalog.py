@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval import imageio
 from retrieval.errors import IndexCorrupt, ShapeError
 from retrieval.types import Float32Array
 
@@ -250,10 +251,8 @@ class Catalog:
         lookups at 10M hashes; the caller treats a hit as a hint, not a fact).
         """
         with self._lock:
-            rows = self._db.execute(
-                "SELECT substr(content_hash, 1, 16) FROM embeddings WHERE model=?", (model,)
-            ).fetchall()
-        keys = np.fromiter((int(r[0], 16) for r in rows), dtype=np.uint64, count=len(rows))
+            rows = self._db.execute("SELECT content_hash FROM embeddings WHERE model=?", (model,)).fetchall()
+        keys = np.fromiter((imageio.hash_key(r[0]) for r in rows), dtype=np.uint64, count=len(rows))
         keys.sort()
         return keys
 

@@ -72,6 +72,12 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def hash_key(digest: str) -> int:
+    """A content hash's first 64 bits: a compact key for membership checks (see
+    `Catalog.embedded_hash_keys`); equal keys say the content is probably, not surely, the same."""
+    return int(digest[:16], 16)
+
+
 def read_bytes(path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     """The file's bytes, only if it is a regular file (after symlinks) of at most `max_bytes`.
 

@@ -164,7 +164,7 @@ class RowFile:
 
     def __del__(self) -> None:
         if hasattr(self, "_file"):  # a failed open leaves nothing to close
-            self._file.close()
+            self.close()
 
 
 def _check(ids: Int64Array, vectors: Float32Array, dim: int) -> tuple[Int64Array, Float32Array]:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from retrieval import Collection, IngestConfig, Query, Searcher, imageio
 from retrieval.catalog import Catalog
 from retrieval.distributed.ingest import RayConfig, check_fits, ray_ingest, read_shard, write_shard
 from retrieval.distributed.sharded import ShardedIndex, ShardedVectorIndex
-from retrieval.distributed.stages import hash_key
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.errors import ConfigError
 from retrieval.index import IndexParams
@@ -46,6 +45,22 @@ def _cfg(**kw: Any) -> RayConfig:
     return RayConfig(workers=2, threads=1, **kw)
 
 
+@pytest.fixture
+def ray_run(encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any) -> Callable[..., IngestSummary]:
+    """`ray_ingest` of a folder with the tiny CLIP on the test cluster: (source, data dir or collection,
+    RayConfig (default `_cfg()`), IngestConfig (default QUIET))."""
+
+    def run(
+        src: Path, data: Path | Collection, ray_config: RayConfig | None = None, config: IngestConfig = QUIET
+    ) -> IngestSummary:
+        collection = data if isinstance(data, Collection) else Collection(data)
+        return ray_ingest(
+            src, collection, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), config, ray_config or _cfg()
+        )
+
+    return run
+
+
 def _state(data: Path) -> tuple[int, int, int, int]:
     """(indexed images, pending, distinct paths, stored embeddings) straight from SQLite."""
     con = sqlite3.connect(data / "catalog.sqlite")
@@ -60,20 +75,13 @@ def _state(data: Path) -> tuple[int, int, int, int]:
 
 
 def test_ray_engine_matches_local_engine(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+    tmp_path: Path, encoder: Encoder, ray_run: Callable[..., IngestSummary]
 ) -> None:
     files = make_folder(tmp_path / "imgs", 24)
     (tmp_path / "imgs" / "copy.jpg").write_bytes(files[3].read_bytes())  # identical content: dedup
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     local = ingest(tmp_path / "imgs", Collection(tmp_path / "local"), encoder, QUIET)
-    dist = ray_ingest(
-        tmp_path / "imgs",
-        Collection(tmp_path / "ray"),
-        encoder,
-        EncoderConfig(str(tiny_clip_dir), "cpu"),
-        QUIET,
-        _cfg(),
-    )
+    dist = ray_run(tmp_path / "imgs", tmp_path / "ray")
     assert (
         (dist.scanned, dist.encoded, dist.reused, dist.failed)
         == (
@@ -98,28 +106,16 @@ def test_ray_engine_matches_local_engine(
         assert [h.path for h in ra.results] == [h.path for h in rb.results]  # type: ignore[union-attr]
     assert not list((tmp_path / "ray" / "shards").glob("*"))  # every shard committed and removed
     # incremental: a second run finds nothing to do, like the local engine
-    again = ray_ingest(
-        tmp_path / "imgs",
-        Collection(tmp_path / "ray"),
-        encoder,
-        EncoderConfig(str(tiny_clip_dir), "cpu"),
-        QUIET,
-        _cfg(),
-    )
+    again = ray_run(tmp_path / "imgs", tmp_path / "ray")
     assert (again.encoded, again.unchanged) == (0, 26)  # the broken file is unchanged too
 
 
-def test_a_worker_killed_mid_run_is_retried(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
-) -> None:
+def test_a_worker_killed_mid_run_is_retried(tmp_path: Path, ray_run: Callable[..., IngestSummary]) -> None:
     make_folder(tmp_path / "imgs", 20)
     marker = tmp_path / "crashed"
-    summary = ray_ingest(
+    summary = ray_run(
         tmp_path / "imgs",
-        Collection(tmp_path / "d"),
-        encoder,
-        EncoderConfig(str(tiny_clip_dir), "cpu"),
-        QUIET,
+        tmp_path / "d",
         _cfg(actor_cls=FaultyEncodeActor, actor_kwargs={"crash_marker": str(marker)}),
     )
     assert crashed(marker)  # one actor really died (os._exit) on its first batch
@@ -127,48 +123,39 @@ def test_a_worker_killed_mid_run_is_retried(
     assert _state(tmp_path / "d") == (20, 0, 20, 20)
 
 
-def test_a_moved_folder_is_not_encoded_again(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
-) -> None:
+def test_a_moved_folder_is_not_encoded_again(tmp_path: Path, ray_run: Callable[..., IngestSummary]) -> None:
     make_folder(tmp_path / "imgs", 12)
     data = Collection(tmp_path / "d")
-    first = ray_ingest(
-        tmp_path / "imgs", data, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, _cfg()
-    )
+    first = ray_run(tmp_path / "imgs", data)
     assert first.encoded == 12
     (tmp_path / "imgs").rename(tmp_path / "moved")  # every path new, every content known
     counts = tmp_path / "counts"
     counting = _cfg(actor_cls=CountingEncodeActor, actor_kwargs={"count_file": str(counts)})
-    moved = ray_ingest(
-        tmp_path / "moved", data, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, counting
-    )
+    moved = ray_run(tmp_path / "moved", data, counting)
     assert (moved.new, moved.encoded, moved.reused) == (12, 0, 12)
     assert counts.exists() and encoded_count(counts) == 0  # batches went through, none was encoded
     # the old root stays in the catalog until it is scanned again: 24 paths, 12 vectors
     assert _state(tmp_path / "d") == (24, 0, 24, 12)
     make_folder(tmp_path / "moved" / "more", 1, start=12)  # new content
     counts.unlink()
-    more = ray_ingest(
-        tmp_path / "moved", data, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, counting
-    )
+    more = ray_run(tmp_path / "moved", data, counting)
     assert (more.new, more.encoded) == (1, 1) and encoded_count(counts) == 1
     assert _state(tmp_path / "d") == (25, 0, 25, 13)
 
 
 def test_a_key_that_matched_unstored_content_is_encoded_after_all(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_run: Callable[..., IngestSummary]
 ) -> None:
     files = make_folder(tmp_path / "imgs", 6)
     # keys for every file while nothing is stored: what a 64-bit collision would look like, six times
-    keys = np.sort(np.array([hash_key(imageio.content_hash(f.read_bytes())) for f in files], np.uint64))
+    keys = np.sort(
+        np.array([imageio.hash_key(imageio.content_hash(f.read_bytes())) for f in files], np.uint64)
+    )
     monkeypatch.setattr(Catalog, "embedded_hash_keys", lambda self, model: keys)
     counts = tmp_path / "counts"
-    summary = ray_ingest(
+    summary = ray_run(
         tmp_path / "imgs",
-        Collection(tmp_path / "d"),
-        encoder,
-        EncoderConfig(str(tiny_clip_dir), "cpu"),
-        QUIET,
+        tmp_path / "d",
         _cfg(actor_cls=CountingEncodeActor, actor_kwargs={"count_file": str(counts)}),
     )
     assert (summary.encoded, summary.reused, summary.failed) == (6, 0, 0)
@@ -177,19 +164,12 @@ def test_a_key_that_matched_unstored_content_is_encoded_after_all(
 
 
 def test_the_file_size_limit_holds_on_ray_as_locally(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+    tmp_path: Path, encoder: Encoder, ray_run: Callable[..., IngestSummary]
 ) -> None:
     make_folder(tmp_path / "imgs", 3)
     small = IngestConfig(batch_size=8, progress=False, max_file_bytes=100)  # every JPEG here is larger
     local = ingest(tmp_path / "imgs", Collection(tmp_path / "local"), encoder, small)
-    dist = ray_ingest(
-        tmp_path / "imgs",
-        Collection(tmp_path / "ray"),
-        encoder,
-        EncoderConfig(str(tiny_clip_dir), "cpu"),
-        small,
-        _cfg(),
-    )
+    dist = ray_run(tmp_path / "imgs", tmp_path / "ray", _cfg(), small)
     assert (dist.encoded, dist.failed) == (local.encoded, local.failed) == (0, 3)
     assert dist.failures == local.failures
 
@@ -213,7 +193,7 @@ DRIVER = textwrap.dedent(
 
 
 def test_driver_killed_then_resumed_loses_and_duplicates_nothing(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_run: Callable[..., IngestSummary]
 ) -> None:
     files = make_folder(tmp_path / "imgs", 40)
     (tmp_path / "imgs" / "dup.jpg").write_bytes(files[0].read_bytes())
@@ -240,9 +220,7 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(
         proc.wait()
     before = _state(data)
     assert 4 <= before[0] < 41 and before[1] > 0  # killed mid-run: some committed, some still pending
-    summary = ray_ingest(
-        tmp_path / "imgs", Collection(data), encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, _cfg()
-    )
+    summary = ray_run(tmp_path / "imgs", data)
     indexed, pending, paths, vectors = _state(data)
     assert (indexed, pending, paths) == (41, 0, 41)
     assert vectors == 40  # one vector per distinct content: nothing stored twice
@@ -252,7 +230,7 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(
 
 
 def test_shards_left_by_a_killed_driver_are_committed_not_re_encoded(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+    tmp_path: Path, encoder: Encoder, ray_run: Callable[..., IngestSummary]
 ) -> None:
     make_folder(tmp_path / "imgs", 6)
     data = tmp_path / "d"
@@ -274,9 +252,7 @@ def test_shards_left_by_a_killed_driver_are_committed_not_re_encoded(
     }
     shard = write_shard(data / "shards", batch)
     assert np.array_equal(read_shard(shard)["vector"], batch["vector"])
-    summary = ray_ingest(
-        tmp_path / "imgs", Collection(data), encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), QUIET, _cfg()
-    )
+    summary = ray_run(tmp_path / "imgs", data)
     assert summary.encoded == 6 and not shard.exists()
     assert _state(data) == (6, 0, 6, 6)
     stray = Committer(Collection(data), encoder.info.fingerprint, IngestSummary(root=""))
@@ -284,17 +260,15 @@ def test_shards_left_by_a_killed_driver_are_committed_not_re_encoded(
 
 
 def test_ondisk_index_filled_by_ray_tasks(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+    tmp_path: Path, encoder: Encoder, ray_run: Callable[..., IngestSummary]
 ) -> None:
     make_folder(tmp_path / "imgs", 30)
     ingest(tmp_path / "imgs", Collection(tmp_path / "flat"), encoder, QUIET)
-    s = ray_ingest(
+    s = ray_run(
         tmp_path / "imgs",
-        Collection(tmp_path / "disk"),
-        encoder,
-        EncoderConfig(str(tiny_clip_dir), "cpu"),
-        IngestConfig(batch_size=8, progress=False, factory="ivf-ondisk"),
+        tmp_path / "disk",
         _cfg(),
+        IngestConfig(batch_size=8, progress=False, factory="ivf-ondisk"),
     )
     assert s.index is not None and s.index.built_factory == "ivf-ondisk"
     for text in ["red", "green circle"]:
@@ -373,19 +347,12 @@ def test_a_pool_the_cluster_cannot_hold_is_refused(
 
 
 def test_too_many_workers_fail_at_once_on_a_real_cluster(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+    tmp_path: Path, ray_run: Callable[..., IngestSummary]
 ) -> None:
     make_folder(tmp_path / "imgs", 4)
     started = time.monotonic()
     with pytest.raises(ConfigError, match="the Ray cluster has 2"):
-        ray_ingest(
-            tmp_path / "imgs",
-            Collection(tmp_path / "d"),
-            encoder,
-            EncoderConfig(str(tiny_clip_dir), "cpu"),
-            QUIET,
-            RayConfig(workers=4, threads=1),
-        )
+        ray_run(tmp_path / "imgs", tmp_path / "d", RayConfig(workers=4, threads=1))
     assert time.monotonic() - started < 120  # refused, not left waiting for CPUs that never come
     # nothing was lost: the scanned images wait as pending for a run with a pool that fits
     assert _state(tmp_path / "d")[:2] == (0, 4)
@@ -439,18 +406,11 @@ def test_scale_ondisk_shards_on_ray_keep_recall(tmp_path: Path, ray_cluster: Any
 
 @pytest.mark.scale
 def test_scale_ray_engine_parity_on_500_images(
-    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+    tmp_path: Path, encoder: Encoder, ray_run: Callable[..., IngestSummary]
 ) -> None:
     make_folder(tmp_path / "imgs", 500)
     ingest(tmp_path / "imgs", Collection(tmp_path / "local"), encoder, QUIET)
-    ray_ingest(
-        tmp_path / "imgs",
-        Collection(tmp_path / "ray"),
-        encoder,
-        EncoderConfig(str(tiny_clip_dir), "cpu"),
-        IngestConfig(batch_size=32, progress=False),
-        _cfg(),
-    )
+    ray_run(tmp_path / "imgs", tmp_path / "ray", _cfg(), IngestConfig(batch_size=32, progress=False))
     fp, dim = encoder.info.fingerprint, encoder.info.dim
     ids_a, vec_a = Collection(tmp_path / "local").catalog.indexed_vectors(fp, dim)
     ids_b, vec_b = Collection(tmp_path / "ray").catalog.indexed_vectors(fp, dim)

@@ -173,15 +173,17 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
     table = pq.read_table(path)
     col = table.column("vector").combine_chunks()
     dim = col.type.list_size
-    return {
+    batch = {
         "image_id": table.column("image_id").to_numpy(),
         "content_hash": np.asarray(table.column("content_hash").to_pylist(), dtype=object),
         "width": table.column("width").to_numpy(),
         "height": table.column("height").to_numpy(),
         "error": np.asarray(table.column("error").to_pylist(), dtype=object),
-        "dup": table.column("dup").to_numpy() if "dup" in table.column_names else np.zeros(len(table), bool),
         "vector": col.flatten().to_numpy().astype(np.float32).reshape(-1, dim),
     }
+    if "dup" in table.column_names:  # shards of older runs have none: `dup_flags` reads that as no dups
+        batch["dup"] = table.column("dup").to_numpy()
+    return batch
 
 
 def commit_batch(batch: dict[str, np.ndarray], committer: Committer, keep: set[int] | None = None) -> int:
@@ -239,13 +241,7 @@ def encode_stage(
     actor_cls = cfg.actor_cls or EncodeActor
     workers = max(1, cfg.workers)
 
-    def run(ray: Any, records: list[ImageRecord], committer: Committer, known: Any) -> None:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = ingest_config.progress
-        resources = ray.cluster_resources()
-        check_fits(workers, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), gpu)
-        cpus = int(resources.get("CPU", 1))
-        threads = cfg.threads or max(1, cpus // workers)
+    def run(ray: Any, records: list[ImageRecord], committer: Committer, known: Any, threads: int) -> None:
         # one block per decode batch (up to MAX_BLOCKS): results then stream back and commit batch by
         # batch, so a killed driver loses little, instead of arriving in a few large bursts
         ds = ray.data.from_items(
@@ -295,15 +291,19 @@ def encode_stage(
         if not records:
             return
         ray = connect(cfg)
+        ray.data.DataContext.get_current().enable_progress_bars = ingest_config.progress
+        resources = ray.cluster_resources()
+        check_fits(workers, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), gpu)
+        threads = cfg.threads or max(1, int(resources.get("CPU", 1)) // workers)
         # content this model has embedded (a moved or copied folder) is hashed, not decoded or encoded
         keys = committer.catalog.embedded_hash_keys(committer.fp)
-        run(ray, records, committer, ray.put(keys) if len(keys) else None)
+        run(ray, records, committer, ray.put(keys) if len(keys) else None, threads)
         # a 64-bit key that matched content not stored (or stored content since deleted) leaves its
         # images waiting: encode them after all
         if committer.waiting:
             again = {w.image_id for w in committer.waiting}
             committer.waiting = []
-            run(ray, [r for r in records if r.id in again], committer, None)
+            run(ray, [r for r in records if r.id in again], committer, None, threads)
 
     return stage
 

@@ -19,15 +19,11 @@ from retrieval.errors import BadImage
 Batch = dict[str, np.ndarray]
 
 
-def hash_key(digest: str) -> np.uint64:
-    """A content hash's first 64 bits, the key of `Catalog.embedded_hash_keys`."""
-    return np.uint64(int(digest[:16], 16))
-
-
-def is_known(keys: np.ndarray, digest: str) -> bool:
-    if not len(keys):
+def is_known(keys: np.ndarray | None, digest: str) -> bool:
+    """Whether `digest`'s key is among the sorted `keys` (None: nothing is known)."""
+    if keys is None or not len(keys):
         return False
-    key = hash_key(digest)
+    key = np.uint64(imageio.hash_key(digest))
     at = int(np.searchsorted(keys, key))
     return at < len(keys) and keys[at] == key
 
@@ -50,7 +46,6 @@ def decode_batch(
         import ray
 
         known = ray.get(known)  # shared memory on the same node: no copy per task
-    keys = known if known is not None else np.zeros(0, np.uint64)
     h, w = pre.output_hw
     n = len(batch["image_id"])
     pixels = np.zeros((n, 3, h, w), dtype=np.float32)
@@ -60,7 +55,7 @@ def decode_batch(
         try:
             data = imageio.read_bytes(Path(str(path)), max_bytes)
             digest = imageio.content_hash(data)
-            if is_known(keys, digest):
+            if is_known(known, digest):
                 dup = True
                 width, height = imageio.probe_size(data)
             else:
