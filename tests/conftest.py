@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from retrieval.encoders import Encoder, EncoderConfig, create_encoder
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder, precision_facts
+from retrieval.encoders import base as encoder_base
 from retrieval.testing.tiny import make_clip
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
@@ -22,6 +23,25 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.delenv("GROQ_API_KEY", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _machine_independent_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers and snapshots must not depend on the CPU that runs the suite.
+
+    `auto` picks bf16 on CPUs with native bf16 and fp32 on others, so every command and server a test
+    starts (in process or not) is pinned to fp32 through the setting, and in-process `auto` resolves as
+    on a CPU without native bf16. Tests of `auto` itself fake the CPU (tests/test_precision.py).
+    """
+    monkeypatch.setenv("CLEARSIGHT_PRECISION", "fp32")
+    monkeypatch.setattr(encoder_base, "cpu_has_native_bf16", lambda: False)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Say which kind of machine ran the suite at the top of its log, whatever the verbosity."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"clearsight {precision_facts()}; the tests pin fp32")
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +57,7 @@ def other_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def encoder(tiny_clip_dir: Path) -> Iterator[Encoder]:
-    enc = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu"))
+    enc = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu", precision="fp32"))
     yield enc
 
 

@@ -33,7 +33,7 @@ def build_collection(root: Path, clip_dir: Path, n: int = 12) -> Path:
                 json.dumps({"image": p.name, "captions": [f"a {COLOURS[i % len(COLOURS)]} {shape}"]}) + "\n"
             )
     data = root / "data"
-    encoder = create_encoder(EncoderConfig(model=str(clip_dir), device="cpu"))
+    encoder = create_encoder(EncoderConfig(model=str(clip_dir), device="cpu", precision="fp32"))
     with Collection(data) as collection:
         ingest(images, collection, encoder, IngestConfig(batch_size=8, progress=False))
         for rec in collection.catalog.iter_images("indexed")[: n // 3]:

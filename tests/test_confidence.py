@@ -53,7 +53,7 @@ def searcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Searche
     with (test_dir / "captions.jsonl").open("w") as fh:
         for s in scenes:
             fh.write(json.dumps({"image": Path(s.path).name, "captions": list(s.captions)}) + "\n")
-    encoder = create_encoder(EncoderConfig(model=str(root / "model"), device="cpu"))
+    encoder = create_encoder(EncoderConfig(model=str(root / "model"), device="cpu", precision="fp32"))
     collection = Collection(root / "data")
     ingest(test_dir, collection, encoder, IngestConfig(progress=False))
     collection.close()

@@ -143,7 +143,7 @@ def test_killed_before_sync_and_before_the_switch(tmp_path: Path, tiny_clip_dir:
     for f in files[:20]:
         f.unlink()
     assert _run(driver, args, {"SLOW": "0", "DIE_AT": "sync"}).wait(timeout=180) == -signal.SIGKILL
-    encoder = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu"))
+    encoder = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu", precision="fp32"))
     searcher = Searcher.open(data, encoder=encoder)
     try:
         assert searcher.index.images.ntotal == 30  # the live index still holds the 20 deleted ids

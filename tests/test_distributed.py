@@ -55,7 +55,12 @@ def ray_run(encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any) -> Callable
     ) -> IngestSummary:
         collection = data if isinstance(data, Collection) else Collection(data)
         return ray_ingest(
-            src, collection, encoder, EncoderConfig(str(tiny_clip_dir), "cpu"), config, ray_config or _cfg()
+            src,
+            collection,
+            encoder,
+            EncoderConfig(str(tiny_clip_dir), "cpu", precision="fp32"),
+            config,
+            ray_config or _cfg(),
         )
 
     return run
@@ -183,7 +188,7 @@ DRIVER = textwrap.dedent(
     from retrieval.encoders import EncoderConfig, create_encoder
     from retrieval.testing.faults import FaultyEncodeActor
     imgs, data, model = sys.argv[1:4]
-    cfg = EncoderConfig(model, "cpu")
+    cfg = EncoderConfig(model, "cpu", precision="fp32")
     ray_ingest(Path(imgs), Collection(Path(data)), create_encoder(cfg), cfg,
                IngestConfig(batch_size=4, progress=False),
                RayConfig(workers=1, threads=1, local_cpus=2, decode_batch=4, actor_cls=FaultyEncodeActor,

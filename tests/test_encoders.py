@@ -67,7 +67,7 @@ def test_image_encoding_is_batch_invariant(encoder) -> None:  # type: ignore[no-
 
 def test_missing_hub_model_says_how_to_get_it() -> None:
     with pytest.raises(ModelUnavailable) as exc:
-        create_encoder(EncoderConfig(model="clip-vit-b-32", device="cpu"))
+        create_encoder(EncoderConfig(model="clip-vit-b-32", device="cpu", precision="fp32"))
     msg = str(exc.value)
     assert "openai/clip-vit-base-patch32" in msg and "download" in msg and "clearsight demo" in msg
 
@@ -80,18 +80,31 @@ def test_missing_local_directory_is_a_clear_error(tmp_path: Path) -> None:
         create_encoder(EncoderConfig(model=str(tmp_path / "empty"), device="cpu"))
 
 
-def test_device_selection() -> None:
-    assert select_device("cpu") == "cpu"
-    assert select_device(None) in ("cpu", "cuda", "mps")
-    with pytest.raises(ConfigError):
-        select_device("tpu")
+@pytest.mark.parametrize("cuda", [False, True])
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_device_selection(monkeypatch: pytest.MonkeyPatch, cuda: bool, native_bf16: bool) -> None:
+    """`auto` is decided for a faked machine (CUDA present or not, CPU with or without native bf16),
+    never for the one running the test, so the suite means the same on every CPU."""
     import torch
 
-    if not torch.cuda.is_available():
+    from retrieval.encoders import base as encoder_base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(encoder_base, "cpu_has_native_bf16", lambda: native_bf16)
+    assert select_device("cpu") == "cpu"
+    assert select_device(None) == ("cuda" if cuda else "cpu")
+    with pytest.raises(ConfigError):
+        select_device("tpu")
+    if cuda:
+        assert select_device("cuda:1") == "cuda:1"
+    else:
         with pytest.raises(ConfigError, match="CUDA is not available"):
             select_device("cuda")
-    assert default_dtype("cuda") == "fp16" and default_dtype("cpu") == "fp32"
-    assert default_dtype("cuda", "fp32") == "fp32"
+    assert default_dtype("cuda") == "fp16"
+    assert default_dtype("cpu") == ("bf16" if native_bf16 else "fp32")
+    assert default_dtype(select_device(None)) == ("fp16" if cuda else "bf16" if native_bf16 else "fp32")
+    assert default_dtype("cuda", "fp32") == "fp32" and default_dtype("cpu", "fp32") == "fp32"
     with pytest.raises(ConfigError):
         default_dtype("cpu", "fp8")
 
@@ -130,7 +143,7 @@ def test_siglip_family_loads_through_the_same_factory(tmp_path: Path) -> None:
         },
     )
     SiglipModel(cfg).save_pretrained(str(tmp_path))
-    enc = create_encoder(EncoderConfig(model=str(tmp_path), device="cpu"))
+    enc = create_encoder(EncoderConfig(model=str(tmp_path), device="cpu", precision="fp32"))
     assert enc.info.family == "siglip"
     v = enc.encode_images([Image.new("RGB", (50, 40), "red")])
     t = enc.encode_texts(["a red square " * 50])

@@ -156,7 +156,7 @@ def test_two_models_side_by_side(
 ) -> None:
     from retrieval.encoders import EncoderConfig, create_encoder
 
-    other = create_encoder(EncoderConfig(model=str(other_clip_dir), device="cpu"))
+    other = create_encoder(EncoderConfig(model=str(other_clip_dir), device="cpu", precision="fp32"))
     cfg = EvalConfig(progress=False, bootstrap=0, ks=(1, 5))
     a, b = evaluate(dataset, encoder, cfg), evaluate(dataset, other, cfg)
     table = comparison_table([a, b])

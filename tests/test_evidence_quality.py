@@ -87,7 +87,7 @@ def _train(encoder: HFDualEncoder, scenes: list[Scene], seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HFDualEncoder, list[Scene]]]:
     path = make_clip(tmp_path_factory.mktemp("evidence-clip"), "tiny", seed=0)
-    encoder = create_encoder(EncoderConfig(model=str(path), device="cpu"))
+    encoder = create_encoder(EncoderConfig(model=str(path), device="cpu", precision="fp32"))
     assert isinstance(encoder, HFDualEncoder)
     cfg = SyntheticConfig(n_train=1200, n_val=0, n_test=48, max_objects=2, composition_fraction=0.5, seed=0)
     scenes = generate_scenes(cfg)

@@ -62,7 +62,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
 
 
 def heldout_r1(model: Path, test: LoadedDataset) -> float:
-    encoder = create_encoder(EncoderConfig(model=str(model), device="cpu"))
+    encoder = create_encoder(EncoderConfig(model=str(model), device="cpu", precision="fp32"))
     try:
         return evaluate(test, encoder, EvalConfig(progress=False)).metrics.text_to_image.recall_at_1
     finally:

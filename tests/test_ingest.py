@@ -141,7 +141,7 @@ def test_other_model_is_refused_unless_rebuild(tmp_path: Path, encoder, other_cl
     make_folder(root, 4)
     col = Collection(tmp_path / "data")
     ingest(root, col, encoder, QUIET)
-    other = create_encoder(EncoderConfig(model=str(other_clip_dir), device="cpu"))
+    other = create_encoder(EncoderConfig(model=str(other_clip_dir), device="cpu", precision="fp32"))
     with pytest.raises(IndexMismatch) as refused:
         ingest(root, col, other, QUIET)
     # the library names the remedy; the CLI words it with its flags

@@ -84,9 +84,9 @@ def test_half_precision_cuda_embeddings_match_the_cpu(tiny_clip_dir: Path) -> No
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    cpu = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu"))
-    gpu = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cuda"))
-    assert gpu.info.device.startswith("cuda")
+    cpu = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu", precision="fp32"))
+    gpu = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cuda"))  # auto: fp16 on CUDA
+    assert gpu.device.startswith("cuda") and gpu.info.precision == "fp16"
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)) for _ in range(6)]
     texts = ["a red circle", "a blue square in the top left", "a green triangle"]

@@ -63,11 +63,34 @@ def test_unknown_precisions_are_refused(bad: str) -> None:
         encoder_base.default_dtype("cpu", bad)
 
 
-def test_the_detection_answers_from_this_machine() -> None:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        assert encoder_base.cpu_has_native_bf16()
-    assert isinstance(encoder_base.cpu_has_native_bf16(), bool)
+@pytest.mark.parametrize(
+    ("flags", "capability", "native"),
+    [
+        ({"avx512f", "avx512_bf16"}, "AVX512", True),  # Cooper Lake and later
+        ({"avx512f", "amx_bf16", "amx_tile"}, "AVX512", True),  # Sapphire Rapids
+        ({"avx512f", "avx512bw"}, "AVX512", False),  # Skylake-X / Cascade Lake: bf16 emulated
+        ({"avx2", "fma"}, "AVX2", False),
+        (set(), "AMX", True),  # no /proc/cpuinfo: torch's capability string is the hint
+        (set(), "", False),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(flags: set[str], capability: str, native: bool) -> None:
+    assert encoder_base.native_bf16(flags, capability) is native
+
+
+def test_precision_facts_name_the_choice_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(encoder_base, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.setattr(encoder_base, "cpu_has_native_bf16", lambda: True)
+    assert encoder_base.precision_facts() == "precision: auto = bf16 on this CPU (native bf16: amx_bf16)"
+    monkeypatch.setattr(encoder_base, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(encoder_base, "cpu_has_native_bf16", lambda: False)
+    assert "auto = fp32" in encoder_base.precision_facts()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert encoder_base.precision_facts() == "precision: auto = fp16 (cuda device present)"
 
 
 def test_the_encoder_reports_its_precision(tiny_clip_dir: Path) -> None:

@@ -51,7 +51,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> P
     big = root / "big"
     big.mkdir()
     Image.new("RGB", (8200, 6150), (90, 120, 200)).save(big / "camera50mp.jpg", quality=60)
-    encoder = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu"))
+    encoder = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu", precision="fp32"))
     with Collection(data) as collection:
         ingest(big, collection, encoder, IngestConfig(batch_size=2, progress=False))
     encoder.close()

@@ -11,6 +11,8 @@ from retrieval.encoders.base import (
     cpu_has_native_bf16,
     default_dtype,
     l2_normalise,
+    native_bf16,
+    precision_facts,
     select_device,
 )
 from retrieval.registry import EncoderSpec, default_encoder, find_encoder, list_encoders
@@ -25,6 +27,8 @@ __all__ = [
     "default_dtype",
     "l2_normalise",
     "list_encoders",
+    "native_bf16",
+    "precision_facts",
     "select_device",
 ]
 

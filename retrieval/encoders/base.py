@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -88,31 +88,61 @@ def select_device(requested: str | None = None) -> str:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-@cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 is faster, not emulated.
+#: The /proc/cpuinfo flags of a CPU that computes bf16 in hardware (AVX512-BF16 or AMX).
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
-    Without it, torch converts bf16 through fp32 in software and a bf16 model runs slower than fp32.
-    Linux reports the flags in /proc/cpuinfo; elsewhere torch's own capability string is the hint.
+
+def native_bf16(flags: Iterable[str], capability: str = "") -> bool:
+    """Whether a CPU with these flags (or torch capability string) computes bf16 natively.
+
+    Apart from the reading so tests can decide `auto` for any CPU, not only the one they run on.
     """
-    flags: set[str] = set()
+    return bool(BF16_FLAGS & set(flags)) or any(k in capability.upper() for k in ("BF16", "AMX"))
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux reports them (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    return frozenset()
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, so bf16 is faster, not emulated.
+
+    Without it, torch converts bf16 through fp32 in software and a bf16 model runs slower than fp32.
+    Linux reports the flags in /proc/cpuinfo; elsewhere torch's own capability string is the hint.
+    """
+    if native_bf16(cpu_flags()):
         return True
     try:
         import torch
 
-        capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+        capability = str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # pragma: no cover - very old torch
         return False
-    return "BF16" in capability or "AMX" in capability
+    return native_bf16((), capability)
+
+
+def precision_facts() -> str:
+    """One line saying what `auto` resolves to on this machine and why: printed atop the test run,
+    so a log from any machine says which kind of CPU it came from."""
+    device = select_device(None)
+    picked = default_dtype(device)
+    if device != "cpu":
+        return f"precision: auto = {picked} ({device} device present)"
+    found = sorted(BF16_FLAGS & cpu_flags())
+    why = f"native bf16: {', '.join(found)}" if found else "no native bf16 (avx512_bf16/amx_bf16 absent)"
+    if not found and picked == "bf16":
+        why = "native bf16 per torch's CPU capability"
+    return f"precision: auto = {picked} on this CPU ({why})"
 
 
 def default_dtype(device: str, precision: str | None = None) -> str:

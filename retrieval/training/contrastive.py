@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from retrieval.encoders import cpu_has_native_bf16
+from retrieval.encoders import default_dtype
 from retrieval.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class Optimiser:
         self.cuda = device.startswith("cuda")
         # On a CPU only bf16 autocast exists, and `auto` takes it only where the CPU computes bf16 natively.
         cpu_bf16 = device == "cpu" and (
-            config.amp == "bf16" or (config.amp == "auto" and cpu_has_native_bf16())
+            config.amp == "bf16" or (config.amp == "auto" and default_dtype("cpu") == "bf16")
         )
         self.amp_dtype = torch.bfloat16 if config.amp == "bf16" or cpu_bf16 else torch.float16
         self.use_amp = (self.cuda and config.amp != "off") or cpu_bf16
