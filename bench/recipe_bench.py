@@ -24,7 +24,8 @@ def main(argv: list[str]) -> int:
     from retrieval.testing.recipes import DEMO_ARCH, DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
     from retrieval.testing.synthetic import write_scenes
     from retrieval.training.datasets import load_dataset
-    from retrieval.training.evaluate import EvalConfig, evaluate
+    from retrieval.training.evaluate import evaluate
+    from retrieval.training.types import EvalConfig
 
     overrides = json.loads(argv[0]) if argv else {}
     if not isinstance(overrides, dict) or set(overrides) - {"scenes", "arch", "train"}:

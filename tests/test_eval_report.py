@@ -16,7 +16,7 @@ from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError
 from retrieval.testing.synthetic import SyntheticConfig, write_scenes
 from retrieval.training.datasets import LoadedDataset, load_dataset
-from retrieval.training.evaluate import EvalConfig, evaluate
+from retrieval.training.evaluate import evaluate
 from retrieval.training.metrics import (
     bootstrap_recall_ci,
     chance_at_k,
@@ -25,6 +25,7 @@ from retrieval.training.metrics import (
     text_to_image_metrics,
 )
 from retrieval.training.report import comparison_table, write_comparison
+from retrieval.training.types import EvalConfig
 
 
 # -- metrics at any K ---------------------------------------------------------------------------------

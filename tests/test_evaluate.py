@@ -19,7 +19,8 @@ from explainer.cli.app import app
 from retrieval.encoders import Encoder
 from retrieval.testing.synthetic import SyntheticConfig, write_scenes
 from retrieval.training.datasets import LoadedDataset, load_dataset
-from retrieval.training.evaluate import EvalConfig, evaluate
+from retrieval.training.evaluate import evaluate
+from retrieval.training.types import EvalConfig
 
 runner = CliRunner()
 METRICS = (

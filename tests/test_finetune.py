@@ -28,15 +28,15 @@ from retrieval.testing.synthetic import SyntheticConfig, write_scenes
 from retrieval.testing.tiny import make_clip
 from retrieval.training.contrastive import Optimiser, apply_freeze, param_groups
 from retrieval.training.datasets import LoadedDataset, load_dataset
-from retrieval.training.evaluate import EvalConfig, evaluate
+from retrieval.training.evaluate import evaluate
 from retrieval.training.finetune import (
     HISTORY_FILE,
     PLOT_FILE,
-    FinetuneConfig,
     FinetuneResult,
     finetune,
     load_training_data,
 )
+from retrieval.training.types import EvalConfig, FinetuneConfig
 
 runner = CliRunner()
 SCENES = SyntheticConfig(n_train=2000, n_val=100, n_test=100, image_size=64, max_objects=2, seed=0)

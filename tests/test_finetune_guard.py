@@ -15,7 +15,6 @@ from retrieval.training.datasets import load_dataset
 from retrieval.training.finetune import (
     HISTORY_FILE,
     PLOT_FILE,
-    FinetuneConfig,
     FinetuneRefused,
     _better,
     _key,
@@ -23,6 +22,7 @@ from retrieval.training.finetune import (
     is_collapsed,
     side_by_side,
 )
+from retrieval.training.types import FinetuneConfig
 
 
 def _summary(t2i_r1: float, rsum: float, mean_rank: float) -> dict[str, float]:

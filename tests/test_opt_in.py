@@ -39,7 +39,8 @@ def online_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("online_hub")
 def test_clip_b32_zero_shot_on_coco_mini_is_far_above_chance(tmp_path: Path) -> None:
     from retrieval.training.datasets import load_dataset
-    from retrieval.training.evaluate import EvalConfig, evaluate
+    from retrieval.training.evaluate import evaluate
+    from retrieval.training.types import EvalConfig
 
     if not (COCO_MINI / "captions.jsonl").exists():
         pytest.skip(f"{COCO_MINI} not present")

@@ -25,8 +25,9 @@ from retrieval.ingest import ingest
 from retrieval.testing.recipes import DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
 from retrieval.testing.synthetic import write_scenes
 from retrieval.training.datasets import LoadedDataset, load_dataset
-from retrieval.training.evaluate import EvalConfig, evaluate
+from retrieval.training.evaluate import evaluate
 from retrieval.training.metrics import DirectionMetrics
+from retrieval.training.types import EvalConfig
 
 
 @pytest.fixture()

@@ -51,7 +51,8 @@ from retrieval.testing.synthetic import (
     write_scenes,
 )
 from retrieval.training.datasets import LoadedDataset, load_dataset
-from retrieval.training.evaluate import EvalConfig, evaluate
+from retrieval.training.evaluate import evaluate
+from retrieval.training.types import EvalConfig
 
 SCENES_DIR = "demo-scenes"
 MODELS_DIR = "models"

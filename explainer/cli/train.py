@@ -102,9 +102,10 @@ def eval_cmd(
     """Retrieval metrics in both directions (R@K, P@K, nDCG@K, MRR...) of one or more models on a dataset."""
     from retrieval.encoders import EncoderConfig, create_encoder
     from retrieval.training.datasets import format_report, load_dataset
-    from retrieval.training.evaluate import EvalConfig, EvalReport, evaluate, markdown_table
+    from retrieval.training.evaluate import evaluate, markdown_table
     from retrieval.training.metrics import parse_ks
     from retrieval.training.report import comparison_table, write_comparison
+    from retrieval.training.types import EvalConfig, EvalReport
 
     models = list(dict.fromkeys(model or [None]))  # type: ignore[list-item]
     ks = parse_ks(k)  # a typo in --k fails before any model loads
@@ -204,7 +205,8 @@ def finetune_cmd(
 
     The starting model's validation embeddings are cached in DATA_DIR/eval-cache, shared with `eval`."""
     from retrieval.training.datasets import format_report
-    from retrieval.training.finetune import FinetuneConfig, finetune, load_training_data, side_by_side
+    from retrieval.training.finetune import finetune, load_training_data, side_by_side
+    from retrieval.training.types import FinetuneConfig
 
     config = FinetuneConfig(
         epochs=epochs,

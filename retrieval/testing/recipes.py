@@ -27,7 +27,8 @@ from retrieval.testing.blip import BlipRecipe, BlipTrainResult, make_blip, train
 from retrieval.testing.synthetic import SyntheticConfig
 from retrieval.testing.tiny import DEFAULT_WORDS, TinyArch, make_clip
 from retrieval.training.datasets import load_dataset
-from retrieval.training.finetune import FinetuneConfig, FinetuneResult, finetune
+from retrieval.training.finetune import FinetuneResult, finetune
+from retrieval.training.types import FinetuneConfig
 
 #: The demo's scenes: one or two shapes, 2,000 to learn from, 200 unambiguous held-out scenes to search.
 DEMO_SCENES = SyntheticConfig(

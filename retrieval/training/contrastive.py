@@ -12,7 +12,7 @@ from retrieval.encoders import default_dtype
 from retrieval.errors import ConfigError
 
 if TYPE_CHECKING:
-    from retrieval.training.finetune import FinetuneConfig
+    from retrieval.training.types import FinetuneConfig
 
 #: CLIP clamps its temperature so logits are scaled by at most 100.
 MAX_LOGIT_SCALE = math.log(100.0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,18 +28,17 @@ from retrieval.catalog import Catalog
 from retrieval.encoders import Encoder
 from retrieval.errors import BadImage, ConfigError, NotEnoughData
 from retrieval.index import VectorIndex, resolve_factory
-from retrieval.training.datasets import DatasetItem, LoadedDataset, LoadReport, format_report
+from retrieval.training.datasets import DatasetItem, LoadedDataset, format_report
 from retrieval.training.metrics import (
-    DEFAULT_KS,
     RetrievalMetrics,
     bootstrap_recall_ci,
     image_to_text_metrics,
-    parse_ks,
     retrieval_metrics,
     text_to_image_metrics,
 )
 from retrieval.training.report import markdown_table as markdown_table  # re-exported for callers
 from retrieval.training.report import write_report
+from retrieval.training.types import CacheStats, EvalConfig, EvalReport, IndexInfo, WorstQuery
 from retrieval.types import Float32Array, Int64Array
 
 #: Cosine similarities live in [-1, 1]; items an approximate search did not return get this score.
@@ -47,118 +46,6 @@ NOT_RETURNED = np.float32(-2.0)
 CACHE_FILE = "eval-cache.sqlite"
 #: The recall@K plot runs from K=1 to this.
 CURVE_K = 50
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    index: str = "flat"  # flat (exact), hnsw, ivfpq, or a FAISS factory string
-    batch_size: int = 32  # images per encoder call
-    text_batch_size: int = 256
-    workers: int = 2  # decode threads
-    cache_dir: Path | None = None  # None: no embedding cache (fine-tuning evaluates a moving model)
-    out_dir: Path | None = None  # None: nothing written; else report.json, report.md, ranks, plots
-    approx_k: int = 100  # depth of approximate searches
-    search_chunk: int = 2048  # queries per FAISS call, bounding the temporary result arrays
-    progress: bool = True
-    ks: tuple[int, ...] = DEFAULT_KS  # cutoffs of recall, precision and nDCG (`--k 1,5,10`)
-    bootstrap: int = 1000  # resamples for the recall@K confidence intervals; 0 computes none
-    gallery: int = 24  # worst text→image queries kept for the failure gallery
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "text_batch_size", "workers", "approx_k", "search_chunk"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        object.__setattr__(self, "ks", parse_ks(self.ks))
-        if not 0 <= self.bootstrap <= 100_000:
-            raise ConfigError(f"bootstrap resamples must be between 0 and 100000, got {self.bootstrap}")
-        if not 0 <= self.gallery <= 1000:
-            raise ConfigError(f"the failure gallery holds 0 to 1000 queries, got {self.gallery}")
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    path: str | None
-    image_hits: int
-    images_encoded: int
-    text_hits: int
-    texts_encoded: int
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    requested: str
-    factory: str  # what was built and searched
-    exact: bool
-    note: str
-
-
-@dataclass(frozen=True)
-class WorstQuery:
-    """A text→image query that ranked its image badly: what came first instead, for the failure gallery."""
-
-    caption: str
-    image: int  # index into EvalReport.image_ids / image_paths: the right image
-    rank: int
-    top: list[tuple[int, float]]  # (image index, score), best first
-
-
-@dataclass
-class EvalReport:
-    """Metrics plus everything needed to trace them back to data, model and index."""
-
-    metrics: RetrievalMetrics
-    model: dict[str, object]
-    index: IndexInfo
-    dataset_format: str
-    split: str | None
-    load_report: LoadReport
-    n_unreadable: int
-    cache: CacheStats
-    seconds: dict[str, float]
-    image_ids: list[str] = field(repr=False)
-    captions: list[str] = field(repr=False)
-    caption_to_image: Int64Array = field(repr=False)
-    unreadable: list[tuple[str, str]] = field(default_factory=list, repr=False)
-    files: dict[str, str] = field(default_factory=dict)
-    image_paths: list[str] = field(default_factory=list, repr=False)
-    worst: list[WorstQuery] = field(default_factory=list, repr=False)
-    #: Where the numbers come from: clearsight version, time, annotation file and its sha256.
-    provenance: dict[str, object] = field(default_factory=dict)
-    #: direction -> "recall@K" -> (low, high), percentile bootstrap over queries
-    intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {
-            "images": len(self.image_ids),
-            "captions": len(self.captions),
-            "images_missing": self.load_report.missing_images.count,
-            "images_unreadable": self.n_unreadable,
-        }
-
-    def to_dict(self) -> dict[str, object]:
-        """The JSON report; `counts` sits in each direction too, so either object stands on its own."""
-        counts = self.counts
-        return {
-            "text_to_image": {**self.metrics.text_to_image.to_dict(), "counts": counts},
-            "image_to_text": {**self.metrics.image_to_text.to_dict(), "counts": counts},
-            "counts": counts,
-            "rsum": self.metrics.rsum,
-            "mean_recall": self.metrics.mean_recall,
-            "model": self.model,
-            "index": asdict(self.index),
-            "dataset": {"format": self.dataset_format, "split": self.split},
-            "load_report": {**asdict(self.load_report), "summary": format_report(self.load_report)},
-            "unreadable_examples": [f"{p}: {r}" for p, r in self.unreadable[:5]],
-            "cache": asdict(self.cache),
-            "seconds": self.seconds,
-            "files": self.files,
-            **self.provenance,
-            "confidence_intervals": {
-                **{d: {k: list(v) for k, v in ci.items()} for d, ci in self.intervals.items()},
-                "method": "percentile bootstrap over queries, 95%",
-            },
-        }
 
 
 # --------------------------------------------------------------------------- embedding

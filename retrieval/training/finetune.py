@@ -41,66 +41,13 @@ from retrieval.errors import (
 )
 from retrieval.training.contrastive import Optimiser, apply_freeze
 from retrieval.training.datasets import DatasetItem, LoadedDataset, load_splits_or_all
-from retrieval.training.evaluate import EvalConfig, PreparedImages, evaluate, prepare_images
+from retrieval.training.evaluate import PreparedImages, evaluate, prepare_images
 from retrieval.training.metrics import RetrievalMetrics
+from retrieval.training.types import EvalConfig, FinetuneConfig
 from retrieval.types import Float32Array
 
-FREEZE_MODES = ("none", "vision", "text", "all-but-projections", "last-n")
 HISTORY_FILE = "finetune_history.json"
 PLOT_FILE = "finetune_curves.png"
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    epochs: int = 10
-    lr: float = 1e-5  # peak learning rate; 1e-5 suits pretrained CLIP, from scratch wants ~1e-3
-    batch_size: int = 64
-    weight_decay: float = 0.1
-    warmup: float = 0.1  # below 1: a fraction of all optimiser steps; from 1: a number of steps
-    grad_clip: float = 1.0
-    freeze: str = "none"  # one of FREEZE_MODES
-    last_n: int = 2  # layers per tower trained with freeze="last-n"
-    patience: int = 3  # epochs without improvement before stopping
-    grad_accum: int = 1  # micro-batches per optimiser step (CUDA only)
-    #: Autocast while training: auto (fp16 on CUDA, bf16 on a CPU with native bf16), fp16 (CUDA only),
-    #: bf16 or off. Validation and the saved weights stay fp32.
-    amp: str = "auto"
-    device: str | None = None
-    seed: int = 0
-    force: bool = False  # write the model even when it is worse than the start
-    eval_batch_size: int = 64
-    workers: int = 2  # decode threads
-    preload_mb: int = 2048  # keep preprocessed training, then validation, images in memory up to this size
-    #: torch CPU threads while training (None: torch's default). On a busy machine one thread can be
-    #: several times faster than two that keep preempting each other.
-    threads: int | None = None
-    progress: bool = True
-    #: Embedding cache for the starting model's validation (an eval cache folder; None: none). Only the
-    #: start is cached: its weights are fixed, while every later epoch evaluates changed weights.
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.freeze not in FREEZE_MODES:
-            raise ConfigError(f"unknown freeze mode {self.freeze!r}; use one of {', '.join(FREEZE_MODES)}")
-        if self.amp not in ("auto", "fp16", "bf16", "off"):
-            raise ConfigError(f"unknown amp {self.amp!r}; use auto, fp16, bf16 or off")
-        for name in (
-            "epochs",
-            "batch_size",
-            "last_n",
-            "patience",
-            "grad_accum",
-            "eval_batch_size",
-            "workers",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {self.threads}")
-        if self.batch_size < 2:
-            raise ConfigError("batch_size must be at least 2: contrastive loss needs in-batch negatives")
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup < 0 or not self.grad_clip > 0:
-            raise ConfigError("lr and grad_clip must be positive; weight_decay and warmup non-negative")
 
 
 #: An epoch whose mean contrastive loss is within this fraction of ln(batch), or above it, learned

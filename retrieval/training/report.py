@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from retrieval.training.evaluate import EvalReport
+    from retrieval.training.types import EvalReport
 
 #: The recall@K plot runs from K=1 to this.
 CURVE_K = 50
