@@ -42,6 +42,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check retrieval explainer tests $(wildcard bench)
 	$(BIN)/ruff format --check retrieval explainer tests $(wildcard bench)
+	$(BIN)/deptry .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy retrieval explainer

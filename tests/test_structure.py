@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("retrieval", "explainer")
 #: The most lines a module may have: past it, a module is split where its data splits.
@@ -125,3 +127,20 @@ def test_every_module_has_a_docstring_and_a_readable_size() -> None:
         if len(text.splitlines()) > MAX_LINES:
             long.append(name)
     assert missing == [] and long == []
+
+
+def test_an_undeclared_import_fails_the_dependency_check(tmp_path: Path) -> None:
+    """`make lint` runs deptry with the project's own settings: a module importing a package that
+    pyproject.toml does not declare must fail it, as rich, starlette and anyio once went unnoticed."""
+    import shutil
+    import subprocess
+    import sys
+
+    deptry = Path(sys.executable).with_name("deptry")
+    if not deptry.exists():
+        pytest.skip("deptry is not installed in this environment")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "retrieval").mkdir()
+    (tmp_path / "retrieval" / "__init__.py").write_text("import retrieval_undeclared_dependency\n")
+    run = subprocess.run([str(deptry), "."], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "DEP001" in run.stdout + run.stderr, run.stdout + run.stderr
