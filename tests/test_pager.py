@@ -26,7 +26,7 @@ def test_an_offset_inside_a_page_counts_as_that_page() -> None:
 
 
 def test_limits_in_plain_words() -> None:
-    from explainer.words import human_bytes, image_too_large, too_many_results
+    from explainer.limit_messages import human_bytes, image_too_large, too_many_results
 
     assert human_bytes(10 * 1024 * 1024) == "10 MB" and human_bytes(1536) == "1.5 KB"
     assert human_bytes(512) == "512 bytes" and human_bytes(3 * 1024**4) == "3072 GB"

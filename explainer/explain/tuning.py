@@ -1,5 +1,5 @@
 """Prompt tuning from a notebook: explain one hit with a given prompt file, compare prompt versions
-(cases to explain come from `explainer.explain.cases`, re-exported here for the notebook).
+(cases to explain come from `explainer.explain.tuning_cases`, re-exported here for the notebook).
 
 Everything runs through the product's own `Explainer` (`prompt | llm | parser`, offline fallback),
 so what a notebook measures is what the server would show. Two checks replace reading by eye:
@@ -43,11 +43,11 @@ from explainer.explain.backends import (
     create_backend,
 )
 from explainer.explain.backends.offline import content_words, forms
-from explainer.explain.cases import Case, as_cases, cases_from_search, make_case
 from explainer.explain.chain import Explainer
 from explainer.explain.factory import llm_config_from_settings
 from explainer.explain.prompts import PromptFile, load_prompt, parse_prompt
 from explainer.explain.regions import describe_regions
+from explainer.explain.tuning_cases import Case, as_cases, cases_from_search, make_case
 from explainer.explain.types import ExplainContext, Explanation, ExplanationOutput
 from explainer.settings import get_settings
 

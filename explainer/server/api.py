@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
+from explainer.limit_messages import image_too_large, offset_too_far, too_many_results
 from explainer.server import images
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
@@ -32,7 +33,6 @@ from explainer.server.schemas import (
     error_responses,
 )
 from explainer.server.state import ServerState, state_of
-from explainer.words import image_too_large, offset_too_far, too_many_results
 from retrieval.fetch import FetchConfig, fetch_bytes
 from retrieval.search import CaptionHit
 from retrieval.search import Query as LibraryQuery

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
 from explainer.cards.pipeline import CardPipeline, ResultPage
 from explainer.errors import BadImage, BadQuery, ClearsightError, http_status_for, server_message
+from explainer.limit_messages import image_too_large
 from explainer.server.queries import QueryInput
 from explainer.server.schemas import (
     IMAGE_KEY_PATTERN,
@@ -29,7 +30,6 @@ from explainer.server.schemas import (
     caption_cards,
 )
 from explainer.server.state import ServerState, state_of
-from explainer.words import image_too_large
 from retrieval.fetch import FetchConfig, fetch_bytes, is_url
 from retrieval.search import CaptionHit
 

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import QueryEcho
 from explainer.errors import BadQuery
 from explainer.explain.types import QueryKind
-from explainer.words import image_too_large
+from explainer.limit_messages import image_too_large
 from retrieval import imageio
 from retrieval.search import Query, Searcher
 
