@@ -1,4 +1,5 @@
-"""Messages about the server's limits (sizes, page depth, result counts), worded once for the command line, the page and the API alike."""
+"""Messages about the server's limits (sizes, page depth, result counts), worded once for the
+command line, the page and the API alike."""
 
 from __future__ import annotations
 
