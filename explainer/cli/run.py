@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
-from explainer.cli.demo import DemoConfig, build_demo, report_demo
+from explainer.cli.demo import report_demo
 from explainer.cli.index import index_folder, print_summary
 from explainer.cli.options import DataDir, Device, Host, Model, Port, data_dir_or_default, note
 from explainer.cli.serve import run_server
+from explainer.demo import DemoConfig, build_demo
 from explainer.errors import ModelUnavailable
 
 
