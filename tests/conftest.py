@@ -1,19 +1,16 @@
-"""Shared fixtures: a tiny CLIP saved with save_pretrained and loaded like a hub model, and image helpers."""
+"""Shared fixtures: an isolated environment, pinned precision, and a tiny CLIP saved with save_pretrained
+and loaded like a hub model. Helper functions live in tests/helpers.py, which tests import."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, precision_facts
 from retrieval.encoders import base as encoder_base
 from retrieval.testing.tiny import make_clip
-
-COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
 
 
 @pytest.fixture(autouse=True)
@@ -59,29 +56,3 @@ def other_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def encoder(tiny_clip_dir: Path) -> Iterator[Encoder]:
     enc = create_encoder(EncoderConfig(model=str(tiny_clip_dir), device="cpu", precision="fp32"))
     yield enc
-
-
-def draw_shape(path: Path, i: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
-    """A distinct synthetic photo: shape, colour and position vary with i."""
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    c = COLOURS[i % len(COLOURS)]
-    x = (i * 7) % max(1, size[0] - 40)
-    if (i // len(COLOURS)) % 2:
-        d.ellipse([x, 10, x + 36, 46], fill=c)
-    else:
-        d.rectangle([x, 20, x + 30, 50], fill=c)
-    d.text((2, size[1] - 12), str(i), fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, format=fmt)
-    return path
-
-
-def make_folder(root: Path, n: int, start: int = 0) -> list[Path]:
-    return [draw_shape(root / f"img_{i:04d}.jpg", i) for i in range(start, start + n)]
-
-
-def env_offline() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env

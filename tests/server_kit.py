@@ -3,12 +3,10 @@ the developer's machine, and stand-ins for a failing model and for deterministic
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conftest import COLOURS, make_folder
 from PIL import Image
 
 from explainer.settings import Settings
@@ -17,6 +15,7 @@ from retrieval.evidence import Evidence
 from retrieval.ingest import ingest
 from retrieval.search import Hit, Query, Searcher, SearchResult
 from retrieval.types import Float32Array, Region
+from tests.helpers import make_folder, write_captions
 
 #: Generated captions are attached under this source, as `clearsight caption` does.
 GENERATED_SOURCE = "generated:tiny-blip"
@@ -26,12 +25,7 @@ def build_collection(root: Path, clip_dir: Path, n: int = 12) -> Path:
     """Index `n` synthetic images with dataset captions; the first third also get a generated caption."""
     images = root / "images"
     paths = make_folder(images, n)
-    with (images / "captions.jsonl").open("w") as fh:
-        for i, p in enumerate(paths):
-            shape = "circle" if (i // len(COLOURS)) % 2 else "square"
-            fh.write(
-                json.dumps({"image": p.name, "captions": [f"a {COLOURS[i % len(COLOURS)]} {shape}"]}) + "\n"
-            )
+    write_captions(images, paths)
     data = root / "data"
     encoder = create_encoder(EncoderConfig(model=str(clip_dir), device="cpu", precision="fp32"))
     with Collection(data) as collection:

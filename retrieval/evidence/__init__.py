@@ -62,7 +62,7 @@ def default_method(encoder: Encoder) -> str:
     """Dense where the encoder can give patch embeddings (CLIP), grid otherwise.
 
     Dense is the default because it is far faster (one pass per hit instead of one per cell) and
-    at least as good on the synthetic-scene measurements (see tests/test_evidence_quality.py).
+    at least as good on the synthetic-scene measurements (see tests/retrieval/evidence/test_quality.py).
     """
     return "dense" if can_give_patches(encoder) else "grid"
 

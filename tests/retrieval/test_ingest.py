@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from explainer.errors import cli_message
+from retrieval import Collection, IngestConfig, Query, Searcher, load_query_image
+from retrieval import imageio as imageio_mod
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder
+from retrieval.errors import BadImage, BadQuery, ConfigError, IndexMismatch
+from retrieval.ingest import ingest
+from tests.helpers import draw_shape, make_folder
+
+QUIET = IngestConfig(batch_size=4, workers=2, progress=False)
+
+
+def _zoo(root: Path) -> tuple[list[Path], dict[str, str]]:
+    """Valid but awkward files, and bad files with the reason each must be recorded with."""
+    good = make_folder(root / "plain", 6)
+    Image.new("RGBA", (40, 30), (255, 0, 0, 100)).save(root / "rgba.png")
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(root / "cmyk.jpg")
+    Image.new("I;16", (40, 30), 40000).save(root / "sixteen.png")
+    Image.new("P", (40, 30), 5).save(root / "palette.png")
+    frames = [Image.new("P", (30, 30), i) for i in (1, 9)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    im = Image.new("RGB", (50, 30), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    im.save(root / "rotated.jpg", exif=exif.tobytes())
+    draw_shape(root / "ünïcødé фото.png", 99)
+    Image.new("RGB", (30, 30), "green").save(root / "x.webp")
+    Image.new("RGB", (30, 30), "green").save(root / "x.bmp")
+    Image.new("RGB", (30, 30), "green").save(root / "x.tiff")
+    good += [
+        root / n
+        for n in (
+            "rgba.png",
+            "cmyk.jpg",
+            "sixteen.png",
+            "palette.png",
+            "anim.gif",
+            "rotated.jpg",
+            "ünïcødé фото.png",
+            "x.webp",
+            "x.bmp",
+            "x.tiff",
+        )
+    ]
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.png").write_text("hello, not a picture")
+    raw = (root / "plain" / "img_0000.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(raw[: len(raw) // 3])
+    (root / "broken.jpg").symlink_to(root / "nowhere.jpg")
+    (root / "plain" / "loop").symlink_to(root)  # a directory symlink loop
+    Image.new("L", (400, 400)).save(root / "bomb.png")
+    (root / "unreadable.jpg").write_bytes(raw)
+    (root / "notes.txt").write_text("ignored: not an image suffix")
+    bad = {
+        "zero.jpg": imageio_mod.EMPTY,
+        "text.png": imageio_mod.NOT_IMAGE,
+        "truncated.jpg": imageio_mod.TRUNCATED,
+        "broken.jpg": imageio_mod.BROKEN_LINK,
+        "bomb.png": imageio_mod.BOMB,
+        "unreadable.jpg": imageio_mod.UNREADABLE,
+    }
+    return good, bad
+
+
+def test_zoo_is_indexed_and_bad_files_recorded(
+    tmp_path: Path, encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "photos"
+    good, bad = _zoo(root)
+    real_read = imageio_mod.read_bytes
+
+    def read(path: Path, *args: int) -> bytes:  # root can read any file, so permission loss is simulated
+        if path.name == "unreadable.jpg":
+            raise BadImage(imageio_mod.UNREADABLE, "Permission denied")
+        return real_read(path, *args)
+
+    monkeypatch.setattr(imageio_mod, "read_bytes", read)
+    col = Collection(tmp_path / "data")
+    s = ingest(root, col, encoder, IngestConfig(batch_size=4, progress=False, max_pixels=100_000))
+    assert s.failed == len(bad)
+    assert s.failures == {r: list(bad.values()).count(r) for r in set(bad.values())}
+    failures = {Path(p).name: r for p, r in col.catalog.failures()}
+    assert failures == bad
+    indexed = {Path(r.path).name for r in col.catalog.iter_images("indexed")}
+    assert indexed == {p.name for p in good}
+    assert s.index is not None and s.index.images == len(good)
+    rot = col.catalog.image_by_path(str(root / "rotated.jpg"))
+    assert rot is not None and (rot.width, rot.height) == (30, 50)  # EXIF orientation applied to sizes
+
+
+def test_incremental_added_changed_deleted(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "photos"
+    files = make_folder(root, 8)
+    col = Collection(tmp_path / "data")
+    s1 = ingest(root, col, encoder, QUIET)
+    assert (s1.new, s1.encoded) == (8, 8)
+    s2 = ingest(root, col, encoder, QUIET)
+    assert (s2.unchanged, s2.encoded, s2.index.saved_version if s2.index else "x") == (8, 0, None)
+    make_folder(root, 2, start=100)  # added
+    draw_shape(files[0], 55, size=(90, 90))  # changed
+    os.utime(files[0], ns=(1, 1))
+    files[1].unlink()  # deleted
+    before = col.catalog.image_by_path(str(files[0]))
+    s3 = ingest(root, col, encoder, QUIET)
+    assert (s3.new, s3.changed, s3.deleted, s3.encoded) == (2, 1, 1, 3)
+    after = col.catalog.image_by_path(str(files[0]))
+    assert before and after and before.id != after.id and before.content_hash != after.content_hash
+    loaded = col.store.load()
+    assert set(loaded.images.ids().tolist()) == col.catalog.indexed_ids()
+    assert loaded.images.ntotal == 9
+    # the changed file's vector is the new content's
+    vec = loaded.images.reconstruct(after.id)
+    expect = encoder.encode_images([load_query_image(files[0])[0]])[0]
+    np.testing.assert_allclose(vec, expect, atol=1e-4)
+
+
+def test_identical_content_is_encoded_once(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "photos"
+    files = make_folder(root, 3)
+    for k in range(4):
+        shutil.copy(files[0], root / f"copy_{k}.jpg")
+    col = Collection(tmp_path / "data")
+    s = ingest(root, col, encoder, QUIET)
+    assert s.encoded == 3 and s.reused == 4
+    assert col.catalog.counts()["indexed"] == 7
+    ids = col.store.load().images.ids()
+    assert len(ids) == 7
+
+
+def test_other_model_is_refused_unless_rebuild(tmp_path: Path, encoder, other_clip_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "photos"
+    make_folder(root, 4)
+    col = Collection(tmp_path / "data")
+    ingest(root, col, encoder, QUIET)
+    other = create_encoder(EncoderConfig(model=str(other_clip_dir), device="cpu", precision="fp32"))
+    with pytest.raises(IndexMismatch) as refused:
+        ingest(root, col, other, QUIET)
+    # the library names the remedy; the CLI words it with its flags
+    assert refused.value.remedy == "other_data_dir" and "--rebuild" in cli_message(refused.value)
+    with pytest.raises(IndexMismatch) as mismatch:
+        Searcher.open(col.data_dir, model=str(other_clip_dir))
+    assert "without --model" in cli_message(mismatch.value) and "--" not in str(mismatch.value)
+    s = ingest(root, col, other, IngestConfig(batch_size=4, progress=False, rebuild=True))
+    assert s.encoded == 4
+    assert col.store.read_manifest().fingerprint == other.info.fingerprint
+
+
+def test_bad_roots(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    col = Collection(tmp_path / "data")
+    with pytest.raises(ConfigError, match="does not exist"):
+        ingest(tmp_path / "missing", col, encoder, QUIET)
+    f = tmp_path / "f.jpg"
+    f.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        ingest(f, col, encoder, QUIET)
+
+
+def test_search_modes(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "photos"
+    files = make_folder(root, 12)
+    (root / "captions.jsonl").write_text(
+        "\n".join(
+            f'{{"image": "{p.name}", "captions": ["picture number {i}", "shape {i}"]}}'
+            for i, p in enumerate(files)
+        )
+    )
+    col = Collection(tmp_path / "data")
+    s = ingest(root, col, encoder, QUIET)
+    assert s.index is not None and s.index.captions == 24
+    searcher = Searcher(col, encoder, col.store.load())
+    img, _ = load_query_image(files[3])
+    r = searcher.search(Query(image=img, top_k=3))
+    assert Path(r.results[0].path) == files[3] and r.results[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [h.rank for h in r.results] == [1, 2, 3]
+    full = searcher.search(Query(text="a red square", top_k=12))
+    page = searcher.search(Query(text="a red square", top_k=4, offset=4))
+    assert [h.id for h in page.results] == [h.id for h in full.results[4:8]]
+    assert [h.rank for h in page.results] == [5, 6, 7, 8]
+    cut = full.results[5].score
+    assert all(
+        h.score >= cut for h in searcher.search(Query(text="a red square", top_k=12, min_score=cut)).results
+    )
+    # hybrid at weight 1 is the text query, at weight 0 the image query
+    t_only = searcher.search(Query(text="a red square", top_k=5))
+    h1 = searcher.search(Query(text="a red square", image=img, weight=1.0, top_k=5))
+    h0 = searcher.search(Query(text="a red square", image=img, weight=0.0, top_k=5))
+    assert [h.id for h in h1.results] == [h.id for h in t_only.results]
+    assert Path(h0.results[0].path) == files[3]
+    neg = searcher.embed_query(Query(text="a red square", negative="red"))
+    pos = searcher.embed_query(Query(text="a red square"))
+    red = encoder.encode_texts(["red"])[0]
+    assert float(neg[0] @ red) < float(pos[0] @ red)
+    caps = searcher.search_captions(Query(image=img, top_k=3))
+    assert caps.target == "captions" and all(c.path for c in caps.results)
+    assert {c.image_id for c in caps.results} <= col.catalog.indexed_ids()
+    with pytest.raises(BadQuery):
+        searcher.search(Query())
+    with pytest.raises(BadQuery):
+        searcher.search(Query(text="x", weight=1.5))
+    with pytest.raises(BadQuery):
+        searcher.search(Query(text="x", top_k=0))
+    assert len(searcher.search(Query(text="x", top_k=500)).results) == 12
+
+
+def test_copies_of_content_stored_by_an_earlier_batch_are_indexed_in_the_same_run(
+    tmp_path: Path, encoder: Encoder
+) -> None:
+    files = make_folder(tmp_path / "imgs", 10)
+    for n in range(3):  # sorted after img_*: they reach the committer after img_0000's batch is stored
+        (tmp_path / "imgs" / f"zz_copy{n}.jpg").write_bytes(files[0].read_bytes())
+    s = ingest(tmp_path / "imgs", Collection(tmp_path / "d"), encoder, QUIET)
+    assert (s.encoded, s.reused, s.failed) == (10, 3, 0)
+    assert Collection(tmp_path / "d").catalog.counts().get("pending", 0) == 0
