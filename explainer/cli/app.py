@@ -10,6 +10,7 @@ import typer
 
 from explainer.cli.caption import caption_cmd
 from explainer.cli.demo import demo_cmd
+from explainer.cli.duplicates import duplicates_cmd
 from explainer.cli.index import index_cmd
 from explainer.cli.models import models_cmd
 from explainer.cli.options import boundary
@@ -55,6 +56,7 @@ for _name, _command in (
     ("models", models_cmd),
     ("tune-index", tune_cmd),
     ("status", status_cmd),
+    ("duplicates", duplicates_cmd),
     ("caption", caption_cmd),
     ("serve", serve_cmd),
     ("run", run_cmd),

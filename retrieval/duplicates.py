@@ -1,0 +1,119 @@
+"""Near-duplicate images, found from the embeddings the collection already stores (no model is loaded).
+
+A photo library holds the same picture many times: resized for mail, recompressed by a phone app,
+cropped a little. Their embeddings sit far closer to each other than any two different photos do, so
+a range search over the stored vectors finds every pair above a cosine threshold, and pairs join into
+groups (union-find): a copy of a copy lands in its original's group.
+
+The threshold is the cosine of two copies of one picture, measured by `bench/duplicates_bench.py` on
+resized, recompressed and cropped copies of real photos (figures in docs/EVAL.md). It depends on the
+model: a sharper one spreads different photos further apart. So the default is the measured value for
+the collection's model family when one was measured, and `threshold=` overrides it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from retrieval.errors import ConfigError
+from retrieval.types import Float32Array, Int64Array
+
+if TYPE_CHECKING:
+    from retrieval.collection import Collection
+
+#: Cosine above which two images count as copies of one picture (see the module docstring).
+DEFAULT_THRESHOLD = 0.95
+#: Rows of the range search per FAISS call: bounds the temporary result arrays on big collections.
+CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Images that are copies of one picture: ids best first (the largest file, kept as the original)."""
+
+    ids: list[int]
+    paths: list[str]
+    min_cosine: float  # the weakest link that joined the group
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ids": self.ids, "paths": self.paths, "min_cosine": round(self.min_cosine, 4)}
+
+
+def check_threshold(threshold: float) -> float:
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"a near-duplicate threshold is a cosine in (0, 1], got {threshold}")
+    return threshold
+
+
+def similar_pairs(
+    vectors: Float32Array, threshold: float, chunk: int = CHUNK
+) -> Iterator[tuple[int, int, float]]:
+    """Every pair (i < j) of rows whose inner product reaches `threshold`, by exact range search."""
+    import faiss
+
+    check_threshold(threshold)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ConfigError(f"vectors must be a 2-d array, got shape {vectors.shape}")
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    for start in range(0, len(vectors), chunk):
+        lims, sims, ids = index.range_search(vectors[start : start + chunk], threshold)
+        for row in range(len(lims) - 1):
+            i = start + row
+            for k in range(int(lims[row]), int(lims[row + 1])):
+                j = int(ids[k])
+                if j > i:
+                    yield i, j, float(sims[k])
+
+
+def group_pairs(n: int, pairs: Sequence[tuple[int, int, float]]) -> list[tuple[list[int], float]]:
+    """Union-find over `pairs` of row numbers: groups of two or more rows, with their weakest link."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j, _ in pairs:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    members: dict[int, list[int]] = {}
+    weakest: dict[int, float] = {}
+    for i in range(n):
+        members.setdefault(find(i), []).append(i)
+    for i, _, sim in pairs:
+        root = find(i)
+        weakest[root] = min(weakest.get(root, 1.0), sim)
+    return [(rows, weakest[root]) for root, rows in members.items() if len(rows) > 1]
+
+
+def find_groups(
+    ids: Int64Array, vectors: Float32Array, threshold: float = DEFAULT_THRESHOLD
+) -> list[tuple[list[int], float]]:
+    """Groups of image ids whose vectors are near-duplicates, biggest groups first."""
+    pairs = list(similar_pairs(vectors, threshold))
+    groups = [([int(ids[r]) for r in rows], weak) for rows, weak in group_pairs(len(ids), pairs)]
+    return sorted(groups, key=lambda g: (-len(g[0]), g[0][0]))
+
+
+def collection_duplicates(
+    collection: Collection, threshold: float = DEFAULT_THRESHOLD
+) -> list[DuplicateGroup]:
+    """The collection's near-duplicate groups, from its stored embeddings; each group's largest file first."""
+    manifest = collection.store.read_manifest()
+    ids, vectors = collection.catalog.indexed_vectors(manifest.fingerprint, manifest.dim)
+    groups = find_groups(ids, vectors, threshold)
+    records = collection.catalog.get_images([i for members, _ in groups for i in members])
+    out: list[DuplicateGroup] = []
+    for members, weakest in groups:
+        ordered = sorted(members, key=lambda i: (-(records[i].byte_size or 0), i))
+        out.append(DuplicateGroup(ordered, [records[i].path for i in ordered], weakest))
+    return out
