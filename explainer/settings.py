@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     engine: Literal["local", "ray"] = "local"
     shards: int = Field(default=2, ge=1, le=256)
     ray_address: str | None = Field(default=None, max_length=300)  # None: a private local cluster
+    # `serve --watch`: follow the indexed folders and index what changes (retrieval/watch.py)
+    watch: bool = False
 
     # Sharing on a network (explainer/server/security.py). Binding a non-loopback address needs a
     # token: CLEARSIGHT_API_TOKEN, or one generated once (`generate_token`) and kept in the data dir.

@@ -206,8 +206,14 @@ def index_cmd(
     ] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Then keep watching PATH and index what is added, changed or removed"),
+    ] = False,
 ) -> None:
     """Index (or update the index of) every image under PATH."""
+    if watch and engine != "local":
+        raise ConfigError("--watch runs with the local engine only")
     summary, report, ddir = index_folder(
         path,
         data_dir,
@@ -227,6 +233,32 @@ def index_cmd(
         memory_budget=memory_budget,
     )
     print_summary(summary, report, ddir, json_out)
+    if watch:
+        watch_folder(path, ddir, batch_size, workers, device, precision, json_out)
+
+
+def watch_folder(
+    path: Path, ddir: Path, batch_size: int, workers: int, device: str, precision: str | None, json_out: bool
+) -> None:
+    """Follow PATH and index each batch of changes, until interrupted (Ctrl-C)."""
+    from retrieval.watch import FolderWatcher, reindex_folders
+
+    with Collection(ddir) as collection:
+        model = collection.store.read_manifest().model_id
+    encoder = create_encoder(
+        EncoderConfig(model=model, device=device, precision=precision_or_setting(precision))
+    )
+    config = IngestConfig(batch_size=batch_size, workers=workers, progress=False)
+
+    def reindex(roots: list[Path]) -> None:
+        for summary in reindex_folders(ddir, encoder, roots, config, log=note):
+            print_summary(summary, None, ddir, json_out)
+
+    note(f"clearsight: watching {path} for changes (Ctrl-C stops)")
+    try:
+        FolderWatcher([path], reindex).run()
+    finally:
+        encoder.close()
 
 
 def print_summary(summary: IngestSummary, report: StoreReport | None, ddir: Path, json_out: bool) -> None:

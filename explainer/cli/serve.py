@@ -50,6 +50,12 @@ def serve_cmd(
             "and keep it in the data dir (mode 0600)",
         ),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Follow the indexed folders and index what is added, changed or removed"
+        ),
+    ] = False,
 ) -> None:
     """Serve the search page and the JSON API (models load once, at start-up)."""
     if engine is not None and engine not in ("local", "ray"):
@@ -70,6 +76,7 @@ def serve_cmd(
         shards=shards,
         ray_address=ray_address,
         generate_token=generate_token,
+        watch=watch,
     )
 
 
@@ -84,6 +91,7 @@ def run_server(
     shards: int | None = None,
     ray_address: str | None = None,
     generate_token: bool = False,
+    watch: bool = False,
 ) -> None:
     """Serve one collection with uvicorn until interrupted; None means "from settings".
 
@@ -109,7 +117,11 @@ def run_server(
             updates[key] = value
     if generate_token:
         updates["generate_token"] = True
+    if watch:
+        updates["watch"] = True
     settings = get_settings().model_copy(update=updates)
+    if settings.watch and settings.engine == "ray":
+        raise ConfigError("watching folders works with the local engine only, not --engine ray")
     decision = auth_decision(settings)  # ConfigError (one line, non-zero exit) when a token is missing
     if not collection_exists(settings.data_dir):  # nothing to serve, and nothing is created there
         raise IndexMissing(f"no collection at {settings.data_dir}", remedy="index_first")

@@ -31,6 +31,7 @@ from explainer.server.limits import BodyBudgetMiddleware, BodyLimitMiddleware
 from explainer.server.queries import QueryImages
 from explainer.server.schemas import SearchForm, SearchRequest
 from explainer.server.state import ServerState
+from explainer.server.watching import start_watcher
 from explainer.settings import Settings, get_settings
 from explainer.version import version
 from retrieval import imageio
@@ -102,6 +103,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(state.open)
+        watcher = start_watcher(state) if settings.watch else None
         task = (
             asyncio.create_task(_reload_loop(state, settings.reload_interval_s))
             if settings.reload_interval_s > 0
@@ -110,6 +112,8 @@ def create_app(
         try:
             yield
         finally:
+            if watcher is not None:
+                await anyio.to_thread.run_sync(watcher.stop)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
