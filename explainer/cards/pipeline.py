@@ -32,7 +32,7 @@ from explainer.errors import ClearsightError, ModelUnavailable, public_fallback_
 from explainer.explain.chain import Explainer
 from explainer.explain.types import ExplainContext, Explanation
 from retrieval.evidence import Evidence
-from retrieval.result_cache import LRU
+from retrieval.lru import LRU
 from retrieval.search import Hit, Query, Searcher, SearchResult
 from retrieval.types import Float32Array, Region
 

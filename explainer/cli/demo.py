@@ -28,9 +28,9 @@ import typer
 from explainer.captions.captioner import CaptionerConfig, CaptionService, GenerationSettings, create_captioner
 from explainer.cli.options import Device, Host, JsonOut, Port, Quiet, data_dir_or_default, note
 from explainer.cli.serve import run_server
-from retrieval.builder import sync_indexes
 from retrieval.collection import Collection
 from retrieval.encoders import EncoderConfig, create_encoder
+from retrieval.index.sync import sync_indexes
 from retrieval.ingest import IngestConfig, ingest
 from retrieval.paths import DEMO_MODEL_PREFIX, DEMO_RECORD
 from retrieval.search import Query, Searcher

@@ -14,22 +14,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import ondisk
-from retrieval.autoindex import choose_index
 from retrieval.catalog import Catalog
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
 from retrieval.errors import IndexMismatch
-from retrieval.index import (
-    DEFAULT_EF_CONSTRUCTION,
-    LoadedIndex,
-    Manifest,
-    SearchParams,
-    VectorIndex,
-    resolve_factory,
-    same_layout,
-)
-from retrieval.ondisk_store import OnDiskVectorIndex
+from retrieval.index import ondisk
+from retrieval.index.auto import choose_index
+from retrieval.index.base import Index
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.kinds import AUTO, resolve_factory, same_layout
+from retrieval.index.ondisk_store import OnDiskVectorIndex
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
+from retrieval.index.store import LoadedIndex, Manifest
 from retrieval.types import Float32Array
 
 
@@ -113,18 +109,18 @@ def sync_indexes(
 
     ids, vecs = collection.catalog.indexed_vectors(info.fingerprint, info.dim)
     kind = factory  # the kind both indexes follow: "auto" resolved to what it chose
-    if factory == "auto":
+    if factory == AUTO:
         choice = choose_index(len(ids), info.dim, memory_budget)
-        kind = choice.factory
-        built, note = resolve_factory(choice.factory, len(ids), info.dim)
+        kind = choice.kind
+        built, note = resolve_factory(choice.kind, len(ids), info.dim)
         note = f"auto: {choice.reason}" + (f"; {note}" if note else "")
     else:
         built, note = resolve_factory(factory, len(ids), info.dim)
     added = removed = 0
     rebuilt = params_changed = False
-    images: VectorIndex
+    images: Index
 
-    def build() -> VectorIndex:
+    def build() -> Index:
         if built == ondisk.ONDISK:
             work = Path(tempfile.mkdtemp(prefix=".build-", dir=store.root))
             # another layout's recorded knobs (k_factor 8 for in-memory refinement) do not carry over
@@ -140,10 +136,7 @@ def sync_indexes(
         images = current.images
         params = images.params.with_search(search) if search is not None else images.params
         if params != images.params:
-            if isinstance(images, OnDiskVectorIndex):
-                images = OnDiskVectorIndex(images.disk, params)
-            else:
-                images = VectorIndex(images.index, info.dim, images.factory, params)
+            images = images.with_params(params)
             params_changed = True
         have = images.ids()
         to_remove = np.setdiff1d(have, ids, assume_unique=True)
@@ -178,7 +171,7 @@ def sync_indexes(
     )
     if params_changed and not captions_changed:
         cap_params = captions.params.with_search(images.params.search)
-        captions = VectorIndex(captions.index, info.dim, captions.factory, cap_params)
+        captions = captions.with_params(cap_params)
 
     changed = rebuilt or added or removed or captions_changed or params_changed
     version = None
