@@ -21,7 +21,7 @@ from retrieval.index.base import Index
 from retrieval.index.faiss_index import VectorIndex
 from retrieval.index.kinds import KINDS, estimate_bytes, kind_of, resolve_factory
 from retrieval.index.ondisk import OnDiskLayout
-from retrieval.index.ondisk_store import OnDiskVectorIndex
+from retrieval.index.ondisk_store import OnDiskVectorIndex, build_version, open_version
 from retrieval.index.params import IndexParams, SearchParams, ivf_lists, pq_subquantizers
 from retrieval.index.tuning import candidates, factory_for
 
@@ -64,6 +64,15 @@ def test_every_name_and_alias_is_accepted_and_resolves_to_its_own_row() -> None:
         if row.min_vectors:  # too few vectors to train: exact search, and the row says why
             built, note = resolve_factory(row.name, row.min_vectors - 1, dim)
             assert built == "Flat" and note
+    # how each kind builds and opens, and what its captions index is, come from its row
+    disk = kinds.kind("ivf-ondisk")
+    assert disk is not None and kinds.builder_for("ivf-ondisk") is disk.builder is build_version
+    assert kinds.opener_for("ivf-ondisk") is open_version
+    assert kinds.captions_kind("ivf-ondisk", "ivf-ondisk") == "flat"
+    for built, asked in (("HNSW16", "HNSW16"), ("IVF64,Flat", "ivf"), ("IVF256,SQ8", "IVF256,SQ8")):
+        assert kinds.builder_for(built) is kinds.build_in_memory
+        assert kinds.opener_for(built) is kinds.open_faiss_file
+        assert kinds.captions_kind(built, asked) == asked
     assert kinds.check_name("IVF256,SQ8") == "IVF256,SQ8"  # FAISS strings pass on to FAISS
     assert kinds.check_name("auto") == "auto"
     with pytest.raises(ConfigError, match="ivf-ondisk"):

@@ -12,6 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import faiss
 import numpy as np
 
 from retrieval.errors import ConfigError, ShapeError
+from retrieval.index.ondisk import ShardRunner
 from retrieval.index.params import IndexParams, SearchParams
 from retrieval.types import Float32Array, Int64Array
 
@@ -80,6 +82,26 @@ def write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """What the sync hands a kind's builder: the vectors, what to build, and the knobs it decided.
+
+    `previous` is what the index being replaced was built as (None for a first build), so a kind can
+    tell whether recorded knobs are its own; `scratch` is where kinds that write files build them
+    (the store removes what a failed build leaves there); `runner` fills shards of file-built kinds.
+    """
+
+    ids: Int64Array
+    vectors: Float32Array
+    dim: int
+    factory: str
+    ef_construction: int
+    search: SearchParams | None
+    previous: str | None
+    scratch: Path
+    runner: ShardRunner
 
 
 class Index(ABC):

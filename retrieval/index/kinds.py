@@ -22,9 +22,9 @@ import faiss
 
 from retrieval.errors import ConfigError
 from retrieval.index import ondisk
-from retrieval.index.base import IMAGES_FILE, Index
+from retrieval.index.base import IMAGES_FILE, BuildJob, Index
 from retrieval.index.faiss_index import VectorIndex
-from retrieval.index.ondisk_store import open_version
+from retrieval.index.ondisk_store import build_version, open_version
 from retrieval.index.params import (
     DEFAULT_EF_CONSTRUCTION,
     DEFAULT_EF_SEARCH,
@@ -48,11 +48,20 @@ HNSW_LINK_OVERHEAD = 1.07
 
 #: How a kind opens the image index of a version directory: (directory, dim, built factory, params).
 Opener = Callable[[Path, int, str, IndexParams], Index]
+#: How a kind builds its image index from the catalog's vectors.
+Builder = Callable[[BuildJob], Index]
 
 
 def open_faiss_file(directory: Path, dim: int, factory: str, params: IndexParams) -> Index:
     """Kinds that FAISS serializes as one file."""
     return VectorIndex.from_file(directory / IMAGES_FILE, dim, factory, params)
+
+
+def build_in_memory(job: BuildJob) -> Index:
+    """Kinds that FAISS builds in memory from a factory string."""
+    return VectorIndex.build(
+        job.ids, job.vectors, job.factory, job.dim, ef_construction=job.ef_construction, search=job.search
+    )
 
 
 def _int(pattern: str, factory: str) -> int:
@@ -70,7 +79,9 @@ class IndexKind:
     memory an index of this kind holds (vectors or codes, ids, structure), for any factory string the
     row `matches`; `min_vectors` how many vectors it needs before it can be trained (fewer: exact
     search, with `waiting` as the note, formatted with `need` and `n`); `knobs` its tunable knobs and
-    their defaults (None: derived from the collection's size); `sweep` the values tune-index measures.
+    their defaults (None: derived from the collection's size); `sweep` the values tune-index measures;
+    `opener` and `builder` how its image index opens and is built; `captions` the kind the captions
+    index takes instead of this one (None: the same kind, sized for the captions' own count).
     """
 
     name: str
@@ -84,6 +95,8 @@ class IndexKind:
     knobs: Mapping[str, int | None] = field(default_factory=dict)
     sweep: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     opener: Opener = open_faiss_file
+    builder: Builder = build_in_memory
+    captions: str | None = None
 
     def bytes_per_vector(self, factory: str, n: int, dim: int) -> float:
         return self.resident_bytes(factory, n, dim) / max(n, 1)
@@ -172,6 +185,8 @@ KINDS: tuple[IndexKind, ...] = (
         waiting="an on-disk IVF index needs vectors to train; exact search until there are some",
         knobs={"nlist": None, "nprobe": DEFAULT_NPROBE, "k_factor": ondisk.DEFAULT_K_FACTOR},
         opener=open_version,
+        builder=build_version,
+        captions="flat",  # captions stay in memory: an on-disk layout is for image collections past RAM
     ),
 )
 
@@ -214,12 +229,27 @@ def kind_of(factory: str) -> IndexKind:
     raise ConfigError(f"no index kind builds {factory!r}: {_offer()}")
 
 
+def _row_of_built(built_factory: str) -> IndexKind | None:
+    """The row a built factory string belongs to, or None for FAISS strings no row describes."""
+    return next((k for k in KINDS if re.search(k.matches, built_factory)), None)
+
+
 def opener_for(built_factory: str) -> Opener:
     """How to open an image index recorded as `built_factory` (unknown strings: one FAISS file)."""
-    for k in KINDS:
-        if k.opener is not open_faiss_file and re.search(k.matches, built_factory):
-            return k.opener
-    return open_faiss_file
+    row = _row_of_built(built_factory)
+    return row.opener if row is not None else open_faiss_file
+
+
+def builder_for(built_factory: str) -> Builder:
+    """How to build an image index as `built_factory` (unknown strings: FAISS, in memory)."""
+    row = _row_of_built(built_factory)
+    return row.builder if row is not None else build_in_memory
+
+
+def captions_kind(built_factory: str, requested: str) -> str:
+    """What the captions index is built as when the image index is `built_factory`, asked as `requested`."""
+    row = _row_of_built(built_factory)
+    return row.captions if row is not None and row.captions is not None else requested
 
 
 def estimate_bytes(what: str, n: int, dim: int) -> int:

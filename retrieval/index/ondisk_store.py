@@ -6,10 +6,11 @@ manifests or of the interface; the table of kinds names `open_version` as this k
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from retrieval.index import ondisk
-from retrieval.index.base import Index, check_vectors, omp_threads
+from retrieval.index.base import BuildJob, Index, check_vectors, omp_threads
 from retrieval.index.params import IndexParams, SearchParams
 from retrieval.types import Float32Array, Int64Array
 
@@ -79,6 +80,14 @@ class OnDiskVectorIndex(Index):
 
     def write_into(self, directory: Path) -> None:
         self.disk.copy_to(directory)  # hard links: the build wrote and fsynced the files
+
+
+def build_version(job: BuildJob) -> Index:
+    """Build the files in a fresh directory under the store, for `IndexStore.save` to link in."""
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=job.scratch))
+    # another kind's recorded knobs (k_factor 8 for in-memory refinement) do not carry over
+    kept = job.search if job.previous == ondisk.ONDISK else None
+    return OnDiskVectorIndex.build_in(work, job.ids, job.vectors, job.dim, search=kept, runner=job.runner)
 
 
 def open_version(directory: Path, dim: int, factory: str, params: IndexParams) -> Index:

@@ -6,10 +6,8 @@ The catalog is the source of truth; the indexes are derived. This is what lets e
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -20,10 +18,9 @@ from retrieval.encoders import Encoder
 from retrieval.errors import IndexMismatch
 from retrieval.index import ondisk
 from retrieval.index.auto import choose_index
-from retrieval.index.base import Index
+from retrieval.index.base import BuildJob, Index
 from retrieval.index.faiss_index import VectorIndex
-from retrieval.index.kinds import AUTO, resolve_factory, same_layout
-from retrieval.index.ondisk_store import OnDiskVectorIndex
+from retrieval.index.kinds import AUTO, builder_for, captions_kind, resolve_factory, same_layout
 from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.index.store import LoadedIndex, Manifest
 from retrieval.types import Float32Array
@@ -121,12 +118,11 @@ def sync_indexes(
     images: Index
 
     def build() -> Index:
-        if built == ondisk.ONDISK:
-            work = Path(tempfile.mkdtemp(prefix=".build-", dir=store.root))
-            # another layout's recorded knobs (k_factor 8 for in-memory refinement) do not carry over
-            kept = search if current is not None and current.manifest.built_factory == ondisk.ONDISK else None
-            return OnDiskVectorIndex.build_in(work, ids, vecs, info.dim, search=kept, runner=shard_runner)
-        return VectorIndex.build(ids, vecs, built, info.dim, ef_construction=ef_construction, search=search)
+        previous = current.manifest.built_factory if current is not None else None
+        job = BuildJob(
+            ids, vecs, info.dim, built, ef_construction, search, previous, store.root, shard_runner
+        )
+        return builder_for(built)(job)
 
     store.root.mkdir(parents=True, exist_ok=True)
     if current is None or not same_layout(current.manifest.built_factory, built):
@@ -153,9 +149,8 @@ def sync_indexes(
     cap_ids = np.asarray([c.id for c in caps], dtype=np.int64)
     cap_vecs, _ = embed_texts_cached(collection.catalog, encoder, [c.text for c in caps], progress=progress)
     # the captions index follows the images index's kind (resolved for its own count: too few
-    # captions to train IVF stay exact), and its search knobs
-    # captions stay in memory: an on-disk layout is for image collections past RAM
-    cap_built, _ = resolve_factory("flat" if built == ondisk.ONDISK else kind, len(cap_ids), info.dim)
+    # captions to train IVF stay exact) unless the kind's row names another, and its search knobs
+    cap_built, _ = resolve_factory(captions_kind(built, kind), len(cap_ids), info.dim)
     captions_changed = (
         current is None
         or rebuilt
