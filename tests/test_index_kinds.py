@@ -96,6 +96,14 @@ def test_one_sizing_rule_for_ivfpq_the_ondisk_ivf_and_tune_index() -> None:
         assert kinds.kind("ivfpq").factory(n, dim) == wanted + ",Refine(SQ8)"  # type: ignore[union-attr]
         tuned = {c.factory for c in candidates(n, dim, memory_budget=1 << 62)[0] if c.kind == "ivfpq"}
         assert tuned == {wanted}  # tune-index measures the same lists and codes, without the re-ranking
+    # tune-index reports each candidate's knobs as its row lists them
+    reported = {c.kind: list(c.params()) for c in candidates(5_000, 64)[0]}
+    assert reported == {
+        "flat": [],
+        "hnsw": ["hnsw_m", "ef_construction", "ef_search"],
+        "ivf": ["nlist", "nprobe"],
+        "ivfpq": ["nlist", "nprobe"],
+    }
 
 
 def test_auto_and_tune_index_size_candidates_with_the_same_estimate() -> None:

@@ -79,7 +79,8 @@ class IndexKind:
     memory an index of this kind holds (vectors or codes, ids, structure), for any factory string the
     row `matches`; `min_vectors` how many vectors it needs before it can be trained (fewer: exact
     search, with `waiting` as the note, formatted with `need` and `n`); `knobs` its tunable knobs and
-    their defaults (None: derived from the collection's size); `sweep` the values tune-index measures;
+    their defaults (None: derived from the collection's size; tune-index reports them per candidate);
+    `sweep` the values tune-index measures;
     `opener` and `builder` how its image index opens and is built; `captions` the kind the captions
     index takes instead of this one (None: the same kind, sized for the captions' own count).
     """
@@ -97,9 +98,6 @@ class IndexKind:
     opener: Opener = open_faiss_file
     builder: Builder = build_in_memory
     captions: str | None = None
-
-    def bytes_per_vector(self, factory: str, n: int, dim: int) -> float:
-        return self.resident_bytes(factory, n, dim) / max(n, 1)
 
 
 def _flat_bytes(factory: str, n: int, dim: int) -> int:
@@ -161,7 +159,7 @@ KINDS: tuple[IndexKind, ...] = (
     ),
     IndexKind(
         name="ivfpq",
-        summary="compressed codes re-ranked with 8-bit ones, a quarter of flat's memory",
+        summary="compressed codes re-ranked with 8-bit ones, about a quarter of flat's memory",
         # "np": no polysemous training. Search never uses polysemous codes, and training them was
         # about 80 % of the build (4.8x slower at 100k vectors, same recall; bench/RESULTS.md).
         # Refine(SQ8): PQ codes alone cap recall@10 at 0.63 at 1M; re-scoring DEFAULT_REFINE_K x the

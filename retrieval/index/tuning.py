@@ -12,7 +12,7 @@ vector and build time. Candidates whose estimated size exceeds the memory budget
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError, NotEnoughData
 from retrieval.index import kinds
 from retrieval.index.faiss_index import VectorIndex
-from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, IndexParams, SearchParams
 from retrieval.index.sync import SyncReport, sync_indexes
 from retrieval.types import Float32Array, Int64Array
 
@@ -47,15 +47,10 @@ class Candidate:
     search: SearchParams = field(default_factory=SearchParams)
 
     def params(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        if self.kind == "hnsw":
-            out["hnsw_m"] = int(self.factory[4:])
-            out["ef_construction"] = int(self.ef_construction or DEFAULT_EF_CONSTRUCTION)
-            out["ef_search"] = self.search.ef_search
-        elif self.kind in ("ivf", "ivfpq"):
-            out["nlist"] = int(self.factory.split(",")[0][3:])
-            out["nprobe"] = self.search.nprobe
-        return out
+        """The knobs its kind's row lists, with this candidate's values, where its factory has them."""
+        ef_construction = self.ef_construction or DEFAULT_EF_CONSTRUCTION
+        have = asdict(IndexParams.for_factory(self.factory, ef_construction, self.search))
+        return {k: int(have[k]) for k in kinds.ALIASES[self.kind].knobs if have.get(k) is not None}
 
 
 @dataclass(frozen=True)
