@@ -28,7 +28,9 @@ import faiss
 import numpy as np
 from search_bench import make_queries, make_vectors, recall_at_k
 
-from retrieval.index import SearchParams, VectorIndex, resolve_factory
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.kinds import resolve_factory
+from retrieval.index.params import SearchParams
 
 SERVE = textwrap.dedent(
     """
@@ -44,7 +46,7 @@ SERVE = textwrap.dedent(
     d, qpath, k, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     import faiss
     faiss.omp_set_num_threads(1)
-    from retrieval import ondisk
+    from retrieval.index import ondisk
     q = np.load(qpath)
     before = mem()
     idx = ondisk.OnDiskIndex.load(d, q.shape[1], ondisk.ONDISK)
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ondisk" in kinds:
         import ray
 
-        from retrieval import ondisk
         from retrieval.distributed.ingest import RayConfig, shard_runner
+        from retrieval.index import ondisk
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory(prefix="ondisk-bench-", dir=args.workdir) as t:

@@ -33,7 +33,9 @@ import faiss
 import numpy as np
 from machine import load_average, span
 
-from retrieval.index import DEFAULT_EF_CONSTRUCTION, SearchParams, VectorIndex, resolve_factory
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.kinds import resolve_factory
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.types import Float32Array, Int64Array
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from search_bench import make_queries, make_vectors
 
 from retrieval.distributed.sharded import ShardedIndex
-from retrieval.index import VectorIndex
+from retrieval.index.faiss_index import VectorIndex
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from explainer.captions.captioner import CaptionerConfig, CaptionService, GenerationSettings, create_captioner
-from retrieval.builder import sync_indexes
 from retrieval.collection import Collection
 from retrieval.encoders import EncoderConfig, create_encoder
+from retrieval.index.sync import sync_indexes
 from retrieval.ingest import IngestConfig, ingest
 from retrieval.paths import DEMO_MODEL_PREFIX, DEMO_RECORD
 from retrieval.search import Query, Searcher

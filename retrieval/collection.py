@@ -10,8 +10,7 @@ from pathlib import Path
 
 from retrieval.catalog import Catalog
 from retrieval.errors import ConfigError, IndexMissing
-from retrieval.index import IndexStore
-from retrieval.ondisk_store import OnDiskVectorIndex
+from retrieval.index.store import IndexStore
 from retrieval.paths import default_data_dir
 
 CATALOG_FILE = "catalog.sqlite"
@@ -20,10 +19,6 @@ CATALOG_FILE = "catalog.sqlite"
 def exists(data_dir: Path | str) -> bool:
     """Whether `data_dir` holds a collection (a catalog), without creating anything."""
     return (Path(data_dir).expanduser() / CATALOG_FILE).is_file()
-
-
-#: The store opens these layouts too (they register themselves with retrieval.index on import).
-STORED_LAYOUTS = (OnDiskVectorIndex,)
 
 
 class Collection:

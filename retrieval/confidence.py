@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.builder import embed_texts_cached
 from retrieval.catalog import Catalog
 from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError
+from retrieval.index.sync import embed_texts_cached
 from retrieval.types import Float32Array, Int64Array
 
 #: Unrelated sentences for the text null distribution: everyday scenes, objects and abstractions

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import imageio, ondisk
-from retrieval.builder import SyncReport, sync_indexes
+from retrieval import imageio
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
 from retrieval.errors import BadImage, ConfigError, IndexMismatch
-from retrieval.index import DEFAULT_EF_CONSTRUCTION, SearchParams
+from retrieval.index import ondisk
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
+from retrieval.index.sync import SyncReport, sync_indexes
 from retrieval.types import Float32Array
 
 

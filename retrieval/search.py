@@ -10,14 +10,16 @@ import numpy as np
 from PIL import Image
 
 from retrieval import imageio
-from retrieval.builder import embed_texts_cached
 from retrieval.catalog import CaptionRecord, ImageRecord
 from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
 from retrieval.errors import BadQuery, NotEnoughData
-from retrieval.index import LoadedIndex, SearchParams, VectorIndex
-from retrieval.result_cache import ResultCache, image_key, vector_key
+from retrieval.index.base import Index
+from retrieval.index.params import SearchParams
+from retrieval.index.result_cache import ResultCache, image_key, vector_key
+from retrieval.index.store import LoadedIndex
+from retrieval.index.sync import embed_texts_cached
 from retrieval.types import Float32Array
 
 MAX_TOP_K = 1000
@@ -285,7 +287,7 @@ class Searcher:
             return [(r := records.get(i)) is not None and r.state == "indexed" for i in ids]
 
         found = _fetch_valid(idx, vec, want, q.min_score, valid, self.params)
-        missing = idx.missing_shards() if hasattr(idx, "missing_shards") else []  # sharded indexes only
+        missing = idx.missing_shards  # empty unless a sharded index lost shards
         caps = catalog.captions_for([i for _, i in found])
         roots = catalog.roots()
         hits: list[Hit] = []
@@ -446,7 +448,7 @@ FIRST_EXTRA = 16
 
 
 def _fetch_valid(
-    idx: VectorIndex,
+    idx: Index,
     vec: Float32Array,
     want: int,
     min_score: float | None,

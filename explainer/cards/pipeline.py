@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ from explainer.errors import ClearsightError, ModelUnavailable, public_fallback_
 from explainer.explain.chain import Explainer
 from explainer.explain.types import ExplainContext, Explanation
 from retrieval.evidence import Evidence
-from retrieval.result_cache import LRU
+from retrieval.lru import LRU
 from retrieval.search import Hit, Query, Searcher, SearchResult
 from retrieval.types import Float32Array, Region
 
@@ -76,29 +75,6 @@ def query_token(echo: QueryEcho) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-class _ContextCache:
-    """A bounded LRU of (query token, image id) -> ExplainContext."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._data: OrderedDict[tuple[str, int], ExplainContext] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int]) -> ExplainContext | None:
-        with self._lock:
-            ctx = self._data.get(key)
-            if ctx is not None:
-                self._data.move_to_end(key)
-            return ctx
-
-    def put(self, key: tuple[str, int], ctx: ExplainContext) -> None:
-        with self._lock:
-            self._data[key] = ctx
-            self._data.move_to_end(key)
-            while len(self._data) > self._size:
-                self._data.popitem(last=False)
-
-
 @dataclass
 class _Built:
     """What the stages made for one page of hits."""
@@ -129,8 +105,9 @@ class CardPipeline:
         self.explainer = explainer
         self.evidence = evidence
         self.captions = captions
-        self._contexts = _ContextCache(context_cache_size)
-        self._pages: LRU[ResultPage] = LRU(page_cache_size)
+        # (query token, image id) -> the context its explanation needs; nobody edits one once built
+        self._contexts: LRU[ExplainContext] = LRU(context_cache_size)
+        self._pages: LRU[ResultPage] = LRU(page_cache_size, copies=True)
         # Model calls are serialised: the encoder's tokenizer is not safe to share between threads
         # and two cores gain nothing from running two forward passes at once.
         self._model_lock = threading.Lock()

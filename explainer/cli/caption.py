@@ -65,7 +65,7 @@ def caption_cmd(
     )
     from explainer.settings import get_settings
     from retrieval import Collection, EncoderConfig, create_encoder
-    from retrieval.builder import sync_indexes
+    from retrieval.index.sync import sync_indexes
     from retrieval.paths import demo_captioner
 
     settings = get_settings()

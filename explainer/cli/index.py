@@ -23,8 +23,9 @@ from explainer.cli.options import (
 from explainer.errors import ConfigError
 from retrieval import Collection, EncoderConfig, IngestConfig, IngestSummary, create_encoder
 from retrieval.evidence import StoreReport
-from retrieval.index import DEFAULT_EF_CONSTRUCTION, SearchParams
-from retrieval.index_tuning import factory_for
+from retrieval.index import kinds
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
+from retrieval.index.tuning import factory_for
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class IndexKnobs:
 
 
 ENGINES = ("local", "ray")
+#: What `--index` offers: every row of the table of kinds, then auto and raw factory strings.
+INDEX_HELP = (
+    ", ".join(f"{k.name} ({k.summary})" for k in kinds.KINDS)
+    + f", {kinds.AUTO} (chosen from the collection's size and --memory-budget), or a FAISS factory string"
+)
 
 
 def index_folder(
@@ -74,8 +80,8 @@ def index_folder(
     `workers` is the one "parallel workers" knob: decode threads with the local engine, encoder
     actors with `engine="ray"` (which imports Ray only then).
     """
-    from retrieval.autoindex import parse_bytes
     from retrieval.evidence import can_give_patches, store_collection_patches
+    from retrieval.index.auto import parse_bytes
     from retrieval.ingest import ingest
 
     if not path.is_dir():  # before loading any model: a typo should fail in a second, not after a load
@@ -85,6 +91,8 @@ def index_folder(
         raise ConfigError(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":
         raise ConfigError("a Ray address only applies to the Ray engine")
+    if index is not None:
+        kinds.check_name(index)  # a typo fails now, not after the model has loaded
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     ddir = data_dir_or_default(data_dir)
     collection = Collection(ddir)
@@ -138,9 +146,7 @@ def index_cmd(
         str | None,
         typer.Option(
             "--index",
-            help="flat (exact, default), hnsw, ivf (with --nlist), ivfpq, ivf-ondisk (memory-mapped, for "
-            "collections past RAM), auto (chosen from the collection's size and --memory-budget), "
-            "or a FAISS factory string",
+            help=INDEX_HELP,
         ),
     ] = None,
     captions: Annotated[

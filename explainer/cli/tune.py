@@ -10,7 +10,7 @@ import typer
 
 from explainer.cli.options import DataDir, Device, JsonOut, data_dir_or_default, note
 from retrieval import Collection, EncoderConfig, create_encoder
-from retrieval.index_tuning import (
+from retrieval.index.tuning import (
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_QUERIES,
     DEFAULT_TARGET_RECALL,
@@ -83,7 +83,7 @@ def tune_cmd(
     r = report.recommended
     params = ", ".join(f"{k}={v}" for k, v in r.params.items()) or "no knobs"
     typer.echo(
-        f"recommended: {r.index} ({params}): recall@10 {r.recall_at_10:.3f}, p50 {r.p50_ms:.3f} ms"
+        f"recommended: {r.kind} ({params}): recall@10 {r.recall_at_10:.3f}, p50 {r.p50_ms:.3f} ms"
         + ("" if r.recall_at_10 >= report.target_recall else f" (nothing reached {report.target_recall})")
     )
     typer.echo(f"plot: {png}")

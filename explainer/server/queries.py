@@ -12,8 +12,6 @@ import base64
 import binascii
 import dataclasses
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from explainer.errors import BadQuery
 from explainer.explain.types import QueryKind
 from explainer.limit_messages import image_too_large
 from retrieval import imageio
+from retrieval.lru import LRU
 from retrieval.search import Query, Searcher
 
 log = logging.getLogger(__name__)
@@ -70,10 +69,8 @@ class QueryImages:
     """Recently uploaded query images by content hash: a bounded LRU, optionally mirrored to disk."""
 
     def __init__(self, capacity: int = 64, keep_dir: Path | None = None) -> None:
-        self._capacity = capacity
         self._keep_dir = keep_dir
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
-        self._lock = threading.Lock()
+        self._images: LRU[Image.Image] = LRU(capacity)
 
     def add(self, data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         """Decode (raising BadImage with the reason) and remember an upload; returns (image, key)."""
@@ -83,21 +80,15 @@ class QueryImages:
             image = image.copy()
             image.thumbnail((_STORED_EDGE, _STORED_EDGE))
         key = imageio.content_hash(data)
-        with self._lock:
-            self._images[key] = image
-            self._images.move_to_end(key)
-            while len(self._images) > self._capacity:
-                self._images.popitem(last=False)
+        self._images.put(key, image)
         if self._keep_dir is not None:
             self._keep(key, image)
         return image, key
 
     def get(self, key: str) -> Image.Image | None:
-        with self._lock:
-            image = self._images.get(key)
-            if image is not None:
-                self._images.move_to_end(key)
-                return image
+        image = self._images.get(key)
+        if image is not None:
+            return image
         if self._keep_dir is not None:
             path = self._keep_dir / f"{key}.png"
             if path.is_file():

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from retrieval import ondisk
-from retrieval.builder import SyncReport
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.encoders.preprocess import PreprocessConfig
 from retrieval.errors import ConfigError
+from retrieval.index import ondisk
+from retrieval.index.sync import SyncReport
 from retrieval.ingest import Committer, Encoded, IngestConfig, IngestSummary, ingest, sync_for
 from retrieval.types import Float32Array, Int64Array
 

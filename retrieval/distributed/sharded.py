@@ -20,7 +20,9 @@ import numpy as np
 
 from retrieval.collection import Collection
 from retrieval.errors import ConfigError
-from retrieval.index import IndexParams, ReadOnlyIndex, SearchParams, VectorIndex, check_vectors
+from retrieval.index.base import Index, check_vectors
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.params import IndexParams, SearchParams
 from retrieval.search import Searcher
 from retrieval.types import Float32Array, Int64Array
 
@@ -97,7 +99,7 @@ class ShardedIndex:
         self._ray = ray_module
         self.dim = dim
         self.timeout_s = timeout_s
-        self._ntotal = len(ids)
+        self._ids = np.sort(np.asarray(ids, dtype=np.int64))  # the catalog ids the shards hold, together
         remote = self._ray.remote(num_cpus=0)(ShardActor)
         self.actors = [
             remote.remote(np.ascontiguousarray(ids[rows]), np.ascontiguousarray(vectors[rows]), dim, factory)
@@ -114,7 +116,10 @@ class ShardedIndex:
 
     @property
     def ntotal(self) -> int:
-        return self._ntotal
+        return len(self._ids)
+
+    def ids(self) -> Int64Array:
+        return self._ids.copy()
 
     def search(self, queries: Float32Array, k: int, params: SearchParams | None = None) -> ShardedResult:
         queries = check_vectors(queries, self.dim, "queries")
@@ -142,27 +147,26 @@ class ShardedIndex:
         self.actors = []
 
 
-class ShardedVectorIndex(ReadOnlyIndex):
-    """A ShardedIndex behind the VectorIndex interface, so the Searcher (and so the page and the API)
+class ShardedVectorIndex(Index):
+    """A ShardedIndex behind the Index interface, so the Searcher (and so the page and the API)
     search it unchanged. Which shards a search missed is kept per thread, for `missing_shards`."""
 
     what = "a sharded index"
 
     def __init__(self, sharded: ShardedIndex, factory: str, params: IndexParams) -> None:
-        # no faiss object of its own: the shards hold the data, so VectorIndex.__init__ is not called
+        super().__init__(sharded.dim, factory, params)
         self.sharded = sharded
-        self.index = None
-        self.dim = sharded.dim
-        self.factory = factory
-        self.params = params
-        self._refines: list[float] = []
-        self._ivf = None
-        self._hnsw = None
         self._local = threading.local()
+
+    def with_params(self, params: IndexParams) -> ShardedVectorIndex:
+        return ShardedVectorIndex(self.sharded, self.factory, params)
 
     @property
     def ntotal(self) -> int:
         return self.sharded.ntotal
+
+    def ids(self) -> Int64Array:
+        return self.sharded.ids()
 
     def search(
         self, queries: Float32Array, k: int, params: SearchParams | None = None
@@ -171,6 +175,7 @@ class ShardedVectorIndex(ReadOnlyIndex):
         self._local.missing = res.failed_shards
         return res.scores, res.ids
 
+    @property
     def missing_shards(self) -> list[int]:
         """Shards that did not answer this thread's last search (empty: the result is complete)."""
         return list(getattr(self._local, "missing", []))

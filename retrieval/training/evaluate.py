@@ -23,11 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from retrieval import imageio
-from retrieval.builder import embed_texts_cached
 from retrieval.catalog import Catalog
 from retrieval.encoders import Encoder
 from retrieval.errors import BadImage, ConfigError, NotEnoughData
-from retrieval.index import VectorIndex, resolve_factory
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.kinds import resolve_factory
+from retrieval.index.sync import embed_texts_cached
 from retrieval.training.datasets import DatasetItem, LoadedDataset, format_report
 from retrieval.training.metrics import (
     RetrievalMetrics,

@@ -20,7 +20,8 @@ from PIL import Image
 
 from retrieval import Collection, IngestConfig, Query, Searcher, imageio
 from retrieval.errors import BadImage
-from retrieval.index import IndexStore, Manifest, VectorIndex
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.store import IndexStore, Manifest
 from retrieval.ingest import UNREADABLE_DIR, ingest, walk
 from tests.helpers import make_folder
 

@@ -23,18 +23,18 @@ DRIVER = textwrap.dedent(
     """
     import os, signal, sys, time
     from retrieval.encoders import hf, base
-    import retrieval.index as index_mod
+    import retrieval.index.base as index_mod
     real = hf.HFDualEncoder.encode_pixels
     def slow(self, pixels):
         time.sleep(float(os.environ.get("SLOW", "0.05")))
         return real(self, pixels)
     hf.HFDualEncoder.encode_pixels = slow
     if os.environ.get("DIE_IN_SAVE"):
-        real_write = index_mod._write_file
+        real_write = index_mod.write_file
         def dying_write(path, data):
             real_write(path, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
-        index_mod._write_file = dying_write
+        index_mod.write_file = dying_write
     if os.environ.get("DIE_AT") == "sync":  # the catalog has its deletions, the live index not yet
         import retrieval.ingest as ingest_mod
         ingest_mod.sync_for = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)

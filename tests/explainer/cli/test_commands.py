@@ -125,7 +125,8 @@ def test_index_of_a_missing_or_non_folder_path_fails_before_loading_a_model(tmp_
 def test_search_knobs_reach_the_index_for_that_search_only(
     tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from retrieval.index import SearchParams, VectorIndex
+    from retrieval.index.faiss_index import VectorIndex
+    from retrieval.index.params import SearchParams
 
     make_folder(tmp_path / "imgs", 6)
     data = tmp_path / "d"

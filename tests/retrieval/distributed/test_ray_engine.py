@@ -23,7 +23,7 @@ from retrieval.distributed.ingest import RayConfig, check_fits, ray_ingest, read
 from retrieval.distributed.sharded import ShardedIndex, ShardedVectorIndex
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.errors import ConfigError
-from retrieval.index import IndexParams
+from retrieval.index.params import IndexParams
 from retrieval.ingest import Committer, IngestSummary, ingest
 from retrieval.testing.faults import CountingEncodeActor, FaultyEncodeActor, crashed, encoded_count
 from tests.helpers import env_offline, make_folder
@@ -392,8 +392,8 @@ def test_the_embedded_default_never_imports_ray(tmp_path: Path, tiny_clip_dir: P
 @pytest.mark.scale
 def test_scale_ondisk_shards_on_ray_keep_recall(tmp_path: Path, ray_cluster: Any) -> None:
     """200k clustered 128-d vectors, shards filled as Ray tasks: defaults reach recall@10 >= 0.95."""
-    from retrieval import ondisk
     from retrieval.distributed.ingest import shard_runner
+    from retrieval.index import ondisk
 
     rng = np.random.default_rng(0)
     n, dim = 200_000, 128

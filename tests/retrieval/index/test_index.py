@@ -11,25 +11,16 @@ import numpy as np
 import pytest
 
 from retrieval import Collection, IngestConfig, Searcher
-from retrieval import index as index_mod
-from retrieval.builder import sync_indexes
 from retrieval.catalog import _MIGRATIONS, SCHEMA_VERSION, Catalog
 from retrieval.encoders import Encoder, l2_normalise
 from retrieval.errors import ConfigError, IndexCorrupt, IndexMismatch, IndexMissing, ShapeError
-from retrieval.index import (
-    DEFAULT_EF_CONSTRUCTION,
-    INDEX_SCHEMA_VERSION,
-    IVFPQ_MIN_VECTORS,
-    IndexParams,
-    IndexStore,
-    Manifest,
-    SearchParams,
-    VectorIndex,
-    check_vectors,
-    omp_threads,
-    resolve_factory,
-    same_layout,
-)
+from retrieval.index import store as index_mod
+from retrieval.index.base import check_vectors, omp_threads
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.kinds import IVFPQ_MIN_VECTORS, resolve_factory, same_layout
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, IndexParams, SearchParams
+from retrieval.index.store import INDEX_SCHEMA_VERSION, IndexStore, Manifest
+from retrieval.index.sync import sync_indexes
 from retrieval.ingest import ingest
 from tests.helpers import make_folder
 

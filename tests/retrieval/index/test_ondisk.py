@@ -10,14 +10,17 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import Collection, IngestConfig, Query, Searcher, ondisk
-from retrieval.autoindex import FLAT_MAX, choose_index, estimate_bytes, parse_bytes
+from retrieval import Collection, IngestConfig, Query, Searcher
 from retrieval.distributed.sharded import merge_topk, split_ids
 from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError, IndexCorrupt, ShapeError
-from retrieval.index import INDEX_SCHEMA_VERSION, Manifest, SearchParams
+from retrieval.index import ondisk
+from retrieval.index.auto import FLAT_MAX, choose_index, parse_bytes
+from retrieval.index.kinds import estimate_bytes
+from retrieval.index.ondisk_store import OnDiskVectorIndex
+from retrieval.index.params import SearchParams
+from retrieval.index.store import INDEX_SCHEMA_VERSION, Manifest
 from retrieval.ingest import ingest
-from retrieval.ondisk_store import OnDiskVectorIndex
 from tests.helpers import make_folder
 
 
@@ -177,7 +180,7 @@ def test_schema_2_manifest_still_loads() -> None:
 )
 def test_auto_choices(n: int, budget: int, expected: str) -> None:
     choice = choose_index(n, 512, budget)
-    assert choice.factory == expected
+    assert choice.kind == expected
     assert f"{n:,} vectors" in choice.reason and "budget" in choice.reason
     if expected != "ivf-ondisk":
         assert choice.estimated_bytes <= budget

@@ -11,7 +11,7 @@ import pytest
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError, NotEnoughData
-from retrieval.index_tuning import (
+from retrieval.index.tuning import (
     apply_recommendation,
     candidates,
     save_plot,
@@ -33,14 +33,14 @@ def test_tune_measures_every_kind_and_recommends(tmp_path: Path) -> None:
     x = _clustered(1500, 32)
     ids = np.arange(1500, dtype=np.int64)
     report = tune(ids, x, x[:60], query_source="images")
-    kinds = {r.index for r in report.rows}
+    kinds = {r.kind for r in report.rows}
     assert kinds == {"flat", "hnsw", "ivfpq", "ivf"}
-    flat = next(r for r in report.rows if r.index == "flat")
+    flat = next(r for r in report.rows if r.kind == "flat")
     assert flat.recall_at_10 == 1.0 and flat.bytes_per_vector >= 4 * 32
-    ivf = [r for r in report.rows if r.index == "ivf"]
+    ivf = [r for r in report.rows if r.kind == "ivf"]
     # more probes never lose recall; one probe of many lists loses some on clustered data
     assert [r.recall_at_10 for r in ivf] == sorted(r.recall_at_10 for r in ivf)
-    pq = next(r for r in report.rows if r.index == "ivfpq")
+    pq = next(r for r in report.rows if r.kind == "ivfpq")
     assert pq.bytes_per_vector < flat.bytes_per_vector / 2  # codes plus the PQ codebook
     assert report.recommended.recall_at_10 >= report.target_recall
     assert all(r.p50_ms >= 0 and r.p99_ms >= r.p50_ms and r.build_s >= 0 for r in report.rows)
@@ -54,7 +54,7 @@ def test_tune_measures_every_kind_and_recommends(tmp_path: Path) -> None:
         "bytes_per_vector",
         "build_s",
     }
-    assert out["recommended"]["index"] == report.recommended.index
+    assert out["recommended"]["index"] == report.recommended.kind
     assert "recommended" in report.table()
     png = save_plot(report, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -62,10 +62,10 @@ def test_tune_measures_every_kind_and_recommends(tmp_path: Path) -> None:
 
 def test_memory_budget_and_small_collections() -> None:
     cands, skipped = candidates(5000, 64, memory_budget=5000 * 100)
-    assert {c.index for c in cands} == {"ivfpq"}  # only compressed codes fit 100 bytes a vector
+    assert {c.kind for c in cands} == {"ivfpq"}  # only compressed codes fit 100 bytes a vector
     assert any("memory budget" in s for s in skipped)
     cands, skipped = candidates(20, 64)
-    assert {c.index for c in cands} == {"flat", "hnsw"}
+    assert {c.kind for c in cands} == {"flat", "hnsw"}
     assert any(s.startswith("ivf:") for s in skipped) and any(s.startswith("ivfpq:") for s in skipped)
     x = _clustered(20, 8)
     with pytest.raises(NotEnoughData):
@@ -83,7 +83,7 @@ def test_tune_collection_and_apply(tmp_path: Path, encoder: Encoder) -> None:
         tune_collection(col, max_queries=0)
     report = tune_collection(col, max_queries=20)
     assert report.vectors == 24 and report.query_source == "images" and len(report.rows) >= 3
-    hnsw = next(r for r in report.rows if r.index == "hnsw" and r.params["ef_search"] == 64)
+    hnsw = next(r for r in report.rows if r.kind == "hnsw" and r.params["ef_search"] == 64)
     apply_recommendation(col, encoder, hnsw)
     m = col.store.read_manifest()
     assert m.built_factory == hnsw.factory
@@ -92,8 +92,8 @@ def test_tune_collection_and_apply(tmp_path: Path, encoder: Encoder) -> None:
 
 
 def test_captions_index_follows_the_images_kind(tmp_path: Path, encoder: Encoder) -> None:
-    from retrieval.builder import sync_indexes
-    from retrieval.index import SearchParams
+    from retrieval.index.params import SearchParams
+    from retrieval.index.sync import sync_indexes
     from retrieval.search import Query, Searcher
 
     root = tmp_path / "imgs"

@@ -6,30 +6,23 @@ The catalog is the source of truth; the indexes are derived. This is what lets e
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import ondisk
-from retrieval.autoindex import choose_index
 from retrieval.catalog import Catalog
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
 from retrieval.errors import IndexMismatch
-from retrieval.index import (
-    DEFAULT_EF_CONSTRUCTION,
-    LoadedIndex,
-    Manifest,
-    SearchParams,
-    VectorIndex,
-    resolve_factory,
-    same_layout,
-)
-from retrieval.ondisk_store import OnDiskVectorIndex
+from retrieval.index import ondisk
+from retrieval.index.auto import choose_index
+from retrieval.index.base import BuildJob, Index
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.kinds import AUTO, builder_for, captions_kind, resolve_factory, same_layout
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
+from retrieval.index.store import LoadedIndex, Manifest
 from retrieval.types import Float32Array
 
 
@@ -113,24 +106,23 @@ def sync_indexes(
 
     ids, vecs = collection.catalog.indexed_vectors(info.fingerprint, info.dim)
     kind = factory  # the kind both indexes follow: "auto" resolved to what it chose
-    if factory == "auto":
+    if factory == AUTO:
         choice = choose_index(len(ids), info.dim, memory_budget)
-        kind = choice.factory
-        built, note = resolve_factory(choice.factory, len(ids), info.dim)
+        kind = choice.kind
+        built, note = resolve_factory(choice.kind, len(ids), info.dim)
         note = f"auto: {choice.reason}" + (f"; {note}" if note else "")
     else:
         built, note = resolve_factory(factory, len(ids), info.dim)
     added = removed = 0
     rebuilt = params_changed = False
-    images: VectorIndex
+    images: Index
 
-    def build() -> VectorIndex:
-        if built == ondisk.ONDISK:
-            work = Path(tempfile.mkdtemp(prefix=".build-", dir=store.root))
-            # another layout's recorded knobs (k_factor 8 for in-memory refinement) do not carry over
-            kept = search if current is not None and current.manifest.built_factory == ondisk.ONDISK else None
-            return OnDiskVectorIndex.build_in(work, ids, vecs, info.dim, search=kept, runner=shard_runner)
-        return VectorIndex.build(ids, vecs, built, info.dim, ef_construction=ef_construction, search=search)
+    def build() -> Index:
+        previous = current.manifest.built_factory if current is not None else None
+        job = BuildJob(
+            ids, vecs, info.dim, built, ef_construction, search, previous, store.root, shard_runner
+        )
+        return builder_for(built)(job)
 
     store.root.mkdir(parents=True, exist_ok=True)
     if current is None or not same_layout(current.manifest.built_factory, built):
@@ -140,10 +132,7 @@ def sync_indexes(
         images = current.images
         params = images.params.with_search(search) if search is not None else images.params
         if params != images.params:
-            if isinstance(images, OnDiskVectorIndex):
-                images = OnDiskVectorIndex(images.disk, params)
-            else:
-                images = VectorIndex(images.index, info.dim, images.factory, params)
+            images = images.with_params(params)
             params_changed = True
         have = images.ids()
         to_remove = np.setdiff1d(have, ids, assume_unique=True)
@@ -160,9 +149,8 @@ def sync_indexes(
     cap_ids = np.asarray([c.id for c in caps], dtype=np.int64)
     cap_vecs, _ = embed_texts_cached(collection.catalog, encoder, [c.text for c in caps], progress=progress)
     # the captions index follows the images index's kind (resolved for its own count: too few
-    # captions to train IVF stay exact), and its search knobs
-    # captions stay in memory: an on-disk layout is for image collections past RAM
-    cap_built, _ = resolve_factory("flat" if built == ondisk.ONDISK else kind, len(cap_ids), info.dim)
+    # captions to train IVF stay exact) unless the kind's row names another, and its search knobs
+    cap_built, _ = resolve_factory(captions_kind(built, kind), len(cap_ids), info.dim)
     captions_changed = (
         current is None
         or rebuilt
@@ -178,7 +166,7 @@ def sync_indexes(
     )
     if params_changed and not captions_changed:
         cap_params = captions.params.with_search(images.params.search)
-        captions = VectorIndex(captions.index, info.dim, captions.factory, cap_params)
+        captions = captions.with_params(cap_params)
 
     changed = rebuilt or added or removed or captions_changed or params_changed
     version = None

@@ -11,54 +11,51 @@ vector and build time. Candidates whose estimated size exceeds the memory budget
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retrieval.builder import SyncReport, sync_indexes
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError, NotEnoughData
-from retrieval.index import DEFAULT_EF_CONSTRUCTION, IVFPQ_MIN_VECTORS, SearchParams, VectorIndex
+from retrieval.index import kinds
+from retrieval.index.faiss_index import VectorIndex
+from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, IndexParams, SearchParams
+from retrieval.index.sync import SyncReport, sync_indexes
 from retrieval.types import Float32Array, Int64Array
 
 #: Recall@10 a recommendation must reach; the fastest candidate that does is recommended.
 DEFAULT_TARGET_RECALL = 0.95
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3
 DEFAULT_QUERIES = 200
-EF_SEARCH_VALUES = (16, 32, 64, 128, 256)
-NPROBE_VALUES = (1, 4, 16, 64)
 K = 10
+#: The kinds tune-index measures: those built in memory from a factory string (the on-disk IVF is
+#: judged by its own bench, bench/ondisk_bench.py).
+TUNED = ("flat", "hnsw", "ivf", "ivfpq")
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One index to measure: a kind, its FAISS factory and its knobs."""
 
-    index: str  # "flat", "hnsw", "ivf" or "ivfpq"
+    kind: str  # a row of the table of kinds: "flat", "hnsw", "ivf" or "ivfpq"
     factory: str
     ef_construction: int | None = None
     search: SearchParams = field(default_factory=SearchParams)
 
     def params(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        if self.index == "hnsw":
-            out["hnsw_m"] = int(self.factory[4:])
-            out["ef_construction"] = int(self.ef_construction or DEFAULT_EF_CONSTRUCTION)
-            out["ef_search"] = self.search.ef_search
-        elif self.index in ("ivf", "ivfpq"):
-            out["nlist"] = int(self.factory.split(",")[0][3:])
-            out["nprobe"] = self.search.nprobe
-        return out
+        """The knobs its kind's row lists, with this candidate's values, where its factory has them."""
+        ef_construction = self.ef_construction or DEFAULT_EF_CONSTRUCTION
+        have = asdict(IndexParams.for_factory(self.factory, ef_construction, self.search))
+        return {k: int(have[k]) for k in kinds.ALIASES[self.kind].knobs if have.get(k) is not None}
 
 
 @dataclass(frozen=True)
 class TuneRow:
-    index: str
+    kind: str
     params: dict[str, int]
     factory: str
     recall_at_10: float
@@ -69,7 +66,7 @@ class TuneRow:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "index": self.index,
+            "index": self.kind,
             "params": self.params,
             "factory": self.factory,
             "recall@10": round(self.recall_at_10, 4),
@@ -110,7 +107,7 @@ class TuneReport:
             mark = "  <- recommended" if r is self.recommended else ""
             params = ",".join(f"{k}={v}" for k, v in r.params.items()) or "-"
             lines.append(
-                f"{r.index:7} {params:40} {r.recall_at_10:9.3f} {r.p50_ms:8.3f} {r.p99_ms:8.3f} "
+                f"{r.kind:7} {params:40} {r.recall_at_10:9.3f} {r.p50_ms:8.3f} {r.p99_ms:8.3f} "
                 f"{r.bytes_per_vector:8.1f} {r.build_s:8.3f}{mark}"
             )
         return "\n".join(lines)
@@ -123,6 +120,8 @@ def factory_for(index: str | None, hnsw_m: int | None = None, nlist: int | None 
     and needs `nlist` (IVF-PQ picks its own lists, or takes a factory string). Knobs that the kind does
     not have are refused rather than ignored.
     """
+    if index is not None:
+        index = kinds.check_name(index)
     kind = (index or "").strip().lower()
     if hnsw_m is not None and not 2 <= hnsw_m <= 256:
         raise ConfigError(f"HNSW M must be in 2..256, got {hnsw_m}")
@@ -144,44 +143,43 @@ def factory_for(index: str | None, hnsw_m: int | None = None, nlist: int | None 
     return index
 
 
-def estimate_bytes_per_vector(factory: str, dim: int) -> float:
-    """Rough stored size, to skip candidates over the memory budget before building them."""
-    ids = 8.0  # the id map
-    if factory.startswith("HNSW"):
-        m = int(factory[4:])
-        return 4 * dim + 2 * m * 4 * 1.1 + ids  # vectors + level-0 links (2M) with upper levels
-    if "PQ" in factory:
-        return float(factory.split("PQ")[1].rstrip("np").split(",")[0]) + 8 + ids
-    return 4.0 * dim + ids + (8 if factory.startswith("IVF") else 0)
-
-
 def candidates(
     n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET
 ) -> tuple[list[Candidate], list[str]]:
-    """The candidates worth measuring for `n` vectors of `dim`, and why others were left out."""
-    out: list[Candidate] = [Candidate("flat", "Flat")]
+    """The candidates worth measuring for `n` vectors of `dim`, and why others were left out.
+
+    Each kind in TUNED contributes its factory rule over the values its row sweeps; a kind that
+    cannot be trained on `n` vectors is skipped, and so is any candidate whose size by the table's
+    estimate (the one `auto` uses) exceeds the memory budget.
+    """
+    out: list[Candidate] = []
     skipped: list[str] = []
-    for m in (16, 32):
-        for ef in EF_SEARCH_VALUES:
-            out.append(Candidate("hnsw", f"HNSW{m}", DEFAULT_EF_CONSTRUCTION, SearchParams(ef_search=ef)))
-    nlist = max(1, min(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))), n // 39))
-    if n >= 39 and nlist >= 2:
-        for p in NPROBE_VALUES:
-            if p <= nlist:
-                out.append(Candidate("ivf", f"IVF{nlist},Flat", None, SearchParams(nprobe=p)))
-    else:
-        skipped.append(f"ivf: needs at least {39 * 2} vectors to train two lists ({n} here)")
-    if n >= IVFPQ_MIN_VECTORS:
-        m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, dim // 8))
-        for p in NPROBE_VALUES:
-            if p <= nlist:
-                out.append(Candidate("ivfpq", f"IVF{nlist},PQ{m}np", None, SearchParams(nprobe=p)))
-    else:
-        skipped.append(f"ivfpq: needs at least {IVFPQ_MIN_VECTORS} vectors to train ({n} here)")
+    for name in TUNED:
+        row = kinds.ALIASES[name]
+        if n < row.min_vectors:
+            lists = " two lists" if name == "ivf" else ""  # IVF's minimum is two lists' worth
+            skipped.append(f"{name}: needs at least {row.min_vectors} vectors to train{lists} ({n} here)")
+            continue
+        factory = kinds.without_refine(row.factory(n, dim))
+        if name == "hnsw":
+            for m in row.sweep["hnsw_m"]:
+                for ef in row.sweep["ef_search"]:
+                    out.append(
+                        Candidate(name, f"HNSW{m}", DEFAULT_EF_CONSTRUCTION, SearchParams(ef_search=ef))
+                    )
+        elif "nprobe" in row.sweep:
+            nlist = int(factory.split(",")[0][3:])
+            out += [
+                Candidate(name, factory, None, SearchParams(nprobe=p))
+                for p in row.sweep["nprobe"]
+                if p <= nlist
+            ]
+        else:
+            out.append(Candidate(name, factory))
     kept = []
     for c in out:
-        if estimate_bytes_per_vector(c.factory, dim) * n > memory_budget:
-            skipped.append(f"{c.index} {c.factory}: over the memory budget of {memory_budget} bytes")
+        if kinds.estimate_bytes(c.factory, n, dim) > memory_budget:
+            skipped.append(f"{c.kind} {c.factory}: over the memory budget of {memory_budget} bytes")
         else:
             kept.append(c)
     return kept, sorted(set(skipped))
@@ -236,7 +234,7 @@ def tune(
             found[i, : got.shape[1]] = got[0]
         rows.append(
             TuneRow(
-                c.index,
+                c.kind,
                 c.params(),
                 c.factory,
                 _recall(found, truth),
@@ -315,10 +313,10 @@ def save_plot(report: TuneReport, path: Path | str) -> Path:
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
     ax: Any = fig.add_subplot(1, 1, 1)
-    kinds: dict[str, list[TuneRow]] = {}
+    series: dict[str, list[TuneRow]] = {}
     for r in report.rows:
-        kinds.setdefault(f"{r.index} {r.factory}", []).append(r)
-    for label, rs in kinds.items():
+        series.setdefault(f"{r.kind} {r.factory}", []).append(r)
+    for label, rs in series.items():
         ax.plot([r.recall_at_10 for r in rs], [r.p50_ms for r in rs], marker="o", label=label)
     best = report.recommended
     ax.scatter(

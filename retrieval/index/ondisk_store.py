@@ -1,36 +1,28 @@
-"""The on-disk IVF index behind the VectorIndex interface, and its place in the versioned index store.
+"""The on-disk IVF index behind the `Index` interface, and how its version directory opens.
 
-Kept apart from retrieval.index (which it extends) so that module stays readable and needs not
-import this one: the store finds the layout through `FILE_LAYOUTS`, registered below.
+Kept apart from retrieval.index.ondisk, which builds and searches the files and knows nothing of
+manifests or of the interface; the table of kinds names `open_version` as this kind's opener.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from retrieval import ondisk
-from retrieval.errors import ConfigError
-from retrieval.index import (
-    FILE_LAYOUTS,
-    IndexParams,
-    Manifest,
-    ReadOnlyIndex,
-    SearchParams,
-    VectorIndex,
-    check_vectors,
-    omp_threads,
-)
+from retrieval.index import ondisk
+from retrieval.index.base import BuildJob, Index, check_vectors, omp_threads
+from retrieval.index.params import IndexParams, SearchParams
 from retrieval.types import Float32Array, Int64Array
 
 
-class OnDiskVectorIndex(ReadOnlyIndex):
-    """`ivf-ondisk` behind the VectorIndex interface: memory-mapped, read-only, rebuilt on change."""
+class OnDiskVectorIndex(Index):
+    """`ivf-ondisk` behind the Index interface: memory-mapped, read-only, rebuilt on change."""
 
     what = "an on-disk IVF index"
 
     def __init__(self, disk: ondisk.OnDiskIndex, params: IndexParams) -> None:
+        super().__init__(disk.dim, ondisk.ONDISK, params)
         self.disk = disk
-        super().__init__(disk.index, disk.dim, ondisk.ONDISK, params)
 
     @classmethod
     def build_in(
@@ -65,6 +57,9 @@ class OnDiskVectorIndex(ReadOnlyIndex):
             nlist=layout.nlist, pq_m=layout.pq_m, nprobe=search.nprobe, k_factor=search.k_factor
         )
 
+    def with_params(self, params: IndexParams) -> OnDiskVectorIndex:
+        return OnDiskVectorIndex(self.disk, params)
+
     @property
     def ntotal(self) -> int:
         return self.disk.ntotal
@@ -83,19 +78,20 @@ class OnDiskVectorIndex(ReadOnlyIndex):
     def reconstruct(self, id_: int) -> Float32Array:
         return self.disk.reconstruct(id_)
 
-    def to_bytes(self) -> bytes:
-        raise ConfigError("an on-disk IVF index is a set of files, not one blob: use IndexStore.save")
-
     def write_into(self, directory: Path) -> None:
         self.disk.copy_to(directory)  # hard links: the build wrote and fsynced the files
 
 
-def _open(directory: Path, manifest: Manifest) -> VectorIndex:
-    search = manifest.params.search
-    disk = ondisk.OnDiskIndex.load(
-        directory, manifest.dim, ondisk.ONDISK, nprobe=search.nprobe, k_factor=search.k_factor
-    )
-    return OnDiskVectorIndex(disk, manifest.params)
+def build_version(job: BuildJob) -> Index:
+    """Build the files in a fresh directory under the store, for `IndexStore.save` to link in."""
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=job.scratch))
+    # another kind's recorded knobs (k_factor 8 for in-memory refinement) do not carry over
+    kept = job.search if job.previous == ondisk.ONDISK else None
+    return OnDiskVectorIndex.build_in(work, job.ids, job.vectors, job.dim, search=kept, runner=job.runner)
 
 
-FILE_LAYOUTS[ondisk.ONDISK] = _open
+def open_version(directory: Path, dim: int, factory: str, params: IndexParams) -> Index:
+    """Open the on-disk IVF files of a version directory, searched with the recorded knobs."""
+    search = params.search
+    disk = ondisk.OnDiskIndex.load(directory, dim, factory, nprobe=search.nprobe, k_factor=search.k_factor)
+    return OnDiskVectorIndex(disk, params)

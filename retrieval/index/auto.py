@@ -1,11 +1,12 @@
-"""`--index auto`: pick an index layout from the collection's size and a memory budget, and say why.
+"""`--index auto`: pick an index kind from the collection's size and a memory budget, and say why.
 
 The rules follow what autofaiss does (estimate each candidate's resident bytes, take the most
 exact one that fits), with thresholds from this project's own benches (bench/RESULTS.md):
 exact search is fast enough below about 50k vectors (a few ms per query), HNSW answers in well
 under a millisecond up to a few million vectors but holds every vector plus its graph, IVF-PQ with
 SQ8 re-ranking holds a quarter of that, and the on-disk IVF holds only its centroids and the
-pages that queries touch.
+pages that queries touch. Every size it quotes is the table of kinds' estimate (retrieval.index.kinds),
+the one tune-index skips candidates by.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 from dataclasses import dataclass
 
 from retrieval.errors import ConfigError
+from retrieval.index import ondisk
+from retrieval.index.kinds import estimate_bytes
 
 #: Up to this many vectors exact search is quick enough and needs no training.
 FLAT_MAX = 50_000
@@ -21,13 +24,11 @@ FLAT_MAX = 50_000
 HNSW_MAX = 5_000_000
 #: Fraction of physical memory assumed available to the index when no budget is given.
 DEFAULT_BUDGET_FRACTION = 0.25
-HNSW_M = 32
-PQ_BYTES_PER_DIM = 1 / 8  # PQ{dim/8}: one byte per 8 dimensions
 
 
 @dataclass(frozen=True)
 class IndexChoice:
-    factory: str  # an alias resolve_factory understands: flat, hnsw, ivfpq, ivf-ondisk
+    kind: str  # a row of the table of kinds: flat, hnsw, ivfpq, ivf-ondisk
     reason: str
     estimated_bytes: int
 
@@ -39,23 +40,6 @@ def default_budget() -> int:
     except (ValueError, OSError):
         total = 8 * 1024**3
     return int(total * DEFAULT_BUDGET_FRACTION)
-
-
-def estimate_bytes(kind: str, n: int, dim: int) -> int:
-    """Resident bytes of an index of `kind` holding n vectors of dim (vectors, ids and structure)."""
-    ids = 8 * n
-    if kind == "flat":
-        return n * dim * 4 + ids
-    if kind == "hnsw":
-        # vectors, plus 2*M neighbour links on level 0 (int32) and about 1/M of that above
-        return n * dim * 4 + int(n * HNSW_M * 2 * 4 * 1.07) + ids
-    if kind == "ivfpq":
-        # PQ codes + SQ8 refine codes + ids (inverted lists and the refine wrapper's id map)
-        return int(n * (dim * PQ_BYTES_PER_DIM + dim)) + 2 * ids
-    if kind == "ivf-ondisk":
-        # centroids (about 4 sqrt(n) of them) and the PQ tables; lists and vectors stay on disk
-        return int(4 * (n**0.5) * dim * 4 + 256 * dim * 4)
-    raise ConfigError(f"unknown index kind {kind!r}")
 
 
 def _fmt(b: int) -> str:
@@ -89,9 +73,9 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexCho
             f"{said}: {why} ({_fmt(hnsw)}); in-memory IVF-PQ with SQ8 re-ranking fits ({_fmt(ivf)})",
             ivf,
         )
-    disk = estimate_bytes("ivf-ondisk", n, dim)
+    disk = estimate_bytes(ondisk.ONDISK, n, dim)
     return IndexChoice(
-        "ivf-ondisk",
+        ondisk.ONDISK,
         f"{said}: even in-memory IVF-PQ needs {_fmt(ivf)}; the on-disk IVF keeps lists and re-ranking "
         f"vectors memory-mapped, about {_fmt(disk)} resident plus the pages queries touch",
         disk,

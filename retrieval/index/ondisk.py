@@ -15,13 +15,12 @@ candidate list, not on the PQ error.
 
 The build has three stages that a distributed engine can spread: `train` (one process, on a
 sample), `fill_shard` (independent, one per slice of the vectors: Ray tasks in
-retrieval.distributed.ondisk_build, a plain loop here) and `merge` (one process, streaming).
+retrieval.distributed, a plain loop here) and `merge` (one process, streaming).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import shutil
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from retrieval.errors import ConfigError, IndexCorrupt, ShapeError
+from retrieval.index.params import DEFAULT_NPROBE, ivf_lists, pq_subquantizers
 from retrieval.types import Float32Array, Int64Array
 
 #: The name `--index` takes and the manifest records.
@@ -45,8 +45,6 @@ DATA_FILE = "images.ivfdata"
 IDS_FILE = "images.ids.npy"
 VECS_FILE = "images.vecs.npy"
 FILES = (INDEX_FILE, DATA_FILE, IDS_FILE, VECS_FILE)
-#: Training points per centroid that faiss asks for (it warns below 39).
-POINTS_PER_CENTROID = 39
 #: Candidates re-ranked per result. 4 (the in-memory refine default) left recall@10 at 0.918 on 1M
 #: clustered 512-d vectors with PQ64 lists (bench/RESULTS.md); exact re-ranking of 16x reads 160 rows of
 #: 2 KB per top-10 query, a few hundred KB from the page cache.
@@ -66,12 +64,8 @@ class OnDiskLayout:
 
     @classmethod
     def for_size(cls, n: int, dim: int) -> OnDiskLayout:
-        # about 4 sqrt(n) lists (autofaiss's rule of thumb), but never more than the data can train
-        nlist = 2 ** max(0, round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))
-        nlist = max(1, min(nlist, n // POINTS_PER_CENTROID if n >= POINTS_PER_CENTROID else 1, 65536))
-        # one code byte per 8 dimensions (64 bytes at 512-d), but at least 16 bytes for small dims
-        m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(dim // 8, min(dim, 16)))
-        return cls(nlist=nlist, pq_m=m)
+        # at least 16 code bytes for small dims: the lists are re-ranked, but candidates must reach them
+        return cls(nlist=ivf_lists(n), pq_m=pq_subquantizers(dim, min_bytes=16))
 
     def factory(self, n: int) -> str:
         """PQ codes for large collections; below SQ8_BELOW vectors 8-bit scalar codes, whose few MB do
@@ -220,7 +214,7 @@ def build(
     *,
     shards: int = 4,
     runner: ShardRunner = run_shards_here,
-    nprobe: int = 32,
+    nprobe: int = DEFAULT_NPROBE,
     k_factor: int = DEFAULT_K_FACTOR,
     timings: dict[str, float] | None = None,
 ) -> OnDiskIndex:
@@ -303,7 +297,13 @@ class OnDiskIndex:
 
     @classmethod
     def load(
-        cls, directory: Path, dim: int, factory: str, *, nprobe: int = 32, k_factor: int = DEFAULT_K_FACTOR
+        cls,
+        directory: Path,
+        dim: int,
+        factory: str,
+        *,
+        nprobe: int = DEFAULT_NPROBE,
+        k_factor: int = DEFAULT_K_FACTOR,
     ) -> OnDiskIndex:
         missing = [f for f in FILES if not (directory / f).exists()]
         if missing:
