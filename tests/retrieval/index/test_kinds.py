@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_folder
 from typer.testing import CliRunner
 
 from explainer.cli.app import app
@@ -24,6 +23,7 @@ from retrieval.index.ondisk import OnDiskLayout
 from retrieval.index.ondisk_store import OnDiskVectorIndex, build_version, open_version
 from retrieval.index.params import IndexParams, SearchParams, ivf_lists, pq_subquantizers
 from retrieval.index.tuning import candidates, factory_for
+from tests.helpers import make_folder
 
 runner = CliRunner()
 
