@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     decode_budget_mb: int = Field(default=384, ge=16, le=1_000_000)  # decoded pixels held at once
     body_budget_mb: int = Field(default=64, ge=1, le=1_000_000)  # large request bodies held at once
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=64)  # collection images (ingest's limit)
+    # Photos' GPS location (EXIF, XMP) in originals served by /api/images/{id}: None strips it when the
+    # server is bound beyond loopback (other people see the photos), keeps it on 127.0.0.1.
+    strip_location: bool | None = None
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

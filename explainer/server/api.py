@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from PIL import Image as PILImage
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
-from explainer.server import images
+from explainer.server import images, originals
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
     IMAGE_KEY_PATTERN,
@@ -219,13 +220,21 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     responses={200: {"content": {"image/*": {}}}, **error_responses(404, 503)},
 )
 async def image_file(image_id: ImageId, request: Request) -> Response:
-    pipeline = await state_of(request).ready()
-    rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
-    if not await anyio.Path(rec.path).is_file():
-        raise HTTPException(404, f"image {image_id} is no longer on disk")
-    return FileResponse(
-        rec.path, media_type=images.media_type(rec.path), headers={"Cache-Control": "max-age=3600"}
+    """The original file, only while it is still the indexed image (see originals.py), location
+    stripped when the server is shared beyond loopback (unless told to keep it)."""
+    state = state_of(request)
+    pipeline = await state.ready()
+    catalog = pipeline.searcher.collection.catalog
+    rec = images.indexed_record(catalog, image_id)
+    open_it = functools.partial(
+        originals.open_original, rec, catalog.roots(), strip_location=state.strip_location
     )
+    try:
+        original = await anyio.to_thread.run_sync(open_it)
+    except originals.OriginalChanged as exc:
+        raise images.ImageChanged(image_id, exc.reason) from None
+    headers = {"Content-Length": str(original.length), "Cache-Control": "private, max-age=3600"}
+    return StreamingResponse(original.chunks(), media_type=original.media_type, headers=headers)
 
 
 @router.get(
@@ -248,7 +257,8 @@ async def thumbnail(
 
 def _thumbs(state: ServerState) -> images.Thumbnails:
     root = state.settings.thumb_dir or state.data_dir / "thumbs"
-    return images.Thumbnails(root, state.settings.max_image_pixels)
+    roots = state.pipeline.searcher.collection.catalog.roots() if state.pipeline is not None else []
+    return images.Thumbnails(root, state.settings.max_image_pixels, roots)
 
 
 @router.get(
@@ -275,7 +285,8 @@ async def evidence_png(
 
     def draw() -> bytes:
         query, _ = state.resolve(inp, pipeline.searcher)
-        view = images.view(rec, size, state.settings.max_image_pixels)
+        roots = pipeline.searcher.collection.catalog.roots()
+        view = images.view(rec, size, state.settings.max_image_pixels, roots)
         picture = pipeline.evidence_picture(image_id, query, view)
         if isinstance(picture, PILImage.Image):
             return images.png_bytes(picture)

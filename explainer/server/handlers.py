@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from explainer.errors import ClearsightError, http_status_for, server_message
+from explainer.server.images import ImageChanged
 from explainer.server.state import state_of
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        if isinstance(exc, ImageChanged):
+            state_of(request).mark_stale(exc.image_id, exc.reason)
         kind = _HTTP_KINDS.get(exc.status_code, "HTTPError")
         response = await render_error(request, exc.status_code, str(exc.detail), kind)
         if exc.headers:

@@ -28,6 +28,7 @@ from explainer.explain.cache import SQLiteExplanationCache, open_explanation_cac
 from explainer.explain.chain import Explainer
 from explainer.explain.factory import explainer_from_settings
 from explainer.server.queries import QueryImages, QueryInput, resolve
+from explainer.server.security import is_loopback
 from explainer.settings import Settings
 from retrieval.search import Query, Searcher, SearchResult
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: How often a degraded server tries to open its collection again.
 RETRY_OPEN_S = 5.0
+#: Stale images remembered at most (a memory bound; the count in health saturates there).
+MAX_STALE = 10_000
 
 
 @dataclass
@@ -53,6 +56,24 @@ class ServerState:
     _last_try: float | None = None
     _cache: SQLiteExplanationCache | None = None
     _open_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Indexed images whose file no longer is the image indexed (id -> why), until re-indexed.
+    stale_images: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def strip_location(self) -> bool:
+        """Whether originals leave without their GPS location: by default, when shared beyond loopback."""
+        if self.settings.strip_location is not None:
+            return self.settings.strip_location
+        return not is_loopback(self.settings.host)
+
+    def mark_stale(self, image_id: int, reason: str) -> None:
+        """Remember (and log once) an indexed image whose file changed; the next index run re-reads it."""
+        if image_id in self.stale_images:
+            return
+        if len(self.stale_images) >= MAX_STALE:
+            self.stale_images.pop(next(iter(self.stale_images)))
+        self.stale_images[image_id] = reason
+        log.warning("image %d is not served: %s; `clearsight index` will re-read it", image_id, reason)
 
     @property
     def data_dir(self) -> Path:
