@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Path, Query, Request
@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
+from explainer.explain.types import ExplainContext
 from explainer.server import images, originals
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
@@ -72,7 +73,11 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
                 if isinstance(value, UploadFile):
                     if name != "image":
                         raise BadQuery(f"unexpected file field {name!r}; send the image as 'image'")
-                    data = await value.read(limit + 1) or None
+                    data = await value.read(limit + 1)
+                    if not data:  # a browser sends an empty, unnamed part when no file was chosen
+                        if value.filename:
+                            raise BadQuery("the uploaded image file is empty (0 bytes)")
+                        data = None
                 elif value != "":
                     fields[name] = value
         finally:
@@ -201,7 +206,11 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     def make_query() -> LibraryQuery:
         return state.resolve(inp, pipeline.searcher)[0]
 
-    contexts = await anyio.to_thread.run_sync(pipeline.contexts, make_query, echo_for(inp), items)
+    def contexts_in_budget() -> dict[int, ExplainContext]:
+        with state.hold(len(items)):
+            return pipeline.contexts(make_query, echo_for(inp), items)
+
+    contexts = await anyio.to_thread.run_sync(contexts_in_budget)
     found = [i for i in dict.fromkeys(body.ids) if i in contexts]
     outs = await pipeline.explain([contexts[i] for i in found])
     return ExplainResponse(
@@ -284,6 +293,10 @@ async def evidence_png(
     rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
 
     def draw() -> bytes:
+        with state.hold(1):
+            return _draw()
+
+    def _draw() -> bytes:
         query, _ = state.resolve(inp, pipeline.searcher)
         roots = pipeline.searcher.collection.catalog.roots()
         view = images.view(rec, size, state.settings.max_image_pixels, roots)
@@ -319,16 +332,24 @@ async def query_image(key: Annotated[str, Path(pattern=IMAGE_KEY_PATTERN)], requ
     responses={503: {"model": HealthResponse, "description": "Degraded: the reason says what to do"}},
 )
 async def health(request: Request) -> Response:
+    """Without the token (on a server that has one) only liveness: the status, nothing about the
+    collection, its model or the reason it is down. With it, or on a token-free server, the details."""
     state = state_of(request)
+    details = bool(getattr(request.state, "authenticated", False))
     try:
         pipeline = await state.ready()
     except Exception:
-        body = HealthResponse(status="degraded", reason=state.problem or "not ready")
-        return Response(body.model_dump_json(), status_code=503, media_type="application/json")
+        body = HealthResponse(status="degraded", reason=(state.problem or "not ready") if details else None)
+        return _health(body, 503, details)
+    stale = state.index_problem
+    status: Literal["ok", "stale"] = "stale" if stale is not None else "ok"
+    if not details:
+        return _health(HealthResponse(status=status), 200, details)
     index = pipeline.searcher.index
     explainer = pipeline.explainer.label if pipeline.explainer is not None else None
     body = HealthResponse(
-        status="ok",
+        status=status,
+        reason=stale,
         index=HealthIndex(
             version=index.version,
             images=index.images.ntotal,
@@ -336,5 +357,15 @@ async def health(request: Request) -> Response:
         ),
         explainer=explainer,
         evidence=pipeline.evidence.name,
+        stale_images=len(state.stale_images),
     )
-    return Response(body.model_dump_json(), media_type="application/json")
+    return _health(body, 200, details)
+
+
+def _health(body: HealthResponse, status: int, details: bool) -> Response:
+    exclude = None if details else {"version"}
+    return Response(
+        body.model_dump_json(exclude=exclude, exclude_none=not details),
+        status_code=status,
+        media_type="application/json",
+    )
