@@ -75,12 +75,23 @@ class Settings(BaseSettings):
     token_on_loopback: bool = False  # also require the token on 127.0.0.1 / ::1 / localhost
     # Host names beyond loopback and the bind address: "a.example,b.example" or a JSON list
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    auth_failures_per_minute: int = Field(default=10, ge=1, le=10_000)  # per client, then 429
+    auth_failures_per_minute: int = Field(default=10, ge=1, le=10_000)  # wrong tokens per client, then 429
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)  # a sign-in lasts this long (cookie Max-Age)
+    secure_cookie: bool | None = (
+        None  # None: Secure when the request came over HTTPS; true behind a TLS proxy
+    )
+    # Every route that searches (page, detail, evidence, /api/search, /search, /api/explain) shares one
+    # per-client limit, and together they hold at most `search_budget_hits` hits in work at once.
     explain_requests_per_minute: int = Field(default=240, ge=1, le=100_000)  # per client, then 429
     explain_burst: int = Field(default=48, ge=1, le=10_000)  # requests a client may send at once
+    search_budget_hits: int = Field(default=200, ge=1, le=100_000)  # hits searched at once, all clients
+    upload_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 86400)  # an unused query image is dropped
     decode_budget_mb: int = Field(default=384, ge=16, le=1_000_000)  # decoded pixels held at once
     body_budget_mb: int = Field(default=64, ge=1, le=1_000_000)  # large request bodies held at once
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=64)  # collection images (ingest's limit)
+    # Photos' GPS location (EXIF, XMP) in originals served by /api/images/{id}: None strips it when the
+    # server is bound beyond loopback (other people see the photos), keeps it on 127.0.0.1.
+    strip_location: bool | None = None
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import io
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from PIL import Image as PILImage
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -16,8 +17,9 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
+from explainer.explain.types import ExplainContext
 from explainer.limit_messages import image_too_large, offset_too_far, too_many_results
-from explainer.server import images
+from explainer.server import images, originals
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
     IMAGE_KEY_PATTERN,
@@ -71,7 +73,11 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
                 if isinstance(value, UploadFile):
                     if name != "image":
                         raise BadQuery(f"unexpected file field {name!r}; send the image as 'image'")
-                    data = await value.read(limit + 1) or None
+                    data = await value.read(limit + 1)
+                    if not data:  # a browser sends an empty, unnamed part when no file was chosen
+                        if value.filename:
+                            raise BadQuery("the uploaded image file is empty (0 bytes)")
+                        data = None
                 elif value != "":
                     fields[name] = value
         finally:
@@ -200,7 +206,11 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     def make_query() -> LibraryQuery:
         return state.resolve(inp, pipeline.searcher)[0]
 
-    contexts = await anyio.to_thread.run_sync(pipeline.contexts, make_query, echo_for(inp), items)
+    def contexts_in_budget() -> dict[int, ExplainContext]:
+        with state.hold(len(items)):
+            return pipeline.contexts(make_query, echo_for(inp), items)
+
+    contexts = await anyio.to_thread.run_sync(contexts_in_budget)
     found = [i for i in dict.fromkeys(body.ids) if i in contexts]
     outs = await pipeline.explain([contexts[i] for i in found])
     return ExplainResponse(
@@ -219,13 +229,21 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     responses={200: {"content": {"image/*": {}}}, **error_responses(404, 503)},
 )
 async def image_file(image_id: ImageId, request: Request) -> Response:
-    pipeline = await state_of(request).ready()
-    rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
-    if not await anyio.Path(rec.path).is_file():
-        raise HTTPException(404, f"image {image_id} is no longer on disk")
-    return FileResponse(
-        rec.path, media_type=images.media_type(rec.path), headers={"Cache-Control": "max-age=3600"}
+    """The original file, only while it is still the indexed image (see originals.py), location
+    stripped when the server is shared beyond loopback (unless told to keep it)."""
+    state = state_of(request)
+    pipeline = await state.ready()
+    catalog = pipeline.searcher.collection.catalog
+    rec = images.indexed_record(catalog, image_id)
+    open_it = functools.partial(
+        originals.open_original, rec, catalog.roots(), strip_location=state.strip_location
     )
+    try:
+        original = await anyio.to_thread.run_sync(open_it)
+    except originals.OriginalChanged as exc:
+        raise images.ImageChanged(image_id, exc.reason) from None
+    headers = {"Content-Length": str(original.length), "Cache-Control": "private, max-age=3600"}
+    return StreamingResponse(original.chunks(), media_type=original.media_type, headers=headers)
 
 
 @router.get(
@@ -248,7 +266,8 @@ async def thumbnail(
 
 def _thumbs(state: ServerState) -> images.Thumbnails:
     root = state.settings.thumb_dir or state.data_dir / "thumbs"
-    return images.Thumbnails(root, state.settings.max_image_pixels)
+    roots = state.pipeline.searcher.collection.catalog.roots() if state.pipeline is not None else []
+    return images.Thumbnails(root, state.settings.max_image_pixels, roots)
 
 
 @router.get(
@@ -274,8 +293,13 @@ async def evidence_png(
     rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
 
     def draw() -> bytes:
+        with state.hold(1):
+            return _draw()
+
+    def _draw() -> bytes:
         query, _ = state.resolve(inp, pipeline.searcher)
-        view = images.view(rec, size, state.settings.max_image_pixels)
+        roots = pipeline.searcher.collection.catalog.roots()
+        view = images.view(rec, size, state.settings.max_image_pixels, roots)
         picture = pipeline.evidence_picture(image_id, query, view)
         if isinstance(picture, PILImage.Image):
             return images.png_bytes(picture)
@@ -308,16 +332,24 @@ async def query_image(key: Annotated[str, Path(pattern=IMAGE_KEY_PATTERN)], requ
     responses={503: {"model": HealthResponse, "description": "Degraded: the reason says what to do"}},
 )
 async def health(request: Request) -> Response:
+    """Without the token (on a server that has one) only liveness: the status, nothing about the
+    collection, its model or the reason it is down. With it, or on a token-free server, the details."""
     state = state_of(request)
+    details = bool(getattr(request.state, "authenticated", False))
     try:
         pipeline = await state.ready()
     except Exception:
-        body = HealthResponse(status="degraded", reason=state.problem or "not ready")
-        return Response(body.model_dump_json(), status_code=503, media_type="application/json")
+        body = HealthResponse(status="degraded", reason=(state.problem or "not ready") if details else None)
+        return _health(body, 503, details)
+    stale = state.index_problem
+    status: Literal["ok", "stale"] = "stale" if stale is not None else "ok"
+    if not details:
+        return _health(HealthResponse(status=status), 200, details)
     index = pipeline.searcher.index
     explainer = pipeline.explainer.label if pipeline.explainer is not None else None
     body = HealthResponse(
-        status="ok",
+        status=status,
+        reason=stale,
         index=HealthIndex(
             version=index.version,
             images=index.images.ntotal,
@@ -325,5 +357,15 @@ async def health(request: Request) -> Response:
         ),
         explainer=explainer,
         evidence=pipeline.evidence.name,
+        stale_images=len(state.stale_images),
     )
-    return Response(body.model_dump_json(), media_type="application/json")
+    return _health(body, 200, details)
+
+
+def _health(body: HealthResponse, status: int, details: bool) -> Response:
+    exclude = None if details else {"version"}
+    return Response(
+        body.model_dump_json(exclude=exclude, exclude_none=not details),
+        status_code=status,
+        media_type="application/json",
+    )

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from explainer.cards.evidence import EvidenceProvider
-from explainer.errors import ConfigError
+from explainer.errors import ConfigError, IndexMismatch
 from explainer.explain.chain import Explainer
 from explainer.server import api, compat, pages, security
 from explainer.server.docs import mount_docs
@@ -66,8 +67,24 @@ async def _reload_loop(state: ServerState, interval: float) -> None:
         try:
             if await anyio.to_thread.run_sync(pipeline.reload):
                 log.info("now serving index version %s", pipeline.searcher.index.version)
+                state.index_problem = None
+        except IndexMismatch as exc:  # rebuilt with another model: switch to it, or say it is stale
+            await anyio.to_thread.run_sync(state.switch_index, str(exc))
         except Exception as exc:  # a half-written or vanished version: keep serving the one we have
             log.warning("index reload skipped: %s", state.public(str(exc)))
+        await anyio.to_thread.run_sync(state.close_retired)
+
+
+def _too_large(image_limit: int, body_limit: int, request: Request) -> str:
+    """The 413's words name the limit the client passed: a JSON body's, or an uploaded image's."""
+    mib = image_limit / (1024 * 1024)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype.endswith("json"):
+        return (
+            f"the request body is too large: a JSON body is limited to {body_limit / (1024 * 1024):.3g} MiB "
+            f"(an image in it, as base64, to {mib:.3g} MiB of file)"
+        )
+    return f"the upload is too large: images are limited to {mib:.3g} MiB"
 
 
 def create_app(
@@ -94,7 +111,7 @@ def create_app(
     state = ServerState(
         settings=settings,
         templates=Jinja2Templates(directory=str(templates_dir)),
-        query_images=QueryImages(keep_dir=keep_dir),
+        query_images=QueryImages(keep_dir=keep_dir, ttl_s=settings.upload_ttl_s),
         injected_searcher=searcher,
         injected_explainer=explainer,
         injected_evidence=evidence,
@@ -132,12 +149,11 @@ def create_app(
     app.state.security = security.SecurityConfig.from_settings(settings, token)
     install_error_handlers(app)
     body_limit = (settings.max_upload_bytes * 4) // 3 + 64 * 1024  # base64 and multipart overhead
-    mib = settings.max_upload_bytes / (1024 * 1024)
     app.add_middleware(
         BodyLimitMiddleware,
         limit=body_limit,
         render=render_error,
-        message=f"the upload is too large: images are limited to {mib:.3g} MiB",
+        message=functools.partial(_too_large, settings.max_upload_bytes, body_limit),
     )
     app.add_middleware(BodyBudgetMiddleware, budget=settings.body_budget_mb * 1024 * 1024, limit=body_limit)
     app.add_middleware(security.SecurityMiddleware, config=app.state.security, render=render_error)

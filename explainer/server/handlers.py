@@ -15,11 +15,19 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from explainer.errors import ClearsightError, http_status_for, server_message
+from explainer.server.images import ImageChanged
 from explainer.server.state import state_of
 
 log = logging.getLogger(__name__)
 
-_HTTP_KINDS = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType"}
+_HTTP_KINDS = {
+    401: "Unauthorized",
+    429: "TooManyRequests",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
+}
 
 
 def _wants_json(request: Request) -> bool:
@@ -35,8 +43,15 @@ def error_json(
     return JSONResponse({"error": body}, status_code=status)
 
 
+#: The compatibility route speaks its reference system's error shape, `{"detail": ...}`, for every
+#: status (refusals by the middlewares included): its clients parse that, not HTML or our own shape.
+COMPAT_PATH = "/search"
+
+
 async def render_error(request: Request, status: int, message: str, kind: str | None = None) -> Response:
     kind = kind or _HTTP_KINDS.get(status, "Error")
+    if request.url.path == COMPAT_PATH:
+        return JSONResponse({"detail": message}, status_code=status)
     if _wants_json(request):
         return error_json(status, kind, message)
     state = state_of(request)
@@ -52,6 +67,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        if isinstance(exc, ImageChanged):
+            state_of(request).mark_stale(exc.image_id, exc.reason)
         kind = _HTTP_KINDS.get(exc.status_code, "HTTPError")
         response = await render_error(request, exc.status_code, str(exc.detail), kind)
         if exc.headers:
@@ -65,7 +82,7 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         summary = "; ".join(f"{'.'.join(d['loc'][1:]) or d['loc'][0]}: {d['msg']}" for d in details[:5])
         message = f"malformed request: {summary}" if summary else "malformed request"
-        if _wants_json(request):
+        if _wants_json(request) and request.url.path != COMPAT_PATH:
             return error_json(422, "ValidationError", message, details)
         return await render_error(request, 422, message, "ValidationError")
 

@@ -11,6 +11,7 @@ import io
 import mimetypes
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from explainer.cards.model import snap_thumb_size
 from explainer.errors import BadImage
+from explainer.server.originals import OriginalChanged, verified_bytes
 from retrieval import imageio
 from retrieval.catalog import Catalog, ImageRecord
 from retrieval.types import Region
@@ -39,19 +41,37 @@ def media_type(path: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def _open(rec: ImageRecord, draft: int, max_pixels: int) -> Image.Image:
+def _open(rec: ImageRecord, draft: int, max_pixels: int, roots: Sequence[str]) -> Image.Image:
+    """The decoded image, only if the file is still the one indexed: a thumbnail of a swapped-in
+    file would be cached under the indexed image's hash and shown for it."""
     try:
-        return imageio.open_image(Path(rec.path), draft_size=draft, max_pixels=max_pixels).image
+        data = verified_bytes(rec, roots, imageio.DEFAULT_MAX_FILE_BYTES)
+        return imageio.decode(data, draft_size=draft, max_pixels=max_pixels).image
+    except OriginalChanged as exc:
+        raise ImageChanged(rec.id, exc.reason) from None
     except BadImage as exc:
         raise HTTPException(404, f"image {rec.id} can no longer be read ({exc.reason})") from None
+
+
+class ImageChanged(HTTPException):
+    """A 404 for an indexed image whose file is no longer the one indexed; routes mark it stale."""
+
+    def __init__(self, image_id: int, reason: str) -> None:
+        super().__init__(
+            404,
+            f"image {image_id} changed on disk since it was indexed ({reason}); run `clearsight index` again",
+        )
+        self.image_id = image_id
+        self.reason = reason
 
 
 class Thumbnails:
     """A disk cache of JPEG thumbnails under `root/<size>/<hash[:2]>/<hash>.jpg`."""
 
-    def __init__(self, root: Path, max_pixels: int) -> None:
+    def __init__(self, root: Path, max_pixels: int, roots: Sequence[str] = ()) -> None:
         self.root = Path(root)
         self.max_pixels = max_pixels
+        self.roots = roots
 
     def path_for(self, rec: ImageRecord, size: int) -> Path:
         """The cached thumbnail of `rec`, rendering it first if needed (EXIF orientation applied)."""
@@ -60,7 +80,7 @@ class Thumbnails:
         out = self.root / str(size) / key[:2] / f"{key}.jpg"
         if out.is_file():
             return out
-        thumb = view(rec, size, self.max_pixels)
+        thumb = view(rec, size, self.max_pixels, self.roots)
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".thumb-", dir=out.parent)
         try:
@@ -73,9 +93,9 @@ class Thumbnails:
         return out
 
 
-def view(rec: ImageRecord, size: int, max_pixels: int) -> Image.Image:
+def view(rec: ImageRecord, size: int, max_pixels: int, roots: Sequence[str] = ()) -> Image.Image:
     """The image at most `size` pixels on a side, EXIF orientation applied."""
-    image = _open(rec, size, max_pixels).copy()
+    image = _open(rec, size, max_pixels, roots).copy()
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     return image
 

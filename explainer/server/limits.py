@@ -1,4 +1,4 @@
-"""Refuse oversized request bodies before they are buffered.
+"""Refuse oversized request bodies before they are buffered, and bound the work searches hold at once.
 
 A declared Content-Length over the limit is refused without reading the body into memory; a body
 without one (chunked) is counted as it streams and refused the moment it passes the limit. Before
@@ -10,7 +10,9 @@ do a "lingering close".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -48,7 +50,7 @@ class BodyLimitMiddleware:
         app: ASGIApp,
         limit: int,
         render: Renderer,
-        message: str | None = None,
+        message: str | Callable[[Request], str] | None = None,
         drain_cap: int | None = None,
     ) -> None:
         self.app = app
@@ -62,11 +64,12 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        words = self.message if isinstance(self.message, str) else self.message(request)
         declared = _content_length(request)
         if declared is not None and declared > self.limit:
             if declared <= self.drain_cap and "100-continue" not in request.headers.get("expect", "").lower():
                 await _drain(receive, self.drain_cap)
-            response = await self.render(request, 413, self.message)
+            response = await self.render(request, 413, words)
             await response(scope, receive, send)
             return
 
@@ -80,7 +83,7 @@ class BodyLimitMiddleware:
                 if total > self.limit:
                     if message.get("more_body", False):
                         await _drain(receive, self.drain_cap)
-                    raise BodyTooLarge(self.message)
+                    raise BodyTooLarge(words)
             return message
 
         await self.app(scope, counted, send)
@@ -135,3 +138,33 @@ class BodyBudgetMiddleware:
             async with cond:
                 self._used -= need
                 cond.notify_all()
+
+
+class WorkBudget:
+    """Hits in work at once, over every route that searches: the memory bound searches share.
+
+    Each hit of a search costs its evidence, caption context and card while the search runs, so 50
+    concurrent page loads of 96 hits cost 50 x 96 of them unless they wait their turn. A search
+    holds `min(top_k, capacity)` units while it runs (in a worker thread) and waits while the others
+    hold too many; a search larger than the whole budget runs alone. `peak` is what tests check.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        need = max(1, min(cost, self.capacity))
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + need <= self.capacity)
+            self.used += need
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self._cond.notify_all()

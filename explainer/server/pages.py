@@ -203,6 +203,11 @@ async def upload(
     if ev != "auto":
         params["ev"] = ev
     data = await image.read(state.settings.max_upload_bytes + 1) if image is not None else b""
+    if image is not None and image.filename and not data:  # chosen, but empty: say so, not "no query"
+        form = _form(text, w, k or state.settings.default_top_k, neg, None, None, t, ev)
+        message = "The uploaded image file is empty (0 bytes)."
+        ctx = _context(state, form=form, error={"status": 422, "message": message})
+        return state.templates.TemplateResponse(request, "index.html", ctx, status_code=422)
     if text and is_url(text.strip()) and not data:
         try:
             data = await anyio.to_thread.run_sync(_fetch_for_page, state, text.strip())
@@ -270,6 +275,10 @@ async def detail(
     inp = QueryInput(q, None, qimg, like, w, neg)
 
     def build() -> tuple[Any, QueryEcho | None]:
+        with state.hold(1):  # the detail view searches too: the same work budget
+            return _build()
+
+    def _build() -> tuple[Any, QueryEcho | None]:
         if not inp.has_query:
             return pipeline.card_for(image_id, None, None, rank=r), None
         query, echo = state.resolve(inp, pipeline.searcher)

@@ -1,9 +1,9 @@
 """Turning what a client sent into a library `Query`: uploads, base64, remembered images, "more like this".
 
-Uploaded query images are decoded under the server's pixel limit and kept in a small in-memory
-store by content hash, so paging, the per-card explanation calls and the evidence images can
-refer to the same query without uploading it again. They touch the disk only when the operator
-asks for it (`keep_uploads`).
+Uploaded query images are decoded under the server's pixel limit and held in a small in-memory
+store under a random key while pages use them, so paging, the per-card explanation calls and the
+evidence images can refer to the same query without uploading it again. They touch the disk only
+when the operator asks for it (`keep_uploads`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import base64
 import binascii
 import dataclasses
 import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +23,10 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from explainer.cards.model import QueryEcho
-from explainer.errors import BadQuery
+from explainer.errors import BadImage, BadQuery
 from explainer.explain.types import QueryKind
 from explainer.limit_messages import image_too_large
 from retrieval import imageio
-from retrieval.lru import LRU
 from retrieval.search import Query, Searcher
 
 log = logging.getLogger(__name__)
@@ -65,35 +68,87 @@ def decode_base64(data: str, max_bytes: int) -> bytes:
         raise BadQuery("image_base64 is not valid base64") from None
 
 
+@dataclass
+class _Held:
+    image: Image.Image
+    content_hash: str
+    last_used: float
+
+
 class QueryImages:
-    """Recently uploaded query images by content hash: a bounded LRU, optionally mirrored to disk."""
+    """Uploaded query images, held while pages need them, under random keys.
 
-    def __init__(self, capacity: int = 64, keep_dir: Path | None = None) -> None:
+    A key is random (128 bits), not the upload's content hash: a hash names the file for anyone who
+    has a copy, so they could fetch it back from `/api/query-images/<hash>` and learn that someone
+    searched with it. The same content uploaded again while held gets the same key, so paging and
+    the explanation cache still see one query. An image unused for `ttl_s` is dropped (paging, the
+    per-card explanation calls and the evidence pictures all touch it while the page is in use),
+    and at most `capacity` are held. They touch the disk only when the operator asks (`keep_dir`).
+    """
+
+    def __init__(self, capacity: int = 64, keep_dir: Path | None = None, ttl_s: float = 3600.0) -> None:
+        self._capacity = capacity
         self._keep_dir = keep_dir
-        self._images: LRU[Image.Image] = LRU(capacity)
+        self._ttl_s = ttl_s
+        self._images: OrderedDict[str, _Held] = OrderedDict()
+        self._by_hash: dict[str, str] = {}
+        self._lock = threading.Lock()
 
-    def add(self, data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-        """Decode (raising BadImage with the reason) and remember an upload; returns (image, key)."""
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def add(self, data: bytes, max_pixels: int, now: float | None = None) -> tuple[Image.Image, str]:
+        """Decode (raising BadImage with the reason) and hold an upload; returns (image, key)."""
         decoded = imageio.decode(data, draft_size=_STORED_EDGE, max_pixels=max_pixels)
         image = decoded.image
         if max(image.size) > _STORED_EDGE:
             image = image.copy()
             image.thumbnail((_STORED_EDGE, _STORED_EDGE))
-        key = imageio.content_hash(data)
-        self._images.put(key, image)
+        digest = imageio.content_hash(data)
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._expire(now)
+            key = self._by_hash.get(digest) or secrets.token_hex(16)
+            self._images[key] = _Held(image, digest, now)
+            self._by_hash[digest] = key
+            self._images.move_to_end(key)
+            while len(self._images) > self._capacity:
+                self._drop(next(iter(self._images)))
         if self._keep_dir is not None:
             self._keep(key, image)
         return image, key
 
-    def get(self, key: str) -> Image.Image | None:
-        image = self._images.get(key)
-        if image is not None:
-            return image
+    def get(self, key: str, now: float | None = None) -> Image.Image | None:
+        return held.image if (held := self.entry(key, now)) is not None else None
+
+    def entry(self, key: str, now: float | None = None) -> _Held | None:
+        """The held image and its content hash (the caches' key), or None; using it keeps it."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._expire(now)
+            held = self._images.get(key)
+            if held is not None:
+                held.last_used = now
+                self._images.move_to_end(key)
+                return held
         if self._keep_dir is not None:
             path = self._keep_dir / f"{key}.png"
             if path.is_file():
-                return imageio.open_image(path).image
+                data = path.read_bytes()
+                return _Held(imageio.decode(data).image, imageio.content_hash(data), now)
         return None
+
+    def _expire(self, now: float) -> None:
+        while self._images:
+            key, held = next(iter(self._images.items()))
+            if now - held.last_used < self._ttl_s:
+                break
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        held = self._images.pop(key)
+        if self._by_hash.get(held.content_hash) == key:
+            del self._by_hash[held.content_hash]
 
     def _keep(self, key: str, image: Image.Image) -> None:
         assert self._keep_dir is not None
@@ -144,21 +199,24 @@ def resolve(
     image_key_for_cache: str | None = None
     if inp.image_bytes is not None:
         image, key = images.add(inp.image_bytes, max_pixels)
+        image_key_for_cache = imageio.content_hash(inp.image_bytes)
         inp = dataclasses.replace(inp, image_key=key)  # the upload is echoed by the key it is held under
-        image_key_for_cache = key
     elif inp.image_key is not None:
-        image = images.get(inp.image_key)
-        if image is None:
+        held = images.entry(inp.image_key)
+        if held is None:
             # 404, not 422: the key is well formed, the resource it names is gone (or never was)
             raise HTTPException(404, "the query image is no longer held by the server: upload it again")
-        image_key_for_cache = inp.image_key
+        image, image_key_for_cache = held.image, held.content_hash
     elif inp.like_id is not None:
         rec = searcher.collection.catalog.get_image(inp.like_id)
         if rec is None or rec.state != "indexed":
             raise HTTPException(404, f"no indexed image with id {inp.like_id}")
-        image = imageio.open_image(
-            Path(rec.path), draft_size=_STORED_EDGE, max_pixels=collection_max_pixels
-        ).image
+        try:
+            image = imageio.open_image(
+                Path(rec.path), draft_size=_STORED_EDGE, max_pixels=collection_max_pixels
+            ).image
+        except BadImage as exc:  # the reason only: the OS's words name the file's path
+            raise HTTPException(404, f"image {rec.id} can no longer be read ({exc.reason})") from None
         image_key_for_cache = rec.content_hash
     echo = echo_for(inp)
     query = Query(

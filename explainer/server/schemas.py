@@ -223,12 +223,17 @@ class HealthIndex(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded"]
+    """Without the token (when the server has one) only `status`: liveness, no details."""
+
+    status: Literal["ok", "stale", "degraded"] = Field(
+        description="ok; stale: serving an older index than the one on disk (reason says why); degraded"
+    )
     version: str = Field(default_factory=version, description="The Clearsight version serving")
     reason: str | None = None
     index: HealthIndex | None = None
     explainer: str | None = None
     evidence: str | None = None
+    stale_images: int | None = Field(default=None, description="Indexed images whose file changed since")
 
 
 class ErrorBody(BaseModel):

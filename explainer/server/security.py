@@ -3,8 +3,8 @@
 One ASGI middleware applies, in order: the Host allow-list (400: DNS rebinding points a foreign
 name at this server), the cross-site check on state-changing and cost-incurring requests (403:
 another site's page auto-submitting a form), the token (401, or the login form for the page), and
-per-client rate limits on failed logins and explanations (429). Every response, refusals included,
-leaves with the security headers. `auth_decision` says whether a bind address needs a token and
+per-client rate limits (429): on wrong tokens (never on the right one) and on every route that
+searches, page and API alike. Every response, refusals included, leaves with the security headers. `auth_decision` says whether a bind address needs a token and
 finds it; `clearsight serve` refuses to start when one is needed and none is configured.
 """
 
@@ -41,9 +41,13 @@ LOGIN_PATH = "/login"
 #: Reachable without a token: the login form, the page's own assets and the health probe.
 PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
 PUBLIC_PATHS = frozenset({LOGIN_PATH, "/api/health", "/favicon.ico"})
-#: Requests that spend money or CPU on someone's behalf: rate-limited per client.
-COSTLY = frozenset({("POST", "/api/explain"), ("POST", "/api/search")})
-#: GET routes that trigger explanation or captioning (none today; listed here when one does).
+#: Requests that spend money or CPU on someone's behalf: rate-limited per client, one bucket for all.
+COSTLY = frozenset({("POST", "/api/explain"), ("POST", "/api/search"), ("POST", "/search"), ("POST", "/")})
+#: GET routes that search when their query string names a query (the page, the detail view).
+SEARCHING_GETS = ("/", "/images/")
+#: GET routes that always encode a query and compute evidence.
+COSTLY_GET_SUFFIX = "/evidence.png"
+#: GET routes that trigger explanation or captioning, and so are refused cross-site (none today).
 COSTLY_GETS: frozenset[str] = frozenset()
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -221,14 +225,76 @@ class RateLimiter:
         return max(1, int(60.0 / self.per_minute + 0.999))
 
 
-# -- the middleware ---------------------------------------------------------------------------------
-def session_value(token: str) -> str:
-    """The cookie a login sets: derived from the token, so it is checked without server-side sessions."""
-    return hmac.new(token.encode(), b"clearsight-session-v1", hashlib.sha256).hexdigest()
+def costly(method: str, path: str, query_string: bytes) -> bool:
+    """True for a request that runs a search (or an explanation): every such route shares one limit.
+
+    The page (`GET /?q=...`) and the detail view search as `POST /api/search` does; were they free,
+    the API's limit would be a suggestion.
+    """
+    if (method, path) in COSTLY:
+        return True
+    if method not in ("GET", "HEAD"):
+        return False
+    if path.startswith("/api/images/") and path.endswith(COSTLY_GET_SUFFIX):
+        return True
+    if path == "/" or (path.startswith("/images/") and path.count("/") == 2):
+        params = parse_qs(query_string.decode("latin-1"))
+        return any(params.get(name, [""])[0].strip() for name in ("q", "qimg", "like"))
+    return False
 
 
+# -- sessions ---------------------------------------------------------------------------------------
 def token_matches(given: str, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _token_digest(token: str) -> bytes:
+    return hmac.new(token.encode(), b"clearsight-session-v2", hashlib.sha256).digest()
+
+
+#: A session id as set by `Sessions.create` (token_urlsafe(32)); anything else is not looked up.
+_SESSION_ID_MAX = 64
+
+
+@dataclass
+class Sessions:
+    """Signed-in browsers: a random id per login, with an expiry, bound to the token it was made under.
+
+    The id carries nothing (it is not derived from the token), so a leaked cookie ends with its
+    expiry, and changing the token ends every session at once. Held in memory: a restart signs
+    everyone out. Bounded: past `max_sessions` the oldest goes.
+    """
+
+    max_age_s: float
+    max_sessions: int = 10_000
+    _by_id: dict[str, tuple[float, bytes]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def create(self, token: str, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            for old in [k for k, (exp, _) in self._by_id.items() if exp <= now]:
+                del self._by_id[old]
+            while len(self._by_id) >= self.max_sessions:
+                self._by_id.pop(next(iter(self._by_id)))
+            self._by_id[sid] = (now + self.max_age_s, _token_digest(token))
+        return sid
+
+    def valid(self, sid: str, token: str, now: float | None = None) -> bool:
+        """True for a live session made under `token` (the current one)."""
+        if not sid or len(sid) > _SESSION_ID_MAX:
+            return False
+        now = time.time() if now is None else now
+        with self._lock:
+            found = self._by_id.get(sid)
+            if found is None:
+                return False
+            expires, digest = found
+            if expires <= now:
+                del self._by_id[sid]
+                return False
+        return hmac.compare_digest(digest, _token_digest(token))
 
 
 @dataclass
@@ -237,6 +303,8 @@ class SecurityConfig:
     hosts: frozenset[str]
     auth_limit: RateLimiter
     explain_limit: RateLimiter
+    sessions: Sessions
+    secure_cookie: bool | None = None
 
     @classmethod
     def from_settings(
@@ -247,6 +315,8 @@ class SecurityConfig:
             hosts=allowed_hosts(settings, bind_host),
             auth_limit=RateLimiter(settings.auth_failures_per_minute, settings.auth_failures_per_minute),
             explain_limit=RateLimiter(settings.explain_requests_per_minute, settings.explain_burst),
+            sessions=Sessions(max_age_s=settings.session_hours * 3600.0),
+            secure_cookie=settings.secure_cookie,
         )
 
 
@@ -294,16 +364,16 @@ class SecurityMiddleware:
         if cross_site(method, path, headers):
             return await self.render(request, 403, "cross-site requests are refused")
         client = _client(scope)
-        if cfg.token is not None and not self._public(path):
-            if cfg.auth_limit.blocked(client):
-                return self._too_many(request, cfg.auth_limit, "too many failed sign-in attempts; wait")
-            outcome = self._authenticated(headers, cfg.token)
-            if outcome is not True:
-                if outcome is False:  # a wrong token (not just a missing one) counts as a failed attempt
-                    cfg.auth_limit.allow(client)
-                return await self._unauthenticated(request)
-        if (method, path) in COSTLY and not cfg.explain_limit.allow(client):
-            return self._too_many(request, cfg.explain_limit, "too many requests; slow down")
+        outcome = True if cfg.token is None else self._authenticated(headers, cfg)
+        scope.setdefault("state", {})["authenticated"] = outcome is True
+        if cfg.token is not None and not self._public(path) and outcome is not True:
+            # Only failures are throttled: a valid token or session always passes, so a client
+            # (or everyone behind one proxy) guessing wrong never locks out those who know it.
+            if outcome is False and not cfg.auth_limit.allow(client):
+                return await self._too_many(request, cfg.auth_limit, "too many failed sign-in attempts; wait")
+            return await self._unauthenticated(request)
+        if costly(method, path, scope.get("query_string", b"")) and not cfg.explain_limit.allow(client):
+            return await self._too_many(request, cfg.explain_limit, "too many searches; slow down")
         return None
 
     @staticmethod
@@ -311,15 +381,17 @@ class SecurityMiddleware:
         return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
     @staticmethod
-    def _authenticated(headers: Headers, token: str) -> bool | None:
-        """True: a valid token or session; False: a wrong one; None: none given."""
+    def _authenticated(headers: Headers, cfg: SecurityConfig) -> bool | None:
+        """True: a valid token or session; False: a wrong token; None: none given, or a session that
+        ended (expired, or made under an old token), which is not a guess and is not counted as one."""
+        assert cfg.token is not None
         auth = headers.get("authorization")
         if auth is not None:
             scheme, _, given = auth.partition(" ")
-            return scheme.lower() == "bearer" and token_matches(given.strip(), token)
+            return scheme.lower() == "bearer" and token_matches(given.strip(), cfg.token)
         cookie = cookie_parser(headers.get("cookie", ""))
-        if COOKIE in cookie:
-            return token_matches(cookie[COOKIE], session_value(token))
+        if COOKIE in cookie and cfg.sessions.valid(cookie[COOKIE], cfg.token):
+            return True
         return None
 
     async def _unauthenticated(self, request: Request) -> Response:
@@ -331,13 +403,8 @@ class SecurityMiddleware:
         response.headers["www-authenticate"] = "Bearer"
         return response
 
-    def _too_many(self, request: Request, limiter: RateLimiter, message: str) -> Response:
-        from explainer.server.handlers import error_json
-
-        if request.url.path.startswith("/api"):
-            response: Response = error_json(429, "TooManyRequests", message)
-        else:
-            response = HTMLResponse(f"<!doctype html><title>429</title><p>{message}</p>", status_code=429)
+    async def _too_many(self, request: Request, limiter: RateLimiter, message: str) -> Response:
+        response = await self.render(request, 429, message)
         response.headers["retry-after"] = str(limiter.retry_after())
         return response
 
@@ -378,11 +445,12 @@ LOGIN_MAX_BYTES = 4096
 
 
 async def login_submit(request: Request) -> Response:
-    """Check the posted token; a good one sets the HttpOnly, SameSite=Strict session cookie."""
+    """Check the posted token; a good one starts a session (HttpOnly, SameSite=Strict, Max-Age cookie).
+
+    A right token is never refused, however many wrong ones the client (or its proxy) sent before.
+    """
     config: SecurityConfig = request.app.state.security
     client = _client(request.scope)
-    if config.auth_limit.blocked(client):
-        return HTMLResponse("<!doctype html><p>Too many failed attempts; wait a minute.</p>", status_code=429)
     raw = b""
     async for chunk in request.stream():
         raw += chunk
@@ -393,15 +461,23 @@ async def login_submit(request: Request) -> Response:
     if config.token is None:
         return RedirectResponse(next_path, status_code=303)
     if not token_matches(form.get("token", ""), config.token):
-        config.auth_limit.allow(client)
+        if not config.auth_limit.allow(client):
+            refused = HTMLResponse(
+                "<!doctype html><p>Too many failed attempts; wait a minute.</p>", status_code=429
+            )
+            refused.headers["retry-after"] = str(config.auth_limit.retry_after())
+            return refused
         return login_page(next_path, failed=True)
     response = RedirectResponse(next_path, status_code=303)
+    max_age = int(config.sessions.max_age_s)
+    secure = config.secure_cookie if config.secure_cookie is not None else request.url.scheme == "https"
     response.set_cookie(
         COOKIE,
-        session_value(config.token),
+        config.sessions.create(config.token),
+        max_age=max_age,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=secure,
         path="/",
     )
     return response

@@ -6,8 +6,10 @@ before `clearsight index` finishes comes up by itself; routes take it as a depen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,14 +22,16 @@ from fastapi.templating import Jinja2Templates
 
 from explainer.cards.captions import CatalogCaptions
 from explainer.cards.evidence import EvidenceProvider, make_evidence_provider
-from explainer.cards.model import QueryEcho
+from explainer.cards.model import QueryEcho, public_model_name
 from explainer.cards.pipeline import CardPipeline, ResultPage
 from explainer.errors import ClearsightError, IndexError_, ModelUnavailable, server_message
 from explainer.explain.backends import LLMConfig
 from explainer.explain.cache import SQLiteExplanationCache, open_explanation_cache
 from explainer.explain.chain import Explainer
 from explainer.explain.factory import explainer_from_settings
+from explainer.server.limits import WorkBudget
 from explainer.server.queries import QueryImages, QueryInput, resolve
+from explainer.server.security import is_loopback
 from explainer.settings import Settings
 from retrieval.search import Query, Searcher, SearchResult
 
@@ -35,6 +39,12 @@ log = logging.getLogger(__name__)
 
 #: How often a degraded server tries to open its collection again.
 RETRY_OPEN_S = 5.0
+_ERRNO = re.compile(r"\[Errno \d+\]\s*")
+_QUOTED_PATH = re.compile(r"""(?:'(?:/|[A-Za-z]:\\)[^']*'|"(?:/|[A-Za-z]:\\)[^"]*")""")
+#: Stale images remembered at most (a memory bound; the count in health saturates there).
+MAX_STALE = 10_000
+#: A searcher swapped out for a new index is closed this long after, once its requests are done.
+RETIRE_GRACE_S = 120.0
 
 
 @dataclass
@@ -53,6 +63,39 @@ class ServerState:
     _last_try: float | None = None
     _cache: SQLiteExplanationCache | None = None
     _open_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Indexed images whose file no longer is the image indexed (id -> why), until re-indexed.
+    stale_images: dict[int, str] = field(default_factory=dict)
+    #: Why the index served is not the one on disk (None: it is); shown on the page and in health.
+    index_problem: str | None = None
+    _failed_version: str | None = None
+    _retired: list[tuple[float, Searcher]] = field(default_factory=list)
+    #: Hits in work at once over every searching route (None: made from settings on first use).
+    budget: WorkBudget | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = WorkBudget(self.settings.search_budget_hits)
+
+    def hold(self, hits: int) -> contextlib.AbstractContextManager[None]:
+        """Wait for room for `hits` hits of work (blocking; call it in the worker thread)."""
+        assert self.budget is not None
+        return self.budget.hold(hits)
+
+    @property
+    def strip_location(self) -> bool:
+        """Whether originals leave without their GPS location: by default, when shared beyond loopback."""
+        if self.settings.strip_location is not None:
+            return self.settings.strip_location
+        return not is_loopback(self.settings.host)
+
+    def mark_stale(self, image_id: int, reason: str) -> None:
+        """Remember (and log once) an indexed image whose file changed; the next index run re-reads it."""
+        if image_id in self.stale_images:
+            return
+        if len(self.stale_images) >= MAX_STALE:
+            self.stale_images.pop(next(iter(self.stale_images)))
+        self.stale_images[image_id] = reason
+        log.warning("image %d is not served: %s; `clearsight index` will re-read it", image_id, reason)
 
     @property
     def data_dir(self) -> Path:
@@ -67,7 +110,11 @@ class ServerState:
         from retrieval.paths import is_demo_model
 
         pipeline = self.pipeline
-        status: dict[str, object] = {"ready": pipeline is not None, "problem": self.problem}
+        status: dict[str, object] = {
+            "ready": pipeline is not None,
+            "problem": self.problem,
+            "stale": self.index_problem,
+        }
         if pipeline is not None:
             status["images"] = pipeline.searcher.index.images.ntotal
             status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
@@ -75,8 +122,19 @@ class ServerState:
         return status
 
     def public(self, message: str) -> str:
-        """Server paths stay on the server: the data directory is named, not shown."""
-        return message.replace(str(self.data_dir), "the data directory")
+        """Server paths stay on the server: the data directory and indexed folders are named, not
+        shown, and any other quoted absolute path (the OS's "[Errno 2] ...: '/x/y'") is dropped.
+
+        Routes translate the errors they expect into path-free words; this is the boundary's last line
+        for the ones they do not.
+        """
+        message = _QUOTED_PATH.sub("a file", _ERRNO.sub("", message))
+        message = message.replace(str(self.data_dir), "the data directory")
+        pipeline = self.pipeline
+        if pipeline is not None:
+            for root in pipeline.searcher.collection.catalog.roots():  # longest first
+                message = message.replace(root.rstrip("/"), "the collection folder")
+        return message
 
     def open(self) -> None:
         """Load the searcher, evidence and explainer (blocking; run in a worker thread)."""
@@ -104,6 +162,64 @@ class ServerState:
                 searcher, explainer, evidence, CatalogCaptions(searcher), public_reasons=True
             )
             self.problem = None
+
+    def switch_index(self, why: str) -> None:
+        """The index on disk can no longer be loaded beside the running model (rebuilt with another):
+        open it afresh, with its own model, and swap it in; if that fails, keep serving the old one and
+        say so (page and health) instead of answering "ok" from an index that is gone.
+
+        Blocking; run in a worker thread. A version that failed is not tried again until it changes.
+        """
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        on_disk = pipeline.searcher.collection.store.current_version()
+        if on_disk is None or on_disk == self._failed_version:
+            return
+        serving = pipeline.searcher.index
+        old = f"version {serving.version}, model {public_model_name(serving.manifest.model_name)}"
+        if self.injected_searcher is not None:
+            fresh = None
+            reason = "this server was started with a fixed searcher"
+        else:
+            try:
+                fresh = self._open_searcher()
+                reason = ""
+            except Exception as exc:
+                fresh = None
+                reason = self.public(
+                    server_message(exc) if isinstance(exc, ClearsightError) else type(exc).__name__
+                )
+        if fresh is None:
+            self._failed_version = on_disk
+            self.index_problem = (
+                f"the collection was re-indexed ({self.public(why)}), and the new index could not be "
+                f"loaded here ({reason}); this server still answers from the old index ({old}): "
+                "restart it to serve the new one"
+            )
+            log.warning("%s", self.index_problem)
+            return
+        evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
+        self.pipeline = CardPipeline(
+            fresh, pipeline.explainer, evidence, CatalogCaptions(fresh), public_reasons=True
+        )
+        self._retired.append((time.monotonic(), pipeline.searcher))
+        self.index_problem = None
+        self._failed_version = None
+        log.info(
+            "now serving index version %s (model %s)", fresh.index.version, fresh.index.manifest.model_id
+        )
+
+    def close_retired(self, grace_s: float = RETIRE_GRACE_S) -> None:
+        """Close searchers swapped out more than `grace_s` ago: requests that began on them are done."""
+        now = time.monotonic()
+        keep: list[tuple[float, Searcher]] = []
+        for at, searcher in self._retired:
+            if now - at >= grace_s:
+                searcher.close()
+            else:
+                keep.append((at, searcher))
+        self._retired = keep
 
     def _open_searcher(self) -> Searcher:
         searcher = Searcher.open(self.data_dir)
@@ -146,25 +262,28 @@ class ServerState:
     def search(
         self, pipeline: CardPipeline, inp: QueryInput, evidence_method: str | None = None
     ) -> ResultPage:
-        """Resolve and search (blocking; run in a worker thread)."""
-        query, echo = self.resolve(inp, pipeline.searcher)
-        return pipeline.search(query, echo, evidence_method=evidence_method)
+        """Resolve and search (blocking; run in a worker thread), within the shared work budget."""
+        with self.hold(inp.top_k):
+            query, echo = self.resolve(inp, pipeline.searcher)
+            return pipeline.search(query, echo, evidence_method=evidence_method)
 
     def search_captions(
         self, pipeline: CardPipeline, inp: QueryInput
     ) -> tuple[SearchResult | None, Query, QueryEcho]:
         """Caption hits for the query (one extra, to tell if a next page exists); the result is None
         when the collection has no captions at all (blocking; run in a worker thread)."""
-        query, echo = self.resolve(inp, pipeline.searcher)
-        if pipeline.searcher.index.captions.ntotal == 0:
-            return None, query, echo
-        probe = dataclasses.replace(query, top_k=query.top_k + 1)
-        return pipeline.search_captions(probe), query, echo
+        with self.hold(inp.top_k + 1):
+            query, echo = self.resolve(inp, pipeline.searcher)
+            if pipeline.searcher.index.captions.ntotal == 0:
+                return None, query, echo
+            probe = dataclasses.replace(query, top_k=query.top_k + 1)
+            return pipeline.search_captions(probe), query, echo
 
     def retry_due(self) -> bool:
         return self._last_try is None or time.monotonic() - self._last_try > RETRY_OPEN_S
 
     def close(self) -> None:
+        self.close_retired(grace_s=0.0)
         pipeline, self.pipeline = self.pipeline, None
         if self._cache is not None:
             self._cache.close()
