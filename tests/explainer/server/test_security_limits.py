@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from server_kit import build_collection, server_settings
 
 from explainer.server import create_app
 from explainer.server.security import COOKIE, Sessions
 from retrieval import Collection, imageio
+from tests.server_kit import build_collection, server_settings
 
 TOKEN = "the-right-token-for-these-tests-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from server_kit import build_collection, server_settings
 
 from explainer.errors import IndexMismatch
 from explainer.server import create_app
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
 from retrieval.ingest import ingest
+from tests.server_kit import build_collection, server_settings
 
 
 def _rebuild(data: Path, images: Path, model: Path) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from server_kit import build_collection, server_settings
 
 from explainer.server import create_app
 from explainer.server.originals import location_of
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
 from retrieval.ingest import ingest
+from tests.server_kit import build_collection, server_settings
 
 GPS = {1: "N", 2: (48.0, 51.0, 29.0), 3: "E", 4: (2.0, 17.0, 40.0)}
 
