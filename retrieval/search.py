@@ -17,6 +17,7 @@ from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
 from retrieval.errors import BadQuery, NotEnoughData
 from retrieval.index import LoadedIndex, SearchParams, VectorIndex
+from retrieval.paths import display_path
 from retrieval.result_cache import ResultCache, image_key, vector_key
 from retrieval.types import Float32Array
 
@@ -71,7 +72,7 @@ class Hit:
     relative_path: str = ""  # relative to the indexed folder holding it (see Catalog.relative_path)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
 
 
 @dataclass
@@ -88,7 +89,7 @@ class CaptionHit:
     relative_path: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
 
 
 @dataclass
@@ -301,7 +302,7 @@ class Searcher:
                     height=rec.height,
                     content_hash=rec.content_hash,
                     captions=[c.text for c in caps.get(rec.id, [])],
-                    file_name=Path(rec.path).name,
+                    file_name=display_path(Path(rec.path).name),
                     relative_path=self.collection.catalog.relative_path(rec.path, roots),
                 )
             )
@@ -367,7 +368,7 @@ class Searcher:
                     rec.path,
                     round(s, 6),
                     len(hits) + 1,
-                    file_name=Path(rec.path).name,
+                    file_name=display_path(Path(rec.path).name),
                     relative_path=cat.relative_path(rec.path, roots),
                 )
             )
