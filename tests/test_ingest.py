@@ -241,6 +241,18 @@ def test_a_first_run_stopped_before_its_index_keeps_its_model(  # type: ignore[n
     assert (s.unchanged, s.encoded) == (4, 0) and col.store.read_manifest().model_id == encoder.info.model_id
 
 
+def test_a_catalog_from_before_the_model_record_opens_and_knows_no_model(tmp_path: Path) -> None:
+    """Catalogs written before runs recorded their model (or holding a damaged record) read as None:
+    `clearsight index` then keeps its old behaviour (the index's model, else the default)."""
+    col = Collection(tmp_path / "data")
+    assert col.catalog.indexing_model() is None
+    for junk in ("not json", '["a", "b"]', '{"id": "x"}', '{"id": 1, "fingerprint": "f"}'):
+        col.catalog.set_meta("model", junk)
+        assert col.catalog.indexing_model() is None
+    col.catalog.set_indexing_model("/models/clip", "fp1")
+    assert col.catalog.indexing_model() == ("/models/clip", "fp1")
+
+
 def test_bad_roots(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     col = Collection(tmp_path / "data")
     with pytest.raises(ConfigError, match="does not exist"):
