@@ -95,7 +95,8 @@ def main() -> None:
     print(f"# cache bench  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     print(f"# {platform.platform()}, python {platform.python_version()}, load average {load_average()}")
     print(
-        f"# arch {args.arch}, {args.images} images (flat index), {args.queries} distinct text queries, top 12"
+        f"# arch {args.arch}, {args.images} synthetic images (flat index), "
+        f"{args.queries} distinct text queries, top 12"
     )
     print(f"warm-up query (encoder + search + calibration fit): {calibration_s * 1000:.1f} ms")
     print(f"first   (encoder + search + confidence): {_ms(first)}")

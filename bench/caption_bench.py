@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from data import add_data_option, coco_mini, describe
 from PIL import Image, ImageDraw
 
 from explainer.captions.captioner import (
@@ -37,9 +38,6 @@ from explainer.captions.captioner import (
     create_captioner,
 )
 from retrieval.testing.blip import make_blip
-
-REPO = Path(__file__).resolve().parent.parent
-COCO = (REPO / ".." / "shared" / "data" / "coco-mini" / "images").resolve()
 
 
 @dataclass(frozen=True)
@@ -84,14 +82,15 @@ def timed(n: int, work: Callable[[], object], sync: Callable[[], None]) -> Timin
     return Timing(n, wall, own, others)
 
 
-def load_images(n: int) -> tuple[list[Image.Image], str]:
-    files = sorted(COCO.rglob("*.jpg"))[:n] if COCO.is_dir() else []
+def load_images(n: int, coco: Path) -> tuple[list[Image.Image], str]:
+    """`n` photos from coco-mini, topped up with drawn pictures when it holds fewer (and said so)."""
+    files = sorted((coco / "images").rglob("*.jpg"))[:n]
     images = [Image.open(f).convert("RGB") for f in files]
-    for i in range(len(images), n):  # synthetic photos when coco-mini is absent or short
+    for i in range(len(images), n):  # drawn pictures only when coco-mini is short
         im = Image.new("RGB", (640, 480), (40 * i % 256, 90, 160))
         ImageDraw.Draw(im).ellipse([50 + 20 * i, 60, 300 + 20 * i, 330], fill=(230, 200 - 10 * i, 40))
         images.append(im)
-    source = f"{len(files)} coco-mini photos" + (f" + {n - len(files)} synthetic" if len(files) < n else "")
+    source = describe(coco, len(files)) + (f" + {n - len(files)} drawn pictures" if len(files) < n else "")
     return images, source
 
 
@@ -104,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="repeat both modes; the best round of each counts")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (GPU: half precision)")
     ap.add_argument("--model", default=None, help="a BLIP directory or hub id instead of random BLIP-base")
+    add_data_option(ap)
     args = ap.parse_args(argv)
+    coco = coco_mini(args.data)
 
     import torch
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             model=model, device=args.device, batch_size=args.batch_size, generation=generation
         )
         captioner: Captioner = create_captioner(cfg)
-        images, source = load_images(args.images)
+        images, source = load_images(args.images, coco)
         print(
             f"# {source}; {args.tokens} new tokens per caption, beams {args.beams}, "
             f"batch {args.batch_size}, device {args.device}"

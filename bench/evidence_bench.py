@@ -1,7 +1,8 @@
 """Region evidence speed: grid 3x3 batched vs hit by hit, dense vs grid, dense from stored patch features.
 
 ViT-B/32 architecture (random weights: speed does not depend on them), top-K hits of real photos
-(coco-mini when present, else drawn 640x480 pictures), one text query, all modes in one process.
+(coco-mini: `--data DIR` or $CLEARSIGHT_BENCH_DATA; missing, the bench says so and exits 2; drawn
+640x480 pictures only with `--drawn`), one text query, all modes in one process.
 Each mode runs once to warm up, then `--rounds` times with the order rotated per round; the best
 round counts, and each line says how much of the machine other processes used meanwhile.
 Decoding the hit files is part of every timing except "stored", which needs no pixels at all.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from data import MISSING, add_data_option, coco_mini, describe
 from machine import load_average, span
 from PIL import Image, ImageDraw
 
@@ -45,8 +47,6 @@ from retrieval.evidence import (
 from retrieval.testing.tiny import make_clip
 from retrieval.types import Float32Array
 
-COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "images" / "val2017"
-
 
 class OneAtATime:
     """The encoder, but every crop in its own forward pass: the naive per-region loop, for context."""
@@ -61,11 +61,18 @@ class OneAtATime:
         return np.concatenate([self._encoder.encode_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
 
 
-def hit_images(n: int, tmp: Path) -> list[Path]:
-    if COCO.is_dir():
-        found = sorted(p for p in COCO.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-        if len(found) >= n:
-            return found[:n]
+def hit_images(n: int, coco: Path) -> list[Path]:
+    """`n` coco-mini photos; too few is missing data, said and exited on, never silently replaced."""
+    found = sorted((coco / "images").rglob("*.jpg"))
+    if len(found) < n:
+        where = coco / "images"
+        print(f"bench data missing: {n} photos asked for, {len(found)} under {where}", file=sys.stderr)
+        raise SystemExit(MISSING)
+    return found[:n]
+
+
+def drawn_images(n: int, tmp: Path) -> list[Path]:
+    """Drawn 640x480 pictures, only when asked for with --drawn (the header then says so)."""
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
@@ -96,7 +103,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", help="model directory [default: ViT-B/32 shapes, random weights]")
     ap.add_argument("--device", default="cpu")
+    add_data_option(ap)
+    ap.add_argument("--drawn", action="store_true", help="measure on drawn 640x480 pictures, not photos")
     args = ap.parse_args()
+    coco = None if args.drawn else coco_mini(args.data)
 
     import torch
 
@@ -105,7 +115,8 @@ def main() -> int:
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="evidence-bench-"))
     encoder = create_encoder(EncoderConfig(model=str(model_dir(args.model)), device=args.device))
-    paths = hit_images(args.hits, tmp)
+    paths = drawn_images(args.hits, tmp) if coco is None else hit_images(args.hits, coco)
+    data = f"{args.hits} drawn 640x480 pictures (--drawn)" if coco is None else describe(coco, args.hits)
     targets = [EvidenceTarget.from_path(i, p, key=f"{i:04d}bench") for i, p in enumerate(paths)]
     sizes = sorted({t.size() for t in targets})
     query = encoder.encode_texts(["a dog on a beach"])
@@ -152,7 +163,7 @@ def main() -> int:
     print(f"# command: {shlex.join([sys.executable.split('/')[-1], *sys.argv])}")
     print(
         f"# model: {encoder.info.model_id} ({encoder.info.image_size}px, patch {encoder.info.patch_size}); "
-        f"{n} hits from {'coco-mini' if COCO.is_dir() else 'drawn pictures'}, sizes {sizes[:3]}..."
+        f"{n} hits: {data}, sizes {sizes[:3]}..."
     )
     print(f"# load average at the end: {load_average()}")
     print("| mode | ms for all hits | ms per hit | others' CPU share per round |")

@@ -6,7 +6,7 @@ three measurements are repeated in `--rounds` rounds (the order reversed every o
 each keeps its best round; every round is printed, with the share of the machine's CPU that other
 processes used meanwhile (from /proc/stat), so a disturbed round is visible rather than hidden.
 
-    .venv/bin/python bench/ingest_bench.py                  # coco-mini photos, up to 200
+    .venv/bin/python bench/ingest_bench.py                  # coco-mini photos, up to 200 (--data DIR)
     .venv/bin/python bench/ingest_bench.py --synthetic 200  # ... and 200 synthetic 640x480 JPEGs
 
 The model is a random-weight CLIP with ViT-B/32 shapes (`retrieval.testing.tiny.make_clip`): speed does
@@ -33,14 +33,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from data import MISSING, add_data_option, coco_mini
 from machine import load_average, span
 from PIL import Image, ImageDraw, ImageFilter
 
 from retrieval.encoders import Encoder
 from retrieval.types import Float32Array
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGES = (REPO / ".." / "shared" / "data" / "coco-mini" / "images").resolve()
 NAIVE_FLOOR = 1.6  # pipeline / naive
 FORWARD_FLOOR = 0.85  # pipeline / encoder forward
 BUSY = 0.10  # other processes' CPU share above which a measurement is flagged as unreliable
@@ -401,14 +400,13 @@ def measure_precision(
         print(f"GPU: {torch.cuda.get_device_name(0)}")
 
     inputs: list[tuple[str, list[Path]]] = []
-    if args.images.is_dir():
+    if args.images is not None:
         real = find_images(args.images)[: args.limit]
-        if real:
-            inputs.append(("photos", real))
-        else:
-            print(f"skipped real photos: no images under {args.images}")
-    else:
-        print(f"skipped real photos: {args.images} does not exist (pass --images DIR)")
+        if not real:  # missing data is said and exited on, never silently skipped
+            print(f"bench data missing: no images under {args.images}", file=sys.stderr)
+            raise SystemExit(MISSING)
+        inputs.append(("photos", real))
+        print(f"data: photos = {len(real)} images from {args.images}")
     if args.synthetic > 0:
         inputs.append(
             (
@@ -416,6 +414,7 @@ def measure_precision(
                 write_synthetic(tmp / f"synthetic-src-{precision}", min(args.synthetic, args.limit)),
             )
         )
+        print(f"data: synthetic = {min(args.synthetic, args.limit)} generated 640x480 JPEGs")
     if not inputs:
         print("nothing to measure: give --images DIR or --synthetic N")
         encoder.close()
@@ -450,9 +449,9 @@ def _precisions(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument(
-        "--images", type=Path, default=DEFAULT_IMAGES, help="folder of real photos (default: coco-mini)"
-    )
+    p.add_argument("--images", type=Path, default=None, help="folder of real photos (default: coco-mini's)")
+    add_data_option(p)
+    p.add_argument("--no-photos", action="store_true", help="measure only the --synthetic N JPEGs")
     p.add_argument("--synthetic", type=int, default=0, metavar="N", help="also run on N synthetic JPEGs")
     p.add_argument("--limit", type=int, default=200, help="images per measurement (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -471,7 +470,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="repeat all three, keep each one's best")
     p.add_argument("--model-dir", type=Path, default=None, help="reuse or create the model here")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.no_photos:
+        if args.synthetic < 1:
+            p.error("--no-photos leaves nothing to measure without --synthetic N")
+        args.images = None
+    elif args.images is None:
+        args.images = coco_mini(args.data) / "images"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

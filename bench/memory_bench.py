@@ -189,6 +189,7 @@ def main() -> None:
             json.dumps(
                 {
                     "label": args.label,
+                    "data": "synthetic scenes (tiny CLIP), a white 6000x6000 PNG, random base64 JSON",
                     "tree": str(tree.resolve()),
                     "png_6000x6000_bytes": len(png),
                     "png_uploads_8": png_run,

@@ -31,10 +31,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from data import MISSING, add_data_option, coco_mini
 from machine import span
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGES = (REPO / ".." / "shared" / "data" / "coco-mini").resolve()
 FLOOR = 0.8
 RAY_NOTE = "; includes the Ray cluster's workers"
 #: The command, in a fresh process with its own imports and model load, as a user runs it.
@@ -87,7 +86,8 @@ def report(best: dict[tuple[str, str], float], counts: dict[str, int]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    p.add_argument("--images", type=Path, default=None, help="folder of photos (default: coco-mini's)")
+    add_data_option(p)
     p.add_argument("--limit", type=int, default=240)
     p.add_argument(
         "--synthetic",
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.synthetic < 1:
         p.error("--synthetic must be at least 1: the two job sizes are what separate rate from start-up")
+    images = args.images if args.images is not None else coco_mini(args.data) / "images"
     print("# Ray vs local ingest")
     print("command: " + shlex.join([sys.executable, *sys.argv]))
     print(f"date: {datetime.now(UTC).isoformat(timespec='seconds')}")
@@ -113,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from retrieval.testing.tiny import make_clip
 
-    files = sorted(p for p in args.images.rglob("*.jpg"))[: args.limit]
+    files = sorted(p for p in images.rglob("*.jpg"))[: args.limit]
     if not files:
-        print(f"no images under {args.images}")
-        return 0
+        print(f"bench data missing: no photos under {images}", file=sys.stderr)
+        return MISSING
     with tempfile.TemporaryDirectory(prefix="clearsight-ray-bench-") as t:
         tmp = Path(t)
         jobs = {"small": tmp / "photos", "large": tmp / "photos-and-synthetic"}
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         write_synthetic(jobs["large"] / "synthetic", args.synthetic)
         model = make_clip(tmp / "model", arch=args.arch)
         print(
-            f"jobs: {len(files)} photos from {args.images}, and the same + {args.synthetic} synthetic "
+            f"jobs: {len(files)} photos from {images}, and the same + {args.synthetic} synthetic "
             f"640x480 JPEGs; encoder {args.arch} on {args.device}; workers {args.workers}, "
             f"batch {args.batch_size}"
         )

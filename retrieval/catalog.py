@@ -5,11 +5,17 @@ captions attached to images, and the embeddings computed for each *content hash*
 FAISS indexes are derived from it, which is what makes ingest resumable after `kill -9`: a batch
 of embeddings and the state change of its images commit in one transaction, and the index is
 rebuilt from whatever committed.
+
+Paths are stored as TEXT, except a file name that is not valid UTF-8, which is stored as a BLOB of
+its bytes (SQLite keeps a BLOB as it is in a TEXT column): lossless, so the file still opens, and
+every ordinary path is stored exactly as before, so no catalog needs rewriting. Records hand paths
+back as Python's own file-system str (undecodable bytes as `surrogateescape` surrogates).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -23,6 +29,7 @@ import numpy as np
 
 from retrieval import imageio
 from retrieval.errors import IndexCorrupt, ShapeError
+from retrieval.paths import display_path, is_utf8, path_bytes
 from retrieval.types import Float32Array
 
 SCHEMA_VERSION = 2
@@ -105,6 +112,20 @@ class CaptionRecord:
 _IMAGE_COLS = "id, path, content_hash, byte_size, width, height, mtime_ns, state, reason"
 
 
+def _db_path(path: str) -> str | bytes:
+    """A path as stored: TEXT when it is valid UTF-8 (every ordinary name), else a BLOB of its bytes."""
+    return path if is_utf8(path) else path_bytes(path)
+
+
+def _py_path(value: str | bytes) -> str:
+    """A stored path back as the str that opens the file (the inverse of `_db_path`)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _record(row: Sequence[Any]) -> ImageRecord:
+    return ImageRecord(row[0], _py_path(row[1]), *row[2:])
+
+
 class Catalog:
     """Thread-safe access to the catalog database; one connection guarded by a lock."""
 
@@ -163,27 +184,34 @@ class Catalog:
     def get_image(self, image_id: int) -> ImageRecord | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE id=?", (image_id,)).fetchone()
-        return ImageRecord(*row) if row else None
+        return _record(row) if row else None
 
     def get_images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         rows = self._select_in(
             f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({{marks}})", [int(x) for x in ids]
         )
-        return {r[0]: ImageRecord(*r) for r in rows}
+        return {r[0]: _record(r) for r in rows}
 
     def image_by_path(self, path: str) -> ImageRecord | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_IMAGE_COLS} FROM images WHERE path=?", (path,)).fetchone()
-        return ImageRecord(*row) if row else None
+            row = self._db.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE path=?", (_db_path(path),)
+            ).fetchone()
+        return _record(row) if row else None
 
     def images_under(self, root: str) -> dict[str, ImageRecord]:
-        """Every record whose path lies under `root` (a directory path with no trailing slash)."""
-        prefix = root.rstrip("/") + "/"
+        """Every record whose path lies under `root` (a directory path with no trailing slash).
+
+        Compared as bytes, so that TEXT and BLOB paths (and a root that is not UTF-8) both match.
+        """
+        prefix = path_bytes(root.rstrip("/") + "/")
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_IMAGE_COLS} FROM images WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+                f"SELECT {_IMAGE_COLS} FROM images WHERE substr(CAST(path AS BLOB), 1, ?) = ?",
+                (len(prefix), prefix),
             ).fetchall()
-        return {r[1]: ImageRecord(*r) for r in rows}
+        records = [_record(r) for r in rows]
+        return {r.path: r for r in records}
 
     def iter_images(self, state: str | None = None) -> list[ImageRecord]:
         with self._lock:
@@ -193,7 +221,7 @@ class Catalog:
                 rows = self._db.execute(
                     f"SELECT {_IMAGE_COLS} FROM images WHERE state=? ORDER BY id", (state,)
                 ).fetchall()
-        return [ImageRecord(*r) for r in rows]
+        return [_record(r) for r in rows]
 
     def add_pending(self, path: str, byte_size: int, mtime_ns: int) -> int:
         """Record a new or changed file as pending under a fresh id.
@@ -202,12 +230,13 @@ class Catalog:
         and removes ids, then replaces its vector without having to compare contents.
         """
         now = time.time()
+        stored = _db_path(path)
         with self._lock, self._db:
-            self._db.execute("DELETE FROM images WHERE path=?", (path,))
+            self._db.execute("DELETE FROM images WHERE path=?", (stored,))
             cur = self._db.execute(
                 "INSERT INTO images(path, byte_size, mtime_ns, state, updated_at) "
                 "VALUES (?, ?, ?, 'pending', ?)",
-                (path, byte_size, mtime_ns, now),
+                (stored, byte_size, mtime_ns, now),
             )
         return int(cur.lastrowid or 0)
 
@@ -236,7 +265,7 @@ class Catalog:
             rows = self._db.execute(
                 "SELECT path, reason FROM images WHERE state='failed' ORDER BY path LIMIT ?", (limit,)
             ).fetchall()
-        return [(str(p), str(r)) for p, r in rows]
+        return [(_py_path(p), str(r)) for p, r in rows]
 
     # -- embeddings --------------------------------------------------------------------------
     def get_embeddings(self, hashes: Sequence[str], model: str) -> dict[str, Float32Array]:
@@ -417,12 +446,35 @@ class Catalog:
         """`path` relative to the (longest) indexed folder holding it; the file name when none does.
 
         Collections indexed before roots were recorded know no folder, and fall back to the file name.
+        This is the name results show, so undecodable bytes come back escaped (`display_path`).
         """
         for root in self.roots() if roots is None else roots:
             prefix = root.rstrip("/") + "/"
             if path.startswith(prefix):
-                return path[len(prefix) :]
-        return PurePosixPath(path).name
+                return display_path(path[len(prefix) :])
+        return display_path(PurePosixPath(path).name)
+
+    # -- the model indexing started with --------------------------------------------------------
+    def indexing_model(self) -> tuple[str, str] | None:
+        """(model id, fingerprint) of the model the last index run started with, or None.
+
+        The index manifest names the model only once a first index is written; a first run killed
+        before that would otherwise leave nothing saying which model its committed vectors are for,
+        and a resumed run without `--model` would switch to the default model.
+        """
+        raw = self.get_meta("model")
+        try:
+            found = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(found, dict):
+            return None
+        model, fingerprint = found.get("id"), found.get("fingerprint")
+        return (model, fingerprint) if isinstance(model, str) and isinstance(fingerprint, str) else None
+
+    def set_indexing_model(self, model_id: str, fingerprint: str) -> None:
+        """Remember the model an index run starts with (see `indexing_model`)."""
+        self.set_meta("model", json.dumps({"id": model_id, "fingerprint": fingerprint}))
 
     # -- meta --------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

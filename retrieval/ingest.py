@@ -29,6 +29,7 @@ from retrieval.errors import BadImage, ConfigError, IndexMismatch
 from retrieval.index import ondisk
 from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.index.sync import SyncReport, sync_indexes
+from retrieval.paths import display_path, is_utf8
 from retrieval.types import Float32Array
 
 
@@ -49,18 +50,32 @@ class IngestConfig:
 
 @dataclass
 class IngestSummary:
+    """What one run did, in counts that add up (`accounts`), even after a crash or a resume.
+
+    Every scanned file is exactly one of new, changed, unchanged or pending from an earlier run
+    (found as the catalog left it when a run stopped). Every file the run had to do (`todo`: the
+    new, changed and resumed ones, plus images that lacked this model's embedding) ends exactly one
+    of encoded, reused (identical content already embedded), failed this run, or left pending.
+    """
+
     root: str
     scanned: int = 0
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    resumed: int = 0  # pending since an earlier run that stopped before encoding them
     deleted: int = 0
+    reembedded: int = 0  # unchanged images that lacked this model's embedding (after --rebuild)
     encoded: int = 0
     reused: int = 0  # identical content found already encoded
-    failed: int = 0
+    failed_now: int = 0  # of this run's to-do: failed while scanning or decoding
+    left_pending: int = 0  # of this run's to-do: still pending, for the next run
+    failed: int = 0  # every failed file under the root, this run's and earlier ones
     failures: dict[str, int] = field(default_factory=dict)
     unreadable_dirs: int = 0  # directories that could not be listed (also in failures, by reason)
     captioned: int = 0
+    caption_errors: list[str] = field(default_factory=list)  # "FILE:LINE: why" per line skipped
+    odd_names: list[str] = field(default_factory=list)  # not UTF-8 (escaped), indexed all the same
     seconds: float = 0.0
     index: SyncReport | None = None
 
@@ -68,8 +83,21 @@ class IngestSummary:
     def rate(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def todo(self) -> int:
+        return self.new + self.changed + self.resumed + self.reembedded
+
+    def accounts(self) -> bool:
+        """Whether the counts add up: scanned files by kind, and the to-do by outcome."""
+        return (
+            self.scanned == self.new + self.changed + self.unchanged + self.resumed
+            and self.todo == self.encoded + self.reused + self.failed_now + self.left_pending
+        )
+
     def to_dict(self) -> dict[str, object]:
         d = {k: v for k, v in self.__dict__.items() if k != "index"}
+        d["root"] = display_path(self.root)
+        d["todo"] = self.todo
         d["images_per_second"] = round(self.rate, 2)
         if self.index:
             d["index"] = dict(self.index.__dict__)
@@ -138,24 +166,35 @@ def walk(root: Path) -> Iterator[FoundFile]:
 
 
 # -- dataset captions ----------------------------------------------------------------------------
-def read_caption_file(path: Path, root: Path) -> dict[str, list[str]]:
-    """Generic JSONL captions keyed by absolute image path."""
+def read_caption_file(path: Path, root: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Generic JSONL captions keyed by absolute image path, and one "FILE:LINE: why" per line skipped.
+
+    A bad line (not JSON, not UTF-8, no 'image' or 'captions') costs only its own captions: one
+    hand-edited line must not keep a whole collection from being indexed.
+    """
     out: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    bad: list[str] = []
+    where = display_path(str(path))
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
                 image, caps = obj["image"], obj["captions"]
+                if not isinstance(image, str) or not image:
+                    raise TypeError("'image' must be a file path")
+            except UnicodeDecodeError:
+                bad.append(f"{where}:{n}: not UTF-8 text")
+                continue
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ConfigError(
-                    f"{path}:{n}: expected a JSON object with 'image' and 'captions' ({exc})"
-                ) from exc
+                why = "not JSON" if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {exc}"
+                bad.append(f"{where}:{n}: expected a JSON object with 'image' and 'captions' ({why})")
+                continue
             p = Path(image)
             key = str(p if p.is_absolute() else root / p)
             out[key] = [str(c) for c in (caps if isinstance(caps, list) else [caps])]
-    return out
+    return out, bad
 
 
 # -- work items ----------------------------------------------------------------------------------
@@ -209,6 +248,7 @@ class Committer:
 
     def fail(self, image_id: int, reason: str, content_hash: str | None = None) -> None:
         self.catalog.mark_failed(image_id, reason, content_hash)
+        self.summary.failed_now += 1
         if content_hash:
             self.failed_hash[content_hash] = reason
 
@@ -239,6 +279,7 @@ class Committer:
                 self.summary.reused += 1
             elif w.content_hash in self.failed_hash:
                 self.catalog.mark_failed(w.image_id, self.failed_hash[w.content_hash], w.content_hash)
+                self.summary.failed_now += 1
             else:
                 still.append(w)
         self.catalog.commit_indexed(self.fp, done, new_vectors)
@@ -276,14 +317,8 @@ def ingest(
     cat = collection.catalog
     fp = encoder.info.fingerprint
     with collection.writer_lock():
-        if collection.store.exists() and not config.rebuild:
-            manifest = collection.store.read_manifest()
-            if manifest.fingerprint != fp:
-                raise IndexMismatch(
-                    f"{collection.data_dir} holds an index built with {manifest.model_name!r}, "
-                    f"not {encoder.info.name!r}",
-                    remedy="other_data_dir",
-                )
+        _check_model(collection, encoder, config.rebuild)
+        cat.set_indexing_model(encoder.info.model_id, fp)
 
         # 1. scan and reconcile with the catalog
         cat.add_root(str(root))
@@ -293,34 +328,45 @@ def ingest(
         for f in walk(root):
             summary.scanned += 1
             seen.add(f.path)
+            if not is_utf8(f.path):
+                summary.odd_names.append(display_path(f.path))
             rec = known.get(f.path)
             if f.error:
-                if not rec or rec.state != "failed" or rec.reason != f.error:
-                    cat.mark_failed(rec.id if rec else cat.add_pending(f.path, 0, 0), f.error)
+                if rec is not None and rec.state == "failed" and rec.reason == f.error:
+                    summary.unchanged += 1
+                    continue
+                _count_found(summary, rec)
+                summary.failed_now += 1
+                cat.mark_failed(rec.id if rec else cat.add_pending(f.path, 0, 0), f.error)
                 continue
             same_file = rec is not None and rec.byte_size == f.size and rec.mtime_ns == f.mtime_ns
             if rec is not None and same_file:
                 if rec.state == "pending":  # left over by an interrupted run
+                    summary.resumed += 1
                     todo.append(rec.id)
                 else:
                     summary.unchanged += 1
                 continue
-            if rec is None:
-                summary.new += 1
-            else:
-                summary.changed += 1
+            _count_found(summary, rec)
             todo.append(cat.add_pending(f.path, f.size, f.mtime_ns))
         gone = [r.id for p, r in known.items() if p not in seen]
         summary.deleted = cat.delete_images(gone)
         # images indexed under another model (after --rebuild) need this model's embedding too
-        todo.extend(_missing_embeddings(collection, fp, exclude=set(todo)))
+        missing = _missing_embeddings(collection, fp, exclude=set(todo))
+        summary.reembedded = len(missing)
+        todo.extend(missing)
 
         # 2. dataset captions
         cap_file = config.captions_file or (root / "captions.jsonl")
         if config.captions_file and not cap_file.exists():
             raise ConfigError(f"captions file {cap_file} does not exist")
         if cap_file.exists():
-            for path, texts in read_caption_file(cap_file, root).items():
+            try:
+                captions, summary.caption_errors = read_caption_file(cap_file, root)
+            except OSError as exc:  # reported like a bad line: the photos are indexed all the same
+                captions = {}
+                summary.caption_errors = [f"{display_path(str(cap_file))}: cannot be read ({exc.strerror})"]
+            for path, texts in captions.items():
                 rec = cat.image_by_path(path)
                 if rec and cat.set_captions(rec.id, "dataset", texts):
                     summary.captioned += 1
@@ -333,6 +379,7 @@ def ingest(
             stage = encode_stage or (lambda recs, com: _encode_all(encoder, recs, config, com))
             stage(ordered, committer)
             # Whatever still waits keeps its 'pending' state and is picked up by the next run.
+            summary.left_pending = sum(1 for r in cat.get_images(todo).values() if r.state == "pending")
 
         # 4. derive the indexes from the catalog
         summary.index = (sync or sync_for)(collection, encoder, config)
@@ -346,6 +393,40 @@ def ingest(
     if log and summary.scanned == 0:
         log(empty_folder_note(root))
     return summary
+
+
+def _check_model(collection: Collection, encoder: Encoder, rebuild: bool) -> None:
+    """Refuse to mix models in one collection unless rebuilding: its index's, or, before a first index
+    was written (a first run that was killed), the one its catalog says indexing started with."""
+    if rebuild:
+        return
+    fp = encoder.info.fingerprint
+    if collection.store.exists():
+        manifest = collection.store.read_manifest()
+        if manifest.fingerprint != fp:
+            raise IndexMismatch(
+                f"{collection.data_dir} holds an index built with {manifest.model_name!r}, "
+                f"not {encoder.info.name!r}",
+                remedy="other_data_dir",
+            )
+        return
+    started = collection.catalog.indexing_model()
+    if started is not None and started[1] != fp and collection.catalog.counts()["indexed"]:
+        raise IndexMismatch(
+            f"{collection.data_dir} holds images being indexed with {started[0]!r} (a run that stopped "
+            f"before its first index was written), not {encoder.info.name!r}",
+            remedy="other_data_dir",
+        )
+
+
+def _count_found(summary: IngestSummary, rec: ImageRecord | None) -> None:
+    """Count a scanned file that needs work as new, changed, or pending from an earlier run."""
+    if rec is None:
+        summary.new += 1
+    elif rec.state == "pending":
+        summary.resumed += 1
+    else:
+        summary.changed += 1
 
 
 def empty_folder_note(root: Path) -> str:

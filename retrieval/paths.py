@@ -20,6 +20,40 @@ def default_data_dir() -> Path:
     return base / "clearsight"
 
 
+def path_bytes(path: str) -> bytes:
+    """The bytes a path names on disk.
+
+    Python hands over a file name that is not valid UTF-8 as a str holding lone surrogates
+    (PEP 383 `surrogateescape`); that str still opens the file, but cannot be encoded as UTF-8, so
+    anything that stores or prints paths needs their bytes instead.
+    """
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate no file system produced (e.g. from JSON): keep it anyway
+        return path.encode("utf-8", "surrogatepass")
+
+
+def is_utf8(path: str) -> bool:
+    """Whether a path is valid text: true of every name except those holding undecodable bytes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def display_path(path: str) -> str:
+    """`path` as it can be shown anywhere: undecodable bytes written as `\\xe9` escapes.
+
+    A file name that is not UTF-8 cannot be printed to a UTF-8 terminal, put in JSON or rendered in
+    a page as it is (each raises UnicodeEncodeError); escaped, it still says which file it is. Valid
+    names come back unchanged.
+    """
+    if is_utf8(path):
+        return path
+    return path_bytes(path).decode("utf-8", "backslashreplace")
+
+
 def is_demo_model(model: str) -> bool:
     """Whether a model id or directory is one `clearsight demo` trained (a toy, not a real encoder)."""
     return PurePath(model.rstrip("/\\")).name.startswith(DEMO_MODEL_PREFIX)

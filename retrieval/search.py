@@ -20,6 +20,7 @@ from retrieval.index.params import SearchParams
 from retrieval.index.result_cache import ResultCache, image_key, vector_key
 from retrieval.index.store import LoadedIndex
 from retrieval.index.sync import embed_texts_cached
+from retrieval.paths import display_path
 from retrieval.types import Float32Array
 
 MAX_TOP_K = 1000
@@ -73,7 +74,7 @@ class Hit:
     relative_path: str = ""  # relative to the indexed folder holding it (see Catalog.relative_path)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
 
 
 @dataclass
@@ -90,7 +91,7 @@ class CaptionHit:
     relative_path: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
 
 
 @dataclass
@@ -303,7 +304,7 @@ class Searcher:
                     height=rec.height,
                     content_hash=rec.content_hash,
                     captions=[c.text for c in caps.get(rec.id, [])],
-                    file_name=Path(rec.path).name,
+                    file_name=display_path(Path(rec.path).name),
                     relative_path=self.collection.catalog.relative_path(rec.path, roots),
                 )
             )
@@ -369,7 +370,7 @@ class Searcher:
                     rec.path,
                     round(s, 6),
                     len(hits) + 1,
-                    file_name=Path(rec.path).name,
+                    file_name=display_path(Path(rec.path).name),
                     relative_path=cat.relative_path(rec.path, roots),
                 )
             )

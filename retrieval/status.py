@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retrieval.collection import Collection
+from retrieval.paths import display_path
 
 #: Failed files listed by default; the counts always cover all of them.
 DEFAULT_FAILED_LIMIT = 10_000
@@ -35,7 +36,13 @@ class CollectionStatus:
     failed_truncated: bool = False  # more failures than listed (see counts["failed"])
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """As JSON shows it: a path that is not UTF-8 cannot be encoded there, so its odd bytes are
+        escaped."""
+        d = asdict(self)
+        d["data_dir"] = display_path(self.data_dir)
+        d["roots"] = [display_path(r) for r in self.roots]
+        d["failed"] = [{"path": display_path(f.path), "reason": f.reason} for f in self.failed]
+        return d
 
 
 def collection_status(

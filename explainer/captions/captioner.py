@@ -91,7 +91,9 @@ class CaptionerConfig:
 
     model: str | None = None  # registry name, hub id or local directory; None: the registry's default
     device: str | None = None  # None/"auto": CUDA, then MPS, then CPU (like the encoders)
-    precision: str | None = None  # None/"auto": fp16 on accelerators, fp32 on the CPU
+    # None/"auto": as the encoders (`default_dtype`): fp16 on CUDA and MPS, bf16 on a CPU that
+    # computes bf16 natively (avx512_bf16 or AMX), fp32 on other CPUs
+    precision: str | None = None
     batch_size: int = 8  # images per forward pass
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 

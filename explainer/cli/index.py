@@ -26,6 +26,7 @@ from retrieval.evidence import StoreReport
 from retrieval.index import kinds
 from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.index.tuning import factory_for
+from retrieval.paths import display_path
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,11 @@ def index_folder(
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     ddir = data_dir_or_default(data_dir)
     collection = Collection(ddir)
-    if model is None and collection.store.exists() and not rebuild:
-        model = collection.store.read_manifest().model_id  # keep indexing with the index's own model
+    if model is None and not rebuild:  # keep indexing with the collection's own model
+        if collection.store.exists():
+            model = collection.store.read_manifest().model_id
+        elif (started := collection.catalog.indexing_model()) is not None:
+            model = started[0]  # a first run stopped before writing an index: resume with its model
     # on Ray the driver's encoder only embeds caption texts: --device names the actors' device
     encoder = create_encoder(
         EncoderConfig(
@@ -283,11 +287,21 @@ def print_summary(summary: IngestSummary, report: StoreReport | None, ddir: Path
     s = summary
     typer.echo(
         f"scanned {s.scanned} files: {s.new} new, {s.changed} changed, {s.unchanged} unchanged, "
-        f"{s.deleted} removed; encoded {s.encoded} ({s.rate:.1f} img/s), {s.reused} identical reused, "
-        f"{s.failed} failed"
+        f"{s.resumed} pending from an earlier run; {s.deleted} removed"
     )
+    again = f" (with {s.reembedded} indexed before for another model)" if s.reembedded else ""
+    typer.echo(
+        f"to do {s.todo}{again}: {s.encoded} encoded ({s.rate:.1f} img/s), {s.reused} identical reused, "
+        f"{s.failed_now} failed, {s.left_pending} left pending for the next run"
+    )
+    if s.failed:
+        typer.echo(f"failed files under {display_path(s.root)}: {s.failed} (this run's and earlier ones)")
     for reason, n in sorted(s.failures.items()):
         typer.echo(f"  failed: {n} x {reason}")
+    odd = "1 file name is" if len(s.odd_names) == 1 else f"{len(s.odd_names)} file names are"
+    _list_some(f"{odd} not UTF-8 (indexed all the same; shown escaped):", s.odd_names)
+    bad = "1 line" if len(s.caption_errors) == 1 else f"{len(s.caption_errors)} lines"
+    _list_some(f"captions: {bad} skipped, the photos indexed all the same:", s.caption_errors)
     if s.index:
         typer.echo(
             f"index: {s.index.images} images, {s.index.captions} captions ({s.index.built_factory}) in {ddir}"
@@ -297,3 +311,14 @@ def print_summary(summary: IngestSummary, report: StoreReport | None, ddir: Path
             f"patch features: {stored['written']} stored ({stored['bytes_per_image']} bytes/image), "
             f"{stored['already_stored']} already stored, {stored['failed']} failed"
         )
+
+
+def _list_some(title: str, items: list[str], most: int = 10) -> None:
+    """A titled list of at most `most` items, saying how many more there are (--json has them all)."""
+    if not items:
+        return
+    typer.echo(title)
+    for item in items[:most]:
+        typer.echo(f"  {item}")
+    if len(items) > most:
+        typer.echo(f"  ... and {len(items) - most} more (--json lists them all)")

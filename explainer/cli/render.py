@@ -12,6 +12,7 @@ from explainer.cards.model import public_model_name
 from explainer.cards.pipeline import ResultPage
 from explainer.cli.tables import article, console, plural, table
 from explainer.explain.chain import Explainer
+from retrieval.paths import display_path
 
 #: Card fields that only make sense against a running server.
 _URL_FIELDS = {"image_url", "thumb_url", "detail_url", "like_url"}
@@ -28,7 +29,7 @@ def page_payload(
     result = page.result
     rows: list[dict[str, Any]] = []
     for i, (card, hit) in enumerate(zip(page.cards, page.hits, strict=True)):
-        row: dict[str, Any] = {"id": hit.id, "path": hit.path, "content_hash": hit.content_hash}
+        row: dict[str, Any] = {"id": hit.id, "path": display_path(hit.path), "content_hash": hit.content_hash}
         row.update(card.model_dump(mode="json", exclude=_URL_FIELDS))
         ev = page.evidence[i] if i < len(page.evidence) else None
         if ev is not None:

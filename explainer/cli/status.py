@@ -11,6 +11,7 @@ from rich.text import Text
 from explainer.cards.model import public_model_name
 from explainer.cli.options import DataDir, JsonOut, data_dir_or_default
 from explainer.cli.tables import console, plural, table
+from retrieval.paths import display_path
 from retrieval.status import DEFAULT_FAILED_LIMIT, collection_status
 
 
@@ -38,7 +39,7 @@ def status_cmd(
         return
     out = console()
     c = st.counts
-    out.print(f"collection at {st.data_dir}", highlight=False)
+    out.print(f"collection at {display_path(st.data_dir)}", highlight=False)
     if st.model and st.index:
         raw = st.index["params"]
         params = ", ".join(f"{k} {v}" for k, v in raw.items()) if isinstance(raw, dict) else ""
@@ -56,11 +57,11 @@ def status_cmd(
         highlight=False,
     )
     for root in st.roots:
-        out.print(f"indexed folder: {root}", highlight=False)
+        out.print(f"indexed folder: {display_path(root)}", highlight=False)
     if st.failed:
         t = table(("file", {"overflow": "fold", "ratio": 3}), ("reason", {"overflow": "fold", "ratio": 2}))
         for f in st.failed:  # relative to the indexed folder, as search results are; --json is absolute
-            t.add_row(Text(relative_to_roots(f.path, st.roots)), Text(f.reason))
+            t.add_row(Text(display_path(relative_to_roots(f.path, st.roots))), Text(f.reason))
         out.print(t)
     if st.failed_truncated:
         out.print(f"(only the first {len(st.failed)} failed files are listed)", highlight=False)

@@ -42,10 +42,6 @@ Annotations = Annotated[
 Images = Annotated[Path, typer.Option("--images", help="Folder holding the dataset's images")]
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
 def eval_cmd(
     fmt: Format,
     annotations: Annotations,

@@ -24,6 +24,7 @@ from explainer.errors import ClearsightError, http_status_for, server_message
 from explainer.server.queries import QueryInput
 from explainer.server.schemas import TEXT_MAX
 from explainer.server.state import state_of
+from retrieval.paths import display_path
 
 router = APIRouter(tags=["compatibility"])
 
@@ -114,7 +115,7 @@ async def compat_search(request: Request) -> Any:
         CompatResult(
             path=image_url(card.id),
             image_path=image_url(card.id),
-            filename=PurePath(hit.path).name,
+            filename=display_path(PurePath(hit.path).name),
             distance=card.score,
             score=card.score,
             caption=card.caption or "",

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from retrieval import imageio
 from retrieval.errors import BadImage, ConfigError
 from retrieval.evidence.types import Evidence
+from retrieval.paths import display_path
 from retrieval.types import Float32Array, UInt8Array
 
 STYLES = ("boxes", "heatmap", "both")
@@ -101,7 +102,7 @@ def write_evidence_pngs(
         except BadImage:
             written.append(None)
             continue
-        target = out / f"{rank:03d}-{ev.hit_id}-{Path(path).stem[:60]}.png"
+        target = out / f"{rank:03d}-{ev.hit_id}-{display_path(Path(path).stem)[:60]}.png"
         render_evidence(image, ev, style).save(target, format="PNG")
         written.append(target)
     return written

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -8,12 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from explainer.cli.index import print_summary
 from explainer.errors import cli_message
 from retrieval import Collection, IngestConfig, Query, Searcher, load_query_image
 from retrieval import imageio as imageio_mod
+from retrieval.builder import SyncReport
+from retrieval.catalog import ImageRecord
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder
 from retrieval.errors import BadImage, BadQuery, ConfigError, IndexMismatch
-from retrieval.ingest import ingest
+from retrieval.ingest import Committer, IngestSummary, _encode_all, ingest
 from tests.helpers import draw_shape, make_folder
 
 QUIET = IngestConfig(batch_size=4, workers=2, progress=False)
@@ -112,6 +118,7 @@ def test_incremental_added_changed_deleted(tmp_path: Path, encoder) -> None:  # 
     before = col.catalog.image_by_path(str(files[0]))
     s3 = ingest(root, col, encoder, QUIET)
     assert (s3.new, s3.changed, s3.deleted, s3.encoded) == (2, 1, 1, 3)
+    assert s1.accounts() and s2.accounts() and s3.accounts()
     after = col.catalog.image_by_path(str(files[0]))
     assert before and after and before.id != after.id and before.content_hash != after.content_hash
     loaded = col.store.load()
@@ -152,6 +159,98 @@ def test_other_model_is_refused_unless_rebuild(tmp_path: Path, encoder, other_cl
     s = ingest(root, col, other, IngestConfig(batch_size=4, progress=False, rebuild=True))
     assert s.encoded == 4
     assert col.store.read_manifest().fingerprint == other.info.fingerprint
+
+
+def test_counts_add_up_after_a_run_that_stopped_midway(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23: after a crash the summary said "0 new, 0 changed, 0 unchanged; encoded 56"."""
+    root = tmp_path / "photos"
+    make_folder(root, 10)
+    (root / "bad.jpg").write_bytes(b"")
+    col = Collection(tmp_path / "data")
+
+    def stops_after_four(recs: list[ImageRecord], com: Committer) -> None:  # as a run killed mid-way
+        _encode_all(encoder, recs[:4], QUIET, com)
+
+    first = ingest(root, col, encoder, QUIET, encode_stage=stops_after_four)  # bad.jpg sorts first
+    outcome = (first.scanned, first.new, first.encoded, first.failed_now, first.left_pending)
+    assert outcome == (11, 11, 3, 1, 7)
+    assert first.accounts()
+    second = ingest(root, col, encoder, QUIET)
+    assert (second.scanned, second.unchanged, second.resumed, second.new) == (11, 4, 7, 0)
+    assert (second.todo, second.encoded, second.failed_now, second.left_pending) == (7, 7, 0, 0)
+    assert second.accounts() and second.failed == 1  # the bad file, failed in the first run
+    lines = _summary_lines(second)
+    assert lines[0].startswith(
+        "scanned 11 files: 0 new, 0 changed, 4 unchanged, 7 pending from an earlier run"
+    )
+    assert lines[1].startswith("to do 7: 7 encoded")
+
+
+def _summary_lines(summary: IngestSummary) -> list[str]:
+    """What `clearsight index` prints for a summary."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        print_summary(summary, None, Path("data"), json_out=False)
+    return out.getvalue().splitlines()
+
+
+def test_bad_caption_lines_are_skipped_and_reported(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23: one bad line of captions.jsonl aborted the whole index; now it costs only its captions."""
+    root = tmp_path / "photos"
+    files = make_folder(root, 4)
+    good = [json.dumps({"image": f.name, "captions": [f"shape {i}"]}) for i, f in enumerate(files)]
+    lines = [
+        good[0],
+        "{not json",
+        good[1],
+        '{"image": "img_0002.jpg"}',
+        "",
+        good[3],
+        '{"image": 5, "captions": []}',
+    ]
+    (root / "captions.jsonl").write_bytes("\n".join(lines).encode() + b"\n\xff\xfe{}\n")
+    col = Collection(tmp_path / "data")
+    s = ingest(root, col, encoder, QUIET)
+    assert (s.encoded, s.captioned, col.catalog.counts()["indexed"]) == (4, 3, 4)
+    where = str(root / "captions.jsonl")
+    assert [e.split(": ")[0] for e in s.caption_errors] == [f"{where}:{n}" for n in (2, 4, 7, 8)]
+    assert "not JSON" in s.caption_errors[0] and "'captions'" in s.caption_errors[1]
+    assert "not UTF-8" in s.caption_errors[3]
+    printed = "\n".join(_summary_lines(s))
+    assert "captions: 4 lines skipped" in printed and f"{where}:4:" in printed
+
+
+def test_a_first_run_stopped_before_its_index_keeps_its_model(  # type: ignore[no-untyped-def]
+    tmp_path: Path, encoder, other_clip_dir: Path
+) -> None:
+    """Issue 23: killed before its first index was written, a run left nothing naming its model."""
+    root = tmp_path / "photos"
+    make_folder(root, 4)
+    col = Collection(tmp_path / "data")
+
+    def killed(*_: object) -> SyncReport:
+        raise KeyboardInterrupt  # stands for the kill: the vectors are committed, no index is written
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest(root, col, encoder, QUIET, sync=killed)
+    assert not col.store.exists() and col.catalog.counts()["indexed"] == 4
+    assert col.catalog.indexing_model() == (encoder.info.model_id, encoder.info.fingerprint)
+    other = create_encoder(EncoderConfig(model=str(other_clip_dir), device="cpu"))
+    with pytest.raises(IndexMismatch, match="being indexed with"):
+        ingest(root, col, other, QUIET)
+    s = ingest(root, col, encoder, QUIET)  # the same model resumes, with nothing left to encode
+    assert (s.unchanged, s.encoded) == (4, 0) and col.store.read_manifest().model_id == encoder.info.model_id
+
+
+def test_a_catalog_from_before_the_model_record_opens_and_knows_no_model(tmp_path: Path) -> None:
+    """Catalogs written before runs recorded their model (or holding a damaged record) read as None:
+    `clearsight index` then keeps its old behaviour (the index's model, else the default)."""
+    col = Collection(tmp_path / "data")
+    assert col.catalog.indexing_model() is None
+    for junk in ("not json", '["a", "b"]', '{"id": "x"}', '{"id": 1, "fingerprint": "f"}'):
+        col.catalog.set_meta("model", junk)
+        assert col.catalog.indexing_model() is None
+    col.catalog.set_indexing_model("/models/clip", "fp1")
+    assert col.catalog.indexing_model() == ("/models/clip", "fp1")
 
 
 def test_bad_roots(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]

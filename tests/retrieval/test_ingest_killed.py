@@ -169,3 +169,31 @@ def test_killed_before_sync_and_before_the_switch(tmp_path: Path, tiny_clip_dir:
     _assert_consistent(data, [*files[20:], *added])
     newest = (index_dir / "CURRENT").read_text().strip()
     assert {p.name for p in index_dir.glob("v[0-9]*")} <= {live, newest}  # the orphan is gone, not live
+
+
+def test_a_first_index_killed_then_resumed_without_model_keeps_its_model(
+    tmp_path: Path, tiny_clip_dir: Path
+) -> None:
+    """Issue 23: resumed without --model, a first index killed mid-run switched to the default model
+    ("The encoder 'openai/clip-vit-base-patch32' is not on this machine"): nothing but the catalog
+    knows the model before the first index version is written."""
+    images, data = tmp_path / "images", tmp_path / "data"
+    files = make_folder(images, 60)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    common = [str(images), "--data-dir", str(data), "--batch-size", "8", "-q"]
+    proc = _run(driver, ["index", *common, "--model", str(tiny_clip_dir)])
+    db = data / "catalog.sqlite"
+    deadline = time.monotonic() + 120
+    while _indexed(db) < 16 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the indexer finished before it could be killed; slow it down further"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (data / "index" / "CURRENT").exists()  # killed before its first index was written
+
+    done = _run(driver, ["index", *common], {"SLOW": "0"})  # no --model
+    _, err = done.communicate(timeout=180)
+    assert done.returncode == 0, err.decode()[-2000:]
+    _assert_consistent(data, files)
+    assert Collection(data).store.read_manifest().model_id == str(tiny_clip_dir)

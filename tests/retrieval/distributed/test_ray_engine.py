@@ -26,7 +26,7 @@ from retrieval.errors import ConfigError
 from retrieval.index.params import IndexParams
 from retrieval.ingest import Committer, IngestSummary, ingest
 from retrieval.testing.faults import CountingEncodeActor, FaultyEncodeActor, crashed, encoded_count
-from tests.helpers import env_offline, make_folder
+from tests.helpers import draw_shape, env_offline, make_folder
 
 pytestmark = pytest.mark.slow
 QUIET = IngestConfig(batch_size=8, progress=False)
@@ -463,3 +463,18 @@ def test_an_unreachable_cluster_is_one_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(ConfigError, match=r"cannot reach a Ray cluster at '10.9.9.9:6379'.*ray status"):
         connect(RayConfig(address="10.9.9.9:6379"))
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_on_ray(
+    tmp_path: Path, ray_run: Callable[..., IngestSummary]
+) -> None:
+    """Issue 23: a surrogate-escaped path (what Python makes of such a name) reaches the decode tasks
+    intact, and the file is indexed as with the local engine."""
+    src = tmp_path / "imgs"
+    make_folder(src, 3)
+    odd = Path(os.fsdecode(os.path.join(os.fsencode(src), b"caf\xe9_\xff.jpg")))
+    draw_shape(odd, 7)
+    summary = ray_run(src, tmp_path / "d")
+    assert (summary.encoded, summary.failed, len(summary.odd_names)) == (4, 0, 1) and summary.accounts()
+    rec = Collection(tmp_path / "d").catalog.image_by_path(str(odd))
+    assert rec is not None and rec.state == "indexed"
