@@ -15,10 +15,10 @@ from explainer.cli.index import print_summary
 from explainer.errors import cli_message
 from retrieval import Collection, IngestConfig, Query, Searcher, load_query_image
 from retrieval import imageio as imageio_mod
-from retrieval.builder import SyncReport
 from retrieval.catalog import ImageRecord
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder
 from retrieval.errors import BadImage, BadQuery, ConfigError, IndexMismatch
+from retrieval.index.sync import SyncReport
 from retrieval.ingest import Committer, IngestSummary, _encode_all, ingest
 from tests.helpers import draw_shape, make_folder
 
