@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     explain_page_size: int = Field(default=12, ge=1, le=48)  # hits per LLM call; 1: one call per hit
     explain_provider_rpm: int = Field(default=30, ge=1, le=1_000_000)  # Groq free tier, llama-3.1-8b
     explain_provider_tpm: int = Field(default=6000, ge=100, le=100_000_000)  # headers replace it once seen
-    explain_budget_wait_s: float = Field(default=600.0, ge=0)  # a call waits this long for budget, then offline
+    explain_budget_wait_s: float = Field(default=600.0, ge=0)  # a call's wait for budget, then offline
     explain_wait_s: float = Field(default=120.0, ge=0, le=3600)  # POST /api/explain answers by then (pending)
 
     @field_validator("allowed_hosts", mode="before")

@@ -135,7 +135,11 @@ class ProviderLimits:
             cut = self._cut.popleft() if self._cut and not over else None
             if over or cut is not None:
                 self.log.append(Logged(now, tokens, False, told_refused, len(hits)))
-                wait = cut if cut is not None else (self._window[0][0] + self.window_s - now if self._window else 1.0)
+                wait = (
+                    cut
+                    if cut is not None
+                    else (self._window[0][0] + self.window_s - now if self._window else 1.0)
+                )
                 headers = {**self._headers(now), "retry-after": f"{max(wait, 0.01):.2f}"}
                 return Reply.rate_limited(retry_after=headers.pop("retry-after")).with_headers(headers)
             self._window.append((now, tokens))

@@ -280,7 +280,7 @@ class GroqBackend(ChatBackend):
         """Stop after `max_retries`; a 429 gets a few more, each one waited for by the budget."""
         exc = state.outcome.exception() if state.outcome is not None else None
         limited = isinstance(exc, groq.APIStatusError) and exc.status_code == 429
-        extra = _RATE_LIMIT_RETRIES if limited else 0
+        extra = _RATE_LIMIT_RETRIES if limited and self._config.max_retries > 0 else 0
         return bool(stop_after_attempt(self._config.max_retries + 1 + extra)(state))
 
     def _retrying(self) -> Retrying:
@@ -366,7 +366,8 @@ class GroqBackend(ChatBackend):
         if isinstance(exc, groq.APITimeoutError):
             return LLMTimeout(detail)
         if isinstance(exc, groq.APIStatusError) and exc.status_code == 429:
-            return LLMRateLimited(f"{detail} (after {self._config.max_retries} retries)")
+            retries = self._config.max_retries + (_RATE_LIMIT_RETRIES if self._config.max_retries else 0)
+            return LLMRateLimited(f"{detail} (after {retries} retries, each after its retry-after)")
         if isinstance(exc, groq.APIStatusError) and exc.status_code >= 500:
             return LLMError(f"{detail} (after {self._config.max_retries} retries)")
         return LLMError(detail)
