@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     explain_provider_tpm: int = Field(default=6000, ge=100, le=100_000_000)  # headers replace it once seen
     explain_budget_wait_s: float = Field(default=600.0, ge=0)  # a call's wait for budget, then offline
     explain_wait_s: float = Field(default=120.0, ge=0, le=3600)  # POST /api/explain answers by then (pending)
+    explain_rate_window_s: float = Field(default=60.0, gt=0, le=86_400)  # the rate minute; tests shorten it
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -39,6 +39,7 @@ def llm_config_from_settings(settings: Settings, backend: str | None = None) -> 
         requests_per_minute=settings.explain_provider_rpm,
         tokens_per_minute=settings.explain_provider_tpm,
         max_budget_wait_s=settings.explain_budget_wait_s,
+        rate_window_s=settings.explain_rate_window_s,
     )
 
 
