@@ -8,6 +8,10 @@ Why the schema pins the list (`minItems` = `maxItems` = the number of hits, each
 of the hits' numbers): a model that drops, repeats or invents a hit is then visibly wrong, and
 `parse_page` says which hits are missing, so only those are asked again.
 
+Page size (12, `CLEARSIGHT_EXPLAIN_PAGE_SIZE`): the page's own size, and ~2,700 tokens, under half of
+the free tier's 6,000 a minute, so a call always fits beside another; 24 would take ~5,000, one page
+a minute, and a failed reply would cost the whole minute.
+
 Hits are numbered by their rank (unique on a page, and what the card shows); when two contexts of one
 call share a rank, by their position instead.
 """
@@ -35,8 +39,10 @@ from explainer.explain.types import (
 #: Function name of the page call's tool.
 FUNCTION_NAME = "explain_hits"
 #: Per hit: dataset captions and regions kept, and the characters a caption may take. Measured
-#: (bench/explain_bench.py --tokens): a hit with 2 dataset captions and 2 regions costs ~60 prompt
-#: tokens; every further caption ~15 and region ~8, which change few explanations.
+#: (bench/explain_bench.py --limits, COCO-like captions): each dataset caption adds ~17 tokens a hit
+#: and each region ~8; with 2 and 2 a page of 12 counts ~2,700 tokens (1,360 of them the completion
+#: ceiling), two pages a free-tier minute; all 5 captions and 3 regions cost 23% more for text that
+#: mostly repeats the first captions.
 DATASET_CAPTIONS_PER_HIT = 2
 REGIONS_PER_HIT = 2
 CAPTION_CHARS = 160
