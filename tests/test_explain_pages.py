@@ -258,3 +258,114 @@ def test_a_call_waiting_for_budget_is_pending_then_collected() -> None:
         assert server.calls == 2  # asking again joined the waiting call, it did not make another
     finally:
         server.stop()
+
+
+def test_a_chat_model_can_answer_pages_in_its_content() -> None:
+    """ChatModelBackend(pages=True): a scripted model answers the page's JSON as text (fences allowed)."""
+    import json
+
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from explainer.explain.backends import ChatModelBackend
+    from explainer.explain.prompts import load_prompt
+
+    items = [
+        {
+            "hit": n,
+            "explanation": f"hit {n}",
+            "matched_concepts": ["square"],
+            "mismatches": [],
+            "confidence": 0.5,
+        }
+        for n in (1, 2, 3)
+    ]
+    reply = "```json\n" + json.dumps({"hits": items}) + "\n```"
+    model = FakeListChatModel(responses=[reply, "a second call would get this"])
+    backend = ChatModelBackend(model, "scripted", pages=True)
+    with Explainer(backend, load_prompt("explain_hit"), page_prompt=load_prompt("explain_page")) as ex:
+        outs = ex.explain_many(page("a blue square", 3))
+    assert [o.text for o in outs] == ["hit 1", "hit 2", "hit 3"] and model.i == 1
+    assert all(o.matched_concepts == ["square"] and o.unsupported_concepts == [] for o in outs)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "answered", "missing"),
+    [
+        (None, [], [1, 2]),
+        ({"hits": "no"}, [], [1, 2]),
+        ({"hits": [{"hit": 1}]}, [], [1, 2]),  # required fields missing
+        (
+            {
+                "hits": [
+                    {
+                        "hit": "1",
+                        "explanation": "x",
+                        "matched_concepts": [],
+                        "mismatches": [],
+                        "confidence": 1,
+                    }
+                ]
+            },
+            [],
+            [1, 2],
+        ),
+        (
+            {
+                "hits": [
+                    {
+                        "hit": 2,
+                        "explanation": "x",
+                        "matched_concepts": ["a"] * 7,
+                        "mismatches": [],
+                        "confidence": 1,
+                    }
+                ]
+            },
+            [],
+            [1, 2],
+        ),  # more concepts than the schema allows
+        (
+            {
+                "hits": [
+                    {
+                        "hit": 2,
+                        "explanation": "x",
+                        "matched_concepts": [],
+                        "mismatches": [],
+                        "confidence": 0.4,
+                    }
+                ]
+            },
+            [2],
+            [1],
+        ),
+    ],
+)
+def test_parse_page_keeps_only_valid_items_of_known_hits(
+    arguments: Any, answered: list[int], missing: list[int]
+) -> None:
+    from explainer.explain.page import parse_page
+
+    reply = parse_page(arguments, [1, 2])
+    assert sorted(reply.answers) == answered and reply.missing == missing
+    assert bool(reply.problems) == bool(missing)
+
+
+def test_the_sync_page_call_goes_through_the_budget_too() -> None:
+    from explainer.explain.backends.groq import GroqBackend
+    from explainer.explain.page import page_tool, reply_arguments
+
+    server = serve()
+    try:
+        backend = GroqBackend(
+            LLMConfig(
+                backend="groq", api_key=SecretStr(KEY), base_url=server.base_url, rate_window_s=WINDOW_S
+            )
+        )
+        message = backend.page_runnable(page_tool([1]), 150).invoke("Hit 1 (score 0.3)\ncaption: a red bus")
+        backend.close()
+        args = reply_arguments(message)
+        assert isinstance(args, dict) and args["hits"][0]["hit"] == 1
+        assert backend.budget.sent_calls == 1 and server.requests[0].body["max_tokens"] == 150
+    finally:
+        server.stop()
