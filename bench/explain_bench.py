@@ -12,6 +12,15 @@ Per concurrency setting: the time to explain one hit and a page of `--hits` hits
 round, so nothing is cached; median of `--rounds`, order alternating), their ratio against the floor
 (page <= 1.5x one call, which needs max_concurrency >= hits), and a second run of the last page,
 which must be answered from the cache with no model call. Figures are printed, never asserted.
+
+    .venv/bin/python bench/explain_bench.py --limits                 # against a rate-limited fake Groq
+
+`--limits`: the real Groq backend against tests/fake_groq.py on 127.0.0.1 at Groq's free tier
+(30 requests and 6,000 tokens a minute, `--window-s` 60; tokens counted as the explainer estimates
+them), COCO-like hits (a generated caption, 5 dataset captions, 3 regions). It prints the tokens a hit
+costs by how many dataset captions and regions it sends, requests and tokens per page of 12 in page
+mode against per-hit mode, and five searches of 12 fired within half a minute: the share of
+LLM-explained cards, 429s, and the time until the last card is explained.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import platform
@@ -34,11 +44,13 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableLambda
 from machine import load_average, span
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # the fake Groq
+
 from explainer.explain.backends import ChatModelBackend
 from explainer.explain.cache import MemoryExplanationCache
 from explainer.explain.chain import Explainer
 from explainer.explain.prompts import load_prompt
-from explainer.explain.types import ExplainContext
+from explainer.explain.types import ExplainContext, Explanation
 from explainer.settings import Settings
 from retrieval.types import Region
 
@@ -147,6 +159,171 @@ def run(concurrency: int, hits: int, delay_s: float, rounds: int, note: str) -> 
     )
 
 
+def coco_page(query: str, n: int = 12, captions: int = 5, regions: int = 3) -> list[ExplainContext]:
+    """Hits as a real collection gives them: a generated caption, dataset captions, regions."""
+    dataset = [
+        "A man rides a red bicycle down a busy city street.",
+        "A cyclist in a helmet passes parked cars on the road.",
+        "Someone on a bike waits at a traffic light near shops.",
+        "A person cycling past a row of buildings in the daytime.",
+        "A bicycle rider on an urban street with cars behind.",
+    ]
+    boxes = [(40, 60, 400, 300), (300, 200, 600, 460), (0, 0, 200, 160), (420, 20, 630, 200)]
+    return [
+        ExplainContext(
+            query_text=query,
+            caption=f"a man riding a bike down a street next to a car ({i})",
+            dataset_captions=dataset[:captions],
+            evidence=[Region(box=b, score=0.3 - 0.02 * k, rank=k + 1) for k, b in enumerate(boxes[:regions])],
+            image_size=(640, 480),
+            score=0.31 - 0.005 * i,
+            rank=i + 1,
+            image_key=f"{query}-{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def limits_run(
+    page_size: int, window_s: float, latency_s: float, searches: int, wait_s: float
+) -> dict[str, float]:
+    """`searches` pages of 12 fired within half a window; what the provider saw and what cards got."""
+    import threading
+
+    from fake_groq import ProviderLimits
+    from fake_openai import FakeOpenAIServer
+    from pydantic import SecretStr
+
+    from explainer.explain.backends import LLMConfig
+    from explainer.explain.budget import forget_budgets
+
+    forget_budgets()
+    limits = ProviderLimits(rpm=30, tpm=6000, window_s=window_s, latency_s=latency_s)
+    server = FakeOpenAIServer(limits=limits).start()
+    config = LLMConfig(
+        backend="groq",
+        api_key=SecretStr("gsk_bench_0123456789"),
+        base_url=server.base_url,
+        page_size=page_size,
+        rate_window_s=window_s,
+        max_budget_wait_s=wait_s,
+        timeout_s=30.0,
+    )
+    done: list[float] = []
+    outs: list[list[Explanation]] = []
+    start = time.monotonic()
+    try:
+        with Explainer.from_config(config, environ={}) as explainer:
+
+            def search(q: str) -> None:
+                out = explainer.explain_many(coco_page(q))
+                done.append(time.monotonic() - start)
+                outs.append(out)
+
+            threads = [
+                threading.Thread(target=search, args=(f"a person riding a bike {k}",))
+                for k in range(searches)
+            ]
+            for t in threads:
+                t.start()
+                time.sleep(window_s / 2 / searches)
+            for t in threads:
+                t.join()
+    finally:
+        server.stop()
+    cards = [e for out in outs for e in out]
+    llm_cards = sum(1 for e in cards if e.backend.startswith("groq:"))
+    return {
+        "cards": len(cards),
+        "llm": llm_cards,
+        "requests": len(limits.log),
+        "answered": len(limits.answered),
+        "refused": limits.refused,
+        "told_refused": sum(1 for x in limits.log if x.told_refused),
+        "tokens": sum(x.tokens for x in limits.answered),
+        "last_s": max(done, default=0.0),
+    }
+
+
+def one_page_cost(page_size: int, captions: int = 5, regions: int = 3) -> tuple[int, int]:
+    """(requests, tokens as the provider counts them) to explain one page of 12, no limits in the way."""
+    from fake_groq import ProviderLimits
+    from fake_openai import FakeOpenAIServer
+    from pydantic import SecretStr
+
+    from explainer.explain.backends import LLMConfig
+    from explainer.explain.budget import forget_budgets
+
+    forget_budgets()
+    limits = ProviderLimits(rpm=10_000, tpm=10_000_000)
+    server = FakeOpenAIServer(limits=limits).start()
+    config = LLMConfig(
+        backend="groq",
+        api_key=SecretStr("gsk_bench_0123456789"),
+        base_url=server.base_url,
+        page_size=page_size,
+        requests_per_minute=10_000,
+        tokens_per_minute=10_000_000,
+    )
+    try:
+        with Explainer.from_config(config, environ={}) as explainer:
+            out = explainer.explain_many(
+                coco_page("a person riding a bike", captions=captions, regions=regions)
+            )
+            assert all(e.backend.startswith("groq:") for e in out), [e.fallback_reason for e in out]
+    finally:
+        server.stop()
+    return len(limits.log), sum(x.tokens for x in limits.log)
+
+
+def limits_main(window_s: float, latency_s: float, modes: str) -> None:
+    from explainer.explain import page
+
+    print(
+        "## Tokens per page of 12 by what each hit sends (page mode; provider's count, max_tokens included)\n"
+    )
+    print("| dataset captions per hit | regions per hit | tokens per page | per hit |")
+    print("|---:|---:|---:|---:|")
+    saved = page.DATASET_CAPTIONS_PER_HIT, page.REGIONS_PER_HIT
+    for caps, regs in ((0, 1), (1, 1), (2, 2), (3, 2), (5, 2), (5, 3)):
+        page.DATASET_CAPTIONS_PER_HIT, page.REGIONS_PER_HIT = caps, regs
+        _, tokens = one_page_cost(12)
+        print(f"| {caps} | {regs} | {tokens} | {tokens / 12:.0f} |", flush=True)
+    page.DATASET_CAPTIONS_PER_HIT, page.REGIONS_PER_HIT = saved
+    print(f"\n(shipped: {saved[0]} dataset captions, {saved[1]} regions per hit)\n")
+    print("## One page of 12: page mode against per-hit mode\n")
+    print("| mode | requests | tokens | tokens vs per-hit | pages a minute at 30 RPM / 6,000 TPM |")
+    print("|---|---:|---:|---:|---:|")
+    per_hit = one_page_cost(1)
+    for name, size in (("page (12 per call)", 12), ("per hit", 1)):
+        requests, tokens = one_page_cost(size)
+        pages = min(30 / requests, 6000 / tokens)
+        print(
+            f"| {name} | {requests} | {tokens} | {100 * tokens / per_hit[1]:.0f}% | {pages:.2f} |", flush=True
+        )
+    print(
+        f"\n## Five searches of 12 fired within half a window ({window_s:g} s window, "
+        f"{latency_s:g} s latency)\n"
+    )
+    print(
+        "| mode | LLM-explained cards | provider requests | answered | 429s "
+        "| sent against the last headers | last card at (s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    runs = {
+        "page": ("page, waiting for the budget", 12, 600.0),
+        "hit": ("per hit, waiting for the budget", 1, 1800.0),
+        "nowait": ("per hit, no waiting (falls back when the budget is spent)", 1, 0.0),
+    }
+    for name, size, wait in (runs[m] for m in modes.split(",")):
+        r = limits_run(size, window_s, latency_s, 5, wait)
+        print(
+            f"| {name} | {r['llm']:.0f}/{r['cards']:.0f} | {r['requests']:.0f} | {r['answered']:.0f} "
+            f"| {r['refused']:.0f} | {r['told_refused']:.0f} | {r['last_s']:.1f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,7 +332,17 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=200.0)
     parser.add_argument("--concurrency", default=None, help="comma-separated max_concurrency values")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--limits", action="store_true", help="against a rate-limited fake Groq")
+    parser.add_argument("--window-s", type=float, default=60.0, help="the fake provider's minute")
+    parser.add_argument("--latency-s", type=float, default=0.3, help="the fake provider's latency")
+    parser.add_argument("--modes", default="page,hit,nowait", help="which five-search runs: page,hit,nowait")
     args = parser.parse_args()
+    if args.limits:
+        logging.disable(logging.WARNING)  # one line per fallen-back card would drown the tables
+        print(f"# {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
+        print(f"# {platform.machine()}, {os.cpu_count()} cores, load average {load_average()}\n")
+        limits_main(args.window_s, args.latency_s, args.modes)
+        return
 
     settings_default = Settings(_env_file=None).explain_concurrency  # type: ignore[call-arg]
     explainer_default = 8  # Explainer(max_concurrency=...)'s own default

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     # Photos' GPS location (EXIF, XMP) in originals served by /api/images/{id}: None strips it when the
     # server is bound beyond loopback (other people see the photos), keeps it on 127.0.0.1.
     strip_location: bool | None = None
+    # The LLM provider's rate budget (explainer/explain/budget.py) and page calls (explain/page.py).
+    explain_page_size: int = Field(default=12, ge=1, le=48)  # hits per LLM call; 1: one call per hit
+    explain_provider_rpm: int = Field(default=30, ge=1, le=1_000_000)  # Groq free tier, llama-3.1-8b
+    explain_provider_tpm: int = Field(default=6000, ge=100, le=100_000_000)  # headers replace it once seen
+    explain_budget_wait_s: float = Field(default=600.0, ge=0)  # a call's wait for budget, then offline
+    explain_wait_s: float = Field(default=120.0, ge=0, le=3600)  # POST /api/explain answers by then (pending)
+    explain_rate_window_s: float = Field(default=60.0, gt=0, le=86_400)  # the rate minute; tests shorten it
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

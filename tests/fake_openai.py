@@ -8,10 +8,15 @@ concurrency and headers without any real network.
     with FakeOpenAIServer() as server:
         server.script(Reply.rate_limited(retry_after="0.01"), Reply.ok({"explanation": ...}))
         config = LLMConfig(backend="groq", base_url=server.base_url, ...)
+
+With `limits=ProviderLimits(...)` it behaves like Groq's free tier (tests/fake_groq.py): requests and
+tokens per window and requests per day, Groq's `x-ratelimit-*` headers on every reply, 429 with
+`retry-after` past a limit, and answers to page calls generated from the request's own tool schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -19,9 +24,12 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from fake_groq import ProviderLimits
 
 CHAT_PATH = "/openai/v1/chat/completions"
 
@@ -44,10 +52,15 @@ class Reply:
     body: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    #: Arguments of a function call (the page call's answer), sent as `tool_calls`.
+    tool_args: dict[str, Any] | None = None
 
     @classmethod
     def ok(cls, output: dict[str, Any] | None = None, delay_s: float = 0.0) -> Reply:
         return cls(content=json.dumps(VALID_OUTPUT if output is None else output), delay_s=delay_s)
+
+    def with_headers(self, headers: dict[str, str]) -> Reply:
+        return dataclasses.replace(self, headers={**self.headers, **headers})
 
     @classmethod
     def text(cls, content: str) -> Reply:
@@ -78,7 +91,8 @@ class Seen:
 class FakeOpenAIServer:
     """A real HTTP server in a thread; thread-safe scripting and inspection."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: ProviderLimits | None = None) -> None:
+        self.limits = limits
         self.default = Reply.ok()
         self.requests: list[Seen] = []
         self.in_flight = 0
@@ -157,6 +171,29 @@ class FakeOpenAIServer:
             }
         )
 
+    def _tool_completion(self, args: dict[str, Any], request: dict[str, Any]) -> str:
+        tools = request.get("tools") or [{}]
+        name = tools[0].get("function", {}).get("name", "f")
+        call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        prompt = len(json.dumps(request.get("messages", []))) // 4
+        return json.dumps(
+            {
+                "id": "chatcmpl-fake-tools",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": str(request.get("model", "")),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                        "finish_reason": "tool_calls",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": 50, "total_tokens": prompt + 50},
+            }
+        )
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -190,12 +227,21 @@ class FakeOpenAIServer:
                         server.requests.append(seen)
                     self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}), {})
                     return
-                reply = server._next_reply(seen)
+                if server.limits is not None:
+                    reply = server.limits.reply_for(seen)
+                    with server._lock:
+                        server.requests.append(seen)
+                        server.in_flight += 1
+                        server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                else:
+                    reply = server._next_reply(seen)
                 try:
                     if reply.delay_s and server._stopping.wait(reply.delay_s):
                         return
                     if reply.body is not None:
                         payload = reply.body
+                    elif reply.tool_args is not None:
+                        payload = server._tool_completion(reply.tool_args, body)
                     else:
                         payload = server._completion(reply.content or "", str(body.get("model", "")))
                     self._send(reply.status, payload, reply.headers)

@@ -33,6 +33,9 @@ class ExplanationOut(BaseModel):
     prompt: str | None = Field(default=None, description='The prompt (or offline template) used, "name@vN"')
     matched_concepts: list[str] = Field(default_factory=list)
     mismatches: list[str] = Field(default_factory=list)
+    unsupported_concepts: list[str] = Field(
+        default_factory=list, description="Claimed matches the hit's captions and regions do not say"
+    )
     confidence: float = Field(ge=0.0, le=1.0)
     fallback_reason: str | None = None
     cached: bool = False
@@ -45,6 +48,7 @@ class ExplanationOut(BaseModel):
             prompt=e.prompt,
             matched_concepts=list(e.matched_concepts),
             mismatches=list(e.mismatches),
+            unsupported_concepts=list(e.unsupported_concepts),
             confidence=e.confidence,
             fallback_reason=e.fallback_reason,
             cached=e.cached,

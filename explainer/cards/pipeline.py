@@ -28,7 +28,7 @@ from explainer.cards.context import build_context
 from explainer.cards.evidence import EvidenceProvider, card_regions
 from explainer.cards.model import Card, ExplanationOut, QueryEcho, make_card, public_model_name
 from explainer.errors import ClearsightError, ModelUnavailable, public_fallback_reason
-from explainer.explain.chain import Explainer
+from explainer.explain.chain import Explainer, Pending
 from explainer.explain.types import ExplainContext, Explanation
 from retrieval.evidence import Evidence
 from retrieval.lru import LRU
@@ -297,6 +297,15 @@ class CardPipeline:
             return []
         explanations = await self.explainer.aexplain_many(contexts)
         return [self._out(e) for e in explanations]
+
+    async def explain_within(
+        self, contexts: Sequence[ExplainContext], wait_s: float
+    ) -> list[ExplanationOut | Pending]:
+        """Explanations ready within `wait_s`; the rest `Pending` (still running, to be asked again)."""
+        if self.explainer is None or not contexts:
+            return []
+        results = await self.explainer.aexplain_within(contexts, wait_s)
+        return [r if isinstance(r, Pending) else self._out(r) for r in results]
 
     def _out(self, explanation: Explanation) -> ExplanationOut:
         out = ExplanationOut.from_explanation(explanation)

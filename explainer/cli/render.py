@@ -114,4 +114,8 @@ def detail_lines(row: dict[str, Any], width: int, indent: int = 6) -> list[str]:
     if explanation:
         text = f"why: {explanation['text']} [{explanation['backend']}]"
         lines += textwrap.wrap(text, width, initial_indent=pad, subsequent_indent=pad + "  ")
+        if explanation.get("unsupported_concepts"):
+            claimed = ", ".join(explanation["unsupported_concepts"])
+            text = f"claimed, but not in the captions or regions: {claimed}"
+            lines += textwrap.wrap(text, width, initial_indent=pad, subsequent_indent=pad + "  ")
     return lines

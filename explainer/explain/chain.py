@@ -2,10 +2,16 @@
 
 Guarantees the rest of the product relies on:
 - every hit gets an explanation: when the LLM fails for a card (timeout, 429 after retries,
-  5xx, malformed output...), that card alone gets the offline text, labelled "offline" with
-  `fallback_reason` saying why;
-- cards of one page are explained concurrently, at most `max_concurrency` at a time;
-- LLM explanations are cached, so a repeated page makes no model call;
+  5xx, malformed output, no rate budget within the wait allowed...), that card alone gets the
+  offline text, labelled "offline" with `fallback_reason` saying why;
+- with a page prompt and a backend that can (Groq), the hits of one query are explained a page per
+  call (`page.py`: `page_size` hits, top ranks first), hits the reply left out asked again once;
+  otherwise one call per hit, at most `max_concurrency` at a time;
+- every claimed match is checked against the hit's own descriptions (`grounding.py`); the ones
+  they do not support move to `unsupported_concepts`;
+- LLM explanations are cached per hit, whichever call wrote them, so a repeated page makes no call;
+- `aexplain_within` answers after a bounded wait, leaving the rest running: a card waiting for the
+  provider's rate budget is reported pending (with the wait) and collected later;
 - the sync API works from plain code, from a thread of a server, and from inside a running event
   loop (a notebook), because sync calls run on the explainer's own event-loop thread.
 """
@@ -17,7 +23,9 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from langchain_core.exceptions import OutputParserException
@@ -27,7 +35,17 @@ from pydantic import ValidationError
 
 from explainer.errors import ConfigError, LLMError, LLMMalformedOutput, redact
 from explainer.explain.backends import Backend, LLMConfig, OfflineExplainer, create_backend
+from explainer.explain.budget import QUEUE_STATUS, QueueStatus
 from explainer.explain.cache import ExplanationCache, ExplanationKey
+from explainer.explain.grounding import GroundingStats, check_concepts, concepts_of
+from explainer.explain.page import (
+    completion_tokens,
+    hit_numbers,
+    page_inputs,
+    page_tool,
+    parse_page,
+    reply_arguments,
+)
 from explainer.explain.prompts import PromptFile, load_prompt
 from explainer.explain.regions import describe_regions
 from explainer.explain.types import ExplainContext, Explanation, ExplanationOutput
@@ -40,6 +58,17 @@ _T = TypeVar("_T")
 CONTEXT_VARIABLES = frozenset(
     {"query_text", "query_kind", "caption", "dataset_captions", "evidence", "score", "rank"}
 )
+#: Variables of a page prompt (`prompts/explain_page.v*.toml`), filled by `page.page_inputs`.
+PAGE_VARIABLES = frozenset({"query_text", "query_kind", "count", "hits"})
+#: Finished results kept for a client that stopped waiting and asks again (fallbacks are not cached).
+_RECENT_MAX = 2048
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A hit whose explanation is still being written; `queued_s` is the rate-budget wait, if any."""
+
+    queued_s: float | None
 
 
 def context_inputs(ctx: ExplainContext) -> dict[str, str]:
@@ -95,7 +124,7 @@ class _LoopThread:
 
 
 class Explainer:
-    """Explains search hits with one backend and one prompt, with caching and offline fallback."""
+    """Explains search hits with one backend and its prompts, with caching, grounding and offline fallback."""
 
     def __init__(
         self,
@@ -105,16 +134,27 @@ class Explainer:
         *,
         max_concurrency: int = 16,
         offline: OfflineExplainer | None = None,
+        page_prompt: PromptFile | None = None,
+        page_size: int = 12,
     ) -> None:
         if max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if page_size < 1:
+            raise ConfigError(f"page_size must be >= 1, got {page_size}")
         self.backend = backend
         self.prompt = prompt
         self.cache = cache
         self.max_concurrency = max_concurrency
+        self.page_size = page_size
+        self.grounding = GroundingStats()
         self._offline = offline or OfflineExplainer()
         self._loop_thread = _LoopThread()
         self._chain: Runnable[dict[str, str], ExplanationOutput] | None = None
+        self.page_prompt: PromptFile | None = None
+        self._inflight: dict[str, asyncio.Future[Explanation]] = {}
+        self._status: dict[str, QueueStatus] = {}
+        self._recent: OrderedDict[str, Explanation] = OrderedDict()
+        self._tasks: set[asyncio.Future[None]] = set()
         runnable = backend.runnable
         if runnable is not None:
             if prompt is None:
@@ -127,6 +167,14 @@ class Explainer:
                 )
             parser = PydanticOutputParser(pydantic_object=ExplanationOutput)
             self._chain = prompt.chat_template | runnable | parser
+            if page_prompt is not None:
+                unknown = sorted(set(page_prompt.input_variables) - PAGE_VARIABLES)
+                if unknown:
+                    allowed = sorted(PAGE_VARIABLES)
+                    raise ConfigError(
+                        f"page prompt {page_prompt.id} declares {unknown}; it may use {allowed}"
+                    )
+                self.page_prompt = page_prompt
 
     @classmethod
     def from_config(
@@ -135,13 +183,24 @@ class Explainer:
         prompt: str | PromptFile = "explain_hit",
         cache: ExplanationCache | None = None,
         environ: Mapping[str, str] | None = None,
+        page_prompt: str | PromptFile = "explain_page",
     ) -> Explainer:
-        """The usual wiring for the server and the CLI: backend from config, prompt by name[@vN]."""
+        """The usual wiring for the server and the CLI: backend from config, prompts by name[@vN]."""
         backend = create_backend(config, environ)
         prompt_file: PromptFile | None = None
+        page_file: PromptFile | None = None
         if backend.runnable is not None:  # only a language model reads a prompt
             prompt_file = load_prompt(prompt) if isinstance(prompt, str) else prompt
-        return cls(backend, prompt_file, cache, max_concurrency=config.max_concurrency)
+            if config.page_size > 1:
+                page_file = load_prompt(page_prompt) if isinstance(page_prompt, str) else page_prompt
+        return cls(
+            backend,
+            prompt_file,
+            cache,
+            max_concurrency=config.max_concurrency,
+            page_prompt=page_file,
+            page_size=config.page_size,
+        )
 
     @property
     def label(self) -> str:
@@ -159,15 +218,26 @@ class Explainer:
         """The LangChain runnable (`prompt | llm | parser`), for notebooks; None when offline."""
         return self._chain
 
-    def cache_key(self, ctx: ExplainContext) -> ExplanationKey:
+    def cache_key(self, ctx: ExplainContext, prompt: str | None = None) -> ExplanationKey:
         return ExplanationKey(
             query_text=ctx.query_text,
             query_image_key=ctx.query_image_key,
             image_key=ctx.image_key,
-            prompt=self.prompt_id,
+            prompt=prompt or self.prompt_id,
             backend=self.label,
             caption=ctx.caption,
         )
+
+    def _cached(self, ctx: ExplainContext) -> Explanation | None:
+        """A stored LLM explanation of this hit, written by a one-hit or a page call."""
+        if self.cache is None:
+            return None
+        prompts = [self.prompt_id] + ([self.page_prompt.id] if self.page_prompt is not None else [])
+        for prompt in prompts:
+            hit = self.cache.get(self.cache_key(ctx, prompt))
+            if hit is not None:
+                return hit
+        return None
 
     # -- async API --------------------------------------------------------------------------
 
@@ -175,42 +245,131 @@ class Explainer:
         return (await self.aexplain_many([ctx]))[0]
 
     async def aexplain_many(self, ctxs: Sequence[ExplainContext]) -> list[Explanation]:
-        """Explain a page of hits concurrently; the result is in the order of `ctxs`."""
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        return list(await asyncio.gather(*(self._explain_one(c, semaphore) for c in ctxs)))
-
-    async def _explain_one(self, ctx: ExplainContext, semaphore: asyncio.Semaphore) -> Explanation:
+        """Explain hits (pages of one query per call where possible); the result is in the order of `ctxs`."""
         start = time.perf_counter()
-        if self._chain is None:
-            return self._offline.explain(ctx)
-        key = self.cache_key(ctx)
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit.model_copy(update={"cached": True, "latency_ms": _ms_since(start)})
-        assert self.prompt is not None  # set whenever _chain is
+        results: list[Explanation | None] = [None] * len(ctxs)
+        todo: list[int] = []
+        for i, ctx in enumerate(ctxs):
+            if self._chain is None:
+                results[i] = self._ground(ctx, self._offline.explain(ctx))
+            elif (hit := self._cached(ctx)) is not None:
+                results[i] = hit.model_copy(update={"cached": True, "latency_ms": _ms_since(start)})
+            else:
+                todo.append(i)
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+        jobs: list[Coroutine[Any, Any, list[tuple[int, Explanation]]]] = []
+        for chunk in self._chunks(ctxs, todo):
+            if len(chunk) == 1 or self.page_prompt is None:
+                jobs.extend(self._one(i, ctxs[i], semaphore) for i in chunk)
+            else:
+                jobs.append(self._page([(i, ctxs[i]) for i in chunk]))
+        for done in await asyncio.gather(*jobs):  # started in order: top ranks ask the budget first
+            for i, explanation in done:
+                results[i] = explanation
+        return [r for r in results if r is not None]
+
+    def _chunks(self, ctxs: Sequence[ExplainContext], todo: list[int]) -> list[list[int]]:
+        """Indices grouped by query, best rank first, cut into pages of `page_size`."""
+        size = self.page_size if self.page_prompt is not None and self._can_page() else 1
+        groups: dict[tuple[str | None, str, str | None], list[int]] = {}
+        for i in sorted(todo, key=lambda i: ctxs[i].rank):
+            c = ctxs[i]
+            groups.setdefault((c.query_text, c.query_kind, c.query_image_key), []).append(i)
+        chunks = [g[k : k + size] for g in groups.values() for k in range(0, len(g), size)]
+        return sorted(chunks, key=lambda ch: ctxs[ch[0]].rank)
+
+    def _can_page(self) -> bool:
+        return self.backend.page_runnable(page_tool([1, 2]), completion_tokens(2)) is not None
+
+    async def _one(
+        self, i: int, ctx: ExplainContext, semaphore: asyncio.Semaphore
+    ) -> list[tuple[int, Explanation]]:
+        start = time.perf_counter()
+        assert self.prompt is not None and self._chain is not None  # only called with a chain
         inputs = context_inputs(ctx)
         self.prompt.validate_inputs(inputs)
+        status = self._track_status([ctx])
         try:
             async with semaphore:
                 output = await self._chain.ainvoke(inputs)
         except Exception as exc:
-            reason = self._fallback_reason(exc)
-            log.warning("explanation of %s fell back to offline: %s", ctx.image_key, reason)
-            fallback = self._offline.explain(ctx, fallback_reason=reason)
-            return fallback.model_copy(update={"latency_ms": _ms_since(start)})
+            return [(i, self._fallback(ctx, exc, start))]
+        finally:
+            self._untrack_status([ctx], status)
+        explanation = self._from_output(ctx, output, self.prompt.id, start)
+        if self.cache is not None:
+            self.cache.put(self.cache_key(ctx, self.prompt.id), explanation)
+        return [(i, explanation)]
+
+    async def _page(self, items: list[tuple[int, ExplainContext]]) -> list[tuple[int, Explanation]]:
+        """One call for these hits of one query; the hits its reply left out are asked again, once."""
+        start = time.perf_counter()
+        assert self.page_prompt is not None
+        out: list[tuple[int, Explanation]] = []
+        left = items
+        problem: Exception | None = None
+        status = self._track_status([c for _, c in items])
+        try:
+            for _ in range(2):
+                numbers = hit_numbers([c for _, c in left])
+                runnable = self.backend.page_runnable(page_tool(numbers), completion_tokens(len(left)))
+                assert runnable is not None  # _chunks pages only where the backend can
+                messages = self.page_prompt.chat_template.format_prompt(**page_inputs([c for _, c in left]))
+                try:
+                    message = await runnable.ainvoke(messages)
+                except Exception as exc:
+                    problem = exc
+                    break
+                reply = parse_page(reply_arguments(message), numbers)
+                for (i, ctx), number in zip(left, numbers, strict=True):
+                    if number in reply.answers:
+                        explanation = self._from_output(
+                            ctx, reply.answers[number], self.page_prompt.id, start
+                        )
+                        if self.cache is not None:
+                            self.cache.put(self.cache_key(ctx, self.page_prompt.id), explanation)
+                        out.append((i, explanation))
+                if reply.problems:
+                    log.info("%s page reply: %s", self.label, reply.problems)
+                left = [item for item, n in zip(left, numbers, strict=True) if n in reply.missing]
+                problem = LLMMalformedOutput(
+                    f"{self.label}: the page reply left out this hit ({reply.problems})"
+                )
+                if not left:
+                    break
+        finally:
+            self._untrack_status([c for _, c in items], status)
+        for i, ctx in left:
+            out.append((i, self._fallback(ctx, problem or LLMError("no reply"), start)))
+        return out
+
+    def _from_output(
+        self, ctx: ExplainContext, output: ExplanationOutput, prompt: str, start: float
+    ) -> Explanation:
         explanation = Explanation(
             text=output.explanation,
             backend=self.label,
-            matched_concepts=output.matched_concepts,
-            mismatches=output.mismatches,
+            matched_concepts=concepts_of(output.matched_concepts),
+            mismatches=concepts_of(output.mismatches),
             confidence=output.confidence,
-            prompt=self.prompt.id,
+            prompt=prompt,
             latency_ms=_ms_since(start),
         )
-        if self.cache is not None:
-            self.cache.put(key, explanation)
-        return explanation
+        return self._ground(ctx, explanation)
+
+    def _ground(self, ctx: ExplainContext, explanation: Explanation) -> Explanation:
+        """Move the claimed matches the hit's descriptions do not say into `unsupported_concepts`."""
+        result = check_concepts(ctx, explanation.matched_concepts)
+        self.grounding.record(explanation.backend, len(explanation.matched_concepts), len(result.unsupported))
+        return explanation.model_copy(
+            update={"matched_concepts": result.matched, "unsupported_concepts": result.unsupported}
+        )
+
+    def _fallback(self, ctx: ExplainContext, exc: Exception, start: float) -> Explanation:
+        reason = self._fallback_reason(exc)
+        log.warning("explanation of %s fell back to offline: %s", ctx.image_key, reason)
+        fallback = self._ground(ctx, self._offline.explain(ctx, fallback_reason=reason))
+        return fallback.model_copy(update={"latency_ms": _ms_since(start)})
 
     def _fallback_reason(self, exc: Exception) -> str:
         if isinstance(exc, OutputParserException | ValidationError):
@@ -221,6 +380,77 @@ class Explainer:
             err = LLMError(f"{self.label}: {type(exc).__name__}: {exc}")
         secrets = self.backend.secrets()
         return redact(f"{err.reason_code}: {err}", secrets)
+
+    # -- bounded waits: pending cards ---------------------------------------------------------
+
+    def _track_status(self, ctxs: Sequence[ExplainContext]) -> QueueStatus:
+        """A status the backend reports budget waits into, visible to `aexplain_within`'s callers."""
+        status = QueueStatus()
+        QUEUE_STATUS.set(status)
+        for ctx in ctxs:
+            self._status[self.cache_key(ctx).digest()] = status
+        return status
+
+    def _untrack_status(self, ctxs: Sequence[ExplainContext], status: QueueStatus) -> None:
+        for ctx in ctxs:
+            key = self.cache_key(ctx).digest()
+            if self._status.get(key) is status:
+                del self._status[key]
+
+    async def aexplain_within(
+        self, ctxs: Sequence[ExplainContext], wait_s: float
+    ) -> list[Explanation | Pending]:
+        """Explanations that are ready within `wait_s`; the others come back `Pending` and keep going.
+
+        Asking again for a pending hit joins its running call (or collects its result), so a client
+        that stopped waiting never makes a second call. Call from one event loop (the server's).
+        """
+        loop = asyncio.get_running_loop()
+        keys = [self.cache_key(c).digest() for c in ctxs]
+        futures: dict[str, asyncio.Future[Explanation]] = {}
+        new: dict[str, ExplainContext] = {}
+        for key, ctx in zip(keys, ctxs, strict=True):
+            if key in futures:
+                continue
+            if key in self._recent:
+                fut: asyncio.Future[Explanation] = loop.create_future()
+                fut.set_result(self._recent.pop(key))
+            elif key in self._inflight:
+                fut = self._inflight[key]
+            else:
+                fut = self._inflight[key] = loop.create_future()
+                new[key] = ctx
+            futures[key] = fut
+        if new:
+            task = asyncio.ensure_future(self._run_tracked(new))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if futures:
+            await asyncio.wait(list(futures.values()), timeout=wait_s)
+        out: list[Explanation | Pending] = []
+        for key in keys:
+            fut = futures[key]
+            if fut.done():
+                self._recent.pop(key, None)  # delivered
+                out.append(fut.result())
+            else:
+                status = self._status.get(key)
+                out.append(Pending(status.queued_s() if status is not None else None))
+        return out
+
+    async def _run_tracked(self, new: dict[str, ExplainContext]) -> None:
+        try:
+            results = await self.aexplain_many(list(new.values()))
+        except Exception as exc:  # aexplain_many falls back per hit; this is a last resort
+            start = time.perf_counter()
+            results = [self._fallback(c, exc, start) for c in new.values()]
+        for key, explanation in zip(new, results, strict=True):
+            fut = self._inflight.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(explanation)
+            self._recent[key] = explanation
+            while len(self._recent) > _RECENT_MAX:
+                self._recent.popitem(last=False)
 
     # -- sync API -----------------------------------------------------------------------------
 

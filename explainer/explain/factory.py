@@ -35,6 +35,11 @@ def llm_config_from_settings(settings: Settings, backend: str | None = None) -> 
         timeout_s=settings.explain_timeout_s,
         max_retries=settings.explain_max_retries,
         max_concurrency=settings.explain_concurrency,
+        page_size=settings.explain_page_size,
+        requests_per_minute=settings.explain_provider_rpm,
+        tokens_per_minute=settings.explain_provider_tpm,
+        max_budget_wait_s=settings.explain_budget_wait_s,
+        rate_window_s=settings.explain_rate_window_s,
     )
 
 

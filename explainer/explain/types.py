@@ -9,7 +9,7 @@ between concurrent calls and used to build cache keys.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -59,15 +59,33 @@ class ExplainContext(BaseModel):
         return self
 
 
-class ExplanationOutput(BaseModel):
-    """The structured answer the prompt asks the model for (parsed from its JSON reply)."""
+#: Bounds of the structured answer, in the schema the model is given and checked on the way in, so a
+#: runaway reply is refused rather than shown (and a page call's completion ceiling can be sized).
+MAX_EXPLANATION_CHARS = 320
+MAX_CONCEPTS = 6
+MAX_CONCEPT_CHARS = 48
 
-    explanation: str = Field(min_length=1, description="Two or three sentences on why the image fits.")
-    matched_concepts: list[str] = Field(
-        default_factory=list, description="Query concepts the caption or evidence supports."
+Concept = Annotated[str, Field(min_length=1, max_length=MAX_CONCEPT_CHARS)]
+
+
+class ExplanationOutput(BaseModel):
+    """The structured answer the prompt asks the model for (parsed from its JSON reply).
+
+    Every field is required: a reply that leaves out its matched concepts says nothing checkable.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    explanation: str = Field(
+        min_length=1,
+        max_length=MAX_EXPLANATION_CHARS,
+        description="Two or three sentences on why the image fits.",
     )
-    mismatches: list[str] = Field(
-        default_factory=list, description="Query concepts that nothing in the inputs supports."
+    matched_concepts: list[Concept] = Field(
+        max_length=MAX_CONCEPTS, description="Query concepts the caption or evidence supports."
+    )
+    mismatches: list[Concept] = Field(
+        max_length=MAX_CONCEPTS, description="Query concepts that nothing in the inputs supports."
     )
     confidence: float = Field(ge=0.0, le=1.0, description="How well the image answers the query, 0..1.")
 
@@ -80,6 +98,8 @@ class Explanation(BaseModel):
     backend: str
     matched_concepts: list[str] = Field(default_factory=list)
     mismatches: list[str] = Field(default_factory=list)
+    #: Claimed matches that the hit's caption, dataset captions and regions do not say (grounding.py).
+    unsupported_concepts: list[str] = Field(default_factory=list)
     confidence: float = Field(ge=0.0, le=1.0)
     #: The prompt (or offline template) that produced the text, as "name@vN".
     prompt: str

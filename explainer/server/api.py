@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
+from explainer.explain.chain import Pending
 from explainer.explain.types import ExplainContext
 from explainer.limit_messages import image_too_large, offset_too_far, too_many_results
 from explainer.server import images, originals
@@ -212,14 +213,25 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
 
     contexts = await anyio.to_thread.run_sync(contexts_in_budget)
     found = [i for i in dict.fromkeys(body.ids) if i in contexts]
-    outs = await pipeline.explain([contexts[i] for i in found])
+    # Waits for the LLM's rate budget up to the setting; what is still queued then is answered
+    # pending and keeps running, so asking again later collects it.
+    wait_s = state.settings.explain_wait_s
+    if body.wait_s is not None:
+        wait_s = min(wait_s, body.wait_s)
+    outs = await pipeline.explain_within([contexts[i] for i in found], wait_s)
     return ExplainResponse(
         explanations=[
-            ExplainedHit(id=i, explanation=o, caption=contexts[i].caption)
+            ExplainedHit(id=i, pending=True, queued_s=_round(o.queued_s), caption=contexts[i].caption)
+            if isinstance(o, Pending)
+            else ExplainedHit(id=i, explanation=o, caption=contexts[i].caption)
             for i, o in zip(found, outs, strict=True)
         ],
         missing=[i for i in dict.fromkeys(body.ids) if i not in contexts],
     )
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 @router.get(

@@ -181,7 +181,7 @@ class SearchResponse(BaseModel):
 
 
 class ExplainRequest(QueryFields):
-    """Explanations for some hits of a query (the page asks per card)."""
+    """Explanations for some hits of a query (the page asks for its visible cards in one request)."""
 
     # item bounds live in the schema too, so clients (and schemathesis) see what the server accepts
     ids: list[Annotated[int, Field(ge=1, le=2**62)]] = Field(
@@ -189,6 +189,13 @@ class ExplainRequest(QueryFields):
     )
     ranks: list[int] | None = Field(
         default=None, description="The hits' ranks, same length as ids (used when the page is not remembered)"
+    )
+    wait_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description="Answer within this many seconds (at most CLEARSIGHT_EXPLAIN_WAIT_S, its default); "
+        "hits still waiting for the LLM's rate budget then come back pending",
     )
 
     @model_validator(mode="after")
@@ -206,7 +213,15 @@ class ExplainRequest(QueryFields):
 
 class ExplainedHit(BaseModel):
     id: int
-    explanation: ExplanationOut
+    explanation: ExplanationOut | None = Field(
+        default=None, description="null while pending: ask again for this id later"
+    )
+    pending: bool = Field(
+        default=False, description="Still being written (waiting for the LLM's rate budget); ask again"
+    )
+    queued_s: float | None = Field(
+        default=None, description="While pending: about how long the LLM rate limit keeps it queued"
+    )
     caption: str | None = None
     caption_source: str | None = None
 

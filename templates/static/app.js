@@ -1,9 +1,16 @@
-// Clearsight page behaviour: explanations fetched per card, evidence toggle, the search form's image input.
+// Clearsight page behaviour: explanations fetched a page of cards per request (visible cards first),
+// evidence toggle, the search form's image input.
 // No build step and no dependencies: the page works without this file, it only adds to it.
 "use strict";
 
 (function () {
-  const EXPLAIN_IN_FLIGHT = 4; // the server bounds LLM concurrency too; this keeps the browser polite
+  // Cards per /api/explain request: the server explains them in one LLM call (its page size is 12), and a
+  // page of 96 cards is 8 requests, not 96 against the per-client limit.
+  const EXPLAIN_BATCH = 12;
+  const EXPLAIN_IN_FLIGHT = 2;
+  // How long the server may hold a request before answering the rest "pending" (queued for the LLM's
+  // rate budget), so a waiting card can say so; it is asked again after about the wait it was given.
+  const EXPLAIN_WAIT_S = 20;
 
   function el(tag, cls, text) {
     const e = document.createElement(tag);
@@ -28,7 +35,8 @@
     conf.appendChild(bar);
     meta.appendChild(conf);
     box.appendChild(meta);
-    if ((ex.matched_concepts || []).length || (ex.mismatches || []).length) {
+    const unsupported = ex.unsupported_concepts || [];
+    if ((ex.matched_concepts || []).length || (ex.mismatches || []).length || unsupported.length) {
       const ul = el("ul", "concepts");
       const item = (cls, tag, text) => {
         const li = el("li", cls);
@@ -37,7 +45,13 @@
       };
       for (const c of ex.matched_concepts || []) ul.appendChild(item("hit", "matches", c));
       for (const c of ex.mismatches || []) ul.appendChild(item("miss", "missing", c));
+      for (const c of unsupported) ul.appendChild(item("unsupported", "claimed, not in captions", c));
       box.appendChild(ul);
+    }
+    if (unsupported.length) {
+      const n = unsupported.length;
+      box.appendChild(el("p", "ex-unsupported", n + (n === 1 ? " claimed match is" : " claimed matches are") +
+        " not supported by the captions or regions"));
     }
   }
 
@@ -45,36 +59,82 @@
     box.replaceChildren(el("p", "ex-failed", message));
   }
 
-  async function explainCard(card, query) {
-    const box = card.querySelector(".explanation");
+  function renderQueued(box, seconds) {
+    const text = seconds === null || seconds === undefined
+      ? "explanation being written…"
+      : "explanation queued: LLM rate limit, about " + Math.max(1, Math.round(seconds)) + " s";
+    box.replaceChildren(el("p", "ex-queued", text));
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  // One request for a batch of cards of the same query; cards still pending are asked again later.
+  async function explainBatch(cards, query) {
+    const byId = new Map(cards.map((c) => [Number(c.dataset.id), c]));
     const body = {
       text: query.text, image_key: query.image_key, like_id: query.like_id,
-      weight: query.weight, negative: query.negative,
-      ids: [Number(card.dataset.id)], ranks: [Number(card.dataset.rank)],
+      weight: query.weight, negative: query.negative, wait_s: EXPLAIN_WAIT_S,
+      ids: cards.map((c) => Number(c.dataset.id)), ranks: cards.map((c) => Number(c.dataset.rank)),
     };
+    let retryIn = 0;
     try {
       const res = await fetch("/api/explain", {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
       });
       const data = await res.json();
       if (!res.ok) throw new Error((data.error && data.error.message) || "HTTP " + res.status);
-      const item = (data.explanations || [])[0];
-      if (!item) throw new Error("this image is no longer in the index");
-      renderExplanation(box, item.explanation);
-      card.dataset.explain = "done";
+      const later = [];
+      for (const item of data.explanations || []) {
+        const card = byId.get(item.id);
+        if (!card) continue;
+        byId.delete(item.id);
+        const box = card.querySelector(".explanation");
+        if (item.pending) {
+          renderQueued(box, item.queued_s);
+          later.push(card);
+          retryIn = Math.max(retryIn, Math.min(EXPLAIN_WAIT_S, item.queued_s || 2));
+        } else {
+          renderExplanation(box, item.explanation);
+          card.dataset.explain = "done";
+        }
+      }
+      for (const card of byId.values()) {
+        renderFailure(card.querySelector(".explanation"), "No explanation: this image is no longer in the index");
+        card.dataset.explain = "failed";
+      }
+      return later.length ? { later, retryIn } : null;
     } catch (err) {
-      renderFailure(box, "No explanation: " + err.message);
-      card.dataset.explain = "failed";
+      for (const card of byId.values()) {
+        renderFailure(card.querySelector(".explanation"), "No explanation: " + err.message);
+        card.dataset.explain = "failed";
+      }
+      return null;
     }
+  }
+
+  function visibleFirst(cards) {
+    const seen = (c) => {
+      const r = c.getBoundingClientRect();
+      return r.bottom > 0 && r.top < window.innerHeight;
+    };
+    return cards.filter(seen).concat(cards.filter((c) => !seen(c)));
   }
 
   async function explainAll() {
     const data = document.getElementById("query-data");
     if (!data) return;
     const query = JSON.parse(data.textContent);
-    const queue = Array.from(document.querySelectorAll('.card[data-explain="pending"]'));
+    const cards = visibleFirst(Array.from(document.querySelectorAll('.card[data-explain="pending"]')));
+    const queue = [];
+    for (let i = 0; i < cards.length; i += EXPLAIN_BATCH) queue.push(cards.slice(i, i + EXPLAIN_BATCH));
     async function worker() {
-      while (queue.length) await explainCard(queue.shift(), query);
+      while (queue.length) {
+        const result = await explainBatch(queue.shift(), query);
+        if (result) {
+          await sleep(Math.max(1, result.retryIn) * 1000);
+          queue.push(result.later);
+        }
+      }
     }
     await Promise.all(Array.from({ length: Math.min(EXPLAIN_IN_FLIGHT, queue.length) }, worker));
   }

@@ -6,6 +6,7 @@ measured drawn pictures as though they were photos.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,11 @@ import pytest
 from tests.helpers import ROOT, make_folder
 
 BENCH = ROOT / "bench"
-sys.path.insert(0, str(BENCH))
-import data as bench_data  # noqa: E402  (bench/ is a folder of scripts, not a package)
+# bench/ is a folder of scripts, not a package: its data module is loaded from its file
+_spec = importlib.util.spec_from_file_location("bench_data", BENCH / "data.py")
+assert _spec is not None and _spec.loader is not None
+bench_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_data)
 
 
 def test_missing_data_exits_2_saying_where_it_looked(

@@ -95,6 +95,25 @@ def page(base_url: str) -> Iterator[object]:
         browser.close()
 
 
+def test_the_page_asks_for_its_cards_explanations_in_one_request(page: object, base_url: str) -> None:
+    """A page of cards is one /api/explain request (12 cards a request), not one per card."""
+    pg = page  # type: ignore[assignment]
+    bodies: list[Any] = []
+
+    def record(request: Any) -> None:
+        if request.url.endswith("/api/explain"):
+            bodies.append(request.post_data_json)
+
+    pg.on("request", record)
+    try:
+        pg.goto(base_url + "/?q=a+blue+square")
+        wait_until(pg, "document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0")
+    finally:
+        pg.remove_listener("request", record)
+    assert len(bodies) == 1 and len(bodies[0]["ids"]) == 8 == pg.locator(".card .backend").count()
+    assert bodies[0]["text"] == "a blue square" and bodies[0]["wait_s"] > 0
+
+
 def test_search_shows_cards_that_fill_in(page: object, base_url: str) -> None:
     pg = page  # type: ignore[assignment]
     pg.goto(base_url + "/")

@@ -10,6 +10,7 @@ every explanation it writes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import BaseMessage
@@ -25,6 +26,13 @@ class Backend(ABC):
     @property
     def runnable(self) -> Runnable[LanguageModelInput, BaseMessage] | None:
         """The `llm` step of `prompt | llm | parser`; None for a backend that needs no language model."""
+        return None
+
+    def page_runnable(
+        self, tool: dict[str, Any], max_tokens: int
+    ) -> Runnable[LanguageModelInput, BaseMessage] | None:
+        """The `llm` step of a page call whose reply must follow `tool`'s JSON schema (function calling),
+        with a completion ceiling of `max_tokens`; None where the backend explains one hit per call."""
         return None
 
     def secrets(self) -> tuple[str, ...]:
@@ -48,11 +56,23 @@ class ChatBackend(Backend):
 
 
 class ChatModelBackend(ChatBackend):
-    """Any LangChain chat model as a backend: LangChain's fakes, or a model built in a notebook."""
+    """Any LangChain chat model as a backend: LangChain's fakes, or a model built in a notebook.
 
-    def __init__(self, model: Runnable[LanguageModelInput, BaseMessage], label: str) -> None:
+    With `pages=True` it explains pages too, the model answering the page's JSON in its content (a
+    scripted fake cannot call functions), so tests can drive page mode without a server.
+    """
+
+    def __init__(
+        self, model: Runnable[LanguageModelInput, BaseMessage], label: str, *, pages: bool = False
+    ) -> None:
         self.label = label
         self._model = model
+        self._pages = pages
+
+    def page_runnable(
+        self, tool: dict[str, Any], max_tokens: int
+    ) -> Runnable[LanguageModelInput, BaseMessage] | None:
+        return self._model if self._pages else None
 
     @property
     def runnable(self) -> Runnable[LanguageModelInput, BaseMessage]:

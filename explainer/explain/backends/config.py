@@ -49,6 +49,16 @@ class LLMConfig:
     max_tokens: int = 400
     #: Ask the provider for JSON mode (response_format=json_object); the parser validates either way.
     json_mode: bool = True
+    #: Hits explained per call (page mode, where the backend supports it); 1 explains hit by hit.
+    page_size: int = 12
+    #: The provider's limits as known before its first reply (Groq's free tier for the default model);
+    #: `x-ratelimit-limit-tokens` replaces the tokens figure once seen. `rate_window_s` is the minute
+    #: (tests shorten it, with a fake provider whose window is as short).
+    requests_per_minute: int = 30
+    tokens_per_minute: int = 6000
+    rate_window_s: float = 60.0
+    #: How long one call may wait for the rate budget before it is given up (then: offline text).
+    max_budget_wait_s: float = 600.0
     #: Local backend: a GGUF file for llama-cpp-python.
     gguf_path: Path | None = None
     n_ctx: int = 2048
@@ -68,6 +78,10 @@ class LLMConfig:
             )
         if self.max_concurrency < 1:
             raise ConfigError(f"LLM max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.page_size < 1 or self.requests_per_minute < 1 or self.tokens_per_minute < 1:
+            raise ConfigError("LLM page_size, requests_per_minute and tokens_per_minute must be >= 1")
+        if self.rate_window_s <= 0 or self.max_budget_wait_s < 0:
+            raise ConfigError("LLM rate_window_s must be positive and max_budget_wait_s >= 0")
         if self.api_key is not None and not isinstance(self.api_key, SecretStr):
             raise ConfigError("LLM api_key must be a pydantic SecretStr, so that it is never printed")
 

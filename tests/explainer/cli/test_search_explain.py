@@ -216,6 +216,7 @@ def test_groq_from_settings_never_shows_the_key(
         monkeypatch.setenv("GROQ_API_KEY", KEY)
         monkeypatch.setenv("GROQ_BASE_URL", server.base_url)
         monkeypatch.setenv("CLEARSIGHT_EXPLAIN_MAX_RETRIES", "0")
+        monkeypatch.setenv("CLEARSIGHT_EXPLAIN_PAGE_SIZE", "1")  # a call per card: one card can fail alone
         # One card's request is refused with the key echoed back; the others succeed.
         server.script(Reply.server_error(400, f"invalid api key {KEY} for this model"))
         r = search(data, "a red square", "-k", "3", "--explain", "--json")
@@ -234,6 +235,29 @@ def test_groq_from_settings_never_shows_the_key(
     )
     assert fallback["fallback_reason"] and "***" in fallback["fallback_reason"]
     assert f"[groq:{model}]" in table.stdout
+
+
+def test_groq_explains_a_page_in_one_call_with_grounding_fields(
+    indexed: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from explainer.explain.budget import forget_budgets
+    from tests.fake_groq import ProviderLimits
+
+    data, _ = indexed
+    forget_budgets()
+    with FakeOpenAIServer(limits=ProviderLimits(planted="zebra")) as server:
+        monkeypatch.setenv("GROQ_API_KEY", KEY)
+        monkeypatch.setenv("GROQ_BASE_URL", server.base_url)
+        out = search_json(data, "a blue circle", "-k", "4", "--explain")
+        table = search(data, "a blue circle", "-k", "4", "--explain")  # answered from the cache
+    assert server.calls == 1
+    schema = server.requests[0].body["tools"][0]["function"]["parameters"]["properties"]["hits"]
+    assert schema["minItems"] == schema["maxItems"] == 4
+    for row in out["results"]:
+        ex = row["explanation"]
+        assert ex["backend"].startswith("groq:") and ex["prompt"] == "explain_page@v1"
+        assert ex["unsupported_concepts"] == ["zebra"] and "zebra" not in ex["matched_concepts"]
+    assert "claimed, but not in the captions or regions: zebra" in table.stdout
 
 
 def test_backend_errors(indexed: tuple[Path, list[Path]]) -> None:
