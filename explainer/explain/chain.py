@@ -6,6 +6,9 @@ Guarantees the rest of the product relies on:
   `fallback_reason` saying why;
 - cards of one page are explained concurrently, at most `max_concurrency` at a time;
 - LLM explanations are cached, so a repeated page makes no model call;
+- an explanation's confidence is the hit's calibrated confidence whenever the search gave one (the
+  number the card's badge shows), whoever wrote the text: a model's own 0..1 guess would put a
+  second, different number on the same card, and it knows nothing of how the collection scores;
 - the sync API works from plain code, from a thread of a server, and from inside a running event
   loop (a notebook), because sync calls run on the explainer's own event-loop thread.
 """
@@ -180,6 +183,13 @@ class Explainer:
         return list(await asyncio.gather(*(self._explain_one(c, semaphore) for c in ctxs)))
 
     async def _explain_one(self, ctx: ExplainContext, semaphore: asyncio.Semaphore) -> Explanation:
+        explanation = await self._explain_text(ctx, semaphore)
+        if ctx.match_confidence is not None and explanation.confidence != ctx.match_confidence:
+            # cached texts too: the calibration changes with the index version, the text does not
+            return explanation.model_copy(update={"confidence": ctx.match_confidence})
+        return explanation
+
+    async def _explain_text(self, ctx: ExplainContext, semaphore: asyncio.Semaphore) -> Explanation:
         start = time.perf_counter()
         if self._chain is None:
             return self._offline.explain(ctx)
