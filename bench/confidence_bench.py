@@ -287,9 +287,30 @@ def print_signals(specs: list[ModelSpec], work: Path, threshold: float = 0.9) ->
         print(f"| {key} | " + " | ".join(cells) + " |")
 
 
+def export(spec: ModelSpec, work: Path, out: Path, n: int = 100) -> None:
+    """The embeddings tests/test_confidence.py checks the floors on: the collection, the first `n`
+    true (canonical caption) and nonsense queries, and the null sentences they were encoded with."""
+    from retrieval.confidence import NULL_QUERIES
+
+    d = load(work, spec.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out,
+        images=d["images"],
+        true=d["true"][:n],
+        true_image=d["true_image"][:n],
+        nonsense=d["nonsense"][:n],
+        null=d["null"],
+        null_sentences=np.asarray(NULL_QUERIES),
+    )
+    print(f"model {spec.name}: wrote {out} ({out.stat().st_size // 1024} KiB)")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="report", choices=("prepare", "signals", "report"))
+    parser.add_argument(
+        "command", nargs="?", default="report", choices=("prepare", "signals", "report", "export")
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/clearsight-confidence-bench"))
     parser.add_argument("--models", default=",".join(m.name for m in MODELS), help="comma-separated names")
     parser.add_argument("--nonsense", type=int, default=150, help="nonsense queries per model (>= 100)")
@@ -303,6 +324,10 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"models {missing} are not prepared in {args.work}: run the 'prepare' command first")
         return 2
+    if args.command == "export":
+        for spec in specs:
+            export(spec, args.work, Path("tests/data") / f"confidence_{spec.name}.npz")
+        return 0
     if args.command == "signals":
         print_signals(specs, args.work)
         return 0
