@@ -50,10 +50,10 @@ class ModelSpec:
 MODELS = (
     ModelSpec("A", seed=0, n_train=1500, epochs=20, role="tune"),
     ModelSpec("D", seed=3, n_train=2000, epochs=32, role="tune"),
-    ModelSpec("B", seed=1, n_train=2000, epochs=32, role="held-out"),
-    ModelSpec("C", seed=2, n_train=2000, epochs=12, role="held-out"),
     # small and briefly trained, like tests/test_confidence.py's model: where the null sits closest
     ModelSpec("E", seed=4, n_train=1000, epochs=8, role="tune", n_test=64),
+    ModelSpec("B", seed=1, n_train=2000, epochs=32, role="held-out"),
+    ModelSpec("C", seed=2, n_train=2000, epochs=12, role="held-out"),
     ModelSpec("F", seed=5, n_train=1200, epochs=10, role="held-out", n_test=64),
 )
 
