@@ -21,13 +21,14 @@ unrelated queries reach upwards, and the sentences that match nothing at all (a 
 must not widen the fit and so drag real hits under the threshold. That gives
 `confidence = Phi((stretch(score) - median) / upper spread)`: 0.5 for a hit scoring like the best
 hit of a typical unrelated query, near 1 for one far above it, rounded to whole percent (what the
-card shows, so a badge reading 90 % is always a confident match). A result has `no_confident_match`
-when even its best hit stays below `threshold` (0.9).
+card shows, so a badge at the threshold's percent is always a confident match). A result has
+`no_confident_match` when even its best hit stays below `threshold` (0.9).
 
 Chosen by `bench/confidence_bench.py` on scene models of several seeds and training lengths (figures
 and the rejected signals in docs/EVAL.md): the raw-score normal called only half the true caption
-queries of a small model confident; an empirical (rank) null and a Gumbel fit did no better on the
-models it was tuned on; per-query standings (the hit's z-score or its margin over the second hit,
+queries of a small model confident; an empirical (rank) null cannot rise above "beyond every
+sentence" (ties at the top, no order among strong hits) and a Gumbel fit behaved like the normal;
+per-query standings (the hit's z-score or its margin over the second hit,
 relative to the query's own spread) and a null of the collection's own captions shuffled across
 images separated worse. The calibration is fitted once per index version and cached by the searcher.
 """
