@@ -12,12 +12,25 @@ same collection with the same model, its null distribution:
 - image queries over captions: images of the collection scored against the unrelated sentences,
   i.e. the best an image reaches on captions that are not about it.
 
-A normal fitted to the null gives `confidence = Phi((score - mean) / std)`: 0.5 for a hit scoring
-like the best hit of a typical unrelated query, near 1 for one far above it. A result has
-`no_confident_match` when even its best hit stays below `threshold` (0.9: above 90 % of unrelated
-queries' best hits). Per-query standings (the hit's z-score within the query's own scores) were
-measured and rejected: on the synthetic scenes they separated caption queries from unrelated ones
-no better than chance (README, "Confidence"). The calibration is fitted once per index version.
+Scores are compared on a stretched scale, `-log(1 - cosine)`, where a step from 0.96 to 0.98 counts
+as much as one from 0.92 to 0.96: near the cosine's ceiling of 1 a well-trained model packs its true
+hits and the best unrelated hits close together, and on the raw scale a hit at 0.98 looked barely
+above a null reaching 0.95. A normal is fitted to the *upper half* of the null only (centred on its
+median, with the spread of the scores above it): what decides whether a hit is trusted is how far
+unrelated queries reach upwards, and the sentences that match nothing at all (a long lower tail)
+must not widen the fit and so drag real hits under the threshold. That gives
+`confidence = Phi((stretch(score) - median) / upper spread)`: 0.5 for a hit scoring like the best
+hit of a typical unrelated query, near 1 for one far above it, rounded to whole percent (what the
+card shows, so a badge at the threshold's percent is always a confident match). A result has
+`no_confident_match` when even its best hit stays below `threshold` (0.9).
+
+Chosen by `bench/confidence_bench.py` on scene models of several seeds and training lengths (figures
+and the rejected signals in docs/EVAL.md): the raw-score normal called only half the true caption
+queries of a small model confident; an empirical (rank) null cannot rise above "beyond every
+sentence" (ties at the top, no order among strong hits) and a Gumbel fit behaved like the normal;
+per-query standings (the hit's z-score or its margin over the second hit,
+relative to the query's own spread) and a null of the collection's own captions shuffled across
+images separated worse. The calibration is fitted once per index version and cached by the searcher.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from retrieval.catalog import Catalog
 from retrieval.encoders import Encoder
@@ -89,8 +103,10 @@ NULL_QUERIES: tuple[str, ...] = (
 
 #: The best hit of a result must reach this confidence for the result to count as a match.
 DEFAULT_THRESHOLD = 0.9
-#: Smallest spread a null distribution is given (in cosine units).
+#: Smallest spread a null distribution is given (in cosine units, converted at the null's median).
 MIN_NULL_STD = 0.02
+#: Scores are clipped here before stretching, so an exact self-match (cosine 1.0) stays finite.
+MAX_SCORE = 1.0 - 1e-6
 
 
 @dataclass(frozen=True)
@@ -117,24 +133,35 @@ def _phi(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
+def stretch(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """`-log(1 - cosine)`: distances from the ceiling of 1 on a log scale (monotone in the score)."""
+    return np.asarray(-np.log1p(-np.minimum(np.asarray(scores, np.float64), MAX_SCORE)), np.float64)
+
+
 @dataclass(frozen=True)
 class NullModel:
-    """The normal fitted to the best scores of queries known to be unrelated."""
+    """A normal fitted to the upper half of the stretched best scores of queries known to be unrelated."""
 
-    mean: float
-    std: float
+    centre: float  # median of the stretched null scores
+    spread: float  # root mean square of the stretched null scores above the median, floored
     count: int
 
     @classmethod
     def fit(cls, best_scores: Float32Array) -> NullModel:
-        x = np.asarray(best_scores, np.float64)
+        x = stretch(best_scores)
         if len(x) < 2:
             raise ConfigError("the null distribution needs at least two null queries")
-        # a floor keeps a degenerate collection (every null query alike) from making any hit certain
-        return cls(float(x.mean()), max(float(x.std(ddof=1)), MIN_NULL_STD), len(x))
+        centre = float(np.median(x))
+        above = x[x > centre] - centre
+        spread = float(np.sqrt(np.mean(above**2))) if len(above) else 0.0
+        # a floor keeps a degenerate collection (every null query alike) from making any hit certain;
+        # MIN_NULL_STD cosine units at the median, through the stretch's slope 1 / (1 - cosine) there
+        floor = MIN_NULL_STD / (1.0 - min(float(np.median(best_scores)), 1.0 - MIN_NULL_STD))
+        return cls(centre, max(spread, floor), len(x))
 
     def confidence(self, score: float) -> float:
-        return round(_phi((score - self.mean) / self.std), 4)
+        """In [0, 1], rounded to whole percent: the number every surface shows (card, text, CLI, JSON)."""
+        return round(_phi((float(stretch(score)) - self.centre) / self.spread), 2)
 
 
 @dataclass(frozen=True)

@@ -384,11 +384,16 @@ class Searcher:
             "captions",
         )
 
-    def score_ids(self, vec: Float32Array, items: Sequence[tuple[int, int]]) -> list[Hit]:
+    def score_ids(
+        self, vec: Float32Array, items: Sequence[tuple[int, int]], kind: str | None = None
+    ) -> list[Hit]:
         """Hits for (image id, rank) pairs, scored against the query vector `vec` from stored embeddings.
 
         What a page needs when it asks about images it showed before (explanations, the detail view,
         the evidence picture) without searching again. Ids that are not indexed images are left out.
+        With the query's `kind`, each hit gets the calibrated confidence the search gave its card
+        (confidence depends only on the score and the collection's calibration), so a detail view or
+        a later explanation never shows another number than the card did.
         """
         catalog = self.collection.catalog
         records = catalog.get_images([i for i, _ in items])
@@ -401,6 +406,10 @@ class Searcher:
                 continue
             score = float(np.dot(stored[rec.content_hash], vec[0]))
             hits.append(Hit(rec.id, rec.path, round(score, 6), rank, rec.width, rec.height, rec.content_hash))
+        cal = self.calibration("images") if kind is not None and hits else None
+        if cal is not None and kind is not None:
+            for h, c in zip(hits, cal.confidences([h.score for h in hits], kind), strict=True):
+                h.confidence = c
         return hits
 
     # -- confidence --------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def _machine_independent_precision(monkeypatch: pytest.MonkeyPatch) -> None:
 
     `auto` picks bf16 on CPUs with native bf16 and fp32 on others, so every command and server a test
     starts (in process or not) is pinned to fp32 through the setting, and in-process `auto` resolves as
-    on a CPU without native bf16. Tests of `auto` itself fake the CPU (tests/test_precision.py).
+    on a CPU without native bf16. Tests of `auto` itself fake the CPU
+    (tests/retrieval/encoders/test_precision.py).
     """
     monkeypatch.setenv("CLEARSIGHT_PRECISION", "fp32")
     monkeypatch.setattr(encoder_base, "cpu_has_native_bf16", lambda: False)

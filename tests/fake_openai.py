@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from fake_groq import ProviderLimits
+    from tests.fake_groq import ProviderLimits
 
 CHAT_PATH = "/openai/v1/chat/completions"
 

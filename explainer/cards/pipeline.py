@@ -211,7 +211,7 @@ class CardPipeline:
             query = make_query()
             with self._model_lock:
                 vec = self.searcher.embed_query(query)
-                hits = self.searcher.score_ids(vec, missing)
+                hits = self.searcher.score_ids(vec, missing, query.kind)
                 built = self._build(query, echo, hits, vec)
             out.update((h.id, ctx) for h, ctx in zip(hits, built.contexts, strict=True) if ctx is not None)
         return out
@@ -231,7 +231,7 @@ class CardPipeline:
         with self._model_lock:
             if query is not None and echo is not None:
                 vec = self.searcher.embed_query(query)
-                hits = self.searcher.score_ids(vec, [(image_id, rank)])
+                hits = self.searcher.score_ids(vec, [(image_id, rank)], query.kind)
                 return self._build(query, echo, hits, vec, limit).cards[0] if hits else None
             rec = self.searcher.collection.catalog.get_image(image_id)
             if rec is None or rec.state != "indexed":

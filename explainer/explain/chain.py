@@ -12,6 +12,9 @@ Guarantees the rest of the product relies on:
 - LLM explanations are cached per hit, whichever call wrote them, so a repeated page makes no call;
 - `aexplain_within` answers after a bounded wait, leaving the rest running: a card waiting for the
   provider's rate budget is reported pending (with the wait) and collected later;
+- an explanation's confidence is the hit's calibrated confidence whenever the search gave one (the
+  number the card's badge shows), whoever wrote the text: a model's own 0..1 guess would put a
+  second, different number on the same card, and it knows nothing of how the collection scores;
 - the sync API works from plain code, from a thread of a server, and from inside a running event
   loop (a notebook), because sync calls run on the explainer's own event-loop thread.
 """
@@ -245,7 +248,21 @@ class Explainer:
         return (await self.aexplain_many([ctx]))[0]
 
     async def aexplain_many(self, ctxs: Sequence[ExplainContext]) -> list[Explanation]:
-        """Explain hits (pages of one query per call where possible); the result is in the order of `ctxs`."""
+        """Explain hits (pages of one query per call where possible); the result is in the order of `ctxs`.
+
+        Each explanation carries its hit's calibrated confidence whenever the search gave one (the
+        number the card's badge shows), cached texts too: the calibration changes with the index
+        version, the text does not.
+        """
+        texts = await self._explain_texts(ctxs)
+        return [
+            e.model_copy(update={"confidence": c.match_confidence})
+            if c.match_confidence is not None and e.confidence != c.match_confidence
+            else e
+            for c, e in zip(ctxs, texts, strict=True)
+        ]
+
+    async def _explain_texts(self, ctxs: Sequence[ExplainContext]) -> list[Explanation]:
         start = time.perf_counter()
         results: list[Explanation | None] = [None] * len(ctxs)
         todo: list[int] = []

@@ -5,7 +5,8 @@ nothing made it so: a model that lists "a giraffe" for a caption about a dog was
 concept in `matched_concepts` is therefore checked after parsing, and the ones not supported move to
 `unsupported_concepts`, which the card shows as such.
 
-The rule (measured in tests/test_grounding.py: planted concepts flagged, supported ones kept):
+The rule (measured in tests/explainer/explain/test_grounding.py: planted concepts flagged, supported ones
+kept):
 - the evidence is the generated caption, the dataset captions and the evidence regions put into words
   ("top-left region", region labels). The query is not evidence: a concept found only in the query is
   what the user asked for, not what the image was seen to hold;

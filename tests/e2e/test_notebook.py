@@ -218,7 +218,7 @@ def test_compare_prompts_rows_checks_and_usage() -> None:
 def test_offline_comparison_and_backend_errors() -> None:
     rows = compare_prompts(["explain_hit@v1", "explain_hit@v2"], [BUS, DOG], as_frame=False)
     assert len(rows) == 4 and all(
-        r["backend"] == "offline" and r["prompt_used"] == "offline@v2" for r in rows
+        r["backend"] == "offline" and r["prompt_used"] == "offline@v3" for r in rows
     )
     assert all(r["grounded"] and r["valid_json"] is None for r in rows)
     with pytest.raises(ConfigError, match="no backend given"):

@@ -9,6 +9,11 @@ are the template's own ("caption", "region", "score"...).
 The card already shows the caption, so the explanation does not repeat it: it says what of the query
 the captions confirm, what they do not (and what the caption says instead), where in the image the
 match is strongest, and how confident the match is and why (query words confirmed, score, rank).
+
+When the search calibrated the hit's confidence on its collection, that value is the one the text
+quotes and the explanation carries, unchanged: the card's badge shows it too, and a card that said
+81 % on its badge and "confidence 49%" in its explanation would leave the user to guess which one
+to believe. Query words confirmed by the captions are stated as words, not folded into the number.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from explainer.explain.types import ExplainContext, Explanation, QueryKind
 
 OFFLINE_LABEL = "offline"
 #: Version of the offline template; bump it when the wording changes so cached texts are told apart.
-OFFLINE_PROMPT = "offline@v2"
+OFFLINE_PROMPT = "offline@v3"
 
 _WORD_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 #: Function words and search filler: never reported as concepts, found or missing.
@@ -111,12 +116,21 @@ def score_confidence(score: float, kind: QueryKind) -> float:
     return min(1.0, max(0.0, (score - lo) / (hi - lo)))
 
 
-def _strength(confidence: float) -> str:
-    if confidence >= 0.7:
+def _strength(confidence: float, calibrated: bool) -> str:
+    """The word for a confidence. A calibrated one uses the card badge's bands (strong from the
+    "no confident match" threshold of retrieval.confidence, weak under 0.5), so the text never calls
+    "strong" what the page flags as no confident match; the fixed score ranges keep their own bands."""
+    strong, weak = (0.9, 0.5) if calibrated else (0.7, 0.35)
+    if confidence >= strong:
         return "strong"
-    if confidence >= 0.35:
+    if confidence >= weak:
         return "moderate"
     return "weak"
+
+
+def percent(confidence: float) -> str:
+    """A confidence as the page shows it (whole percent), so the text and the badge read the same."""
+    return f"{round(confidence * 100)}%"
 
 
 class OfflineExplainer(Backend):
@@ -174,19 +188,22 @@ class OfflineExplainer(Backend):
                 sentence += f", then the {regions[1]}"
             sentences.append(sentence + ".")
 
-        # The collection-calibrated confidence when the search gave one; the fixed score ranges otherwise
-        # (they say "strong match" for any high cosine, even where every query scores high).
+        # The collection-calibrated confidence when the search gave one, as is (the card shows it); the
+        # fixed score ranges otherwise (they say "strong match" for any high cosine, even where every
+        # query scores high), blended with the share of query words the captions confirm.
+        why = f"similarity {ctx.score:.3f}, rank {ctx.rank}"
+        confirmed = len(in_caption) + len(in_dataset)
+        if query_words:
+            why = f"{confirmed} of {len(query_words)} query words confirmed, {why}"
+        calibrated = ctx.match_confidence is not None
         if ctx.match_confidence is not None:
             confidence = ctx.match_confidence
         else:
             confidence = score_confidence(ctx.score, ctx.query_kind)
-        why = f"similarity {ctx.score:.3f}, rank {ctx.rank}"
-        if query_words:
-            confirmed = len(in_caption) + len(in_dataset)
-            confidence = 0.6 * confidence + 0.4 * confirmed / len(query_words)
-            why = f"{confirmed} of {len(query_words)} query words confirmed, {why}"
-        confidence = round(confidence, 2)
-        sentences.append(f"Confidence {confidence:.2f}, a {_strength(confidence)} match: {why}.")
+            if query_words:
+                confidence = round(0.6 * confidence + 0.4 * confirmed / len(query_words), 2)
+        strength = _strength(confidence, calibrated)
+        sentences.append(f"Confidence {percent(confidence)}, a {strength} match: {why}.")
         return Explanation(
             text=" ".join(sentences),
             backend=OFFLINE_LABEL,

@@ -1,7 +1,8 @@
 """`clearsight run`: the README's main command (index, then serve; the offline demo without weights).
 
 The demo build and the server are replaced by recorders here: both are tested for real elsewhere
-(tests/test_demo.py builds the demo, the server tests serve), and this file checks the control flow
+(tests/explainer/cli/test_demo.py builds the demo, the server tests serve), and this file checks the
+control flow
 between them, which is what `run` adds.
 """
 

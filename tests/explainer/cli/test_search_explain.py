@@ -80,7 +80,7 @@ def test_explain_adds_caption_and_structured_explanation(indexed: tuple[Path, li
     data, _ = indexed
     plain = search_json(data, "a red square", "-k", "8")
     out = search_json(data, "a red square", "-k", "8", "--explain")
-    assert out["explainer"] == {"backend": "offline", "prompt": "offline@v2"}
+    assert out["explainer"] == {"backend": "offline", "prompt": "offline@v3"}
     assert len(out["results"]) == 8
     for row, before in zip(out["results"], plain["results"], strict=True):
         assert {k: v for k, v in row.items() if k not in ADDED} == {
@@ -89,7 +89,7 @@ def test_explain_adds_caption_and_structured_explanation(indexed: tuple[Path, li
         assert before["explanation"] is None and before["evidence"] == []
         assert row["caption"] == before["dataset_captions"][0] and row["caption_source"] == "dataset"
         e = row["explanation"]
-        assert e["backend"] == "offline" and e["prompt"] == "offline@v2" and e["text"]
+        assert e["backend"] == "offline" and e["prompt"] == "offline@v3" and e["text"]
         assert set(e) >= {"matched_concepts", "mismatches", "confidence", "fallback_reason", "cached"}
         assert 0.0 <= e["confidence"] <= 1.0
         # the offline explainer only claims what the caption says, and names what it does not

@@ -121,7 +121,7 @@ def test_json_in_a_markdown_fence_is_accepted(prompt: PromptFile) -> None:
 def test_malformed_reply_falls_back_to_offline(prompt: PromptFile, reply: str) -> None:
     with Explainer(FakeBackend([reply]), prompt) as explainer:
         result = explainer.explain(ctx())
-    assert result.backend == "offline" and result.prompt == "offline@v2"
+    assert result.backend == "offline" and result.prompt == "offline@v3"
     assert result.fallback_reason is not None and result.fallback_reason.startswith("malformed_output:")
     assert '"red" and "bus"' in result.text
 
@@ -216,7 +216,7 @@ def test_offline_backend_needs_no_prompt() -> None:
     with Explainer(OfflineExplainer()) as explainer:
         result = explainer.explain(ctx())
     assert result.backend == "offline" and result.fallback_reason is None
-    assert explainer.chain is None and explainer.prompt_id == "offline@v2"
+    assert explainer.chain is None and explainer.prompt_id == "offline@v3"
 
 
 def test_llm_backend_without_prompt_is_refused() -> None:

@@ -1,7 +1,8 @@
 """The HTML pages, checked against snapshots in tests/snapshots/ (scores, ids, keys and paths normalised).
 
 A deterministic searcher and evidence stand in for the tiny model, so a snapshot changes only when
-the page does. To accept a change on purpose: CLEARSIGHT_UPDATE_SNAPSHOTS=1 pytest tests/test_server_pages.py
+the page does. To accept a change on purpose: CLEARSIGHT_UPDATE_SNAPSHOTS=1 pytest
+tests/explainer/server/test_pages.py
 """
 
 from __future__ import annotations

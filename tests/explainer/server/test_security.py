@@ -263,7 +263,8 @@ def test_failed_attempts_are_rate_limited(locked: TestClient) -> None:
     assert locked.post("/login", data={"token": "guess"}, follow_redirects=False).status_code == 429
     api = locked.post("/api/search", json={"text": "x"}, headers={"Authorization": "Bearer guess"})
     assert api.status_code == 429 and int(api.headers["retry-after"]) >= 1
-    # failures are throttled, not the right token (tests/test_server_trust.py tries that case in full)
+    # failures are throttled, not the right token (tests/explainer/server/test_security_limits.py tries
+    # that case in full)
     resp = locked.post("/login", data={"token": TOKEN}, follow_redirects=False)
     assert resp.status_code == 303
 

@@ -2,7 +2,7 @@
 
 Query: the phrase of one object ("a red circle") in scenes of one or two shapes; truth: that object's box.
 Figures of this test (48 test scenes, 250 steps on 1200 training scenes, about 25 s on 2 idle cores;
-`.venv/bin/python -m pytest tests/test_evidence_quality.py -s` prints them):
+`.venv/bin/python -m pytest tests/retrieval/evidence/test_quality.py -s` prints them):
 
     method     pointing   deletion AUC (normalised, lower is better)
     grid       0.854      0.163   (2x2 + 3x3 + 4x4, top box centre)
