@@ -18,7 +18,6 @@ from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
 from explainer.explain.chain import Pending
-from explainer.explain.types import ExplainContext
 from explainer.limit_messages import image_too_large, offset_too_far, too_many_results
 from explainer.server import images, originals
 from explainer.server.queries import QueryInput, decode_base64, echo_for
@@ -154,8 +153,8 @@ async def search(request: Request) -> SearchResponse:
         raise BadQuery("give a text query, an image, or both")
     pipeline = await state.ready()
     if req.target == "captions":
-        return await anyio.to_thread.run_sync(_search_captions, state, pipeline, inp)
-    page = await anyio.to_thread.run_sync(state.search, pipeline, inp)
+        return await state.run(inp.top_k + 1, _search_captions, state, pipeline, inp)
+    page = await state.run(inp.top_k, state.search, pipeline, inp)
     if req.explain:
         await pipeline.explain_cards(page)
     return SearchResponse.from_page(page)
@@ -207,11 +206,7 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     def make_query() -> LibraryQuery:
         return state.resolve(inp, pipeline.searcher)[0]
 
-    def contexts_in_budget() -> dict[int, ExplainContext]:
-        with state.hold(len(items)):
-            return pipeline.contexts(make_query, echo_for(inp), items)
-
-    contexts = await anyio.to_thread.run_sync(contexts_in_budget)
+    contexts = await state.run(len(items), pipeline.contexts, make_query, echo_for(inp), items)
     found = [i for i in dict.fromkeys(body.ids) if i in contexts]
     # Waits for the LLM's rate budget up to the setting; what is still queued then is answered
     # pending and keeps running, so asking again later collects it.
@@ -305,10 +300,6 @@ async def evidence_png(
     rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)
 
     def draw() -> bytes:
-        with state.hold(1):
-            return _draw()
-
-    def _draw() -> bytes:
         query, _ = state.resolve(inp, pipeline.searcher)
         roots = pipeline.searcher.collection.catalog.roots()
         view = images.view(rec, size, state.settings.max_image_pixels, roots)
@@ -317,7 +308,7 @@ async def evidence_png(
             return images.png_bytes(picture)
         return images.draw_boxes(rec, view, picture)
 
-    png = await anyio.to_thread.run_sync(draw)
+    png = await state.run(1, draw)
     return Response(png, media_type="image/png")
 
 

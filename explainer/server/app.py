@@ -3,7 +3,9 @@
 A server that cannot load its index or model still starts: `/api/health` says what is wrong
 (503, with the reason), searches answer 503 JSON and the page shows the message. It keeps trying
 to open the collection, so a server started before `clearsight index` finishes comes up by
-itself, and it swaps in each newer index version that a running `clearsight index` writes.
+itself, and it swaps in each newer index version that a running `clearsight index` writes; an
+index rebuilt with another model is opened with that model and switched to, or, when it cannot be
+loaded here, the page and health say the server answers from the old one and why.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import json
 from pathlib import PurePath
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -105,7 +104,7 @@ async def compat_search(request: Request) -> Any:
     try:
         pipeline = await state.ready()
         inp = QueryInput(text=query, top_k=top_k)
-        page = await anyio.to_thread.run_sync(state.search, pipeline, inp)
+        page = await state.run(top_k, state.search, pipeline, inp)
         await pipeline.explain_cards(page)
     except ClearsightError as exc:
         return _detail(http_status_for(exc), state.public(server_message(exc)))

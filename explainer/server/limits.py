@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -145,26 +144,31 @@ class WorkBudget:
 
     Each hit of a search costs its evidence, caption context and card while the search runs, so 50
     concurrent page loads of 96 hits cost 50 x 96 of them unless they wait their turn. A search
-    holds `min(top_k, capacity)` units while it runs (in a worker thread) and waits while the others
-    hold too many; a search larger than the whole budget runs alone. `peak` is what tests check.
+    holds `min(top_k, capacity)` units while it runs and waits, in the event loop, while the others
+    hold too many; a search larger than the whole budget runs alone. Waiting happens before a
+    worker thread is taken, so waiting requests hold no thread (and no thread's malloc arena grows
+    for them). `peak` is what tests check.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
         self.peak = 0
-        self._cond = threading.Condition()
+        self._cond: asyncio.Condition | None = None
 
-    @contextlib.contextmanager
-    def hold(self, cost: int) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def hold(self, cost: int) -> AsyncIterator[None]:
         need = max(1, min(cost, self.capacity))
-        with self._cond:
-            self._cond.wait_for(lambda: self.used + need <= self.capacity)
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        cond = self._cond
+        async with cond:
+            await cond.wait_for(lambda: self.used + need <= self.capacity)
             self.used += need
             self.peak = max(self.peak, self.used)
         try:
             yield
         finally:
-            with self._cond:
+            async with cond:
                 self.used -= need
-                self._cond.notify_all()
+                cond.notify_all()

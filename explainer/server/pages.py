@@ -109,7 +109,7 @@ async def index(
         if t == "captions":
             return await _captions_page(request, state, pipeline, inp, form)
         method = None if ev == "auto" else ev
-        page: ResultPage = await anyio.to_thread.run_sync(state.search, pipeline, inp, method)
+        page: ResultPage = await state.run(top_k, state.search, pipeline, inp, method)
     except (ClearsightError, HTTPException) as exc:
         status, message = _status_message(state, exc)
         ctx = _context(state, form=form, error={"status": status, "message": message})
@@ -130,7 +130,7 @@ async def _captions_page(
     request: Request, state: ServerState, pipeline: CardPipeline, inp: QueryInput, form: dict[str, Any]
 ) -> Response:
     """The "find captions" mode: the captions nearest the query, each with its image."""
-    result, query, echo = await anyio.to_thread.run_sync(state.search_captions, pipeline, inp)
+    result, query, echo = await state.run(inp.top_k + 1, state.search_captions, pipeline, inp)
     hits = [h for h in (result.results if result else []) if isinstance(h, CaptionHit)]
     has_more = len(hits) > query.top_k
     top_k = query.top_k
@@ -275,16 +275,12 @@ async def detail(
     inp = QueryInput(q, None, qimg, like, w, neg)
 
     def build() -> tuple[Any, QueryEcho | None]:
-        with state.hold(1):  # the detail view searches too: the same work budget
-            return _build()
-
-    def _build() -> tuple[Any, QueryEcho | None]:
         if not inp.has_query:
             return pipeline.card_for(image_id, None, None, rank=r), None
         query, echo = state.resolve(inp, pipeline.searcher)
         return pipeline.card_for(image_id, query, echo, rank=r), echo
 
-    card, echo = await anyio.to_thread.run_sync(build)
+    card, echo = await state.run(1, build)  # the detail view searches too: same budget
     if card is None:
         raise HTTPException(404, f"no indexed image with id {image_id}")
     ctx = _context(

@@ -4,8 +4,9 @@ One ASGI middleware applies, in order: the Host allow-list (400: DNS rebinding p
 name at this server), the cross-site check on state-changing and cost-incurring requests (403:
 another site's page auto-submitting a form), the token (401, or the login form for the page), and
 per-client rate limits (429): on wrong tokens (never on the right one) and on every route that
-searches, page and API alike. Every response, refusals included, leaves with the security headers. `auth_decision` says whether a bind address needs a token and
-finds it; `clearsight serve` refuses to start when one is needed and none is configured.
+searches, page and API alike. Every response, refusals included, leaves with the security headers.
+`auth_decision` says whether a bind address needs a token and finds it; `clearsight serve` refuses
+to start when one is needed and none is configured.
 """
 
 from __future__ import annotations

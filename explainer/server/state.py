@@ -6,15 +6,15 @@ before `clearsight index` finishes comes up by itself; routes take it as a depen
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Request
@@ -36,6 +36,7 @@ from explainer.settings import Settings
 from retrieval.search import Query, Searcher, SearchResult
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: How often a degraded server tries to open its collection again.
 RETRY_OPEN_S = 5.0
@@ -76,10 +77,14 @@ class ServerState:
         if self.budget is None:
             self.budget = WorkBudget(self.settings.search_budget_hits)
 
-    def hold(self, hits: int) -> contextlib.AbstractContextManager[None]:
-        """Wait for room for `hits` hits of work (blocking; call it in the worker thread)."""
+    async def run(self, hits: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking search work in a worker thread once the work budget has room for `hits` hits.
+
+        Every route that searches goes through here, so together they hold at most the budget.
+        """
         assert self.budget is not None
-        return self.budget.hold(hits)
+        async with self.budget.hold(hits):
+            return await anyio.to_thread.run_sync(fn, *args)
 
     @property
     def strip_location(self) -> bool:
@@ -262,22 +267,20 @@ class ServerState:
     def search(
         self, pipeline: CardPipeline, inp: QueryInput, evidence_method: str | None = None
     ) -> ResultPage:
-        """Resolve and search (blocking; run in a worker thread), within the shared work budget."""
-        with self.hold(inp.top_k):
-            query, echo = self.resolve(inp, pipeline.searcher)
-            return pipeline.search(query, echo, evidence_method=evidence_method)
+        """Resolve and search (blocking; run it through `run`, within the shared work budget)."""
+        query, echo = self.resolve(inp, pipeline.searcher)
+        return pipeline.search(query, echo, evidence_method=evidence_method)
 
     def search_captions(
         self, pipeline: CardPipeline, inp: QueryInput
     ) -> tuple[SearchResult | None, Query, QueryEcho]:
         """Caption hits for the query (one extra, to tell if a next page exists); the result is None
         when the collection has no captions at all (blocking; run in a worker thread)."""
-        with self.hold(inp.top_k + 1):
-            query, echo = self.resolve(inp, pipeline.searcher)
-            if pipeline.searcher.index.captions.ntotal == 0:
-                return None, query, echo
-            probe = dataclasses.replace(query, top_k=query.top_k + 1)
-            return pipeline.search_captions(probe), query, echo
+        query, echo = self.resolve(inp, pipeline.searcher)
+        if pipeline.searcher.index.captions.ntotal == 0:
+            return None, query, echo
+        probe = dataclasses.replace(query, top_k=query.top_k + 1)
+        return pipeline.search_captions(probe), query, echo
 
     def retry_due(self) -> bool:
         return self._last_try is None or time.monotonic() - self._last_try > RETRY_OPEN_S
