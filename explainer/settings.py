@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     decode_budget_mb: int = Field(default=384, ge=16, le=1_000_000)  # decoded pixels held at once
     body_budget_mb: int = Field(default=64, ge=1, le=1_000_000)  # large request bodies held at once
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=64)  # collection images (ingest's limit)
+    # Captions in the server (explainer/captions/worker.py): one worker per process captions the hits pages
+    # show, then the rest of the collection while idle. auto: on when CLEARSIGHT_CAPTION_MODEL is set or the
+    # collection is the demo's; `clearsight run` turns it on (`--no-captions`: off).
+    server_captions: Literal["auto", "on", "off"] = "auto"
+    caption_background: bool = True  # caption the collection while no request needs the model
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -28,11 +28,12 @@ from retrieval.errors import BadImage, ClearsightError, ConfigError, ModelUnavai
 from retrieval.imageio import content_hash, decode, read_bytes
 from retrieval.registry import CaptionerSpec, default_captioner, find_captioner
 from retrieval.registry import list_captioners as list_captioners  # re-exported for callers
+from retrieval.status import GENERATED_PREFIX
 
 if TYPE_CHECKING:
     from explainer.settings import Settings
 
-SOURCE_PREFIX = "generated:"
+SOURCE_PREFIX = GENERATED_PREFIX  # "generated:<model>"
 CHANGED = "changed since indexing (run `clearsight index` again)"
 
 

@@ -84,8 +84,11 @@ def run_server(
     shards: int | None = None,
     ray_address: str | None = None,
     generate_token: bool = False,
+    captions: bool | None = None,
 ) -> None:
     """Serve one collection with uvicorn until interrupted; None means "from settings".
+
+    `captions`: generate captions in the server (True), never (False), or as CLEARSIGHT_SERVER_CAPTIONS says.
 
     A non-loopback address needs a token; without one this refuses before loading anything.
     """
@@ -109,6 +112,8 @@ def run_server(
             updates[key] = value
     if generate_token:
         updates["generate_token"] = True
+    if captions is not None:
+        updates["server_captions"] = "on" if captions else "off"
     settings = get_settings().model_copy(update=updates)
     decision = auth_decision(settings)  # ConfigError (one line, non-zero exit) when a token is missing
     if not collection_exists(settings.data_dir):  # nothing to serve, and nothing is created there

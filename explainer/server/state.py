@@ -18,7 +18,7 @@ import anyio
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 
-from explainer.cards.captions import CatalogCaptions
+from explainer.cards.captions import ScheduledCaptions, server_captions
 from explainer.cards.evidence import EvidenceProvider, make_evidence_provider
 from explainer.cards.model import QueryEcho
 from explainer.cards.pipeline import CardPipeline, ResultPage
@@ -72,6 +72,8 @@ class ServerState:
             status["images"] = pipeline.searcher.index.images.ntotal
             status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
             status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
+            if isinstance(pipeline.captions, ScheduledCaptions):
+                status["captions"] = pipeline.captions.worker.progress().to_dict()
         return status
 
     def public(self, message: str) -> str:
@@ -100,9 +102,8 @@ class ServerState:
                 return
             evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
             explainer = self.injected_explainer or self._explainer()
-            self.pipeline = CardPipeline(
-                searcher, explainer, evidence, CatalogCaptions(searcher), public_reasons=True
-            )
+            captions = server_captions(self.settings, searcher)  # starts the captioning worker when on
+            self.pipeline = CardPipeline(searcher, explainer, evidence, captions, public_reasons=True)
             self.problem = None
 
     def _open_searcher(self) -> Searcher:
@@ -171,6 +172,8 @@ class ServerState:
             self._cache = None
         if pipeline is None:
             return
+        if isinstance(pipeline.captions, ScheduledCaptions):
+            pipeline.captions.close()
         if self.injected_explainer is None and pipeline.explainer is not None:
             pipeline.explainer.close()
         if self.injected_searcher is None:
