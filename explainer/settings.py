@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     caption_max_new_tokens: int = Field(default=30, ge=1, le=512)
     caption_min_new_tokens: int = Field(default=5, ge=0, le=512)
     caption_repetition_penalty: float = Field(default=1.0, gt=0.0)
-    caption_batch_size: int = Field(default=8, ge=1, le=1024)
+    caption_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = (
+        "auto"  # auto: from the device
+    )
     caption_prefix: str | None = None  # e.g. "a photography of": BLIP then completes the sentence
 
     # Groq: the key is read from GROQ_API_KEY too (the name Groq's own tools use).

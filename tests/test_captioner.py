@@ -111,7 +111,7 @@ def test_generation_settings_come_from_settings_and_key_the_cache(
     monkeypatch.setenv("CLEARSIGHT_CAPTION_MIN_NEW_TOKENS", "6")
     cfg = CaptionerConfig.from_settings(Settings(), model=str(tiny_blip_dir), batch_size=None)
     assert cfg.generation == GenerationSettings(num_beams=2, max_new_tokens=6, min_new_tokens=6)
-    assert cfg.batch_size == 8 and cfg.model == str(tiny_blip_dir)
+    assert cfg.batch_size == "auto" and cfg.resolved_batch_size() == 8 and cfg.model == str(tiny_blip_dir)
     beams = create_captioner(cfg)
     assert "beams=2,max=6,min=6" in beams.fingerprint
     assert len(beams.caption([Image.new("RGB", (40, 30), "red")])[0].split()) == 6

@@ -154,7 +154,7 @@ def server_captions(settings: Settings, searcher: Searcher) -> CaptionProvider:
         config = CaptionerConfig.from_settings(settings, model=model)
         captioner = create_captioner(config)
         return CaptionService(
-            collection, captioner, batch_size=config.batch_size, prefix=settings.caption_prefix
+            collection, captioner, batch_size=config.resolved_batch_size(), prefix=settings.caption_prefix
         )
 
     worker = CaptionWorker(collection, make_service, background=settings.caption_background)

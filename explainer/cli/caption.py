@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from explainer.cli.options import DataDir, JsonOut, Precision, Quiet, precision_or_setting
+from explainer.cli.options import DataDir, JsonOut, Quiet
+from explainer.errors import ConfigError
 
 CaptionModel = Annotated[
     str | None,
@@ -34,7 +35,8 @@ def caption_cmd(
             "--batch-size",
             min=1,
             max=1024,
-            help="Images per forward pass (default: $CLEARSIGHT_CAPTION_BATCH_SIZE, else 8)",
+            help="Images per forward pass (default: $CLEARSIGHT_CAPTION_BATCH_SIZE, else auto: 8 on a CPU, "
+            "more on a GPU with the memory for it)",
         ),
     ] = None,
     device: Annotated[
@@ -51,7 +53,16 @@ def caption_cmd(
         int | None,
         typer.Option("--limit", min=0, help="Caption at most N more images now (cached ones do not count)"),
     ] = None,
-    precision: Precision = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="auto, fp32, bf16, fp16 or int8 (CPU only: BLIP's linear layers quantised) "
+            "(default: $CLEARSIGHT_PRECISION, else auto: fp16 on CUDA, bf16 on a CPU with native bf16, "
+            "fp32 otherwise)",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -69,7 +80,7 @@ def caption_cmd(
     from retrieval.paths import demo_captioner
 
     settings = get_settings()
-    precision = precision_or_setting(precision)  # a typo fails before anything is read or loaded
+    precision = caption_precision_or_setting(precision)  # a typo fails before anything is read or loaded
     collection = Collection(data_dir or settings.data_dir)
     manifest = collection.store.read_manifest()  # no index, nothing to caption: say so before loading BLIP
     if model is None and not settings.caption_model:  # a demo collection captions with the demo's captioner
@@ -83,7 +94,10 @@ def caption_cmd(
         captioner = create_captioner(cfg)
         try:
             service = CaptionService(
-                collection, captioner, batch_size=cfg.batch_size, prefix=prefix or settings.caption_prefix
+                collection,
+                captioner,
+                batch_size=cfg.resolved_batch_size(),
+                prefix=prefix or settings.caption_prefix,
             )
             report = service.caption_collection(progress=not quiet, limit=limit)
         finally:
@@ -122,3 +136,14 @@ def caption_cmd(
         f"captions index: {sync.captions} captions, {generated} generated "
         f"({source_label(captioner)}) in {collection.data_dir}"
     )
+
+
+def caption_precision_or_setting(precision: str | None) -> str:
+    """`--precision` (or $CLEARSIGHT_PRECISION) for a captioner, int8 included; checked before any loading."""
+    from explainer.captions.captioner import CAPTION_PRECISIONS
+    from explainer.settings import get_settings
+
+    value = (precision or get_settings().precision or "auto").strip().lower()
+    if value not in CAPTION_PRECISIONS:
+        raise ConfigError(f"unknown precision {value!r}: use {', '.join(CAPTION_PRECISIONS)}")
+    return value
