@@ -224,3 +224,20 @@ def test_cli_caption_then_image_to_text_search(
     hits = json.loads(r.stdout)["results"]
     assert hits and all(h["source"].startswith("generated:") for h in hits)
     assert {h["path"] for h in hits} <= {str(p) for p in [*files, images / "again.jpg"]}
+
+
+@pytest.mark.usefixtures("caption_settings")
+def test_index_caption_captions_right_after_encoding_and_status_counts_it(
+    tiny_clip_dir: Path, tiny_blip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, data = tmp_path / "images", tmp_path / "data"
+    make_folder(images, 4)
+    monkeypatch.setenv("CLEARSIGHT_CAPTION_MODEL", str(tiny_blip_dir))
+    get_settings.cache_clear()
+    args = ["index", str(images), "-m", str(tiny_clip_dir), "--data-dir", str(data), "-q", "--json"]
+    r = runner.invoke(app, [*args, "--caption"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["encoded"] == 4  # stdout stays one JSON object; captioning reports on stderr
+    assert r.stderr.startswith("captioned 4 images now")
+    r = runner.invoke(app, ["status", "--data-dir", str(data), "--json"])
+    assert json.loads(r.stdout)["captions"] == {"indexed": 4, "done": 4, "total": 4}

@@ -7,6 +7,7 @@ in batches that each commit: a run killed midway is resumed by running the comma
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -67,6 +68,23 @@ def caption_cmd(
     json_out: JsonOut = False,
 ) -> None:
     """Caption every indexed image (once per content) and add the captions to image→text search."""
+    caption_now(data_dir, model, batch_size, device, prefix, limit, precision, quiet, json_out)
+
+
+def caption_now(
+    data_dir: Path | None,
+    model: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    prefix: str | None = None,
+    limit: int | None = None,
+    precision: str | None = None,
+    quiet: bool = False,
+    json_out: bool = False,
+    *,
+    err: bool = False,
+) -> None:
+    """The command's work, for `clearsight index --caption` too (`err`: report on stderr, after JSON)."""
     from explainer.captions.captioner import (
         SOURCE_PREFIX,
         CaptionerConfig,
@@ -120,7 +138,7 @@ def caption_cmd(
                 "saved_version": sync.saved_version,
             },
         }
-        typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(out, indent=2, ensure_ascii=False), err=err)
         return
     r = report
     line = f"captioned {r.captioned} images now"
@@ -129,12 +147,13 @@ def caption_cmd(
     line += f", {r.cached} from cache, {r.failed} failed"
     if r.remaining:
         line += f"; {r.remaining} left by --limit (run again to continue)"
-    typer.echo(line)
+    typer.echo(line, err=err)
     for reason, n in sorted(r.failures.items()):
-        typer.echo(f"  failed: {n} x {reason}")
+        typer.echo(f"  failed: {n} x {reason}", err=err)
     typer.echo(
         f"captions index: {sync.captions} captions, {generated} generated "
-        f"({source_label(captioner)}) in {collection.data_dir}"
+        f"({source_label(captioner)}) in {collection.data_dir}",
+        err=err,
     )
 
 
