@@ -90,13 +90,13 @@ class CaptionWorker:
             self._thread = threading.Thread(target=self._run, name="clearsight-captions", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """Stop after the batch in progress (its captions are committed) and release the model."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(timeout)  # a daemon thread: a batch still running dies with the process
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, records: Iterable[ImageRecord]) -> list[str]:
