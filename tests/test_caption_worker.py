@@ -117,7 +117,6 @@ def test_background_captions_the_rest_once_and_a_restart_resumes(collection: Col
     worker.start()
     hashes = list(dict.fromkeys(r.content_hash or "" for r in _records(collection)))
     try:
-        assert worker.wait(hashes[4:], WAIT) == dict.fromkeys(hashes[4:])
         assert worker.wait_idle(WAIT)
         assert worker.progress().done == 11
     finally:

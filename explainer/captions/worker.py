@@ -198,26 +198,29 @@ class CaptionWorker:
                 batch = self._next_batch(service.batch_size)
                 if batch is None:
                     return
-                self._caption(service, batch)
+                self._caption(service, *batch)
         finally:
             service.captioner.close()
 
-    def _next_batch(self, size: int) -> dict[str, list[ImageRecord]] | None:
-        """Queued contents first, up to `size`; else a small background batch once requests are quiet."""
+    def _next_batch(self, size: int) -> tuple[dict[str, list[ImageRecord]], bool] | None:
+        """Queued contents first, up to `size`; else a small background batch once requests are quiet.
+
+        The flag says whether the batch was asked for by requests (whose waiters need its outcome).
+        """
         with self._cond:
             while not self._stopping:
                 self._busy = False
                 if self._urgent:
                     keys = list(self._urgent)[:size]
                     self._busy = True
-                    return {h: self._urgent.pop(h) for h in keys}
+                    return {h: self._urgent.pop(h) for h in keys}, True
                 if self._background:
                     wait = self._quiet_s - (time.monotonic() - self._last_request)
                     if wait <= 0:
                         batch = self._background_batch_locked()
                         if batch:
                             self._busy = True
-                            return batch
+                            return batch, False
                         self._cond.notify_all()  # idle now: tell whoever waits for it
                         wait = self._rescan_s
                     self._cond.wait(wait)
@@ -266,7 +269,9 @@ class CaptionWorker:
             )
             self._last_scan = time.monotonic()
 
-    def _caption(self, service: CaptionService, batch: dict[str, list[ImageRecord]]) -> None:
+    def _caption(self, service: CaptionService, batch: dict[str, list[ImageRecord]], asked: bool) -> None:
+        """Caption one batch; outcomes are kept for what requests asked, and failures for all (so the
+        background does not retry an unreadable image at every rescan: a request still may)."""
         records = [rec for recs in batch.values() for rec in recs]
         try:
             report = service.caption_records(records)
@@ -275,7 +280,7 @@ class CaptionWorker:
             log.warning("captioning %d images failed: %s", len(batch), exc)
             outcome = dict.fromkeys(batch, f"{FAILED} ({type(exc).__name__})")
         with self._cond:
-            self._finished.update(outcome)
+            self._finished.update((h, why) for h, why in outcome.items() if asked or why is not None)
             self._cond.notify_all()
         self._update_counts()
 
