@@ -62,9 +62,9 @@ def test_captions_fill_in_and_then_the_explanations(base_url: str) -> None:
         pg: Any = browser.new_page(viewport={"width": 1280, "height": 900})
         pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.goto(base_url + "/?q=a+red+circle")
+        served = pg.goto(base_url + "/?q=a+red+circle").text()
+        assert served.count('data-caption="pending"') == 8  # the page came without waiting for BLIP
         pg.wait_for_selector(".card")
-        assert pg.locator('.card[data-caption="pending"]').count() == 8  # the page did not wait for BLIP
         wait_until(pg, "document.querySelectorAll('.card[data-caption=\"pending\"]').length === 0", 120)
         wait_until(pg, "document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0", 120)
         sources = pg.locator(".card .caption .src").all_inner_texts()

@@ -55,8 +55,10 @@ def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def captioner(tiny_blip_dir: Path) -> Iterator[Captioner]:
-    cap = create_captioner(
-        CaptionerConfig(model=str(tiny_blip_dir), device="cpu", batch_size=4, generation=GEN)
+    cap = create_captioner(  # fp32: these tests compare captions (auto may be int8 or bf16)
+        CaptionerConfig(
+            model=str(tiny_blip_dir), device="cpu", batch_size=4, generation=GEN, precision="fp32"
+        )
     )
     yield cap
     cap.close()
