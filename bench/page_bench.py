@@ -57,7 +57,6 @@ def _settings(data: Path, tmp: Path, **values: Any) -> Settings:
         "explain_backend": "offline",
         "reload_interval_s": 0.0,
         "allowed_hosts": ["testserver"],
-        "precision": "fp32",
     }
     return Settings(_env_file=None, **{**base, **values})  # type: ignore[call-arg]
 
@@ -74,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=40)
     ap.add_argument("--top-k", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="the servers' models'"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -92,14 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         with Collection(tmp / "data") as c:
             ingest(tmp / "photos", c, encoder, IngestConfig(progress=False))
         encoder.close()
-        print(f"# {source}; ViT-B/32 + BLIP-base (random weights), {args.tokens} tokens per caption, fp32")
+        print(
+            f"# {source}; ViT-B/32 + BLIP-base, random weights, {args.tokens} tokens each, {args.precision}"
+        )
         tokens = {"caption_max_new_tokens": args.tokens, "caption_min_new_tokens": args.tokens}
 
-        with TestClient(create_app(_settings(tmp / "data", tmp, server_captions="off"))) as client:
+        off = _settings(tmp / "data", tmp, server_captions="off", precision=args.precision)
+        with TestClient(create_app(off)) as client:
             _search(client, "warm-up", args.top_k)
             page_off, _ = _search(client, QUERIES[0], args.top_k)
 
-        on = _settings(tmp / "data", tmp, server_captions="on", caption_model=str(blip), **tokens)
+        on = _settings(
+            tmp / "data",
+            tmp,
+            server_captions="on",
+            caption_model=str(blip),
+            precision=args.precision,
+            **tokens,
+        )
         with TestClient(create_app(on)) as client:
             _search(client, "warm-up", args.top_k)
             t0 = time.perf_counter()

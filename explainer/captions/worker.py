@@ -82,6 +82,7 @@ class CaptionWorker:
         self._last_scan: float | None = None
         self._counts = (0, 0)
         self._busy = False  # a batch is being captioned
+        self._cold = True  # no request's batch ran just before: the next one starts with one image
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -211,9 +212,12 @@ class CaptionWorker:
             while not self._stopping:
                 self._busy = False
                 if self._urgent:
-                    keys = list(self._urgent)[:size]
-                    self._busy = True
+                    # After a pause the first batch is one image, the page's first card: its caption then
+                    # shows in one image's time, not a whole batch's; the rest follow in full batches.
+                    keys = list(self._urgent)[: 1 if self._cold else size]
+                    self._busy, self._cold = True, False
                     return {h: self._urgent.pop(h) for h in keys}, True
+                self._cold = True
                 if self._background:
                     wait = self._quiet_s - (time.monotonic() - self._last_request)
                     if wait <= 0:
