@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             **tokens,
         )
         with TestClient(create_app(on)) as client:
+            while not client.get("/api/captions/status").json()["ready"]:  # a server up for a while
+                time.sleep(0.2)
             _search(client, "warm-up", args.top_k)
             t0 = time.perf_counter()
             page_on, ids = _search(client, QUERIES[0], args.top_k)

@@ -67,7 +67,7 @@ def test_captions_fill_in_and_then_the_explanations(base_url: str) -> None:
         pg.wait_for_selector(".card")
         wait_until(pg, "document.querySelectorAll('.card[data-caption=\"pending\"]').length === 0", 120)
         wait_until(pg, "document.querySelectorAll('.card[data-explain=\"pending\"]').length === 0", 120)
-        sources = pg.locator(".card .caption .src").all_inner_texts()
+        sources = pg.locator(".card .caption .src").all_text_contents()  # the CSS shows them upper-case
         progress = pg.locator("#caption-progress").inner_text()
         browser.close()
     assert sources == ["generated"] * 8

@@ -140,10 +140,10 @@ def test_background_waits_while_requests_need_the_model(collection: Collection) 
     fake = FakeCaptioner()
     # quiet_s is an hour: a request just came, so the background must not start at all
     worker = _worker(collection, fake, background=True, quiet_s=3600.0)
-    worker.start()
     recs = _records(collection)
+    asked = worker.request(recs[5:7])  # before the thread starts: its first look sees a request
+    worker.start()
     try:
-        asked = worker.request(recs[5:7])
         assert worker.wait(asked, WAIT) == dict.fromkeys(asked)
     finally:
         worker.stop()

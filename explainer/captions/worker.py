@@ -51,7 +51,9 @@ class CaptionWorker:
     `make_service` loads the captioner; it runs on the worker's own thread, so a server starts at once
     and a missing model only turns captioning off (with the reason in `progress().problem`).
     Background batches wait while requests queue work and for `quiet_s` after the last request,
-    so a page's captions never queue behind more than one small background batch.
+    so a page's captions never queue behind more than one small background batch. Queued work starts
+    `grace_s` after it was queued: on two cores a caption started at once slows the very page that
+    asked for it (measured: 0.32 s against 0.19 s for a page of 12 at ViT-B/32 size).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class CaptionWorker:
         background_batch: int = 1,
         quiet_s: float = 1.0,
         rescan_s: float = 30.0,
+        grace_s: float = 0.1,
     ) -> None:
         self._collection = collection
         self._make_service = make_service
@@ -70,6 +73,7 @@ class CaptionWorker:
         self._background_batch = max(1, background_batch)
         self._quiet_s = quiet_s
         self._rescan_s = rescan_s
+        self._grace_s = grace_s
         self._cond = threading.Condition()
         self._urgent: OrderedDict[str, list[ImageRecord]] = OrderedDict()
         self._todo: deque[str] = deque()  # background: contents not cached at the last scan
@@ -83,6 +87,7 @@ class CaptionWorker:
         self._counts = (0, 0)
         self._busy = False  # a batch is being captioned
         self._cold = True  # no request's batch ran just before: the next one starts with one image
+        self._queued_at = 0.0  # when the request queue last became non-empty
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -111,6 +116,8 @@ class CaptionWorker:
             self._last_request = time.monotonic()
             if self._problem is not None or self._stopping:
                 return []
+            if not self._urgent:
+                self._queued_at = time.monotonic()
             for rec in records:
                 h = rec.content_hash
                 if not h:
@@ -211,6 +218,10 @@ class CaptionWorker:
         with self._cond:
             while not self._stopping:
                 self._busy = False
+                early = self._grace_s - (time.monotonic() - self._queued_at)
+                if self._urgent and early > 0:
+                    self._cond.wait(early)  # let the request that queued this finish its page first
+                    continue
                 if self._urgent:
                     # After a pause the first batch is one image, the page's first card: its caption then
                     # shows in one image's time, not a whole batch's; the rest follow in full batches.

@@ -46,6 +46,7 @@ class CaptionProgress(BaseModel):
     total: int = Field(default=0, description="Indexed images")
     pending: int = Field(default=0, description="Images queued by requests")
     background: bool = Field(default=False, description="Whether the collection is captioned while idle")
+    ready: bool = Field(default=False, description="Whether the captioner is loaded")
     problem: str | None = None
 
 
@@ -65,6 +66,7 @@ def progress_of(pipeline: CardPipeline | None) -> CaptionProgress:
         total=p.total,
         pending=p.pending,
         background=p.background,
+        ready=p.ready,
         problem=p.problem,
     )
 
