@@ -34,9 +34,8 @@ class Settings(BaseSettings):
     caption_max_new_tokens: int = Field(default=30, ge=1, le=512)
     caption_min_new_tokens: int = Field(default=5, ge=0, le=512)
     caption_repetition_penalty: float = Field(default=1.0, gt=0.0)
-    caption_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = (
-        "auto"  # auto: from the device
-    )
+    # auto: 8 on a CPU, grown with a GPU's memory (explainer.captions.captioner.auto_batch_size)
+    caption_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     caption_prefix: str | None = None  # e.g. "a photography of": BLIP then completes the sentence
 
     # Groq: the key is read from GROQ_API_KEY too (the name Groq's own tools use).
@@ -82,8 +81,8 @@ class Settings(BaseSettings):
     body_budget_mb: int = Field(default=64, ge=1, le=1_000_000)  # large request bodies held at once
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=64)  # collection images (ingest's limit)
     # Captions in the server (explainer/captions/worker.py): one worker per process captions the hits pages
-    # show, then the rest of the collection while idle. auto: on when CLEARSIGHT_CAPTION_MODEL is set or the
-    # collection is the demo's; `clearsight run` turns it on (`--no-captions`: off).
+    # show, then the rest of the collection while idle. auto: on when CLEARSIGHT_CAPTION_MODEL is set;
+    # `clearsight run DIR` turns it on (`--no-captions`: off).
     server_captions: Literal["auto", "on", "off"] = "auto"
     caption_background: bool = True  # caption the collection while no request needs the model
 
