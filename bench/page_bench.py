@@ -9,10 +9,10 @@ loaded through the product's own code: speed does not depend on the weights' val
 exactly --tokens new tokens (min = max) so random weights cannot stop early. The app runs in this process
 (FastAPI's TestClient, the offline explainer): the figures are the server's work, not the network's.
 
-Two servers over the same collection, one after the other: captions off (the page as it was), then on
-(the worker captions the page's cards, then the collection). Reported: time to the page in both (captions
-must not hold it), time to the first and to the last of the page's captions (asked as the page's script
-asks, POST /api/captions), and the time to another page while the background captioner works.
+Three servers over the same collection, one after the other: captions off (the page as it was); on, with
+the background off (a cold page on an idle worker); on, with the background at work. Reported: time to the
+page in the first two (captions must not hold it), time to the first and to the last of the page's captions
+(asked as the page's script asks, POST /api/captions), and the time to a page while the background works.
 """
 
 from __future__ import annotations
@@ -104,17 +104,24 @@ def main(argv: list[str] | None = None) -> int:
             _search(client, "warm-up", args.top_k)
             page_off, _ = _search(client, QUERIES[0], args.top_k)
 
-        on = _settings(
-            tmp / "data",
-            tmp,
-            server_captions="on",
-            caption_model=str(blip),
-            precision=args.precision,
-            **tokens,
-        )
-        with TestClient(create_app(on)) as client:
-            while not client.get("/api/captions/status").json()["ready"]:  # a server up for a while
+        def on(background: bool) -> Settings:
+            return _settings(
+                tmp / "data",
+                tmp,
+                server_captions="on",
+                caption_model=str(blip),
+                caption_background=background,
+                precision=args.precision,
+                **tokens,
+            )
+
+        def ready(client: TestClient) -> None:
+            while not client.get("/api/captions/status").json()["ready"]:  # as a server up for a while
                 time.sleep(0.2)
+
+        # The cold page on an idle worker (background off, so no background image is in progress)...
+        with TestClient(create_app(on(False))) as client:
+            ready(client)
             _search(client, "warm-up", args.top_k)
             t0 = time.perf_counter()
             page_on, ids = _search(client, QUERIES[0], args.top_k)
@@ -128,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                     first = now
                 want = [i for i in want if i not in got]
                 last = now
-            time.sleep(1.5)  # past the worker's quiet second: the background captioner is at work now
+        # ...then another page on a server whose background captioner is at work.
+        with TestClient(create_app(on(True))) as client:
+            ready(client)
+            _search(client, "warm-up", args.top_k)
+            time.sleep(1.5)  # past the worker's quiet second
             progress = client.get("/api/captions/status").json()
             page_bg, _ = _search(client, QUERIES[1], args.top_k)
 
