@@ -3,6 +3,7 @@
     .venv/bin/python bench/caption_bench.py                      # 8 images, batch 8, 20 tokens, CPU
     .venv/bin/python bench/caption_bench.py --device cuda        # on a GPU, in half precision
     .venv/bin/python bench/caption_bench.py --model DIR --beams 3
+    .venv/bin/python bench/caption_bench.py --precision fp32,auto,int8   # batched, one row per precision
 
 Without --model the captioner is Salesforce/blip-image-captioning-base's architecture with random
 weights (`retrieval.testing.blip.make_blip(..., "base")`, vocabulary of the real size), loaded through
@@ -10,7 +11,10 @@ weights (`retrieval.testing.blip.make_blip(..., "base")`, vocabulary of the real
 caption is forced to exactly --tokens new tokens (min = max), so random weights cannot stop early
 and both modes do the same work. Images are decoded before timing: this measures the model.
 
-Both modes run in the same process, one after the other (the order alternates over --rounds), and
+With one --precision (default fp32) it compares batched with one image at a time; with several it
+captions batched in each (`auto` resolved as the captioner resolves it on this machine) and prints each
+one's speed against the first. All modes run in the same process, one after the other (the order
+alternates over --rounds), and
 each prints the share of the machine that other processes used meanwhile, since on a shared
 2-core machine a disturbed measurement is otherwise invisible.
 """
@@ -103,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="repeat both modes; the best round of each counts")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (GPU: half precision)")
     ap.add_argument("--model", default=None, help="a BLIP directory or hub id instead of random BLIP-base")
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16, int8 (CPU), auto")
     add_data_option(ap)
     args = ap.parse_args(argv)
     coco = coco_mini(args.data)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
 
     import torch
 
@@ -129,15 +135,21 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             model = str(make_blip(Path(tmp) / "blip-base-random", "base", seed=0))
             print(f"# built random-weight BLIP-base in {time.perf_counter() - t0:.0f} s")
-        cfg = CaptionerConfig(
-            model=model, device=args.device, batch_size=args.batch_size, generation=generation
-        )
-        captioner: Captioner = create_captioner(cfg)
         images, source = load_images(args.images, coco)
         print(
             f"# {source}; {args.tokens} new tokens per caption, beams {args.beams}, "
             f"batch {args.batch_size}, device {args.device}"
         )
+        if len(precisions) > 1:
+            return compare_precisions(model, args, generation, images, precisions, sync)
+        cfg = CaptionerConfig(
+            model=model,
+            device=args.device,
+            batch_size=args.batch_size,
+            generation=generation,
+            precision=precisions[0] if precisions else None,
+        )
+        captioner: Captioner = create_captioner(cfg)
         captioner.caption(images[:1])  # warm-up: first-call allocations are not throughput
 
         best: dict[str, Timing] = {}
@@ -157,6 +169,50 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batched (batch {args.batch_size}):   {b.rate:.3f} img/s  ({1 / b.rate:.2f} s per image)")
     print(f"one at a time:        {s.rate:.3f} img/s  ({1 / s.rate:.2f} s per image)")
     print(f"batched / one at a time: {b.rate / s.rate:.2f}x")
+    return 0
+
+
+def compare_precisions(
+    model: str,
+    args: argparse.Namespace,
+    generation: GenerationSettings,
+    images: list[Image.Image],
+    precisions: list[str],
+    sync: Callable[[], None],
+) -> int:
+    """Batched captioning in each precision, the models loaded side by side so rounds can alternate."""
+    captioners: dict[str, Captioner] = {}
+    for p in precisions:
+        cfg = CaptionerConfig(
+            model=model, device=args.device, batch_size=args.batch_size, generation=generation, precision=p
+        )
+        cap = create_captioner(cfg)
+        label = p if p != "auto" else f"auto ({getattr(cap, 'precision', '?')})"
+        captioners[label] = cap
+        cap.caption(images[:1])  # warm-up
+    best: dict[str, Timing] = {}
+    texts: dict[str, list[str]] = {}
+    for r in range(args.rounds):
+        order = list(captioners) if r % 2 == 0 else list(captioners)[::-1]
+        for label in order:
+            cap = captioners[label]
+            t = timed(
+                len(images), lambda cap=cap, label=label: texts.__setitem__(label, cap.caption(images)), sync
+            )
+            print(t.line(f"round {r + 1} {label}"))
+            if label not in best or t.rate > best[label].rate:
+                best[label] = t
+    for cap in captioners.values():
+        cap.close()
+    first = next(iter(best))
+    print(f"\n| precision | img/s | s per image | vs {first} | captions equal to {first}'s |")
+    print("|---|---:|---:|---:|---:|")
+    for label, t in best.items():
+        same = sum(a == b for a, b in zip(texts[label], texts[first], strict=True))
+        print(
+            f"| {label} | {t.rate:.3f} | {1 / t.rate:.2f} | {t.rate / best[first].rate:.2f}x | "
+            f"{same}/{len(images)} |"
+        )
     return 0
 
 

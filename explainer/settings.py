@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     caption_max_new_tokens: int = Field(default=30, ge=1, le=512)
     caption_min_new_tokens: int = Field(default=5, ge=0, le=512)
     caption_repetition_penalty: float = Field(default=1.0, gt=0.0)
-    caption_batch_size: int = Field(default=8, ge=1, le=1024)
+    # auto: 8 on a CPU, grown with a GPU's memory (explainer.captions.captioner.auto_batch_size)
+    caption_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     caption_prefix: str | None = None  # e.g. "a photography of": BLIP then completes the sentence
 
     # Groq: the key is read from GROQ_API_KEY too (the name Groq's own tools use).
@@ -99,6 +100,11 @@ class Settings(BaseSettings):
     explain_budget_wait_s: float = Field(default=600.0, ge=0)  # a call's wait for budget, then offline
     explain_wait_s: float = Field(default=120.0, ge=0, le=3600)  # POST /api/explain answers by then (pending)
     explain_rate_window_s: float = Field(default=60.0, gt=0, le=86_400)  # the rate minute; tests shorten it
+    # Captions in the server (explainer/captions/worker.py): one worker per process captions the hits pages
+    # show, then the rest of the collection while idle. auto: on when CLEARSIGHT_CAPTION_MODEL is set;
+    # `clearsight run DIR` turns it on (`--no-captions`: off).
+    server_captions: Literal["auto", "on", "off"] = "auto"
+    caption_background: bool = True  # caption the collection while no request needs the model
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

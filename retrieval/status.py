@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from retrieval.catalog import Catalog
 from retrieval.collection import Collection
 from retrieval.paths import display_path
 
 #: Failed files listed by default; the counts always cover all of them.
 DEFAULT_FAILED_LIMIT = 10_000
+#: The source label of captions a captioner wrote ("generated:<model>"), as opposed to a dataset's.
+GENERATED_PREFIX = "generated:"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,8 @@ class CollectionStatus:
     model: dict[str, object] | None  # None: nothing indexed yet (no index version written)
     index: dict[str, object] | None
     counts: dict[str, int]
-    captions: int
+    #: indexed: captions in the captions index; done/total: indexed images with a generated caption / all
+    captions: dict[str, int]
     roots: list[str]
     failed: list[FailedFile] = field(default_factory=list)
     failed_truncated: bool = False  # more failures than listed (see counts["failed"])
@@ -69,13 +73,23 @@ def collection_status(
             }
             captions = m.captions_count
         failures = cat.failures(limit=failed_limit + 1)
+        done, total = caption_progress(cat)
         return CollectionStatus(
             data_dir=str(collection.data_dir),
             model=model,
             index=index,
             counts=counts,
-            captions=captions,
+            captions={"indexed": captions, "done": done, "total": total},
             roots=sorted(cat.roots()),
             failed=[FailedFile(p, r) for p, r in failures[:failed_limit]],
             failed_truncated=len(failures) > failed_limit,
         )
+
+
+def caption_progress(catalog: Catalog) -> tuple[int, int]:
+    """(indexed images with a generated caption, indexed images): how far captioning the collection got.
+
+    Read from the catalog alone, so `clearsight status` shows a running server's background progress.
+    """
+    generated = {c.image_id for c in catalog.all_captions() if c.source.startswith(GENERATED_PREFIX)}
+    return len(generated), catalog.counts()["indexed"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from explainer.cards.captions import CaptionProvider
+from explainer.cards.captions import SETTLE_S, CaptionProvider
 from explainer.cards.context import build_context
 from explainer.cards.evidence import EvidenceProvider, card_regions
 from explainer.cards.model import Card, ExplanationOut, QueryEcho, make_card, public_model_name
@@ -138,6 +138,7 @@ class CardPipeline:
             hit = self._pages.get(page_key)
             if hit is not None:
                 hit.cached = True
+                self._refresh_captions(hit)
                 return hit
         page = self._search(query, echo, probe, query_vec, evidence_method)
         if query_vec is None and not page.missing_shards:  # partial pages are never replayed
@@ -214,7 +215,37 @@ class CardPipeline:
                 hits = self.searcher.score_ids(vec, missing, query.kind)
                 built = self._build(query, echo, hits, vec)
             out.update((h.id, ctx) for h, ctx in zip(hits, built.contexts, strict=True) if ctx is not None)
+        self._settle_captions(token, out)
         return out
+
+    def _refresh_captions(self, page: ResultPage) -> None:
+        """A remembered page gets the captions generated since it was built (one catalog read)."""
+        todo = [(card, hit) for card, hit in zip(page.cards, page.hits, strict=False) if card.caption is None]
+        if not todo:
+            return
+        token = query_token(page.query)
+        for (card, hit), caps in zip(todo, self.captions.lookup([h for _, h in todo]), strict=True):
+            if caps.caption is not None:
+                card.caption, card.caption_source = caps.caption, caps.source
+                card.dataset_captions = caps.dataset
+                ctx = self._contexts.get((token, hit.id))
+                if ctx is not None and ctx.caption is None:
+                    self._contexts.put((token, hit.id), ctx.model_copy(update={"caption": caps.caption}))
+
+    def _settle_captions(self, token: str, contexts: dict[int, ExplainContext]) -> None:
+        """Contexts built before their hit's caption existed wait for it (when a captioning worker is
+        writing it), so the caption grounds the explanation."""
+        settle = getattr(self.captions, "settle", None)  # only the server's scheduled captions settle
+        ids = [i for i, ctx in contexts.items() if ctx.caption is None]
+        if settle is None or not ids:
+            return
+        for image_id, caps in settle(ids, SETTLE_S).items():
+            if caps.caption is not None:
+                ctx = contexts[image_id].model_copy(
+                    update={"caption": caps.caption, "dataset_captions": tuple(caps.dataset)}
+                )
+                contexts[image_id] = ctx
+                self._contexts.put((token, image_id), ctx)
 
     def card_for(
         self,

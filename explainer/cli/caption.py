@@ -7,11 +7,13 @@ in batches that each commit: a run killed midway is resumed by running the comma
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from explainer.cli.options import DataDir, JsonOut, Precision, Quiet, precision_or_setting
+from explainer.cli.options import DataDir, JsonOut, Quiet
+from explainer.errors import ConfigError
 
 CaptionModel = Annotated[
     str | None,
@@ -34,7 +36,8 @@ def caption_cmd(
             "--batch-size",
             min=1,
             max=1024,
-            help="Images per forward pass (default: $CLEARSIGHT_CAPTION_BATCH_SIZE, else 8)",
+            help="Images per forward pass (default: $CLEARSIGHT_CAPTION_BATCH_SIZE, else auto: 8 on a CPU, "
+            "more on a GPU with the memory for it)",
         ),
     ] = None,
     device: Annotated[
@@ -51,11 +54,37 @@ def caption_cmd(
         int | None,
         typer.Option("--limit", min=0, help="Caption at most N more images now (cached ones do not count)"),
     ] = None,
-    precision: Precision = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="auto, fp32, bf16, fp16 or int8 (CPU only: BLIP's linear layers quantised) "
+            "(default: $CLEARSIGHT_PRECISION, else auto: fp16 on CUDA, bf16 on a CPU with native bf16, "
+            "fp32 otherwise)",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
     """Caption every indexed image (once per content) and add the captions to image→text search."""
+    caption_now(data_dir, model, batch_size, device, prefix, limit, precision, quiet, json_out)
+
+
+def caption_now(
+    data_dir: Path | None,
+    model: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    prefix: str | None = None,
+    limit: int | None = None,
+    precision: str | None = None,
+    quiet: bool = False,
+    json_out: bool = False,
+    *,
+    err: bool = False,
+) -> None:
+    """The command's work, for `clearsight index --caption` too (`err`: report on stderr, after JSON)."""
     from explainer.captions.captioner import (
         SOURCE_PREFIX,
         CaptionerConfig,
@@ -69,7 +98,7 @@ def caption_cmd(
     from retrieval.paths import demo_captioner
 
     settings = get_settings()
-    precision = precision_or_setting(precision)  # a typo fails before anything is read or loaded
+    precision = caption_precision_or_setting(precision)  # a typo fails before anything is read or loaded
     collection = Collection(data_dir or settings.data_dir)
     manifest = collection.store.read_manifest()  # no index, nothing to caption: say so before loading BLIP
     if model is None and not settings.caption_model:  # a demo collection captions with the demo's captioner
@@ -83,7 +112,10 @@ def caption_cmd(
         captioner = create_captioner(cfg)
         try:
             service = CaptionService(
-                collection, captioner, batch_size=cfg.batch_size, prefix=prefix or settings.caption_prefix
+                collection,
+                captioner,
+                batch_size=cfg.resolved_batch_size(),
+                prefix=prefix or settings.caption_prefix,
             )
             report = service.caption_collection(progress=not quiet, limit=limit)
         finally:
@@ -106,7 +138,7 @@ def caption_cmd(
                 "saved_version": sync.saved_version,
             },
         }
-        typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(out, indent=2, ensure_ascii=False), err=err)
         return
     r = report
     line = f"captioned {r.captioned} images now"
@@ -115,10 +147,22 @@ def caption_cmd(
     line += f", {r.cached} from cache, {r.failed} failed"
     if r.remaining:
         line += f"; {r.remaining} left by --limit (run again to continue)"
-    typer.echo(line)
+    typer.echo(line, err=err)
     for reason, n in sorted(r.failures.items()):
-        typer.echo(f"  failed: {n} x {reason}")
+        typer.echo(f"  failed: {n} x {reason}", err=err)
     typer.echo(
         f"captions index: {sync.captions} captions, {generated} generated "
-        f"({source_label(captioner)}) in {collection.data_dir}"
+        f"({source_label(captioner)}) in {collection.data_dir}",
+        err=err,
     )
+
+
+def caption_precision_or_setting(precision: str | None) -> str:
+    """`--precision` (or $CLEARSIGHT_PRECISION) for a captioner, int8 included; checked before any loading."""
+    from explainer.captions.captioner import CAPTION_PRECISIONS
+    from explainer.settings import get_settings
+
+    value = (precision or get_settings().precision or "auto").strip().lower()
+    if value not in CAPTION_PRECISIONS:
+        raise ConfigError(f"unknown precision {value!r}: use {', '.join(CAPTION_PRECISIONS)}")
+    return value

@@ -214,6 +214,13 @@ def index_cmd(
     nlist: Annotated[
         int | None, typer.Option("--nlist", min=1, max=1 << 20, help="IVF lists (with --index ivf)")
     ] = None,
+    caption: Annotated[
+        bool,
+        typer.Option(
+            "--caption",
+            help="Then caption the collection with BLIP, as `clearsight caption` does (right after encoding)",
+        ),
+    ] = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     watch: Annotated[
@@ -243,6 +250,10 @@ def index_cmd(
         memory_budget=memory_budget,
     )
     print_summary(summary, report, ddir, json_out)
+    if caption:  # after the encode pass, not inside it: ingest stays one thing (see README, captions)
+        from explainer.cli.caption import caption_now
+
+        caption_now(ddir, device=None if device == "auto" else device, quiet=quiet, err=json_out)
     if watch:
         watch_folder(path, ddir, batch_size, workers, device, precision, json_out)
 

@@ -26,13 +26,23 @@ def run_cmd(
     port: Port = None,
     device: Device = "auto",
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Index (or build the demo) and exit")] = False,
+    no_captions: Annotated[
+        bool,
+        typer.Option(
+            "--no-captions",
+            help="Serve without generating captions (by default the server captions each page's hits, "
+            "then the rest of the collection while idle)",
+        ),
+    ] = False,
 ) -> None:
     """The main job: index PATH, then serve it. Falls back to the offline demo without default weights."""
     serve_dir = data_dir
+    captions: bool | None = False if no_captions else None  # None: the settings decide (the demo's case)
     if path is not None:
         try:
             summary, report, ddir = index_folder(path, data_dir, model, device=device)
             print_summary(summary, report, ddir, json_out=False)
+            captions = not no_captions  # a user's folder has no captions until BLIP writes them
         except ModelUnavailable as exc:
             if model is not None:
                 raise  # the user named this model: falling back would hide their mistake
@@ -48,4 +58,4 @@ def run_cmd(
         report_demo(result, demo_dir, json_out=False)
         serve_dir = demo_dir
     if not no_serve:
-        run_server(serve_dir, host, port)
+        run_server(serve_dir, host, port, captions=captions)

@@ -221,7 +221,10 @@ def _captions(
         return CatalogCaptions(searcher)
     stack.callback(captioner.close)
     service = CaptionService(
-        searcher.collection, captioner, batch_size=config.batch_size, prefix=settings.caption_prefix
+        searcher.collection,
+        captioner,
+        batch_size=config.resolved_batch_size(),
+        prefix=settings.caption_prefix,
     )
     return GeneratingCaptions(searcher, service, _warn)
 

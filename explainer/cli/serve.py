@@ -92,8 +92,11 @@ def run_server(
     ray_address: str | None = None,
     generate_token: bool = False,
     watch: bool = False,
+    captions: bool | None = None,
 ) -> None:
     """Serve one collection with uvicorn until interrupted; None means "from settings".
+
+    `captions`: generate captions in the server (True), never (False), or as CLEARSIGHT_SERVER_CAPTIONS says.
 
     A non-loopback address needs a token; without one this refuses before loading anything.
     """
@@ -119,6 +122,8 @@ def run_server(
         updates["generate_token"] = True
     if watch:
         updates["watch"] = True
+    if captions is not None:
+        updates["server_captions"] = "on" if captions else "off"
     settings = get_settings().model_copy(update=updates)
     if settings.watch and settings.engine == "ray":
         raise ConfigError("watching folders works with the local engine only, not --engine ray")

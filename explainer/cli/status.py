@@ -53,9 +53,12 @@ def status_cmd(
         out.print("index: none yet", highlight=False)
     out.print(
         f"images: {plural(c['indexed'], 'indexed image')}, {c['pending']} pending, {c['failed']} failed; "
-        f"{plural(st.captions, 'caption')}",
+        f"{plural(st.captions['indexed'], 'caption')}",
         highlight=False,
     )
+    if st.captions["total"]:
+        done, total = st.captions["done"], st.captions["total"]
+        out.print(f"generated captions: {done} of {plural(total, 'indexed image')}", highlight=False)
     for root in st.roots:
         out.print(f"indexed folder: {display_path(root)}", highlight=False)
     if st.failed:

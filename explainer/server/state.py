@@ -20,7 +20,7 @@ import anyio
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 
-from explainer.cards.captions import CatalogCaptions
+from explainer.cards.captions import ScheduledCaptions, server_captions
 from explainer.cards.evidence import EvidenceProvider, make_evidence_provider
 from explainer.cards.model import QueryEcho, public_model_name
 from explainer.cards.pipeline import CardPipeline, ResultPage
@@ -124,6 +124,8 @@ class ServerState:
             status["images"] = pipeline.searcher.index.images.ntotal
             status["explainer"] = pipeline.explainer.label if pipeline.explainer is not None else None
             status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
+            if isinstance(pipeline.captions, ScheduledCaptions):
+                status["captions"] = pipeline.captions.worker.progress().to_dict()
         return status
 
     def public(self, message: str) -> str:
@@ -163,9 +165,8 @@ class ServerState:
                 return
             evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
             explainer = self.injected_explainer or self._explainer()
-            self.pipeline = CardPipeline(
-                searcher, explainer, evidence, CatalogCaptions(searcher), public_reasons=True
-            )
+            captions = server_captions(self.settings, searcher)  # starts the captioning worker when on
+            self.pipeline = CardPipeline(searcher, explainer, evidence, captions, public_reasons=True)
             self.problem = None
 
     def switch_index(self, why: str) -> None:
@@ -205,9 +206,10 @@ class ServerState:
             log.warning("%s", self.index_problem)
             return
         evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
-        self.pipeline = CardPipeline(
-            fresh, pipeline.explainer, evidence, CatalogCaptions(fresh), public_reasons=True
-        )
+        if isinstance(pipeline.captions, ScheduledCaptions):  # its worker captions the old collection
+            pipeline.captions.close()
+        captions = server_captions(self.settings, fresh)
+        self.pipeline = CardPipeline(fresh, pipeline.explainer, evidence, captions, public_reasons=True)
         self._retired.append((time.monotonic(), pipeline.searcher))
         self.index_problem = None
         self._failed_version = None
@@ -293,6 +295,8 @@ class ServerState:
             self._cache = None
         if pipeline is None:
             return
+        if isinstance(pipeline.captions, ScheduledCaptions):
+            pipeline.captions.close()
         if self.injected_explainer is None and pipeline.explainer is not None:
             pipeline.explainer.close()
         if self.injected_searcher is None:

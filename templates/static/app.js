@@ -124,7 +124,10 @@
     const data = document.getElementById("query-data");
     if (!data) return;
     const query = JSON.parse(data.textContent);
-    const cards = visibleFirst(Array.from(document.querySelectorAll('.card[data-explain="pending"]')));
+    // A card whose caption is still being generated is explained by captionAll() once it has it.
+    const cards = visibleFirst(
+      Array.from(document.querySelectorAll('.card[data-explain="pending"]:not([data-caption="pending"])'))
+    );
     const queue = [];
     for (let i = 0; i < cards.length; i += EXPLAIN_BATCH) queue.push(cards.slice(i, i + EXPLAIN_BATCH));
     async function worker() {
@@ -137,6 +140,94 @@
       }
     }
     await Promise.all(Array.from({ length: Math.min(EXPLAIN_IN_FLIGHT, queue.length) }, worker));
+  }
+
+  // Captions the server is still generating: one held request per page asks for every pending card,
+  // visible ones first, and answers as soon as any is ready; each card is explained once its caption
+  // is there, so the caption grounds the explanation.
+  const CAPTION_WAIT_S = 20;
+
+  function onScreen(card) {
+    const r = card.getBoundingClientRect();
+    return r.bottom > 0 && r.top < window.innerHeight;
+  }
+
+  // Same markup as the caption paragraph in _card.html.
+  function renderCaption(card, item) {
+    const p = card.querySelector(".caption");
+    if (!p) return;
+    if (!item.caption) {
+      p.className = "caption none";
+      p.textContent = "No caption";
+      return;
+    }
+    const source = item.caption_source || "";
+    p.className = "caption";
+    p.replaceChildren(item.caption + " ", el("span", "src", source.startsWith("generated:") ? "generated" : source));
+    const img = card.querySelector(".stage img");
+    if (img && img.alt.startsWith("result ")) img.alt = item.caption;
+  }
+
+  function renderCaptionProgress(progress) {
+    const line = document.getElementById("caption-progress");
+    if (line && progress && progress.enabled) line.textContent = "captions " + progress.done + "/" + progress.total;
+  }
+
+  function captionDone(card, item) {
+    renderCaption(card, item || {});
+    card.dataset.caption = "done";
+  }
+
+  // Cards whose captions came together are explained together, in batches, as explainAll() does.
+  async function explainCards(cards, query) {
+    const pending = cards.filter((c) => c.dataset.explain === "pending");
+    for (let i = 0; i < pending.length; i += EXPLAIN_BATCH) {
+      let batch = pending.slice(i, i + EXPLAIN_BATCH);
+      while (batch.length) {
+        const result = await explainBatch(batch, query);
+        if (!result) break;
+        await sleep(Math.max(1, result.retryIn) * 1000);
+        batch = result.later;
+      }
+    }
+  }
+
+  async function captionAll() {
+    const data = document.getElementById("query-data");
+    let cards = Array.from(document.querySelectorAll('.card[data-caption="pending"]'));
+    if (!data || !cards.length) return;
+    const query = JSON.parse(data.textContent);
+    let failures = 0;
+    while (cards.length && failures < 3) {
+      cards.sort((a, b) => Number(onScreen(b)) - Number(onScreen(a)));
+      try {
+        const res = await fetch("/api/captions", {
+          method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ ids: cards.map((c) => Number(c.dataset.id)), wait_s: CAPTION_WAIT_S }),
+        });
+        const body = await res.json();
+        if (!res.ok) throw new Error((body.error && body.error.message) || "HTTP " + res.status);
+        renderCaptionProgress(body.progress);
+        const byId = new Map((body.captions || []).map((c) => [c.id, c]));
+        const still = [];
+        const done = [];
+        for (const card of cards) {
+          const item = byId.get(Number(card.dataset.id));
+          if (item && item.pending) still.push(card);
+          else {
+            captionDone(card, item);
+            done.push(card);
+          }
+        }
+        explainCards(done, query); // not awaited: the next captions are asked for meanwhile
+        cards = still;
+      } catch (err) {
+        failures += 1;
+        await new Promise((resolve) => setTimeout(resolve, 2000));
+      }
+    }
+    for (const card of cards) captionDone(card, null);
+    explainCards(cards, query); // explained without a caption, not never
   }
 
   function evidenceToggle() {
@@ -229,5 +320,6 @@
     evidenceToggle();
     searchForm();
     explainAll();
+    captionAll();
   });
 })();

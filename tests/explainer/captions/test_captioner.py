@@ -55,8 +55,10 @@ def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def captioner(tiny_blip_dir: Path) -> Iterator[Captioner]:
-    cap = create_captioner(
-        CaptionerConfig(model=str(tiny_blip_dir), device="cpu", batch_size=4, generation=GEN)
+    cap = create_captioner(  # fp32: these tests compare captions (auto may be int8 or bf16)
+        CaptionerConfig(
+            model=str(tiny_blip_dir), device="cpu", batch_size=4, generation=GEN, precision="fp32"
+        )
     )
     yield cap
     cap.close()
@@ -111,7 +113,7 @@ def test_generation_settings_come_from_settings_and_key_the_cache(
     monkeypatch.setenv("CLEARSIGHT_CAPTION_MIN_NEW_TOKENS", "6")
     cfg = CaptionerConfig.from_settings(Settings(), model=str(tiny_blip_dir), batch_size=None)
     assert cfg.generation == GenerationSettings(num_beams=2, max_new_tokens=6, min_new_tokens=6)
-    assert cfg.batch_size == 8 and cfg.model == str(tiny_blip_dir)
+    assert cfg.batch_size == "auto" and cfg.resolved_batch_size() == 8 and cfg.model == str(tiny_blip_dir)
     beams = create_captioner(cfg)
     assert "beams=2,max=6,min=6" in beams.fingerprint
     assert len(beams.caption([Image.new("RGB", (40, 30), "red")])[0].split()) == 6
@@ -224,3 +226,20 @@ def test_cli_caption_then_image_to_text_search(
     hits = json.loads(r.stdout)["results"]
     assert hits and all(h["source"].startswith("generated:") for h in hits)
     assert {h["path"] for h in hits} <= {str(p) for p in [*files, images / "again.jpg"]}
+
+
+@pytest.mark.usefixtures("caption_settings")
+def test_index_caption_captions_right_after_encoding_and_status_counts_it(
+    tiny_clip_dir: Path, tiny_blip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, data = tmp_path / "images", tmp_path / "data"
+    make_folder(images, 4)
+    monkeypatch.setenv("CLEARSIGHT_CAPTION_MODEL", str(tiny_blip_dir))
+    get_settings.cache_clear()
+    args = ["index", str(images), "-m", str(tiny_clip_dir), "--data-dir", str(data), "-q", "--json"]
+    r = runner.invoke(app, [*args, "--caption"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["encoded"] == 4  # stdout stays one JSON object; captioning reports on stderr
+    assert r.stderr.startswith("captioned 4 images now")
+    r = runner.invoke(app, ["status", "--data-dir", str(data), "--json"])
+    assert json.loads(r.stdout)["captions"] == {"indexed": 4, "done": 4, "total": 4}

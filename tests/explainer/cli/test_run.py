@@ -49,8 +49,12 @@ def test_run_indexes_then_serves_the_collection(
     assert r.exit_code == 0, r.output
     assert "4 new" in r.stdout
     assert not demo.calls
-    assert server.calls == [{"args": (data, None, 8123)}]
+    assert server.calls == [{"args": (data, None, 8123), "captions": True}]  # a user's folder gets captions
     assert (data / "catalog.sqlite").exists() or any(data.iterdir())
+    server.calls.clear()
+    r = runner.invoke(app, [*argv, "--no-captions"])
+    assert r.exit_code == 0, r.output
+    assert server.calls == [{"args": (data, None, None), "captions": False}]
 
 
 def test_run_without_default_weights_falls_back_to_the_demo(
@@ -63,7 +67,7 @@ def test_run_without_default_weights_falls_back_to_the_demo(
     assert r.exit_code == 0, r.output
     assert "not on this machine" in r.stderr and "DEMO" in r.stderr
     assert len(demo.calls) == 1 and demo.calls[0]["args"][0] == data / "demo"
-    assert server.calls == [{"args": (data / "demo", None, None)}]
+    assert server.calls == [{"args": (data / "demo", None, None), "captions": None}]  # captioned already
 
 
 def test_run_with_a_named_model_that_is_missing_fails_instead_of_hiding_it(
