@@ -88,6 +88,24 @@ def test_errors_are_one_line_with_exit_codes(indexed: tuple[Path, Path, list[Pat
     assert r.exit_code == 4 and "clearsight index" in r.stderr
 
 
+@pytest.mark.parametrize(("top_k", "words"), [("1001", "got 1001"), ("-3", "got -3"), ("0", "got 0")])
+def test_top_k_out_of_bounds_is_refused_with_the_number_given(
+    indexed: tuple[Path, Path, list[Path]], top_k: str, words: str
+) -> None:
+    _, data, _ = indexed
+    for extra in ([], ["--captions"], ["--json"]):
+        r = runner.invoke(app, ["search", "a red square", "--top-k", top_k, *extra, "--data-dir", str(data)])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert f"top-k must be between 1 and 1000, {words}" in r.stderr and "images" not in r.stdout
+
+
+def test_the_largest_top_k_is_allowed(indexed: tuple[Path, Path, list[Path]]) -> None:
+    _, data, _ = indexed
+    out = _search(data, "a red square", "--top-k", "1000")
+    assert len(out["results"]) == 10  # every indexed image: the page asked for more than there are
+    assert all(r["file_name"] for r in out["results"])
+
+
 def test_missing_weights_message_without_traceback(tmp_path: Path) -> None:
     make_folder(tmp_path / "imgs", 1)
     p = subprocess.run(

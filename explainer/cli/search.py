@@ -162,6 +162,7 @@ def search_cmd(
             min_score=min_score,
             image_key=qkey,
         )
+        q.validate()  # before anything is built from it: a bad --top-k is one line, not a traceback
         if captions:
             result = searcher.search_captions(q)
             if json_out:

@@ -19,8 +19,8 @@ from explainer.errors import BadQuery
 from explainer.server import images
 from explainer.server.queries import QueryInput, decode_base64, echo_for
 from explainer.server.schemas import (
-    IMAGE_KEY_PATTERN,
     NO_CAPTIONS_NOTE,
+    SEARCH_REQUEST,
     ExplainedHit,
     ExplainRequest,
     ExplainResponse,
@@ -34,6 +34,7 @@ from explainer.server.schemas import (
 from explainer.server.state import ServerState, state_of
 from explainer.words import image_too_large, offset_too_far, too_many_results
 from retrieval.fetch import FetchConfig, fetch_bytes
+from retrieval.query import IMAGE_KEY_PATTERN, QuerySpec
 from retrieval.search import CaptionHit
 from retrieval.search import Query as LibraryQuery
 
@@ -58,7 +59,7 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
     limit = state.settings.max_upload_bytes
     if ctype == "application/json":
         try:
-            req = SearchRequest.model_validate_json(await request.body())
+            req = SEARCH_REQUEST.validate_json(await request.body())
         except ValidationError as exc:
             raise _invalid(exc) from None
         data = decode_base64(req.image_base64, limit) if req.image_base64 is not None else None
@@ -81,7 +82,7 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
         if "image_base64" in fields:
             raise BadQuery("send the image as the file field 'image' in a form")
         try:
-            req = SearchRequest.model_validate(fields)
+            req = SEARCH_REQUEST.validate_python(fields)
         except ValidationError as exc:
             raise _invalid(exc) from None
         if data is not None and any(v is not None for v in (req.image_key, req.like_id, req.image_url)):
@@ -132,17 +133,7 @@ async def search(request: Request) -> SearchResponse:
     state = state_of(request)
     req, data = await _read_search(request, state)
     _check_bounds(state, req.top_k, req.offset)
-    inp = QueryInput(
-        req.text,
-        data,
-        req.image_key,
-        req.like_id,
-        req.weight,
-        req.negative,
-        req.top_k,
-        req.offset,
-        req.min_score,
-    )
+    inp = QueryInput(req.spec(), data, req.top_k, req.offset)
     if not inp.has_query:
         raise BadQuery("give a text query, an image, or both")
     pipeline = await state.ready()
@@ -173,12 +164,12 @@ def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput
     hits = [h for h in result.results if isinstance(h, CaptionHit)]
     return SearchResponse(
         target="captions",
-        results=caption_cards(hits[: query.top_k]),
+        results=caption_cards(hits),
         query=echo,
         total=result.total,
         offset=query.offset,
         top_k=query.top_k,
-        has_more=len(hits) > query.top_k,
+        has_more=result.has_more,
         model=public_model_name(result.model),
         no_confident_match=result.no_confident_match,
         cached=result.cached,
@@ -194,7 +185,7 @@ def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput
 async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(body.text, None, body.image_key, body.like_id, body.weight, body.negative)
+    inp = QueryInput(body.spec())
     items = list(zip(body.ids, body.ranks or [1] * len(body.ids), strict=True))
 
     def make_query() -> LibraryQuery:
@@ -268,7 +259,7 @@ async def evidence_png(
 ) -> Response:
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(q, None, qimg, like, w, neg)
+    inp = QueryInput(QuerySpec(text=q, image_key=qimg, like_id=like, weight=w, negative=neg))
     if not inp.has_query:
         raise BadQuery("give the query (q, qimg or like) whose evidence to draw")
     rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)

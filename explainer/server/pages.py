@@ -16,21 +16,22 @@ from fastapi import APIRouter, Form, Path, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
-from explainer.cards.model import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
-from explainer.cards.pipeline import CardPipeline, ResultPage
+from explainer.cards.model import (
+    DETAIL_SIZE,
+    QueryEcho,
+    echo_values,
+    evidence_png_url,
+    query_params,
+    thumb_url,
+)
+from explainer.cards.pipeline import CardPipeline, DetailCard, ResultPage
 from explainer.errors import BadImage, BadQuery, ClearsightError, http_status_for, server_message
 from explainer.server.queries import QueryInput
-from explainer.server.schemas import (
-    IMAGE_KEY_PATTERN,
-    NO_CAPTIONS_NOTE,
-    OFFSET_CEILING,
-    TEXT_MAX,
-    TOP_K_CEILING,
-    caption_cards,
-)
+from explainer.server.schemas import NO_CAPTIONS_NOTE, OFFSET_CEILING, TOP_K_CEILING, caption_cards
 from explainer.server.state import ServerState, state_of
 from explainer.words import image_too_large
 from retrieval.fetch import FetchConfig, fetch_bytes, is_url
+from retrieval.query import IMAGE_KEY_PATTERN, TEXT_MAX, QuerySpec
 from retrieval.search import CaptionHit
 
 router = APIRouter(include_in_schema=False)
@@ -100,7 +101,8 @@ async def index(
 ) -> Response:
     state = state_of(request)
     top_k = min(k or state.settings.default_top_k, state.settings.top_k_max)
-    inp = QueryInput(q, None, qimg, like, w, neg, top_k, min(o, state.settings.offset_max))
+    spec = QuerySpec(text=q, image_key=qimg, like_id=like, weight=w, negative=neg)
+    inp = QueryInput(spec, None, top_k, min(o, state.settings.offset_max))
     form = _form(q, w, top_k, neg, qimg, like, t, ev)
     if not inp.has_query:
         return state.templates.TemplateResponse(request, "index.html", _context(state, form=form))
@@ -122,7 +124,7 @@ async def index(
         "last": page.offset + len(page.cards),
         "pages": page_numbers(page.offset, top_k, page.has_more, lambda o: _page_url(echo, top_k, o, t, ev)),
     }
-    ctx = _context(state, form=form, page=page, cards=page.cards, query=echo.model_dump(), nav=nav)
+    ctx = _context(state, form=form, page=page, cards=page.cards, query=echo_values(echo), nav=nav)
     return state.templates.TemplateResponse(request, "index.html", ctx)
 
 
@@ -132,7 +134,7 @@ async def _captions_page(
     """The "find captions" mode: the captions nearest the query, each with its image."""
     result, query, echo = await anyio.to_thread.run_sync(state.search_captions, pipeline, inp)
     hits = [h for h in (result.results if result else []) if isinstance(h, CaptionHit)]
-    has_more = len(hits) > query.top_k
+    has_more = result is not None and result.has_more
     top_k = query.top_k
     nav = {
         "prev": _page_url(echo, top_k, max(0, query.offset - top_k), "captions")
@@ -140,16 +142,16 @@ async def _captions_page(
         else None,
         "next": _page_url(echo, top_k, query.offset + top_k, "captions") if has_more else None,
         "first": query.offset + 1,
-        "last": query.offset + min(len(hits), top_k),
+        "last": query.offset + len(hits),
     }
     ctx = _context(
         state,
         form=form,
-        caption_results=caption_cards(hits[:top_k]),
+        caption_results=caption_cards(hits),
         captions_note=None if result is not None else NO_CAPTIONS_NOTE,
         no_confident_match=result.no_confident_match if result is not None else True,
         captions_total=result.total if result is not None else 0,
-        query=echo.model_dump(),
+        query=echo_values(echo),
         nav=nav,
     )
     return state.templates.TemplateResponse(request, "index.html", ctx)
@@ -265,23 +267,27 @@ async def detail(
     neg: Text = None,
     r: Annotated[int, Query(ge=1, le=10**6)] = 1,
 ) -> Response:
+    """`r`, the rank the link was made with, is accepted (old links keep working) but not believed:
+    the rank, score and confidence shown are the search's own."""
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(q, None, qimg, like, w, neg)
+    inp = QueryInput(QuerySpec(text=q, image_key=qimg, like_id=like, weight=w, negative=neg))
 
-    def build() -> tuple[Any, QueryEcho | None]:
+    def build() -> tuple[DetailCard | None, QueryEcho | None]:
         if not inp.has_query:
-            return pipeline.card_for(image_id, None, None, rank=r), None
+            return pipeline.card_for(image_id, None, None), None
         query, echo = state.resolve(inp, pipeline.searcher)
-        return pipeline.card_for(image_id, query, echo, rank=r), echo
+        return pipeline.card_for(image_id, query, echo), echo
 
-    card, echo = await anyio.to_thread.run_sync(build)
-    if card is None:
+    found, echo = await anyio.to_thread.run_sync(build)
+    if found is None:
         raise HTTPException(404, f"no indexed image with id {image_id}")
+    card = found.card
     ctx = _context(
         state,
         card=card,
-        query=echo.model_dump() if echo is not None else None,
+        ranked=found.ranked,
+        query=echo_values(echo) if echo is not None else None,
         back_url=_page_url(echo, state.settings.default_top_k, 0) if echo is not None else "/",
         large_url=thumb_url(card.id, DETAIL_SIZE),
         evidence_url=evidence_png_url(card.id, echo) if echo is not None else None,

@@ -47,11 +47,8 @@
 
   async function explainCard(card, query) {
     const box = card.querySelector(".explanation");
-    const body = {
-      text: query.text, image_key: query.image_key, like_id: query.like_id,
-      weight: query.weight, negative: query.negative,
-      ids: [Number(card.dataset.id)], ranks: [Number(card.dataset.rank)],
-    };
+    const { kind, ...spec } = query;  // the echo is the query spec plus its kind
+    const body = { ...spec, ids: [Number(card.dataset.id)], ranks: [Number(card.dataset.rank)] };
     try {
       const res = await fetch("/api/explain", {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
