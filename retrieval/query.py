@@ -143,6 +143,24 @@ def _bounds() -> list[tuple[str, str, tuple[Bound, ...]]]:
     return out
 
 
+def bounds_of(name: str) -> dict[str, Any]:
+    """A field's bounds as keywords (ge, le, max_length, pattern), for frameworks that take them so
+    (FastAPI's URL parameters read keywords, not annotations)."""
+    out: dict[str, Any] = {}
+    for field_name, _, checks in _bounds():
+        if field_name == name:
+            for c in checks:
+                if isinstance(c, Ge):
+                    out["ge"] = c.ge
+                elif isinstance(c, Le):
+                    out["le"] = c.le
+                elif isinstance(c, MaxLen):
+                    out["max_length"] = c.max_length
+                else:
+                    out["pattern"] = c.regex
+    return out
+
+
 def _violation(label: str, value: Any, check: Bound, checks: tuple[Bound, ...]) -> str | None:
     """The message for `value` breaking `check`, or None; a range is named whole ("between a and b")."""
     if isinstance(check, Ge | Le):

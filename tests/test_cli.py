@@ -170,3 +170,14 @@ def test_search_knobs_reach_the_index_for_that_search_only(
     # six images: any breadth finds them all, in the same order
     assert json.loads(plain.stdout)["results"] == json.loads(tuned.stdout)["results"]
     assert runner.invoke(app, [*base, "--nprobe", "0"]).exit_code == 2
+
+
+def test_filters_of_the_query_spec_are_flags(indexed: tuple[Path, Path, list[Path]]) -> None:
+    """--min-score is made from the spec's field (no hand-written option): it filters, and its bounds hold."""
+    _, data, _ = indexed
+    every = _search(data, "a red square", "--top-k", "10")["results"]
+    cut = round((every[1]["score"] + every[2]["score"]) / 2, 4)
+    kept = _search(data, "a red square", "--top-k", "10", "--min-score", str(cut))["results"]
+    assert [r["id"] for r in kept] == [r["id"] for r in every[:2]]
+    r = runner.invoke(app, ["search", "x", "--min-score", "2", "--data-dir", str(data)])
+    assert r.exit_code == 2 and "min score must be between -1 and 1, got 2.0" in r.stderr

@@ -367,3 +367,20 @@ def test_the_detail_page_shows_no_rank_for_an_image_its_query_does_not_return(cl
     html = _detail(client, 4, like=4, r=1)
     assert "not among this query's results" in html and "data-rank=" not in html
     assert 'data-explain="none"' in html and "#1</dd>" not in html
+
+
+def test_page_urls_carry_the_whole_spec_and_refuse_it_out_of_bounds(client: TestClient) -> None:
+    """The pages and the evidence picture read the query spec from the URL with the spec's own bounds,
+    a filter (min_score) included, and the links they make carry it on."""
+    hits = client.post("/api/search", json={"text": "a red square", "top_k": 12, "explain": False}).json()
+    scores = sorted((h["score"] for h in hits["results"]), reverse=True)
+    cut = round((scores[2] + scores[3]) / 2, 4)  # between the third and fourth best: three hits reach it
+    assert scores[2] > cut > scores[3]
+    page = client.get("/", params={"q": "a red square", "k": 12, "min_score": cut})
+    assert page.status_code == 200 and page.text.count('class="card"') == 3
+    assert f"min_score={cut:g}" in page.text  # the detail links keep the filter
+    for bad in ({"w": "2"}, {"like": "0"}, {"qimg": "nothex"}, {"min_score": "-3"}, {"q": "x" * 1001}):
+        assert client.get("/", params={"q": "red", **bad}).status_code == 422, bad
+        assert client.get("/api/images/1/evidence.png", params={"q": "red", **bad}).status_code == 422, bad
+    params = client.get("/openapi.json").json()["paths"]["/api/images/{image_id}/evidence.png"]["get"]
+    assert {"q", "qimg", "like", "neg", "w", "min_score"} <= {p["name"] for p in params["parameters"]}

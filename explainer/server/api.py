@@ -17,7 +17,7 @@ from explainer.cards.model import DETAIL_SIZE, THUMB_SIZES, public_model_name
 from explainer.cards.pipeline import CardPipeline
 from explainer.errors import BadQuery
 from explainer.server import images
-from explainer.server.queries import QueryInput, decode_base64, echo_for
+from explainer.server.queries import QueryInput, UrlSpec, decode_base64, echo_for
 from explainer.server.schemas import (
     NO_CAPTIONS_NOTE,
     SEARCH_REQUEST,
@@ -34,7 +34,7 @@ from explainer.server.schemas import (
 from explainer.server.state import ServerState, state_of
 from explainer.words import image_too_large, offset_too_far, too_many_results
 from retrieval.fetch import FetchConfig, fetch_bytes
-from retrieval.query import IMAGE_KEY_PATTERN, QuerySpec
+from retrieval.query import IMAGE_KEY_PATTERN
 from retrieval.search import CaptionHit
 from retrieval.search import Query as LibraryQuery
 
@@ -250,16 +250,12 @@ def _thumbs(state: ServerState) -> images.Thumbnails:
 async def evidence_png(
     image_id: ImageId,
     request: Request,
-    q: Annotated[str | None, Query(max_length=1000, description="Text query")] = None,
-    qimg: Annotated[str | None, Query(pattern=IMAGE_KEY_PATTERN, description="Uploaded image key")] = None,
-    like: Annotated[int | None, Query(ge=1, le=2**62, description="Query image by catalog id")] = None,
-    w: Annotated[float, Query(ge=0.0, le=1.0, description="Text's share")] = 0.5,
-    neg: Annotated[str | None, Query(max_length=1000)] = None,
+    spec: UrlSpec,
     size: Annotated[int, Query(ge=64, le=DETAIL_SIZE)] = DETAIL_SIZE,
 ) -> Response:
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(QuerySpec(text=q, image_key=qimg, like_id=like, weight=w, negative=neg))
+    inp = QueryInput(spec)
     if not inp.has_query:
         raise BadQuery("give the query (q, qimg or like) whose evidence to draw")
     rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)

@@ -26,7 +26,7 @@ from explainer.cards.model import (
 )
 from explainer.cards.pipeline import CardPipeline, DetailCard, ResultPage
 from explainer.errors import BadImage, BadQuery, ClearsightError, http_status_for, server_message
-from explainer.server.queries import QueryInput
+from explainer.server.queries import QueryInput, UrlSpec
 from explainer.server.schemas import NO_CAPTIONS_NOTE, OFFSET_CEILING, TOP_K_CEILING, caption_cards
 from explainer.server.state import ServerState, state_of
 from explainer.words import image_too_large
@@ -36,12 +36,8 @@ from retrieval.search import CaptionHit
 
 router = APIRouter(include_in_schema=False)
 
-Text = Annotated[str | None, Query(max_length=TEXT_MAX)]
 Target = Annotated[Literal["images", "captions"], Query()]
 EvidenceMethod = Annotated[Literal["auto", "grid", "dense"], Query()]
-ImageKey = Annotated[str | None, Query(pattern=IMAGE_KEY_PATTERN)]
-LikeId = Annotated[int | None, Query(ge=1, le=2**62)]
-Weight = Annotated[float, Query(ge=0.0, le=1.0)]
 
 
 def _page_url(echo: QueryEcho, top_k: int, offset: int, target: str = "images", ev: str = "auto") -> str:
@@ -77,6 +73,10 @@ def _form(
     }
 
 
+def _spec_form(spec: QuerySpec, top_k: int, target: str = "images", ev: str = "auto") -> dict[str, Any]:
+    return _form(spec.text, spec.weight, top_k, spec.negative, spec.image_key, spec.like_id, target, ev)
+
+
 def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
     return {
         "status": state.page_status(),
@@ -89,11 +89,7 @@ def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
 @router.get("/", name="index")
 async def index(
     request: Request,
-    q: Text = None,
-    qimg: ImageKey = None,
-    like: LikeId = None,
-    w: Weight = 0.5,
-    neg: Text = None,
+    spec: UrlSpec,
     k: Annotated[int | None, Query(ge=1, le=TOP_K_CEILING)] = None,
     o: Annotated[int, Query(ge=0, le=OFFSET_CEILING)] = 0,
     t: Target = "images",
@@ -101,9 +97,8 @@ async def index(
 ) -> Response:
     state = state_of(request)
     top_k = min(k or state.settings.default_top_k, state.settings.top_k_max)
-    spec = QuerySpec(text=q, image_key=qimg, like_id=like, weight=w, negative=neg)
     inp = QueryInput(spec, None, top_k, min(o, state.settings.offset_max))
-    form = _form(q, w, top_k, neg, qimg, like, t, ev)
+    form = _spec_form(spec, top_k, t, ev)
     if not inp.has_query:
         return state.templates.TemplateResponse(request, "index.html", _context(state, form=form))
     try:
@@ -260,18 +255,14 @@ def _fetch_for_page(state: ServerState, url: str) -> bytes:
 async def detail(
     request: Request,
     image_id: Annotated[int, Path(ge=1, le=2**62)],
-    q: Text = None,
-    qimg: ImageKey = None,
-    like: LikeId = None,
-    w: Weight = 0.5,
-    neg: Text = None,
+    spec: UrlSpec,
     r: Annotated[int, Query(ge=1, le=10**6)] = 1,
 ) -> Response:
     """`r`, the rank the link was made with, is accepted (old links keep working) but not believed:
     the rank, score and confidence shown are the search's own."""
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(QuerySpec(text=q, image_key=qimg, like_id=like, weight=w, negative=neg))
+    inp = QueryInput(spec)
 
     def build() -> tuple[DetailCard | None, QueryEcho | None]:
         if not inp.has_query:
@@ -291,6 +282,6 @@ async def detail(
         back_url=_page_url(echo, state.settings.default_top_k, 0) if echo is not None else "/",
         large_url=thumb_url(card.id, DETAIL_SIZE),
         evidence_url=evidence_png_url(card.id, echo) if echo is not None else None,
-        form=_form(q, w, state.settings.default_top_k, neg, qimg, like),
+        form=_spec_form(spec, state.settings.default_top_k),
     )
     return state.templates.TemplateResponse(request, "detail.html", ctx)

@@ -11,21 +11,27 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import inspect
 import logging
 import threading
+import typing
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
+from fastapi import Depends
+from fastapi import Query as UrlParam
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from explainer.cards.model import QueryEcho, echo_of
+from explainer.cards.model import QueryEcho, echo_of, url_name
 from explainer.errors import BadQuery
 from explainer.explain.types import QueryKind
 from explainer.words import image_too_large
 from retrieval import imageio
-from retrieval.query import Query, QuerySpec
+from retrieval.query import DOC, Query, QuerySpec, bounds_of
 from retrieval.search import Searcher
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,37 @@ class QueryInput:
         return bool(s.text and s.text.strip()) or any(
             v is not None for v in (self.image_bytes, s.image_key, s.like_id)
         )
+
+
+def _url_spec() -> Callable[..., QuerySpec]:
+    """A route dependency reading the spec from the URL, each field under its page name (`url_name`).
+
+    Its signature is made from the spec's fields, so FastAPI validates each parameter with the
+    spec's own bounds and documents it, and a new spec field is read from URLs without a route
+    changing.
+    """
+    hints = typing.get_type_hints(QuerySpec)  # the plain types: FastAPI takes bounds as keywords
+    params = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=UrlParam(
+                f.default, alias=url_name(f.name), description=f.metadata.get(DOC), **bounds_of(f.name)
+            ),
+            annotation=hints[f.name],
+        )
+        for f in dataclasses.fields(QuerySpec)
+    ]
+
+    def from_url(**values: Any) -> QuerySpec:
+        return QuerySpec(**values)
+
+    from_url.__signature__ = inspect.Signature(params, return_annotation=QuerySpec)  # type: ignore[attr-defined]
+    return from_url
+
+
+#: A route parameter holding the query spec read from the URL (q, qimg, like, neg, w, min_score...).
+UrlSpec = Annotated[QuerySpec, Depends(_url_spec())]
 
 
 def decode_base64(data: str, max_bytes: int) -> bytes:
