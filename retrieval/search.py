@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,42 +22,19 @@ from retrieval.index.result_cache import ResultCache, image_key, vector_key
 from retrieval.index.store import LoadedIndex
 from retrieval.index.sync import embed_texts_cached
 from retrieval.paths import display_path
+from retrieval.query import MAX_TOP_K, Query, QuerySpec
 from retrieval.types import Float32Array
 
-MAX_TOP_K = 1000
-
-
-@dataclass(frozen=True)
-class Query:
-    """What the user asked. `weight` is the text's share in a text+image query (0..1)."""
-
-    text: str | None = None
-    image: Image.Image | None = None
-    weight: float = 0.5
-    negative: str | None = None
-    negative_weight: float = 0.5
-    top_k: int = 10
-    offset: int = 0
-    min_score: float | None = None
-    image_key: str | None = None  # content hash of the query image, for caches
-
-    @property
-    def kind(self) -> str:
-        if self.text and self.image is not None:
-            return "text+image"
-        return "image" if self.image is not None else "text"
-
-    def validate(self) -> None:
-        if not (self.text and self.text.strip()) and self.image is None:
-            raise BadQuery("give a text query, an image, or both")
-        if not 0.0 <= self.weight <= 1.0:
-            raise BadQuery(f"weight must be between 0 and 1 (the text's share), got {self.weight}")
-        if not 0.0 <= self.negative_weight <= 1.0:
-            raise BadQuery(f"negative weight must be between 0 and 1, got {self.negative_weight}")
-        if not 1 <= self.top_k <= MAX_TOP_K:
-            raise BadQuery(f"top-k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
-        if self.offset < 0:
-            raise BadQuery(f"offset must be 0 or more, got {self.offset}")
+__all__ = [
+    "MAX_TOP_K",
+    "CaptionHit",
+    "Hit",
+    "Query",
+    "QuerySpec",
+    "SearchResult",
+    "Searcher",
+    "load_query_image",
+]
 
 
 @dataclass
@@ -75,6 +53,33 @@ class Hit:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
+
+    @classmethod
+    def from_record(
+        cls,
+        rec: ImageRecord,
+        score: float,
+        rank: int,
+        *,
+        relative_path: str,
+        captions: Sequence[str] = (),
+        confidence: float | None = None,
+    ) -> Hit:
+        """The one way a hit is made from a catalog record, so every hit names its file the same way
+        (searches, "more like this", scored ids, the detail view, test stand-ins)."""
+        return cls(
+            id=rec.id,
+            path=rec.path,
+            score=round(score, 6),
+            rank=rank,
+            width=rec.width,
+            height=rec.height,
+            content_hash=rec.content_hash,
+            captions=list(captions),
+            confidence=confidence,
+            file_name=display_path(Path(rec.path).name),
+            relative_path=relative_path,
+        )
 
 
 @dataclass
@@ -107,6 +112,8 @@ class SearchResult:
     #: True when the whole result came from the result cache (no encoder call, no index search).
     cached: bool = False
     missing_shards: list[int] = field(default_factory=list)  # a sharded index's shards that did not answer
+    #: True when more hits follow this page (the search looked one hit further than the page).
+    has_more: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -229,6 +236,8 @@ class Searcher:
         )
 
     def _result_key(self, vec: Float32Array, q: Query, kind: str, target: str) -> tuple[object, ...]:
+        # every spec field may decide which hits qualify (filters, the "more like this" image left
+        # out), so all of them are in the key; the vector stands for the texts and the image
         return (
             self.index.version,
             self.encoder.info.fingerprint,
@@ -238,7 +247,7 @@ class Searcher:
             self.params,
             q.top_k,
             q.offset,
-            q.min_score,
+            tuple(sorted(q.spec_values().items())),
             self.confidence,
         )
 
@@ -279,38 +288,39 @@ class Searcher:
         idx = self.index.images
         if idx.ntotal == 0:
             raise NotEnoughData(self._empty_message(), remedy="index_first")
-        want = q.offset + q.top_k
+        want = q.offset + q.top_k + 1  # one more than the page says whether another page follows
         catalog = self.collection.catalog
         records: dict[int, ImageRecord] = {}
 
         def valid(ids: list[int]) -> list[bool]:
             records.update(catalog.get_images([i for i in ids if i not in records]))
-            return [(r := records.get(i)) is not None and r.state == "indexed" for i in ids]
+            return [(r := records.get(i)) is not None and qualifies(q, r) for i in ids]
 
         found = _fetch_valid(idx, vec, want, q.min_score, valid, self.params)
         missing = idx.missing_shards  # empty unless a sharded index lost shards
         caps = catalog.captions_for([i for _, i in found])
         roots = catalog.roots()
-        hits: list[Hit] = []
-        for s, i in found:
-            rec = records[i]
-            hits.append(
-                Hit(
-                    id=rec.id,
-                    path=rec.path,
-                    score=round(s, 6),
-                    rank=len(hits) + 1,
-                    width=rec.width,
-                    height=rec.height,
-                    content_hash=rec.content_hash,
-                    captions=[c.text for c in caps.get(rec.id, [])],
-                    file_name=display_path(Path(rec.path).name),
-                    relative_path=self.collection.catalog.relative_path(rec.path, roots),
-                )
+        hits = [
+            Hit.from_record(
+                records[i],
+                s,
+                rank,
+                relative_path=catalog.relative_path(records[i].path, roots),
+                captions=[c.text for c in caps.get(i, [])],
             )
+            for rank, (s, i) in enumerate(found, start=1)
+        ]
         page = hits[q.offset : q.offset + q.top_k]
         m = self.index.manifest
-        return SearchResult(kind, m.model_name, m.built_factory, idx.ntotal, page, missing_shards=missing)
+        return SearchResult(
+            kind,
+            m.model_name,
+            m.built_factory,
+            idx.ntotal,
+            page,
+            missing_shards=missing,
+            has_more=len(hits) > q.offset + q.top_k,
+        )
 
     def _empty_message(self) -> str:
         counts = self.collection.catalog.counts()
@@ -340,7 +350,7 @@ class Searcher:
                 "this collection has no captions to search: index a folder with a captions.jsonl",
                 remedy="add_captions",
             )
-        want = q.offset + q.top_k
+        want = q.offset + q.top_k + 1  # one more than the page says whether another page follows
         cat = self.collection.catalog
         caps: dict[int, CaptionRecord] = {}
         images: dict[int, ImageRecord] = {}
@@ -353,7 +363,7 @@ class Searcher:
             for i in ids:
                 c = caps.get(i)
                 rec = images.get(c.image_id) if c else None
-                out.append(rec is not None and rec.state == "indexed")
+                out.append(rec is not None and qualifies(q, rec))
             return out
 
         roots = cat.roots()
@@ -382,6 +392,7 @@ class Searcher:
             idx.ntotal,
             hits[q.offset : q.offset + q.top_k],
             "captions",
+            has_more=len(hits) > q.offset + q.top_k,
         )
 
     def score_ids(
@@ -399,18 +410,32 @@ class Searcher:
         records = catalog.get_images([i for i, _ in items])
         hashes = [r.content_hash for r in records.values() if r.content_hash]
         stored = catalog.get_embeddings(hashes, self.encoder.info.fingerprint)
+        roots = catalog.roots()
         hits: list[Hit] = []
         for image_id, rank in items:
             rec = records.get(image_id)
             if rec is None or rec.state != "indexed" or rec.content_hash not in stored:
                 continue
             score = float(np.dot(stored[rec.content_hash], vec[0]))
-            hits.append(Hit(rec.id, rec.path, round(score, 6), rank, rec.width, rec.height, rec.content_hash))
+            hits.append(
+                Hit.from_record(rec, score, rank, relative_path=catalog.relative_path(rec.path, roots))
+            )
         cal = self.calibration("images") if kind is not None and hits else None
         if cal is not None and kind is not None:
             for h, c in zip(hits, cal.confidences([h.score for h in hits], kind), strict=True):
                 h.confidence = c
         return hits
+
+    def locate(self, vec: Float32Array, q: Query, image_id: int) -> Hit | None:
+        """`image_id` as the search for `q` ranks it (its rank, score and confidence), or None when it
+        is not among that search's first MAX_TOP_K results.
+
+        A page that shows one image of a result (the detail view) asks this rather than trusting a
+        rank or score it was handed: the answer is the search's own, and a repeat comes from the cache.
+        """
+        whole = dataclasses.replace(q, top_k=MAX_TOP_K, offset=0)
+        result = self.search_vector(vec, whole, kind=q.kind)
+        return next((h for h in result.results if isinstance(h, Hit) and h.id == image_id), None)
 
     # -- confidence --------------------------------------------------------------------------
     def calibration(self, target: str = "images") -> Calibration | None:
@@ -451,6 +476,18 @@ class Searcher:
         for h, c in zip(hits, confs, strict=True):
             h.confidence = c
         result.no_confident_match = cal.no_confident_match(confs)
+
+
+def qualifies(q: QuerySpec, rec: ImageRecord) -> bool:
+    """The searcher's validity check: may `rec` be a hit for `q`? A new filter is one line here.
+
+    Score bounds (`min_score`) are not here: hits come best first, so the fetch stops at the first
+    score under the bound instead of testing every record.
+    """
+    return (
+        rec.state == "indexed"
+        and rec.id != q.like_id  # "more like this" never answers with the image it was asked about
+    )
 
 
 #: The first fetch asks for this many more than wanted; each further round doubles the fetch.

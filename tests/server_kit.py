@@ -64,23 +64,22 @@ class FixedSearcher(Searcher):
     """Returns the indexed images in id order with fixed scores, whatever the query: stable page snapshots."""
 
     def search_vector(self, vec: Float32Array, q: Query, kind: str = "vector") -> SearchResult:
-        records = self.collection.catalog.iter_images("indexed")
-        caps = self.collection.catalog.captions_for([r.id for r in records])
+        catalog = self.collection.catalog
+        records = catalog.iter_images("indexed")
+        caps = catalog.captions_for([r.id for r in records])
         hits = [
-            Hit(
-                r.id,
-                r.path,
-                round(0.9 - 0.05 * i, 6),
+            Hit.from_record(
+                r,
+                0.9 - 0.05 * i,
                 i + 1,
-                r.width,
-                r.height,
-                r.content_hash,
-                [c.text for c in caps.get(r.id, [])],
+                relative_path=catalog.relative_path(r.path),
+                captions=[c.text for c in caps.get(r.id, [])],
             )
             for i, r in enumerate(records)
         ]
         page = hits[q.offset : q.offset + q.top_k]
-        return SearchResult(kind, "tiny-clip", "Flat", len(records), page)
+        more = len(hits) > q.offset + q.top_k
+        return SearchResult(kind, "tiny-clip", "Flat", len(records), page, has_more=more)
 
 
 class FixedEvidence:

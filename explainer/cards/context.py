@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from explainer.cards.captions import CardCaptions
-from explainer.cards.model import QueryEcho
+from explainer.cards.model import QueryEcho, echo_of
 from explainer.explain.types import ExplainContext, QueryKind
 from retrieval.search import Hit, Query
 from retrieval.types import Region
@@ -15,14 +15,7 @@ from retrieval.types import Region
 
 def query_echo(query: Query) -> QueryEcho:
     """The echo of a library `Query` (what the CLI and notebooks search with), for contexts and cache keys."""
-    return QueryEcho(
-        text=query.text,
-        kind=cast(QueryKind, query.kind),  # Query.kind is always one of QueryKind's values
-        image_key=query.image_key,
-        weight=query.weight,
-        negative=query.negative,
-        min_score=query.min_score,
-    )
+    return echo_of(query, cast(QueryKind, query.kind))  # Query.kind is always one of QueryKind's values
 
 
 def build_context(

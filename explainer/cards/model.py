@@ -8,12 +8,16 @@ templates and the tests agree on them without importing FastAPI.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import PurePath
+from typing import Any
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from explainer.explain.types import Explanation, QueryKind
+from retrieval.query import DOC, QuerySpec
 from retrieval.search import Hit
 from retrieval.types import Region
 
@@ -98,18 +102,38 @@ class Card(BaseModel):
     )
 
 
-class QueryEcho(BaseModel):
+def _describe(schema: dict[str, Any], cls: type) -> None:
+    """Fill each property's description from the spec field's own (`retrieval.query` declares it once)."""
+    docs = (
+        {f.name: f.metadata.get(DOC) for f in dataclasses.fields(cls)}
+        if dataclasses.is_dataclass(cls)
+        else {}
+    )
+    for name, prop in schema.get("properties", {}).items():
+        if docs.get(name) and "description" not in prop:
+            prop["description"] = docs[name]
+
+
+def spec_config(**config: Any) -> ConfigDict:
+    """The pydantic config of a schema built on `QuerySpec`: descriptions come from the spec."""
+    return ConfigDict(json_schema_extra=_describe, **config)  # type: ignore[typeddict-item]
+
+
+@pydantic_dataclass(frozen=True, kw_only=True, config=spec_config())
+class QueryEcho(QuerySpec):
     """The query as the server understood it; enough to ask for the next page or for explanations."""
 
-    text: str | None = None
     kind: QueryKind
-    image_key: str | None = Field(
-        default=None, description="Handle of the uploaded query image; reuse it instead of uploading again"
-    )
-    like_id: int | None = None
-    weight: float
-    negative: str | None = None
-    min_score: float | None = None
+
+
+def echo_of(spec: QuerySpec, kind: QueryKind) -> QueryEcho:
+    """The echo of a spec (a `Query` included: only its spec fields are taken)."""
+    return QueryEcho(**spec.spec_values(), kind=kind)
+
+
+def echo_values(echo: QueryEcho) -> dict[str, Any]:
+    """The echo as plain JSON-able values (the page embeds it for its explanation requests)."""
+    return dataclasses.asdict(echo)
 
 
 def make_card(
@@ -151,19 +175,29 @@ def thumb_url(image_id: int, size: int = CARD_THUMB_SIZE) -> str:
     return f"/api/images/{image_id}/thumb?size={size}"
 
 
+#: Page URL parameter names of the spec's fields, where they are shorter than the field's own name
+#: (the names the page has always used); any other spec field is named as it is.
+URL_NAMES = {"text": "q", "image_key": "qimg", "like_id": "like", "negative": "neg", "weight": "w"}
+
+
+def url_name(field: str) -> str:
+    return URL_NAMES.get(field, field)
+
+
 def query_params(q: QueryEcho) -> dict[str, str]:
-    """Page query-string parameters that reproduce `q` (the names the page routes read)."""
+    """Page query-string parameters that reproduce `q` (the names the page routes read).
+
+    Every spec field that differs from its default is named, so a new filter travels in links by
+    itself; the text's share is named only for a text+image query, where it means something.
+    """
     out: dict[str, str] = {}
-    if q.text:
-        out["q"] = q.text
-    if q.image_key:
-        out["qimg"] = q.image_key
-    if q.like_id is not None:
-        out["like"] = str(q.like_id)
-    if q.negative:
-        out["neg"] = q.negative
-    if q.kind == "text+image":
-        out["w"] = f"{q.weight:g}"
+    for f in dataclasses.fields(QuerySpec):
+        value = getattr(q, f.name)
+        if value is None or value == "" or (f.name == "weight" and q.kind != "text+image"):
+            continue
+        if f.name != "weight" and value == f.default:
+            continue
+        out[url_name(f.name)] = f"{value:g}" if isinstance(value, float) else str(value)
     return out
 
 

@@ -13,7 +13,6 @@ requests do not search again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -68,11 +67,19 @@ class ResultPage:
 
 def query_token(echo: QueryEcho) -> str:
     """A stable key for "the same query", used to find a page's contexts again."""
-    fields = echo.model_dump(include={"text", "image_key", "like_id", "weight", "negative"})
+    fields = echo.spec_values()
     if fields["text"]:
         fields["text"] = " ".join(fields["text"].split())
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass
+class DetailCard:
+    """The detail view's card; `ranked`: the query's search returns this image (its rank is real)."""
+
+    card: Card
+    ranked: bool
 
 
 @dataclass
@@ -123,13 +130,11 @@ class CardPipeline:
     ) -> ResultPage:
         """Search and build cards without explanations (`query_vec`: the query already embedded;
         `evidence_method`: grid or dense for this page instead of the configured method)."""
-        probe = dataclasses.replace(query, top_k=query.top_k + 1)  # one extra says if a next page exists
         # The same page again (same query, page, evidence method and index version) is answered from
         # the page cache: no encoder call at all, not even evidence's. Explanations come from their cache.
         page_key = (
             self.searcher.index.version,
             query_token(echo),
-            echo.min_score,
             query.offset,
             query.top_k,
             evidence_method,
@@ -140,7 +145,7 @@ class CardPipeline:
                 hit.cached = True
                 self._refresh_captions(hit)
                 return hit
-        page = self._search(query, echo, probe, query_vec, evidence_method)
+        page = self._search(query, echo, query_vec, evidence_method)
         if query_vec is None and not page.missing_shards:  # partial pages are never replayed
             self._pages.put(page_key, page)
         return page
@@ -149,14 +154,13 @@ class CardPipeline:
         self,
         query: Query,
         echo: QueryEcho,
-        probe: Query,
         query_vec: Float32Array | None,
         evidence_method: str | None,
     ) -> ResultPage:
         with self._model_lock:
             try:
-                vec = self.searcher.embed_query(probe) if query_vec is None else query_vec
-                result = self.searcher.search_vector(vec, probe, kind=probe.kind)
+                vec = self.searcher.embed_query(query) if query_vec is None else query_vec
+                result = self.searcher.search_vector(vec, query, kind=query.kind)
             except ClearsightError:
                 raise
             except Exception as exc:  # a model that fails at run time must not look like a bad request
@@ -165,8 +169,6 @@ class CardPipeline:
                     f"the search model failed ({type(exc).__name__}); see the server log"
                 ) from exc
             hits = [h for h in result.results if isinstance(h, Hit)]
-            has_more = len(hits) > query.top_k
-            hits = hits[: query.top_k]
             built = self._build(query, echo, hits, vec, evidence_method=evidence_method)
         result.results = hits
         model = public_model_name(result.model)
@@ -176,7 +178,7 @@ class CardPipeline:
             result.total,
             query.offset,
             query.top_k,
-            has_more,
+            result.has_more,
             model,
             hits=hits,
             evidence=built.evidence,
@@ -252,24 +254,35 @@ class CardPipeline:
         image_id: int,
         query: Query | None,
         echo: QueryEcho | None,
-        rank: int = 1,
         limit: int = DETAIL_REGIONS,
-    ) -> Card | None:
+    ) -> DetailCard | None:
         """One image's card for the detail view, with up to `limit` evidence regions; None if not indexed.
 
-        Without a query there is nothing to score or explain: the card carries the image and captions.
+        Its rank, score and confidence are the search's own (`Searcher.locate`), never a caller's: an
+        image the search does not return is shown with its score against the query but no rank, and
+        is not explained (an explanation would speak of a rank it does not have). Without a query
+        there is nothing to score or explain: the card carries the image and captions.
         """
         with self._model_lock:
             if query is not None and echo is not None:
                 vec = self.searcher.embed_query(query)
-                hits = self.searcher.score_ids(vec, [(image_id, rank)], query.kind)
-                return self._build(query, echo, hits, vec, limit).cards[0] if hits else None
-            rec = self.searcher.collection.catalog.get_image(image_id)
+                hit = self.searcher.locate(vec, query, image_id)
+                if hit is not None:
+                    return DetailCard(self._build(query, echo, [hit], vec, limit).cards[0], ranked=True)
+                hits = self.searcher.score_ids(
+                    vec, [(image_id, 1)], query.kind
+                )  # the rank is a placeholder, not shown
+                if not hits:
+                    return None
+                built = self._build(query, echo, hits, vec, limit, remember=False)
+                return DetailCard(built.cards[0], ranked=False)
+            catalog = self.searcher.collection.catalog
+            rec = catalog.get_image(image_id)
             if rec is None or rec.state != "indexed":
                 return None
-            hit = Hit(rec.id, rec.path, 0.0, rank, rec.width, rec.height, rec.content_hash)
+            hit = Hit.from_record(rec, 0.0, 1, relative_path=catalog.relative_path(rec.path))
             caps = self.captions.lookup([hit])[0]
-            return make_card(hit, caps.caption, caps.source, caps.dataset, [])
+            return DetailCard(make_card(hit, caps.caption, caps.source, caps.dataset, []), ranked=False)
 
     def evidence_picture(
         self, image_id: int, query: Query, image: Image.Image, limit: int = DETAIL_REGIONS
@@ -295,8 +308,10 @@ class CardPipeline:
         query_vec: Float32Array | None = None,
         limit: int | None = None,
         evidence_method: str | None = None,
+        remember: bool = True,
     ) -> _Built:
-        """The stages in order: evidence and captions per hit, then contexts, then cards."""
+        """The stages in order: evidence and captions per hit, then contexts, then cards (`remember`:
+        keep the contexts for the page's explanation requests; not for a hit the search did not rank)."""
         stage = self.evidence
         switch = getattr(stage, "with_method", None)  # stages without methods (none, fakes) stay as they are
         if evidence_method is not None and switch is not None:
@@ -308,7 +323,7 @@ class CardPipeline:
         for hit, ev, caps in zip(hits, evidence, captions, strict=True):
             regions = card_regions(ev, limit or self.evidence.max_regions)
             ctx = build_context(hit, caps, regions, echo)
-            if ctx is not None:
+            if ctx is not None and remember:
                 self._contexts.put((token, hit.id), ctx)
             built.contexts.append(ctx)
             total = len(ev.regions) + ev.dropped_by_cap if ev is not None else None

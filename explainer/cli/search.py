@@ -7,11 +7,16 @@ and explanations run when asked, and `--caption` may run BLIP for hits that lack
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
+import typing
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,9 +40,10 @@ from explainer.settings import Settings, get_settings
 from retrieval import Query, Searcher, load_query_image
 from retrieval.modality import detect_query
 from retrieval.paths import is_demo_model
+from retrieval.query import DOC, QuerySpec
 
 
-def search_cmd(
+def _search_cmd(
     text: Annotated[
         str | None,
         typer.Argument(
@@ -57,9 +63,6 @@ def search_cmd(
     negative: Annotated[str | None, typer.Option("--negative", help="Text to steer away from")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Results per page")] = 10,
     offset: Annotated[int, typer.Option("--offset", help="Skip this many results (paging)")] = 0,
-    min_score: Annotated[
-        float | None, typer.Option("--min-score", help="Drop results scoring below this")
-    ] = None,
     captions: Annotated[
         bool, typer.Option("--captions", help="Return captions (image→text) instead of images")
     ] = False,
@@ -117,6 +120,7 @@ def search_cmd(
             show_default=False,
         ),
     ] = None,
+    filters: dict[str, Any] | None = None,
 ) -> None:
     """Search the collection by text, image, or both."""
     explain = explain or explain_backend is not None
@@ -159,9 +163,10 @@ def search_cmd(
             negative=negative,
             top_k=top_k,
             offset=offset,
-            min_score=min_score,
             image_key=qkey,
+            **(filters or {}),
         )
+        q.validate()  # before anything is built from it: a bad --top-k is one line, not a traceback
         if captions:
             result = searcher.search_captions(q)
             if json_out:
@@ -189,6 +194,38 @@ def search_cmd(
             typer.echo(f"evidence: {sum(p is not None for p in pngs)} annotated PNGs in {evidence}")
         if is_demo_model(page.result.model if page.result else ""):
             note("clearsight: note: a DEMO model (synthetic coloured shapes only), not a real encoder")
+
+
+#: Spec fields the command spells its own way: the argument, --image (a file, not a held key), -w,
+#: --negative. Every other field of the query spec (a filter) is an option named after it.
+_OWN_FIELDS = frozenset({"text", "image_key", "like_id", "weight", "negative"})
+
+
+def with_filter_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with one option per filter of the query spec (`--min-score`...), typed and described
+    by the spec, handed to it as `filters`: a field added to the spec is a flag without a change here."""
+    hints = typing.get_type_hints(QuerySpec)
+    names = [f.name for f in dataclasses.fields(QuerySpec) if f.name not in _OWN_FIELDS]
+    docs = {f.name: f.metadata.get(DOC) or "" for f in dataclasses.fields(QuerySpec)}
+    options = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[hints[name], typer.Option("--" + name.replace("_", "-"), help=docs[name])],
+        )
+        for name in names
+    ]
+    own = inspect.signature(command, eval_str=True)
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        filters = {n: v for n in names if (v := kwargs.pop(n, None)) is not None}
+        command(*args, filters=filters, **kwargs)
+
+    kept = [p for p in own.parameters.values() if p.name != "filters"]
+    run.__signature__ = own.replace(parameters=kept + options)  # type: ignore[attr-defined]
+    return run
 
 
 def _explainer(settings: Settings, backend: str | None, searcher: Searcher, stack: ExitStack) -> Explainer:
@@ -239,3 +276,6 @@ def _write_pngs(page: ResultPage, out_dir: Path) -> list[Path | None]:
 
 def _warn(message: str) -> None:
     note(f"clearsight: {message}")
+
+
+search_cmd = with_filter_options(_search_cmd)

@@ -20,10 +20,10 @@ from explainer.errors import BadQuery
 from explainer.explain.chain import Pending
 from explainer.limit_messages import image_too_large, offset_too_far, too_many_results
 from explainer.server import images, originals
-from explainer.server.queries import QueryInput, decode_base64, echo_for
+from explainer.server.queries import QueryInput, UrlSpec, decode_base64, echo_for
 from explainer.server.schemas import (
-    IMAGE_KEY_PATTERN,
     NO_CAPTIONS_NOTE,
+    SEARCH_REQUEST,
     ExplainedHit,
     ExplainRequest,
     ExplainResponse,
@@ -36,6 +36,7 @@ from explainer.server.schemas import (
 )
 from explainer.server.state import ServerState, state_of
 from retrieval.fetch import FetchConfig, fetch_bytes
+from retrieval.query import IMAGE_KEY_PATTERN
 from retrieval.search import CaptionHit
 from retrieval.search import Query as LibraryQuery
 
@@ -60,7 +61,7 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
     limit = state.settings.max_upload_bytes
     if ctype == "application/json":
         try:
-            req = SearchRequest.model_validate_json(await request.body())
+            req = SEARCH_REQUEST.validate_json(await request.body())
         except ValidationError as exc:
             raise _invalid(exc) from None
         data = decode_base64(req.image_base64, limit) if req.image_base64 is not None else None
@@ -87,7 +88,7 @@ async def _read_search(request: Request, state: ServerState) -> tuple[SearchRequ
         if "image_base64" in fields:
             raise BadQuery("send the image as the file field 'image' in a form")
         try:
-            req = SearchRequest.model_validate(fields)
+            req = SEARCH_REQUEST.validate_python(fields)
         except ValidationError as exc:
             raise _invalid(exc) from None
         if data is not None and any(v is not None for v in (req.image_key, req.like_id, req.image_url)):
@@ -138,17 +139,7 @@ async def search(request: Request) -> SearchResponse:
     state = state_of(request)
     req, data = await _read_search(request, state)
     _check_bounds(state, req.top_k, req.offset)
-    inp = QueryInput(
-        req.text,
-        data,
-        req.image_key,
-        req.like_id,
-        req.weight,
-        req.negative,
-        req.top_k,
-        req.offset,
-        req.min_score,
-    )
+    inp = QueryInput(req.spec(), data, req.top_k, req.offset)
     if not inp.has_query:
         raise BadQuery("give a text query, an image, or both")
     pipeline = await state.ready()
@@ -179,12 +170,12 @@ def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput
     hits = [h for h in result.results if isinstance(h, CaptionHit)]
     return SearchResponse(
         target="captions",
-        results=caption_cards(hits[: query.top_k]),
+        results=caption_cards(hits),
         query=echo,
         total=result.total,
         offset=query.offset,
         top_k=query.top_k,
-        has_more=len(hits) > query.top_k,
+        has_more=result.has_more,
         model=public_model_name(result.model),
         no_confident_match=result.no_confident_match,
         cached=result.cached,
@@ -200,7 +191,7 @@ def _search_captions(state: ServerState, pipeline: CardPipeline, inp: QueryInput
 async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(body.text, None, body.image_key, body.like_id, body.weight, body.negative)
+    inp = QueryInput(body.spec())
     items = list(zip(body.ids, body.ranks or [1] * len(body.ids), strict=True))
 
     def make_query() -> LibraryQuery:
@@ -285,16 +276,12 @@ def _thumbs(state: ServerState) -> images.Thumbnails:
 async def evidence_png(
     image_id: ImageId,
     request: Request,
-    q: Annotated[str | None, Query(max_length=1000, description="Text query")] = None,
-    qimg: Annotated[str | None, Query(pattern=IMAGE_KEY_PATTERN, description="Uploaded image key")] = None,
-    like: Annotated[int | None, Query(ge=1, le=2**62, description="Query image by catalog id")] = None,
-    w: Annotated[float, Query(ge=0.0, le=1.0, description="Text's share")] = 0.5,
-    neg: Annotated[str | None, Query(max_length=1000)] = None,
+    spec: UrlSpec,
     size: Annotated[int, Query(ge=64, le=DETAIL_SIZE)] = DETAIL_SIZE,
 ) -> Response:
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(q, None, qimg, like, w, neg)
+    inp = QueryInput(spec)
     if not inp.has_query:
         raise BadQuery("give the query (q, qimg or like) whose evidence to draw")
     rec = images.indexed_record(pipeline.searcher.collection.catalog, image_id)

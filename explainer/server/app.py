@@ -32,7 +32,7 @@ from explainer.server.docs import mount_docs
 from explainer.server.handlers import install_error_handlers, render_error
 from explainer.server.limits import BodyBudgetMiddleware, BodyLimitMiddleware
 from explainer.server.queries import QueryImages
-from explainer.server.schemas import SearchForm, SearchRequest
+from explainer.server.schemas import SEARCH_REQUEST, search_form_schema
 from explainer.server.state import ServerState
 from explainer.server.watching import start_watcher
 from explainer.settings import Settings, get_settings
@@ -50,10 +50,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (SearchRequest, SearchForm):
-        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(body.pop("$defs", {}))
-        components[model.__name__] = body
+    body = SEARCH_REQUEST.json_schema(ref_template="#/components/schemas/{model}")
+    components.update(body.pop("$defs", {}))
+    components["SearchRequest"] = body
+    components["SearchForm"] = search_form_schema()
     app.openapi_schema = schema
     return schema
 

@@ -24,6 +24,7 @@ from explainer.server.queries import QueryInput
 from explainer.server.schemas import TEXT_MAX
 from explainer.server.state import state_of
 from retrieval.paths import display_path
+from retrieval.query import QuerySpec
 
 router = APIRouter(tags=["compatibility"])
 
@@ -103,7 +104,7 @@ async def compat_search(request: Request) -> Any:
     state = state_of(request)
     try:
         pipeline = await state.ready()
-        inp = QueryInput(text=query, top_k=top_k)
+        inp = QueryInput(QuerySpec(text=query), top_k=top_k)
         page = await state.run(top_k, state.search, pipeline, inp)
         await pipeline.explain_cards(page)
     except ClearsightError as exc:

@@ -16,31 +16,28 @@ from fastapi import APIRouter, Form, Path, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
-from explainer.cards.model import DETAIL_SIZE, QueryEcho, evidence_png_url, query_params, thumb_url
-from explainer.cards.pipeline import CardPipeline, ResultPage
+from explainer.cards.model import (
+    DETAIL_SIZE,
+    QueryEcho,
+    echo_values,
+    evidence_png_url,
+    query_params,
+    thumb_url,
+)
+from explainer.cards.pipeline import CardPipeline, DetailCard, ResultPage
 from explainer.errors import BadImage, BadQuery, ClearsightError, http_status_for, server_message
 from explainer.limit_messages import image_too_large
-from explainer.server.queries import QueryInput
-from explainer.server.schemas import (
-    IMAGE_KEY_PATTERN,
-    NO_CAPTIONS_NOTE,
-    OFFSET_CEILING,
-    TEXT_MAX,
-    TOP_K_CEILING,
-    caption_cards,
-)
+from explainer.server.queries import QueryInput, UrlSpec
+from explainer.server.schemas import NO_CAPTIONS_NOTE, OFFSET_CEILING, TOP_K_CEILING, caption_cards
 from explainer.server.state import ServerState, state_of
 from retrieval.fetch import FetchConfig, fetch_bytes, is_url
+from retrieval.query import IMAGE_KEY_PATTERN, TEXT_MAX, QuerySpec
 from retrieval.search import CaptionHit
 
 router = APIRouter(include_in_schema=False)
 
-Text = Annotated[str | None, Query(max_length=TEXT_MAX)]
 Target = Annotated[Literal["images", "captions"], Query()]
 EvidenceMethod = Annotated[Literal["auto", "grid", "dense"], Query()]
-ImageKey = Annotated[str | None, Query(pattern=IMAGE_KEY_PATTERN)]
-LikeId = Annotated[int | None, Query(ge=1, le=2**62)]
-Weight = Annotated[float, Query(ge=0.0, le=1.0)]
 
 
 def _page_url(echo: QueryEcho, top_k: int, offset: int, target: str = "images", ev: str = "auto") -> str:
@@ -76,6 +73,10 @@ def _form(
     }
 
 
+def _spec_form(spec: QuerySpec, top_k: int, target: str = "images", ev: str = "auto") -> dict[str, Any]:
+    return _form(spec.text, spec.weight, top_k, spec.negative, spec.image_key, spec.like_id, target, ev)
+
+
 def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
     return {
         "status": state.page_status(),
@@ -88,11 +89,7 @@ def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
 @router.get("/", name="index")
 async def index(
     request: Request,
-    q: Text = None,
-    qimg: ImageKey = None,
-    like: LikeId = None,
-    w: Weight = 0.5,
-    neg: Text = None,
+    spec: UrlSpec,
     k: Annotated[int | None, Query(ge=1, le=TOP_K_CEILING)] = None,
     o: Annotated[int, Query(ge=0, le=OFFSET_CEILING)] = 0,
     t: Target = "images",
@@ -100,8 +97,8 @@ async def index(
 ) -> Response:
     state = state_of(request)
     top_k = min(k or state.settings.default_top_k, state.settings.top_k_max)
-    inp = QueryInput(q, None, qimg, like, w, neg, top_k, min(o, state.settings.offset_max))
-    form = _form(q, w, top_k, neg, qimg, like, t, ev)
+    inp = QueryInput(spec, None, top_k, min(o, state.settings.offset_max))
+    form = _spec_form(spec, top_k, t, ev)
     if not inp.has_query:
         return state.templates.TemplateResponse(request, "index.html", _context(state, form=form))
     try:
@@ -122,7 +119,7 @@ async def index(
         "last": page.offset + len(page.cards),
         "pages": page_numbers(page.offset, top_k, page.has_more, lambda o: _page_url(echo, top_k, o, t, ev)),
     }
-    ctx = _context(state, form=form, page=page, cards=page.cards, query=echo.model_dump(), nav=nav)
+    ctx = _context(state, form=form, page=page, cards=page.cards, query=echo_values(echo), nav=nav)
     return state.templates.TemplateResponse(request, "index.html", ctx)
 
 
@@ -132,7 +129,7 @@ async def _captions_page(
     """The "find captions" mode: the captions nearest the query, each with its image."""
     result, query, echo = await state.run(inp.top_k + 1, state.search_captions, pipeline, inp)
     hits = [h for h in (result.results if result else []) if isinstance(h, CaptionHit)]
-    has_more = len(hits) > query.top_k
+    has_more = result is not None and result.has_more
     top_k = query.top_k
     nav = {
         "prev": _page_url(echo, top_k, max(0, query.offset - top_k), "captions")
@@ -140,16 +137,16 @@ async def _captions_page(
         else None,
         "next": _page_url(echo, top_k, query.offset + top_k, "captions") if has_more else None,
         "first": query.offset + 1,
-        "last": query.offset + min(len(hits), top_k),
+        "last": query.offset + len(hits),
     }
     ctx = _context(
         state,
         form=form,
-        caption_results=caption_cards(hits[:top_k]),
+        caption_results=caption_cards(hits),
         captions_note=None if result is not None else NO_CAPTIONS_NOTE,
         no_confident_match=result.no_confident_match if result is not None else True,
         captions_total=result.total if result is not None else 0,
-        query=echo.model_dump(),
+        query=echo_values(echo),
         nav=nav,
     )
     return state.templates.TemplateResponse(request, "index.html", ctx)
@@ -263,33 +260,33 @@ def _fetch_for_page(state: ServerState, url: str) -> bytes:
 async def detail(
     request: Request,
     image_id: Annotated[int, Path(ge=1, le=2**62)],
-    q: Text = None,
-    qimg: ImageKey = None,
-    like: LikeId = None,
-    w: Weight = 0.5,
-    neg: Text = None,
+    spec: UrlSpec,
     r: Annotated[int, Query(ge=1, le=10**6)] = 1,
 ) -> Response:
+    """`r`, the rank the link was made with, is accepted (old links keep working) but not believed:
+    the rank, score and confidence shown are the search's own."""
     state = state_of(request)
     pipeline = await state.ready()
-    inp = QueryInput(q, None, qimg, like, w, neg)
+    inp = QueryInput(spec)
 
-    def build() -> tuple[Any, QueryEcho | None]:
+    def build() -> tuple[DetailCard | None, QueryEcho | None]:
         if not inp.has_query:
-            return pipeline.card_for(image_id, None, None, rank=r), None
+            return pipeline.card_for(image_id, None, None), None
         query, echo = state.resolve(inp, pipeline.searcher)
-        return pipeline.card_for(image_id, query, echo, rank=r), echo
+        return pipeline.card_for(image_id, query, echo), echo
 
-    card, echo = await state.run(1, build)  # the detail view searches too: same budget
-    if card is None:
+    found, echo = await state.run(1, build)  # the detail view searches too: same budget
+    if found is None:
         raise HTTPException(404, f"no indexed image with id {image_id}")
+    card = found.card
     ctx = _context(
         state,
         card=card,
-        query=echo.model_dump() if echo is not None else None,
+        ranked=found.ranked,
+        query=echo_values(echo) if echo is not None else None,
         back_url=_page_url(echo, state.settings.default_top_k, 0) if echo is not None else "/",
         large_url=thumb_url(card.id, DETAIL_SIZE),
         evidence_url=evidence_png_url(card.id, echo) if echo is not None else None,
-        form=_form(q, w, state.settings.default_top_k, neg, qimg, like),
+        form=_spec_form(spec, state.settings.default_top_k),
     )
     return state.templates.TemplateResponse(request, "detail.html", ctx)

@@ -11,23 +11,30 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import inspect
 import logging
 import secrets
 import threading
 import time
+import typing
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
+from fastapi import Depends
+from fastapi import Query as UrlParam
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from explainer.cards.model import QueryEcho
+from explainer.cards.model import QueryEcho, echo_of, url_name
 from explainer.errors import BadImage, BadQuery
 from explainer.explain.types import QueryKind
 from explainer.limit_messages import image_too_large
 from retrieval import imageio
-from retrieval.search import Query, Searcher
+from retrieval.query import DOC, Query, QuerySpec, bounds_of
+from retrieval.search import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +44,51 @@ _STORED_EDGE = 768
 
 @dataclass(frozen=True)
 class QueryInput:
-    """The query part of a request, already bounds-checked by the request schema."""
+    """The query part of a request, already bounds-checked by the request schema: the spec, an
+    uploaded image's bytes, and the page wanted."""
 
-    text: str | None = None
+    spec: QuerySpec = field(default_factory=QuerySpec)
     image_bytes: bytes | None = None
-    image_key: str | None = None
-    like_id: int | None = None
-    weight: float = 0.5
-    negative: str | None = None
     top_k: int = 12
     offset: int = 0
-    min_score: float | None = None
 
     @property
     def has_query(self) -> bool:
-        return bool(self.text and self.text.strip()) or any(
-            v is not None for v in (self.image_bytes, self.image_key, self.like_id)
+        s = self.spec
+        return bool(s.text and s.text.strip()) or any(
+            v is not None for v in (self.image_bytes, s.image_key, s.like_id)
         )
+
+
+def _url_spec() -> Callable[..., QuerySpec]:
+    """A route dependency reading the spec from the URL, each field under its page name (`url_name`).
+
+    Its signature is made from the spec's fields, so FastAPI validates each parameter with the
+    spec's own bounds and documents it, and a new spec field is read from URLs without a route
+    changing.
+    """
+    hints = typing.get_type_hints(QuerySpec)  # the plain types: FastAPI takes bounds as keywords
+    params = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=UrlParam(
+                f.default, alias=url_name(f.name), description=f.metadata.get(DOC), **bounds_of(f.name)
+            ),
+            annotation=hints[f.name],
+        )
+        for f in dataclasses.fields(QuerySpec)
+    ]
+
+    def from_url(**values: Any) -> QuerySpec:
+        return QuerySpec(**values)
+
+    from_url.__signature__ = inspect.Signature(params, return_annotation=QuerySpec)  # type: ignore[attr-defined]
+    return from_url
+
+
+#: A route parameter holding the query spec read from the URL (q, qimg, like, neg, w, min_score...).
+UrlSpec = Annotated[QuerySpec, Depends(_url_spec())]
 
 
 def decode_base64(data: str, max_bytes: int) -> bytes:
@@ -167,18 +202,17 @@ def echo_for(inp: QueryInput) -> QueryEcho:
     An upload (`inp.image_bytes`) is named by the key it is held under: `resolve` sets that key as
     `image_key` before asking. "More like this" is echoed only when no other query image is given.
     """
-    text = inp.text.strip() if inp.text and inp.text.strip() else None
-    has_image = inp.image_bytes is not None or inp.image_key is not None or inp.like_id is not None
+    s = inp.spec
+    text = s.text.strip() if s.text and s.text.strip() else None
+    has_image = inp.image_bytes is not None or s.image_key is not None or s.like_id is not None
     kind: QueryKind = "text+image" if text and has_image else ("image" if has_image else "text")
-    return QueryEcho(
+    spec = dataclasses.replace(
+        s,
         text=text,
-        kind=kind,
-        image_key=inp.image_key,
-        like_id=inp.like_id if inp.image_bytes is None and inp.image_key is None else None,
-        weight=inp.weight,
-        negative=inp.negative.strip() if inp.negative and inp.negative.strip() else None,
-        min_score=inp.min_score,
+        like_id=s.like_id if inp.image_bytes is None and s.image_key is None else None,
+        negative=s.negative.strip() if s.negative and s.negative.strip() else None,
     )
+    return echo_of(spec, kind)
 
 
 def resolve(
@@ -197,20 +231,22 @@ def resolve(
         raise BadQuery("give a text query, an image, or both")
     image: Image.Image | None = None
     image_key_for_cache: str | None = None
+    spec = inp.spec
     if inp.image_bytes is not None:
         image, key = images.add(inp.image_bytes, max_pixels)
         image_key_for_cache = imageio.content_hash(inp.image_bytes)
-        inp = dataclasses.replace(inp, image_key=key)  # the upload is echoed by the key it is held under
-    elif inp.image_key is not None:
-        held = images.entry(inp.image_key)
+        # the upload is echoed by the key it is held under
+        inp = dataclasses.replace(inp, spec=dataclasses.replace(spec, image_key=key))
+    elif spec.image_key is not None:
+        held = images.entry(spec.image_key)
         if held is None:
             # 404, not 422: the key is well formed, the resource it names is gone (or never was)
             raise HTTPException(404, "the query image is no longer held by the server: upload it again")
         image, image_key_for_cache = held.image, held.content_hash
-    elif inp.like_id is not None:
-        rec = searcher.collection.catalog.get_image(inp.like_id)
+    elif spec.like_id is not None:
+        rec = searcher.collection.catalog.get_image(spec.like_id)
         if rec is None or rec.state != "indexed":
-            raise HTTPException(404, f"no indexed image with id {inp.like_id}")
+            raise HTTPException(404, f"no indexed image with id {spec.like_id}")
         try:
             image = imageio.open_image(
                 Path(rec.path), draft_size=_STORED_EDGE, max_pixels=collection_max_pixels
@@ -219,15 +255,7 @@ def resolve(
             raise HTTPException(404, f"image {rec.id} can no longer be read ({exc.reason})") from None
         image_key_for_cache = rec.content_hash
     echo = echo_for(inp)
-    query = Query(
-        text=echo.text,
-        image=image,
-        weight=inp.weight,
-        negative=echo.negative,
-        top_k=inp.top_k,
-        offset=inp.offset,
-        min_score=inp.min_score,
-        image_key=image_key_for_cache,
-    )
+    values = {**echo.spec_values(), "image_key": image_key_for_cache}  # the cache knows images by content
+    query = Query(**values, image=image, top_k=inp.top_k, offset=inp.offset)
     query.validate()
     return query, echo

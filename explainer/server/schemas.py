@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from explainer.cards.model import Card, ExplanationOut, QueryEcho, image_url, thumb_url
+from explainer.cards.model import Card, ExplanationOut, QueryEcho, image_url, spec_config, thumb_url
 from explainer.cards.pipeline import ResultPage
 from explainer.version import version
+from retrieval.query import TEXT_MAX as TEXT_MAX  # re-exported: older routes import it from here
+from retrieval.query import QuerySpec
 from retrieval.search import CaptionHit
 
 #: Hard ceiling of `top_k`; `Settings.top_k_max` may lower it.
@@ -24,30 +26,16 @@ TOP_K_CEILING = 100
 OFFSET_CEILING = 10_000
 #: Most images one /api/explain call may ask about (a page's worth, with room).
 EXPLAIN_MAX_IDS = 100
-TEXT_MAX = 1000
 URL_MAX = 2048
-IMAGE_KEY_PATTERN = r"^[0-9a-f]{32}$"
 
 
-class QueryFields(BaseModel):
-    """What to search for; shared by search and explain so both speak of a query the same way."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = Field(default=None, max_length=TEXT_MAX, description="Text query")
-    image_key: str | None = Field(
-        default=None,
-        pattern=IMAGE_KEY_PATTERN,
-        description="Handle of an image uploaded earlier (echoed as query.image_key); avoids re-uploading",
-    )
-    like_id: int | None = Field(
-        default=None, ge=1, le=2**62, description='"More like this": use this catalog image as the query'
-    )
-    weight: float = Field(default=0.5, ge=0.0, le=1.0, description="Text's share in a text+image query")
-    negative: str | None = Field(default=None, max_length=TEXT_MAX, description="Text to steer away from")
+# The query's own fields (text, image_key, like_id, weight, negative, min_score and any filter added
+# later) come from `retrieval.query.QuerySpec`, bounds and descriptions included: a request schema
+# adds only what is the API's own (how the image is sent, the page, what to return).
 
 
-class SearchRequest(QueryFields):
+@pydantic_dataclass(frozen=True, kw_only=True, config=spec_config(extra="forbid"))
+class SearchRequest(QuerySpec):
     """A search. Send it as JSON (image as `image_base64`) or as multipart form fields (image as `image`)."""
 
     image_base64: str | None = Field(
@@ -62,9 +50,8 @@ class SearchRequest(QueryFields):
     target: Literal["images", "captions"] = Field(
         default="images", description="images: image cards; captions: the captions nearest the query"
     )
-    top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING)
-    offset: int = Field(default=0, ge=0, le=OFFSET_CEILING)
-    min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
+    top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING, description="Results per page")
+    offset: int = Field(default=0, ge=0, le=OFFSET_CEILING, description="Skip this many results (paging)")
     explain: bool = Field(
         default=True, description="Explain every card now; false returns at once and leaves explanation null"
     )
@@ -79,27 +66,30 @@ class SearchRequest(QueryFields):
         return self
 
 
-class SearchForm(BaseModel):
-    """The multipart form twin of SearchRequest (documentation only: the route parses the form).
+#: Parses and validates a SearchRequest from JSON or from form fields.
+SEARCH_REQUEST = TypeAdapter(SearchRequest)
 
-    Optional fields are left out of the form when not used; a form cannot send a null value.
-    """
 
-    # SkipJsonSchema[None]: a form field is sent or not, never JSON null, so the schema must not call
-    # the optional ones nullable (a client generated from it would send the string "null").
-
-    text: Annotated[str, Field(max_length=TEXT_MAX)] | SkipJsonSchema[None] = None
-    image: Annotated[bytes, Field(json_schema_extra={"format": "binary"})] | SkipJsonSchema[None] = None
-    image_url: Annotated[str, Field(max_length=URL_MAX)] | SkipJsonSchema[None] = None
-    image_key: Annotated[str, Field(pattern=IMAGE_KEY_PATTERN)] | SkipJsonSchema[None] = None
-    like_id: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
-    target: Literal["images", "captions"] = "images"
-    weight: float = Field(default=0.5, ge=0.0, le=1.0)
-    negative: Annotated[str, Field(max_length=TEXT_MAX)] | SkipJsonSchema[None] = None
-    top_k: int = Field(default=12, ge=1, le=TOP_K_CEILING)
-    offset: int = Field(default=0, ge=0, le=OFFSET_CEILING)
-    min_score: Annotated[float, Field(ge=-1.0, le=1.0)] | SkipJsonSchema[None] = None
-    explain: bool = True
+def search_form_schema() -> dict[str, Any]:
+    """The multipart form twin of SearchRequest's schema, derived from it (documentation only: the
+    route parses the form). A form field is sent or not, never JSON null, so no field is nullable
+    (a client generated from a nullable one would send the string "null"), and the image is a file."""
+    schema = SEARCH_REQUEST.json_schema(ref_template="#/components/schemas/{model}")
+    props: dict[str, Any] = {}
+    for name, prop in schema["properties"].items():
+        if name == "image_base64":
+            props["image"] = {"type": "string", "format": "binary", "title": "Image"}
+            continue
+        kinds = [k for k in prop.pop("anyOf", []) if k.get("type") != "null"]
+        if kinds:
+            prop = {**kinds[0], **{k: v for k, v in prop.items() if k != "default" or v is not None}}
+        props[name] = prop
+    return {
+        "title": "SearchForm",
+        "description": "SearchRequest as a multipart form: optional fields are left out when not used.",
+        "type": "object",
+        "properties": props,
+    }
 
 
 class CaptionCard(BaseModel):
@@ -180,7 +170,8 @@ class SearchResponse(BaseModel):
         )
 
 
-class ExplainRequest(QueryFields):
+@pydantic_dataclass(frozen=True, kw_only=True, config=spec_config(extra="forbid"))
+class ExplainRequest(QuerySpec):
     """Explanations for some hits of a query (the page asks for its visible cards in one request)."""
 
     # item bounds live in the schema too, so clients (and schemathesis) see what the server accepts

@@ -6,7 +6,6 @@ before `clearsight index` finishes comes up by itself; routes take it as a depen
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import threading
@@ -276,13 +275,12 @@ class ServerState:
     def search_captions(
         self, pipeline: CardPipeline, inp: QueryInput
     ) -> tuple[SearchResult | None, Query, QueryEcho]:
-        """Caption hits for the query (one extra, to tell if a next page exists); the result is None
-        when the collection has no captions at all (blocking; run in a worker thread)."""
+        """Caption hits for the query; the result is None when the collection has no captions at all
+        (blocking; run in a worker thread)."""
         query, echo = self.resolve(inp, pipeline.searcher)
         if pipeline.searcher.index.captions.ntotal == 0:
             return None, query, echo
-        probe = dataclasses.replace(query, top_k=query.top_k + 1)
-        return pipeline.search_captions(probe), query, echo
+        return pipeline.search_captions(query), query, echo
 
     def retry_due(self) -> bool:
         return self._last_try is None or time.monotonic() - self._last_try > RETRY_OPEN_S

@@ -71,9 +71,9 @@
   // One request for a batch of cards of the same query; cards still pending are asked again later.
   async function explainBatch(cards, query) {
     const byId = new Map(cards.map((c) => [Number(c.dataset.id), c]));
+    const { kind, ...spec } = query;  // the echo is the query spec plus its kind
     const body = {
-      text: query.text, image_key: query.image_key, like_id: query.like_id,
-      weight: query.weight, negative: query.negative, wait_s: EXPLAIN_WAIT_S,
+      ...spec, wait_s: EXPLAIN_WAIT_S,
       ids: cards.map((c) => Number(c.dataset.id)), ranks: cards.map((c) => Number(c.dataset.rank)),
     };
     let retryIn = 0;

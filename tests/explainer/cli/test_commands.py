@@ -84,6 +84,24 @@ def test_errors_are_one_line_with_exit_codes(indexed: tuple[Path, Path, list[Pat
     assert r.exit_code == 4 and "clearsight index" in r.stderr
 
 
+@pytest.mark.parametrize(("top_k", "words"), [("1001", "got 1001"), ("-3", "got -3"), ("0", "got 0")])
+def test_top_k_out_of_bounds_is_refused_with_the_number_given(
+    indexed: tuple[Path, Path, list[Path]], top_k: str, words: str
+) -> None:
+    _, data, _ = indexed
+    for extra in ([], ["--captions"], ["--json"]):
+        r = runner.invoke(app, ["search", "a red square", "--top-k", top_k, *extra, "--data-dir", str(data)])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert f"top-k must be between 1 and 1000, {words}" in r.stderr and "images" not in r.stdout
+
+
+def test_the_largest_top_k_is_allowed(indexed: tuple[Path, Path, list[Path]]) -> None:
+    _, data, _ = indexed
+    out = _search(data, "a red square", "--top-k", "1000")
+    assert len(out["results"]) == 10  # every indexed image: the page asked for more than there are
+    assert all(r["file_name"] for r in out["results"])
+
+
 def test_missing_weights_message_without_traceback(tmp_path: Path) -> None:
     make_folder(tmp_path / "imgs", 1)
     p = subprocess.run(
@@ -149,3 +167,14 @@ def test_search_knobs_reach_the_index_for_that_search_only(
     # six images: any breadth finds them all, in the same order
     assert json.loads(plain.stdout)["results"] == json.loads(tuned.stdout)["results"]
     assert runner.invoke(app, [*base, "--nprobe", "0"]).exit_code == 2
+
+
+def test_filters_of_the_query_spec_are_flags(indexed: tuple[Path, Path, list[Path]]) -> None:
+    """--min-score is made from the spec's field (no hand-written option): it filters, and its bounds hold."""
+    _, data, _ = indexed
+    every = _search(data, "a red square", "--top-k", "10")["results"]
+    cut = round((every[1]["score"] + every[2]["score"]) / 2, 4)
+    kept = _search(data, "a red square", "--top-k", "10", "--min-score", str(cut))["results"]
+    assert [r["id"] for r in kept] == [r["id"] for r in every[:2]]
+    r = runner.invoke(app, ["search", "x", "--min-score", "2", "--data-dir", str(data)])
+    assert r.exit_code == 2 and "min score must be between -1 and 1, got 2.0" in r.stderr

@@ -44,6 +44,13 @@ def _image_bytes(data_dir: Path, image_id: int) -> bytes:
         return Path(rec.path).read_bytes()
 
 
+def _file_name(data_dir: Path, image_id: int) -> str:
+    with Collection(data_dir) as col:
+        rec = col.catalog.get_image(image_id)
+        assert rec is not None
+        return Path(rec.path).name
+
+
 def _error(resp: object, status: int) -> dict[str, str]:
     assert getattr(resp, "status_code") == status, getattr(resp, "text")  # noqa: B009
     body = getattr(resp, "json")()  # noqa: B009
@@ -141,7 +148,12 @@ def test_base64_and_hybrid_and_like(client: TestClient, data_dir: Path) -> None:
     hybrid = client.post("/api/search", json={"image_base64": b64, "text": "red", "weight": 0.3, "top_k": 2})
     assert hybrid.status_code == 200 and hybrid.json()["query"]["kind"] == "text+image"
     like = client.post("/api/search", json={"like_id": 3, "top_k": 2, "explain": False}).json()
-    assert like["results"][0]["id"] == 3 and like["query"]["like_id"] == 3
+    # "more like this" answers with other images: the query image itself is no answer to its own query
+    assert like["query"]["like_id"] == 3 and len(like["results"]) == 2
+    assert 3 not in [h["id"] for h in like["results"]]
+    assert all(h["file_name"].startswith("img_") for h in like["results"])  # like hits name their files
+    # the same image uploaded (not "more like this") still finds itself first
+    assert r.json()["results"][0]["file_name"] == _file_name(data_dir, 7)
     assert client.post("/api/search", json={"like_id": 999999}).status_code == 404
 
 
@@ -319,3 +331,56 @@ def test_the_search_form_schema_is_what_a_form_can_send(client: TestClient) -> N
         assert "anyOf" not in prop and prop.get("type") != "null", name  # a form cannot send null
     assert form["image_key"]["pattern"] and form["like_id"]["minimum"] == 1
     assert form["min_score"]["minimum"] == -1.0 and form["text"]["maxLength"] > 0
+
+
+def _detail(client: TestClient, image_id: int, **params: object) -> str:
+    page = client.get(f"/images/{image_id}", params=params)
+    assert page.status_code == 200, page.text
+    return page.text
+
+
+def test_the_detail_page_names_its_file_and_takes_rank_score_confidence_from_the_search(
+    client: TestClient,
+) -> None:
+    query = "a yellow circle"  # searched nowhere else in this module: the detail page is asked first
+    truth_page = client.post("/api/search", json={"text": query, "top_k": 12, "explain": False})
+    truth = {h["id"]: h for h in truth_page.json()["results"]}
+    low = max(truth.values(), key=lambda h: h["rank"])  # the last hit: a link claiming rank 1 is a lie
+    assert low["rank"] > 1 and low["confidence"] is not None
+    for claimed in (1, 500):
+        html = _detail(client, low["id"], q=query, r=claimed)
+        assert f"File: {low['relative_path']}" in html and low["file_name"] in html
+        assert f'data-rank="{low["rank"]}"' in html and f'<dd class="num">#{low["rank"]}</dd>' in html
+        assert f"#{claimed}</dd>" not in html
+        assert f"{round(low['confidence'] * 100)}%</dd>" in html  # the card's calibrated confidence
+    # the page's explanation request (its rank from the page, here a false one) gets the search's facts
+    ex = client.post("/api/explain", json={"text": query, "ids": [low["id"]], "ranks": [1]}).json()
+    text = ex["explanations"][0]["explanation"]["text"]
+    assert f"rank {low['rank']}" in text and "rank 1," not in text
+    card = client.post("/api/search", json={"text": query, "top_k": 12}).json()["results"]
+    same = next(c for c in card if c["id"] == low["id"])
+    assert ex["explanations"][0]["explanation"]["confidence"] == same["explanation"]["confidence"]
+
+
+def test_the_detail_page_shows_no_rank_for_an_image_its_query_does_not_return(client: TestClient) -> None:
+    # "more like this" never returns the image it asks about: its own detail page has no rank to show
+    html = _detail(client, 4, like=4, r=1)
+    assert "not among this query's results" in html and "data-rank=" not in html
+    assert 'data-explain="none"' in html and "#1</dd>" not in html
+
+
+def test_page_urls_carry_the_whole_spec_and_refuse_it_out_of_bounds(client: TestClient) -> None:
+    """The pages and the evidence picture read the query spec from the URL with the spec's own bounds,
+    a filter (min_score) included, and the links they make carry it on."""
+    hits = client.post("/api/search", json={"text": "a red square", "top_k": 12, "explain": False}).json()
+    scores = sorted((h["score"] for h in hits["results"]), reverse=True)
+    cut = round((scores[2] + scores[3]) / 2, 4)  # between the third and fourth best: three hits reach it
+    assert scores[2] > cut > scores[3]
+    page = client.get("/", params={"q": "a red square", "k": 12, "min_score": cut})
+    assert page.status_code == 200 and page.text.count('class="card"') == 3
+    assert f"min_score={cut:g}" in page.text  # the detail links keep the filter
+    for bad in ({"w": "2"}, {"like": "0"}, {"qimg": "nothex"}, {"min_score": "-3"}, {"q": "x" * 1001}):
+        assert client.get("/", params={"q": "red", **bad}).status_code == 422, bad
+        assert client.get("/api/images/1/evidence.png", params={"q": "red", **bad}).status_code == 422, bad
+    params = client.get("/openapi.json").json()["paths"]["/api/images/{image_id}/evidence.png"]["get"]
+    assert {"q", "qimg", "like", "neg", "w", "min_score"} <= {p["name"] for p in params["parameters"]}
