@@ -26,10 +26,10 @@ from machine import load_average, span
 from PIL import Image, ImageDraw
 
 from retrieval.collection import Collection
+from retrieval.demo.tiny import make_clip
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.ingest import IngestConfig, ingest
 from retrieval.search import Query, Searcher
-from retrieval.testing.tiny import make_clip
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square"]

@@ -6,7 +6,7 @@
     .venv/bin/python bench/caption_bench.py --precision fp32,auto,int8   # batched, one row per precision
 
 Without --model the captioner is Salesforce/blip-image-captioning-base's architecture with random
-weights (`retrieval.testing.blip.make_blip(..., "base")`, vocabulary of the real size), loaded through
+weights (`retrieval.demo.blip.make_blip(..., "base")`, vocabulary of the real size), loaded through
 `create_captioner` like downloaded weights: speed does not depend on the weights' values. Every
 caption is forced to exactly --tokens new tokens (min = max), so random weights cannot stop early
 and both modes do the same work. Images are decoded before timing: this measures the model.
@@ -41,7 +41,7 @@ from explainer.captions.captioner import (
     GenerationSettings,
     create_captioner,
 )
-from retrieval.testing.blip import make_blip
+from retrieval.demo.blip import make_blip
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Confidence is only worth showing if a true query's hit is called confident and a query about nothing
 in the collection is not, on *any* model, not just the one the method was tuned on. This bench trains
-small scene CLIPs with different seeds, scene counts and step counts (`retrieval.testing.recipes`),
+small scene CLIPs with different seeds, scene counts and step counts (`retrieval.demo.recipes`),
 indexes each model's 200 held-out test scenes through the product's ingest, and then:
 
 - `signals`: scores every candidate confidence signal on the stored embeddings (ROC AUC of true caption
@@ -98,10 +98,10 @@ def prepare(spec: ModelSpec, work: Path, n_nonsense: int) -> None:
     """Train one model, index its test scenes and store every embedding the signals need."""
     from retrieval.collection import Collection
     from retrieval.confidence import NULL_QUERIES
+    from retrieval.demo.recipes import DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
+    from retrieval.demo.synthetic import generate_scenes, query_for, write_scenes
     from retrieval.encoders import EncoderConfig, create_encoder
     from retrieval.ingest import IngestConfig, ingest
-    from retrieval.testing.recipes import DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
-    from retrieval.testing.synthetic import generate_scenes, query_for, write_scenes
 
     root = work / spec.name
     if (root / "embeddings.npz").exists():

@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 
 from retrieval import imageio
+from retrieval.demo.tiny import make_clip
 from retrieval.duplicates import similar_pairs
 from retrieval.encoders import EncoderConfig, create_encoder
-from retrieval.testing.tiny import make_clip
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "images"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)

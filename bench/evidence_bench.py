@@ -33,6 +33,7 @@ from data import MISSING, add_data_option, coco_mini, describe
 from machine import load_average, span
 from PIL import Image, ImageDraw
 
+from retrieval.demo.tiny import make_clip
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder
 from retrieval.evidence import (
     EvidenceConfig,
@@ -44,7 +45,6 @@ from retrieval.evidence import (
     store_patch_features,
     stored_evidence,
 )
-from retrieval.testing.tiny import make_clip
 from retrieval.types import Float32Array
 
 

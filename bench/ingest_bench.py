@@ -9,7 +9,7 @@ processes used meanwhile (from /proc/stat), so a disturbed round is visible rath
     .venv/bin/python bench/ingest_bench.py                  # coco-mini photos, up to 200 (--data DIR)
     .venv/bin/python bench/ingest_bench.py --synthetic 200  # ... and 200 synthetic 640x480 JPEGs
 
-The model is a random-weight CLIP with ViT-B/32 shapes (`retrieval.testing.tiny.make_clip`): speed does
+The model is a random-weight CLIP with ViT-B/32 shapes (`retrieval.demo.tiny.make_clip`): speed does
 not depend on the weights' values. Floors (issue targets): pipeline >= 1.6x naive and pipeline >=
 85% of the forward rate at the same batch size. They print PASS/FAIL; the exit code stays 0.
 """
@@ -465,7 +465,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "GPU, bf16 on a CPU with native bf16, else fp32)",
     )
     p.add_argument(
-        "--arch", default="vit-b-32", help="retrieval.testing.tiny architecture (default: %(default)s)"
+        "--arch", default="vit-b-32", help="retrieval.demo.tiny architecture (default: %(default)s)"
     )
     p.add_argument("--rounds", type=int, default=2, help="repeat all three, keep each one's best")
     p.add_argument("--model-dir", type=Path, default=None, help="reuse or create the model here")
@@ -497,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    from retrieval.demo.tiny import make_clip
     from retrieval.encoders import cpu_has_native_bf16
-    from retrieval.testing.tiny import make_clip
 
     with tempfile.TemporaryDirectory(prefix="clearsight-ingest-bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -88,9 +88,9 @@ def _free_port() -> int:
 
 def prepare(work: Path, n_images: int) -> tuple[Path, Path, Path]:
     """Scenes, tiny models, an index and cached captions; returns (images dir, data dir, clip dir)."""
-    from retrieval.testing.blip import make_blip
-    from retrieval.testing.synthetic import SyntheticConfig, write_scenes
-    from retrieval.testing.tiny import make_clip
+    from retrieval.demo.blip import make_blip
+    from retrieval.demo.synthetic import SyntheticConfig, write_scenes
+    from retrieval.demo.tiny import make_clip
 
     images, data = work / "scenes", work / "data"
     write_scenes(SyntheticConfig(n_train=n_images, n_val=0, n_test=0, image_size=128), images, progress=False)
@@ -147,7 +147,7 @@ async def _watch_health(base: str, stop: asyncio.Event, seen: list[tuple[str, in
 
 async def while_indexing(base: str, images: Path, data: Path, clip: Path, extra: int, clients: int) -> dict:
     """Add `extra` images and run `clearsight index` while `clients` keep searching."""
-    from retrieval.testing.synthetic import SyntheticConfig, write_scenes
+    from retrieval.demo.synthetic import SyntheticConfig, write_scenes
 
     write_scenes(
         SyntheticConfig(n_train=extra, n_val=0, n_test=0, image_size=128, seed=7),

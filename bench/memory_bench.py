@@ -125,7 +125,7 @@ def main() -> None:
     proc: subprocess.Popen[bytes] | None = None
     try:
         sys.path.insert(0, str(tree.resolve()))
-        from retrieval.testing.tiny import make_clip
+        from retrieval.demo.tiny import make_clip
 
         images = work / "images"
         images.mkdir()

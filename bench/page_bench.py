@@ -31,9 +31,9 @@ from PIL import Image
 from explainer.server import create_app
 from explainer.settings import Settings
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
+from retrieval.demo.blip import make_blip
+from retrieval.demo.tiny import make_clip
 from retrieval.ingest import ingest
-from retrieval.testing.blip import make_blip
-from retrieval.testing.tiny import make_clip
 
 REPO = Path(__file__).resolve().parent.parent
 COCO = (REPO / ".." / "shared" / "data" / "coco-mini" / "images").resolve()

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available here: the --device cuda path (one GPU per actor, fp16) was not run.")
         return 0
-    from retrieval.testing.tiny import make_clip
+    from retrieval.demo.tiny import make_clip
 
     files = sorted(p for p in images.rglob("*.jpg"))[: args.limit]
     if not files:

@@ -2,7 +2,7 @@
 
 The demo must reach a useful R@1 within a couple of minutes on a 2-core CPU, and what gets there is an
 empirical question (image size, patch size, batch, positions, scene difficulty). This bench trains one
-variant given as JSON overrides of `retrieval.testing.recipes` and prints one line of figures, so the
+variant given as JSON overrides of `retrieval.demo.recipes` and prints one line of figures, so the
 table in docs/EVAL.md can be reproduced. Run it under `flock /work/cpu.lock` on a shared machine.
 
     .venv/bin/python bench/recipe_bench.py '{}'                                   # the demo recipe
@@ -20,9 +20,9 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    from retrieval.demo.recipes import DEMO_ARCH, DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
+    from retrieval.demo.synthetic import write_scenes
     from retrieval.encoders import EncoderConfig, create_encoder
-    from retrieval.testing.recipes import DEMO_ARCH, DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
-    from retrieval.testing.synthetic import write_scenes
     from retrieval.training.datasets import load_dataset
     from retrieval.training.evaluate import evaluate
     from retrieval.training.types import EvalConfig

@@ -2,7 +2,7 @@
 
 Real CLIP and BLIP weights cannot be fetched on many machines, yet a user should see every feature work
 before hunting for them. So the demo draws synthetic scenes, trains a tiny CLIP and a tiny BLIP on
-them from scratch with the library's recipes (`retrieval.testing.recipes`: the same ones the tests
+them from scratch with the library's recipes (`retrieval.demo.recipes`: the same ones the tests
 use), evaluates the CLIP on held-out scenes, indexes the test scenes with their captions through the
 normal ingest, and captions them with the BLIP through the normal caption cache, so cards show
 generated captions. Everything is keyed by the configuration, so a second run reuses the scenes and
@@ -25,20 +25,15 @@ from typing import Any
 
 from explainer.captions.captioner import CaptionerConfig, CaptionService, GenerationSettings, create_captioner
 from retrieval.collection import Collection
-from retrieval.encoders import EncoderConfig, create_encoder
-from retrieval.index.sync import sync_indexes
-from retrieval.ingest import IngestConfig, ingest
-from retrieval.paths import DEMO_MODEL_PREFIX, DEMO_RECORD
-from retrieval.search import Query, Searcher
-from retrieval.testing.blip import BlipRecipe
-from retrieval.testing.recipes import (
+from retrieval.demo.blip import BlipRecipe
+from retrieval.demo.recipes import (
     DEMO_CAPTIONER,
     DEMO_SCENES,
     ClipRecipe,
     train_scene_captioner,
     train_scene_clip,
 )
-from retrieval.testing.synthetic import (
+from retrieval.demo.synthetic import (
     Scene,
     SyntheticConfig,
     caption_holds,
@@ -46,6 +41,11 @@ from retrieval.testing.synthetic import (
     query_for,
     write_scenes,
 )
+from retrieval.encoders import EncoderConfig, create_encoder
+from retrieval.index.sync import sync_indexes
+from retrieval.ingest import IngestConfig, ingest
+from retrieval.paths import DEMO_MODEL_PREFIX, DEMO_RECORD
+from retrieval.search import Query, Searcher
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import evaluate
 from retrieval.training.types import EvalConfig

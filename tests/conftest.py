@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from retrieval.demo.tiny import make_clip
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, precision_facts
 from retrieval.encoders import base as encoder_base
-from retrieval.testing.tiny import make_clip
 
 
 @pytest.fixture(autouse=True)

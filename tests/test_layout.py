@@ -103,6 +103,16 @@ def test_the_library_never_imports_the_application() -> None:
     assert {m: d for m, d in leaks.items() if m.startswith("retrieval") and d} == {}
 
 
+def test_product_code_never_imports_the_test_helpers() -> None:
+    """`retrieval.testing` holds actors that fail on purpose; what the demo ships lives in `retrieval.demo`."""
+    users = {
+        m
+        for m, deps in _graph().items()
+        if "retrieval.testing" in deps or any(d.startswith("retrieval.testing.") for d in deps)
+    }
+    assert {m for m in users if not m.startswith("retrieval.testing")} == set()
+
+
 def test_library_errors_name_no_command_line_flags() -> None:
     """Messages of errors the library raises say what went wrong; the boundaries add `--flags`."""
     offenders: list[str] = []

@@ -12,7 +12,7 @@ import typer
 from explainer.cli.options import Device, Host, JsonOut, Port, Quiet, data_dir_or_default, note
 from explainer.cli.serve import run_server
 from explainer.demo import DemoConfig, DemoResult, build_demo
-from retrieval.testing.recipes import DEMO_CAPTIONER, DEMO_SCENES, ClipRecipe
+from retrieval.demo.recipes import DEMO_CAPTIONER, DEMO_SCENES, ClipRecipe
 
 
 def demo_cmd(

@@ -1,7 +1,7 @@
 """Evidence types: what an evidence method returns, how it is configured, and what it works on.
 
 Boxes are half-open pixel rectangles `(x0, y0, x1, y1)` in the coordinates of the image as it is
-displayed (EXIF orientation applied, full size), the same convention as `retrieval.testing.synthetic`, so
+displayed (EXIF orientation applied, full size), the same convention as `retrieval.demo.synthetic`, so
 `0 <= x0 < x1 <= width` always holds for a returned region.
 """
 

@@ -1,1 +1,2 @@
-"""Fixtures, not product code: tiny models and synthetic scenes for tests, benches and the demo."""
+"""Test-only helpers that must be importable by worker processes (Ray actors that fail on purpose):
+never imported by product code."""

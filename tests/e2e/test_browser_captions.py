@@ -15,8 +15,8 @@ import uvicorn
 
 from explainer.server import create_app
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
+from retrieval.demo.blip import make_blip
 from retrieval.ingest import ingest
-from retrieval.testing.blip import make_blip
 from tests.e2e.test_browser import CHROMIUM, _free_port, sync_api, wait_until
 from tests.helpers import make_folder
 from tests.server_kit import server_settings

@@ -31,12 +31,12 @@ from explainer.settings import get_settings
 from retrieval.assets import asset_dir
 from retrieval.collection import Collection
 from retrieval.confidence import NULL_QUERIES, ConfidenceConfig, NullModel, calibrate
+from retrieval.demo.recipes import DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
+from retrieval.demo.synthetic import Scene, generate_scenes, query_for, write_scenes
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.errors import ConfigError
 from retrieval.ingest import IngestConfig, ingest
 from retrieval.search import Query, Searcher
-from retrieval.testing.recipes import DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
-from retrieval.testing.synthetic import Scene, generate_scenes, query_for, write_scenes
 from tests.helpers import ROOT, make_folder
 from tests.server_kit import server_settings
 
@@ -99,7 +99,7 @@ def test_floors_on_held_out_models(model: str) -> None:
 @pytest.fixture(scope="module")
 def searcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Searcher, list[Scene], Path]]:
     root = tmp_path_factory.mktemp("confidence")
-    # the demo's recipe (retrieval.testing.recipes), on fewer scenes and epochs to stay quick
+    # the demo's recipe (retrieval.demo.recipes), on fewer scenes and epochs to stay quick
     cfg = replace(DEMO_SCENES, n_train=1000, n_val=50, n_test=64)
     jsonl = write_scenes(cfg, root / "scenes", progress=False)
     train_scene_clip(jsonl, root / "model", ClipRecipe(training=replace(DEMO_TRAINING, epochs=8)))

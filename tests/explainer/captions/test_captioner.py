@@ -23,9 +23,9 @@ from explainer.captions.captioner import (
 from explainer.cli.app import app
 from explainer.settings import Settings, get_settings
 from retrieval import Collection, Encoder, IngestConfig
+from retrieval.demo.blip import make_blip
 from retrieval.errors import ConfigError, ModelUnavailable
 from retrieval.ingest import ingest
-from retrieval.testing.blip import make_blip
 from tests.helpers import draw_shape, make_folder
 
 runner = CliRunner()

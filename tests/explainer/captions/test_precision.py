@@ -28,10 +28,10 @@ from explainer.captions.captioner import (
     prefetch,
 )
 from explainer.errors import ConfigError
+from retrieval.demo.blip import BlipRecipe
+from retrieval.demo.recipes import DEMO_SCENES, train_scene_captioner
+from retrieval.demo.synthetic import Scene, caption_holds, generate_scenes, write_scenes
 from retrieval.encoders import base as encoder_base
-from retrieval.testing.blip import BlipRecipe
-from retrieval.testing.recipes import DEMO_SCENES, train_scene_captioner
-from retrieval.testing.synthetic import Scene, caption_holds, generate_scenes, write_scenes
 
 GIB = 1024**3
 
@@ -125,7 +125,7 @@ def test_prefetch_raises_an_error_where_its_item_would_come() -> None:
 # -- agreement on a trained captioner -------------------------------------------------------------
 
 #: The demo's scenes with a third of the training set, and half the demo's steps: 35% of captions true
-#: after 500 steps (retrieval/testing/recipes.py), enough for a 3-point tolerance to mean something.
+#: after 500 steps (retrieval/demo/recipes.py), enough for a 3-point tolerance to mean something.
 SCENES = replace(DEMO_SCENES, n_train=800, n_val=20, n_test=200)
 
 

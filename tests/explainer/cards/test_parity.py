@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from explainer.cli.app import app
 from explainer.server import create_app
 from explainer.settings import get_settings
-from retrieval.testing.blip import make_blip
+from retrieval.demo.blip import make_blip
 from tests.helpers import COLOURS, make_folder, write_captions
 from tests.server_kit import server_settings
 

@@ -24,7 +24,7 @@ from explainer.cli.app import app
 from explainer.explain.backends import ChatModelBackend, LLMConfig, register_backend, unregister_backend
 from explainer.settings import get_settings
 from retrieval import Collection
-from retrieval.testing.blip import make_blip
+from retrieval.demo.blip import make_blip
 from tests.fake_openai import FakeOpenAIServer, Reply
 from tests.helpers import COLOURS, index_shapes
 

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 
 from explainer.server import create_app
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
+from retrieval.demo.blip import make_blip
 from retrieval.ingest import ingest
 from retrieval.status import caption_progress
-from retrieval.testing.blip import make_blip
 from tests.helpers import make_folder
 from tests.server_kit import server_settings
 

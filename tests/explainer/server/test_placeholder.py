@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from explainer.server import create_app
+from retrieval.demo.tiny import make_clip
 from retrieval.paths import DEMO_MODEL_PREFIX
-from retrieval.testing.tiny import make_clip
 from tests.server_kit import build_collection, server_settings
 
 SHAPES = "a red circle in the top left"

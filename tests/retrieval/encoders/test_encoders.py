@@ -114,7 +114,7 @@ def test_siglip_family_loads_through_the_same_factory(tmp_path: Path) -> None:
     import torch
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
-    from retrieval.testing.tiny import ARCHS, save_tokenizer_and_processor
+    from retrieval.demo.tiny import ARCHS, save_tokenizer_and_processor
 
     # SigLIP ships a SentencePiece tokenizer; a CLIP BPE tokenizer stands in (the model only sees ids).
     vocab = save_tokenizer_and_processor(tmp_path, ARCHS["tiny"])

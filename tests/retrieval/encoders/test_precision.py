@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from retrieval import Collection, IngestConfig, Query, Searcher, imageio
+from retrieval.demo.recipes import DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
+from retrieval.demo.synthetic import write_scenes
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.encoders import base as encoder_base
 from retrieval.errors import ConfigError
 from retrieval.ingest import ingest
-from retrieval.testing.recipes import DEMO_SCENES, DEMO_TRAINING, ClipRecipe, train_scene_clip
-from retrieval.testing.synthetic import write_scenes
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import evaluate
 from retrieval.training.metrics import DirectionMetrics

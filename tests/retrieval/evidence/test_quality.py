@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrieval.demo.synthetic import Scene, SyntheticConfig, generate_scenes, render_scene
+from retrieval.demo.tiny import make_clip
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.encoders.hf import HFDualEncoder
 from retrieval.evidence import EvidenceConfig, EvidenceTarget, dense_evidence, grid_evidence
 from retrieval.evidence import quality as q
-from retrieval.testing.synthetic import Scene, SyntheticConfig, generate_scenes, render_scene
-from retrieval.testing.tiny import make_clip
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from explainer.cli.app import app
+from retrieval.demo.synthetic import SyntheticConfig, write_scenes
 from retrieval.encoders import Encoder
-from retrieval.testing.synthetic import SyntheticConfig, write_scenes
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import evaluate
 from retrieval.training.types import EvalConfig

@@ -22,10 +22,10 @@ import torch
 from typer.testing import CliRunner
 
 from explainer.cli.app import app
+from retrieval.demo.synthetic import SyntheticConfig, write_scenes
+from retrieval.demo.tiny import make_clip
 from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.errors import ConfigError
-from retrieval.testing.synthetic import SyntheticConfig, write_scenes
-from retrieval.testing.tiny import make_clip
 from retrieval.training.contrastive import Optimiser, apply_freeze, param_groups
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import evaluate

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.testing.synthetic import SyntheticConfig, write_scenes
-from retrieval.testing.tiny import make_clip
+from retrieval.demo.synthetic import SyntheticConfig, write_scenes
+from retrieval.demo.tiny import make_clip
 from retrieval.training.datasets import load_dataset
 from retrieval.training.finetune import (
     HISTORY_FILE,

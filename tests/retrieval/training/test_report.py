@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval.demo.synthetic import SyntheticConfig, write_scenes
 from retrieval.encoders import Encoder
 from retrieval.errors import ConfigError
-from retrieval.testing.synthetic import SyntheticConfig, write_scenes
 from retrieval.training.datasets import LoadedDataset, load_dataset
 from retrieval.training.evaluate import evaluate
 from retrieval.training.metrics import (

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from retrieval import imageio
+from retrieval.demo.tiny import DEFAULT_WORDS, set_grid_positions
 from retrieval.errors import BadImage, ConfigError, NotEnoughData
-from retrieval.testing.tiny import DEFAULT_WORDS, set_grid_positions
 from retrieval.training.datasets import DatasetItem
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from explainer.captions.captioner import CaptionerConfig, GenerationSettings, create_captioner
+from retrieval.demo.blip import BlipRecipe, make_blip, train_blip
+from retrieval.demo.synthetic import SyntheticConfig, generate_scenes, render_scene, write_scenes
+from retrieval.demo.tiny import DEFAULT_WORDS, TinyArch, grid_position_table, make_clip
 from retrieval.errors import ConfigError
-from retrieval.testing.blip import BlipRecipe, make_blip, train_blip
-from retrieval.testing.synthetic import SyntheticConfig, generate_scenes, render_scene, write_scenes
-from retrieval.testing.tiny import DEFAULT_WORDS, TinyArch, grid_position_table, make_clip
 from retrieval.training.datasets import load_dataset
 
 

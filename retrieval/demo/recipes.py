@@ -23,9 +23,9 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from retrieval.testing.blip import BlipRecipe, BlipTrainResult, make_blip, train_blip
-from retrieval.testing.synthetic import SyntheticConfig
-from retrieval.testing.tiny import DEFAULT_WORDS, TinyArch, make_clip
+from retrieval.demo.blip import BlipRecipe, BlipTrainResult, make_blip, train_blip
+from retrieval.demo.synthetic import SyntheticConfig
+from retrieval.demo.tiny import DEFAULT_WORDS, TinyArch, make_clip
 from retrieval.training.datasets import load_dataset
 from retrieval.training.finetune import FinetuneResult, finetune
 from retrieval.training.types import FinetuneConfig

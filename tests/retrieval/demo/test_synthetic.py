@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.errors import ConfigError
-from retrieval.testing.synthetic import (
+from retrieval.demo.synthetic import (
     BACKGROUND,
     PALETTE,
     SHAPES,
@@ -30,6 +29,7 @@ from retrieval.testing.synthetic import (
     render_scene,
     write_scenes,
 )
+from retrieval.errors import ConfigError
 
 SMALL = SyntheticConfig(
     n_train=40, n_val=10, n_test=10, image_size=64, max_objects=3, composition_fraction=0.5, seed=7
@@ -256,7 +256,7 @@ def test_invalid_configs_raise_config_error(changes: dict[str, object], field: s
 
 
 def test_unambiguous_eval_splits_give_every_caption_one_right_image() -> None:
-    from retrieval.testing.synthetic import caption_claims, scene_facts
+    from retrieval.demo.synthetic import caption_claims, scene_facts
 
     plain = SyntheticConfig(n_train=20, n_val=60, n_test=150, max_objects=2, seed=0)
     strict = replace(plain, unambiguous_eval=True)
