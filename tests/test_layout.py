@@ -104,7 +104,7 @@ def test_the_library_never_imports_the_application() -> None:
 
 
 def test_product_code_never_imports_the_test_helpers() -> None:
-    """`retrieval.testing` holds actors that fail on purpose; what the demo ships lives in `retrieval.demo`."""
+    """`retrieval.testing` holds actors that fail on purpose; what the demo ships is `retrieval.demo`."""
     users = {
         m
         for m, deps in _graph().items()
