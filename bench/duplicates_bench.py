@@ -6,7 +6,7 @@ encoded exactly as ingest encodes them. A pair is a true duplicate when both ima
 photo; every other pair is a different photo. For each cosine threshold the bench prints pair precision
 and recall, and the highest cosine between two different photos against the lowest between two copies.
 
-    python bench/duplicates_bench.py --images ../shared/data/coco-mini/images --n 120 --model random-vit-b-32
+    python bench/duplicates_bench.py --data ../shared/data/coco-mini --n 120 --model random-vit-b-32
 
 `--model` takes a local model directory, or `random-vit-b-32` / `tiny` for a CLIP of that shape with
 random weights (no weights can be downloaded here); say which one every figure is of.
@@ -15,11 +15,11 @@ random weights (no weights can be downloaded here); say which one every figure i
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from data import add_data_option, coco_mini, describe
 from PIL import Image
 
 from retrieval import imageio
@@ -27,7 +27,6 @@ from retrieval.demo.tiny import make_clip
 from retrieval.duplicates import similar_pairs
 from retrieval.encoders import EncoderConfig, create_encoder
 
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "images"
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
@@ -54,13 +53,12 @@ def model_dir(name: str, tmp: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     ap.add_argument("--n", type=int, default=120, help="photos to copy")
     ap.add_argument("--model", default="random-vit-b-32")
+    add_data_option(ap)
     args = ap.parse_args()
-    files = sorted(p for p in args.images.rglob("*.jpg"))[: args.n] if args.images.is_dir() else []
-    if len(files) < 10:
-        sys.exit(f"need at least 10 photos under {args.images} (found {len(files)}): pass --images DIR")
+    coco = coco_mini(args.data)  # exits 2, saying where it looked, when the photos are missing
+    files = sorted((coco / "images").rglob("*.jpg"))[: args.n]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "copies").mkdir()
@@ -79,7 +77,7 @@ def main() -> None:
     upper = np.triu_indices(len(paths), k=1)
     same = owner[upper[0]] == owner[upper[1]]
     pair_sims = sims[upper]
-    print(f"data: {len(files)} photos from {args.images}, 3 copies each; model: {args.model}")
+    print(f"data: {describe(coco, len(files))}, 3 copies each; model: {args.model}")
     print(f"lowest cosine between copies of one photo: {pair_sims[same].min():.4f}")
     print(f"highest cosine between different photos: {pair_sims[~same].max():.4f}")
     print(f"median cosine between different photos: {np.median(pair_sims[~same]):.4f}")

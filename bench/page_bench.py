@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data import add_data_option, coco_mini, describe
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -35,19 +36,15 @@ from retrieval.demo.blip import make_blip
 from retrieval.demo.tiny import make_clip
 from retrieval.ingest import ingest
 
-REPO = Path(__file__).resolve().parent.parent
-COCO = (REPO / ".." / "shared" / "data" / "coco-mini" / "images").resolve()
 QUERIES = ("a dog on a couch", "a plate of food on a table", "a person riding a bike")
 
 
-def _photos(folder: Path, n: int) -> str:
+def _photos(folder: Path, n: int, coco: Path) -> str:
     folder.mkdir(parents=True)
-    files = sorted(COCO.rglob("*.jpg"))[:n] if COCO.is_dir() else []
+    files = sorted((coco / "images").rglob("*.jpg"))[:n]
     for f in files:
         Image.open(f).convert("RGB").save(folder / f.name, quality=90)
-    for i in range(len(files), n):  # synthetic photos when coco-mini is absent or short
-        Image.new("RGB", (640, 480), (37 * i % 256, 90, 160)).save(folder / f"synthetic_{i:03d}.jpg")
-    return f"{len(files)} coco-mini photos" + (f" + {n - len(files)} synthetic" if len(files) < n else "")
+    return describe(coco, len(files))
 
 
 def _settings(data: Path, tmp: Path, **values: Any) -> Settings:
@@ -76,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="the servers' models'"
     )
+    add_data_option(ap)
     args = ap.parse_args(argv)
+    coco = coco_mini(args.data)  # exits 2, saying where it looked, when the photos are missing
 
     import torch
 
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="page-bench-") as name:
         tmp = Path(name)
-        source = _photos(tmp / "photos", args.images)
+        source = _photos(tmp / "photos", args.images, coco)
         clip = make_clip(tmp / "clip", "vit-b-32", seed=0)
         blip = make_blip(tmp / "blip", "base", seed=0)
         encoder = create_encoder(EncoderConfig(model=str(clip), device="cpu", precision="fp32"))
