@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
+import sys
 import typing
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -120,11 +122,19 @@ def _search_cmd(
             show_default=False,
         ),
     ] = None,
+    paths: Annotated[
+        bool,
+        typer.Option("--paths", help="Print only the hits' file paths, one a line (for `| xargs open`)"),
+    ] = False,
     filters: dict[str, Any] | None = None,
 ) -> None:
     """Search the collection by text, image, or both."""
     explain = explain or explain_backend is not None
     want_evidence = evidence is not None or evidence_method is not None
+    if paths and (json_out or captions or explain or caption or want_evidence):
+        raise BadQuery(
+            "--paths prints paths only: leave out --json, --captions, --explain, --caption and --evidence"
+        )
     if (explain or caption or want_evidence) and captions:
         raise BadQuery(
             "--explain, --caption and --evidence describe image results; they cannot be used with --captions"
@@ -167,6 +177,12 @@ def _search_cmd(
             **(filters or {}),
         )
         q.validate()  # before anything is built from it: a bad --top-k is one line, not a traceback
+        if paths:  # the paths as the file system knows them (odd bytes kept), nothing else on stdout
+            out = sys.stdout.buffer
+            for hit in searcher.search(q).results:
+                out.write(os.fsencode(hit.path) + b"\n")
+            out.flush()
+            return
         if captions:
             result = searcher.search_captions(q)
             if json_out:

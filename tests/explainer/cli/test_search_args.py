@@ -104,3 +104,16 @@ def test_tune_index_json_table_and_apply(indexed: tuple[Path, Path, list[Path]],
     assert "recall@10" in table.output and "recommended:" in table.output and "applied:" in table.output
     bad = runner.invoke(app, ["tune-index", "--data-dir", str(data), "--queries", "0"])
     assert bad.exit_code != 0
+
+
+def test_paths_prints_one_existing_path_a_line_and_nothing_else(
+    indexed: tuple[Path, Path, list[Path]],
+) -> None:
+    _, data, files = indexed
+    r = runner.invoke(app, ["search", "a red circle", "--paths", "-k", "5", "--data-dir", str(data)])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert len(lines) == 5 and all(Path(line).is_file() for line in lines)
+    assert set(lines) <= {str(f) for f in files}
+    bad = runner.invoke(app, ["search", "a red circle", "--paths", "--json", "--data-dir", str(data)])
+    assert bad.exit_code == 2 and "--paths" in bad.output
