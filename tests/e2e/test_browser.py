@@ -8,19 +8,16 @@ Skipped (with the reason) where chromium or the playwright package is missing.
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from explainer.server import create_app
 from tests.helpers import ROOT
-from tests.server_kit import build_collection, server_settings
+from tests.server_kit import build_collection, server_settings, serving
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 SHOTS = ROOT / "bench" / "out"
@@ -38,12 +35,6 @@ sync_api = pytest.importorskip(
 CONSOLE_ERRORS: list[str] = []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(page: Any, expression: str, timeout_s: float = 60.0) -> None:
     """Poll a page expression through the debugging protocol: the page's CSP forbids the eval that
     Playwright's `wait_for_function` uses in the page, and the CSP must stay on in this test."""
@@ -58,19 +49,9 @@ def wait_until(page: Any, expression: str, timeout_s: float = 60.0) -> None:
 def base_url(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> Iterator[str]:
     root = tmp_path_factory.mktemp("browser")
     data = build_collection(root, tiny_clip_dir, n=12)
-    port = _free_port()
     app = create_app(server_settings(data, root, default_top_k=8))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

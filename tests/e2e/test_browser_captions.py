@@ -4,22 +4,19 @@ Skipped where chromium or playwright is missing (as tests/e2e/test_browser.py)."
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from explainer.server import create_app
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder
 from retrieval.demo.blip import make_blip
 from retrieval.ingest import ingest
-from tests.e2e.test_browser import CHROMIUM, _free_port, sync_api, wait_until
+from tests.e2e.test_browser import CHROMIUM, sync_api, wait_until
 from tests.helpers import make_folder
-from tests.server_kit import server_settings
+from tests.server_kit import server_settings, serving
 
 pytestmark = [
     pytest.mark.browser,
@@ -39,20 +36,8 @@ def base_url(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> I
     settings = server_settings(
         root / "data", root, default_top_k=8, caption_model=str(blip), caption_background=False
     )
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(settings)) as url:
+        yield url
 
 
 def test_captions_fill_in_and_then_the_explanations(base_url: str) -> None:

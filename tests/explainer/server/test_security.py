@@ -9,7 +9,6 @@ import asyncio
 import http.client
 import io
 import os
-import socket
 import stat
 import threading
 import time
@@ -39,7 +38,7 @@ from explainer.server.security import (
 from retrieval import Collection, EncoderConfig, IngestConfig, create_encoder, imageio
 from retrieval.ingest import ingest
 from tests.helpers import ROOT
-from tests.server_kit import build_collection, server_settings
+from tests.server_kit import build_collection, free_port, server_settings
 
 TOKEN = "s3cret-token-for-the-tests-0123456789"
 
@@ -433,14 +432,8 @@ def test_error_messages_never_show_python_object_names(client: TestClient) -> No
 
 
 # -- a real uvicorn on 127.0.0.1 ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_real_server_refuses_rebinding_and_cross_site_posts(data_dir: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     settings = server_settings(data_dir, tmp_path, port=port, allowed_hosts=[])
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
