@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 
 from explainer.errors import LLMRateLimited
@@ -249,39 +249,51 @@ class RateBudget:
             if ticket in self._queue:
                 self._queue.remove(ticket)
 
+    def _turns(self, tokens: int, max_wait_s: float) -> Generator[float, None, Grant]:
+        """The waits before a call of `tokens` may go, then its grant as the generator's value: the one
+        loop behind `acquire` and `acquire_sync`, which differ only in how they sleep. Closing the
+        generator (a cancelled wait) leaves the queue."""
+        start = self.clock()
+        ticket = self._enter(tokens)
+        try:
+            while True:
+                grant, wait = self._try(ticket, tokens)
+                if grant is not None:
+                    grant.waited_s = self.clock() - start
+                    return grant
+                self._give_up_if_late(start, wait, max_wait_s)
+                yield wait
+        finally:
+            self._leave(ticket)
+
     async def acquire(
         self, tokens: int, max_wait_s: float, on_wait: Callable[[float], None] | None = None
     ) -> Grant:
         """Wait (asynchronously) until a call of `tokens` may go; LLMRateLimited past `max_wait_s`."""
-        start = self.clock()
-        ticket = self._enter(tokens)
+        turns = self._turns(tokens, max_wait_s)
         try:
             while True:
-                grant, wait = self._try(ticket, tokens)
-                if grant is not None:
-                    grant.waited_s = self.clock() - start
-                    return grant
-                self._give_up_if_late(start, wait, max_wait_s)
+                wait = next(turns)
                 if on_wait is not None:
                     on_wait(wait)
                 await asyncio.sleep(min(wait, 0.5))
+        except StopIteration as done:
+            grant: Grant = done.value
+            return grant
         finally:
-            self._leave(ticket)
+            turns.close()
 
     def acquire_sync(self, tokens: int, max_wait_s: float) -> Grant:
         """`acquire` for plain threads (the sync API)."""
-        start = self.clock()
-        ticket = self._enter(tokens)
+        turns = self._turns(tokens, max_wait_s)
         try:
             while True:
-                grant, wait = self._try(ticket, tokens)
-                if grant is not None:
-                    grant.waited_s = self.clock() - start
-                    return grant
-                self._give_up_if_late(start, wait, max_wait_s)
-                time.sleep(min(wait, 0.5))
+                time.sleep(min(next(turns), 0.5))
+        except StopIteration as done:
+            grant: Grant = done.value
+            return grant
         finally:
-            self._leave(ticket)
+            turns.close()
 
     def _give_up_if_late(self, start: float, wait: float, max_wait_s: float) -> None:
         waited = self.clock() - start
