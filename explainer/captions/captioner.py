@@ -281,6 +281,18 @@ class BlipCaptioner:
             out.extend(self._generate(inputs))
         return out
 
+    def warm_up(self) -> None:
+        """Run one short generation on a blank image, so the first real caption does not pay for the
+        kernels' first-call set-up (bf16 matmuls on a CPU take seconds to prepare the first time)."""
+        blank = Image.new("RGB", (32, 32), (128, 128, 128))
+        kwargs = self._inputs([blank], None)
+        import torch
+
+        with self._lock, torch.inference_mode():
+            if self.model is None:
+                raise ModelUnavailable("this captioner was closed; create a new one")
+            self.model.generate(**kwargs, max_new_tokens=2, min_new_tokens=0, num_beams=1)
+
     def _inputs(self, images: Sequence[Image.Image], prefix: str | None) -> dict[str, Any]:
         """The model's inputs for one batch, on its device (prepared while the previous batch generates)."""
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]

@@ -192,6 +192,9 @@ class CaptionWorker:
     def _run(self) -> None:
         try:
             service = self._make_service()
+            warm_up = getattr(service.captioner, "warm_up", None)
+            if callable(warm_up):  # before `ready`: a page's first caption then takes one image's time
+                warm_up()
         except Exception as exc:  # missing weights, a bad model name: the server serves without captions
             with self._cond:
                 self._problem = f"captions are off: {exc}"

@@ -97,6 +97,13 @@ def test_batched_captions_equal_one_at_a_time(captioner: Captioner, tmp_path: Pa
     assert captioner.name == "tiny-blip0" and GEN.key() in captioner.fingerprint
 
 
+def test_warm_up_changes_no_caption(captioner: Captioner, tmp_path: Path) -> None:
+    images = _shapes(tmp_path, 2)
+    before = captioner.caption(images)
+    captioner.warm_up()  # type: ignore[attr-defined]  # BlipCaptioner's own, called by the server's worker
+    assert captioner.caption(images) == before
+
+
 def test_prefix_is_honoured(captioner: Captioner, tmp_path: Path) -> None:
     images = _shapes(tmp_path, 3)
     out = captioner.caption(images, prefix="A photography  of")

@@ -179,3 +179,27 @@ def test_a_missing_model_turns_captioning_off_with_the_reason(collection: Collec
     assert not worker.active
     assert worker.request(_records(collection)[:2]) == []  # nothing is queued for a worker that cannot run
     worker.stop()
+
+
+def test_the_captioner_is_warmed_up_before_the_worker_says_ready(collection: Collection) -> None:
+    gate = threading.Event()
+
+    class WarmedCaptioner(FakeCaptioner):
+        warmed = 0
+
+        def warm_up(self) -> None:
+            assert gate.wait(WAIT)  # held: the worker must not say ready meanwhile
+            self.warmed += 1
+
+    fake = WarmedCaptioner()
+    worker = _worker(collection, fake, background=False)
+    worker.start()
+    try:
+        assert not worker.progress().ready  # still warming up: a page would wait on cold kernels
+        gate.set()
+        recs = _records(collection)[:1]
+        assert worker.wait(worker.request(recs), WAIT) == dict.fromkeys(r.content_hash for r in recs)
+        assert worker.progress().ready and fake.warmed == 1
+        assert fake.captioned == 1  # the warm-up captions nothing of the collection
+    finally:
+        worker.stop()
