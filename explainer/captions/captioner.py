@@ -203,6 +203,25 @@ class CaptionerConfig:
         return cls(**values)
 
 
+class CaptionInterrupted(Exception):
+    """Background captioning gave way to a request; the batch's images stay to be captioned later."""
+
+
+class _Interrupt:
+    """A generation stopping criterion that ends every sequence once `interrupt()` turns true, so a
+    background batch frees the cores for a query within about one decoding step (not a whole batch)."""
+
+    def __init__(self, interrupt: Callable[[], bool]) -> None:
+        self.interrupt = interrupt
+        self.fired = False
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.fired = self.fired or bool(self.interrupt())
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
 # -- the interface --
 @runtime_checkable
 class Captioner(Protocol):
@@ -215,7 +234,15 @@ class Captioner(Protocol):
     name: str
     fingerprint: str
 
-    def caption(self, images: Sequence[Image.Image], prefix: str | None = None) -> list[str]: ...
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        prefix: str | None = None,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[str]:
+        """Captions in order. When `interrupt` is given and turns true mid-way, the work in progress is
+        abandoned within about one decoding step and `CaptionInterrupted` is raised."""
+        ...
 
     def close(self) -> None: ...
 
@@ -273,12 +300,17 @@ class BlipCaptioner:
         self.fingerprint = f"{hub.weights_fingerprint(src, model_cfg)}|{self.generation.key()}"
         self._lock = threading.Lock()  # one generation at a time on a shared model
 
-    def caption(self, images: Sequence[Image.Image], prefix: str | None = None) -> list[str]:
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        prefix: str | None = None,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[str]:
         prefix = normalise_prefix(prefix)
         batches = [images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size)]
         out: list[str] = []
         for inputs in prefetch(batches, lambda batch: self._inputs(batch, prefix)):
-            out.extend(self._generate(inputs))
+            out.extend(self._generate(inputs, interrupt))
         return out
 
     def warm_up(self) -> None:
@@ -306,13 +338,24 @@ class BlipCaptioner:
             kwargs["attention_mask"] = inputs["attention_mask"].to(self.device)
         return kwargs
 
-    def _generate(self, kwargs: dict[str, Any]) -> list[str]:
+    def _generate(self, kwargs: dict[str, Any], interrupt: Callable[[], bool] | None = None) -> list[str]:
         import torch
 
+        extra: dict[str, Any] = {}
+        stop = None
+        if interrupt is not None:
+            if interrupt():
+                raise CaptionInterrupted("asked to yield before the batch started")
+            from transformers import StoppingCriteriaList
+
+            stop = _Interrupt(interrupt)
+            extra["stopping_criteria"] = StoppingCriteriaList([stop])
         with self._lock, torch.inference_mode():
             if self.model is None:
                 raise ModelUnavailable("this captioner was closed; create a new one")
-            ids = self.model.generate(**kwargs, **self.generation.generate_kwargs())
+            ids = self.model.generate(**kwargs, **self.generation.generate_kwargs(), **extra)
+        if stop is not None and stop.fired:
+            raise CaptionInterrupted("asked to yield mid-batch: its captions were not finished")
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(str(t).split()) for t in texts]
 
@@ -405,11 +448,16 @@ class CaptionService:
         self.source = source_label(captioner)
 
     def caption_records(
-        self, records: Iterable[ImageRecord], progress: bool = False, limit: int | None = None
+        self,
+        records: Iterable[ImageRecord],
+        progress: bool = False,
+        limit: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> CaptionReport:
         """Caption every content among `records` not yet cached; `limit` caps the model's work.
 
-        Each batch commits before the next starts, so a killed run is resumed by running again.
+        Each batch commits before the next starts, so a killed run is resumed by running again; an
+        `interrupt` that turns true raises `CaptionInterrupted` with the batches before it committed.
         """
         catalog = self.collection.catalog
         by_hash: dict[str, list[ImageRecord]] = {}
@@ -439,7 +487,7 @@ class CaptionService:
                         _count(report, got.reason)
                     else:
                         images[h] = got
-                new = self._caption_batch(images, report)
+                new = self._caption_batch(images, report, interrupt)
                 catalog.put_generated_captions(self.key, new)
                 self._attach({h: by_hash[h] for h in new}, new)
                 report.captioned += len(new)
@@ -453,22 +501,27 @@ class CaptionService:
     def caption_collection(self, progress: bool = False, limit: int | None = None) -> CaptionReport:
         return self.caption_records(self.collection.catalog.iter_images("indexed"), progress, limit)
 
-    def _caption_batch(self, images: dict[str, Image.Image], report: CaptionReport) -> dict[str, str]:
+    def _caption_batch(
+        self,
+        images: dict[str, Image.Image],
+        report: CaptionReport,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> dict[str, str]:
         """One forward pass; if it fails, image by image, so one bad image costs only its own caption."""
         hashes = list(images)
         if len(hashes) > 1:
             try:
-                captions = self.captioner.caption([images[h] for h in hashes], self.prefix)
+                captions = self.captioner.caption([images[h] for h in hashes], self.prefix, interrupt)
                 return dict(zip(hashes, captions, strict=True))
-            except ClearsightError:
+            except (ClearsightError, CaptionInterrupted):
                 raise  # ours, e.g. a closed model: not a property of these images
             except Exception:
                 pass  # find the culprit below
         out: dict[str, str] = {}
         for h in hashes:
             try:
-                out[h] = self.captioner.caption([images[h]], self.prefix)[0]
-            except ClearsightError:
+                out[h] = self.captioner.caption([images[h]], self.prefix, interrupt)[0]
+            except (ClearsightError, CaptionInterrupted):
                 raise
             except Exception as exc:  # recorded, not raised: the rest of the collection still gets captions
                 _count(report, f"captioning failed: {type(exc).__name__}")

@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from explainer.captions.captioner import CaptionService
+from explainer.captions.captioner import CaptionInterrupted, CaptionService
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
 from retrieval.status import caption_progress
@@ -40,6 +40,7 @@ class WorkerProgress:
     ready: bool  # the captioner is loaded
     idle: bool  # nothing queued, nothing left to caption at the last look over the collection
     problem: str | None = None  # why the worker does not caption (weights missing...)
+    yielded: int = 0  # background batches abandoned mid-way so a request got the cores
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -83,6 +84,7 @@ class CaptionWorker:
         self._problem: str | None = None
         self._stopping = False
         self._last_request = 0.0
+        self._interrupted = 0  # background batches that gave way to a request
         self._last_scan: float | None = None
         self._counts = (0, 0)
         self._busy = False  # a batch is being captioned
@@ -164,6 +166,7 @@ class CaptionWorker:
                 ready=self._service is not None,
                 idle=self._idle_locked(),
                 problem=self._problem,
+                yielded=self._interrupted,
             )
 
     def wait_idle(self, timeout: float) -> bool:
@@ -291,9 +294,20 @@ class CaptionWorker:
         """Caption one batch; outcomes are kept for what requests asked, and failures for all (so the
         background does not retry an unreadable image at every rescan: a request still may)."""
         records = [rec for recs in batch.values() for rec in recs]
+        started = time.monotonic()
+        # A background batch gives way to any request that arrives while it runs (a search, a page's
+        # captions): the cores go to the query within about one decoding step, the batch goes back first
+        # in line. Requested batches run to the end: their pages wait for them.
+        interrupt = None if asked else (lambda: bool(self._urgent) or self._last_request > started)
         try:
-            report = service.caption_records(records)
+            report = service.caption_records(records, interrupt=interrupt)
             outcome: dict[str, str | None] = {h: None if h in report.captions else FAILED for h in batch}
+        except CaptionInterrupted:
+            with self._cond:
+                self._todo.extendleft(reversed([h for h in batch if h not in self._finished]))
+                self._interrupted += 1
+                self._cond.notify_all()
+            return
         except Exception as exc:  # a catalog or model error: these contents fail, the worker goes on
             log.warning("captioning %d images failed: %s", len(batch), exc)
             outcome = dict.fromkeys(batch, f"{FAILED} ({type(exc).__name__})")

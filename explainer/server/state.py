@@ -269,6 +269,8 @@ class ServerState:
         self, pipeline: CardPipeline, inp: QueryInput, evidence_method: str | None = None
     ) -> ResultPage:
         """Resolve and search (blocking; run it through `run`, within the shared work budget)."""
+        if isinstance(pipeline.captions, ScheduledCaptions):
+            pipeline.captions.worker.note_activity()  # background captioning yields before we encode
         query, echo = self.resolve(inp, pipeline.searcher)
         return pipeline.search(query, echo, evidence_method=evidence_method)
 
@@ -277,6 +279,8 @@ class ServerState:
     ) -> tuple[SearchResult | None, Query, QueryEcho]:
         """Caption hits for the query; the result is None when the collection has no captions at all
         (blocking; run in a worker thread)."""
+        if isinstance(pipeline.captions, ScheduledCaptions):
+            pipeline.captions.worker.note_activity()
         query, echo = self.resolve(inp, pipeline.searcher)
         if pipeline.searcher.index.captions.ntotal == 0:
             return None, query, echo

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from explainer.captions.captioner import (
     Captioner,
     CaptionerConfig,
+    CaptionInterrupted,
     CaptionService,
     GenerationSettings,
     cache_key,
@@ -72,11 +73,16 @@ class Counting:
         self.calls: list[int] = []
         self.interrupt_on_call = interrupt_on_call
 
-    def caption(self, images: Sequence[Image.Image], prefix: str | None = None) -> list[str]:
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        prefix: str | None = None,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[str]:
         self.calls.append(len(images))
         if self.interrupt_on_call == len(self.calls):
             raise KeyboardInterrupt
-        return self.inner.caption(images, prefix)
+        return self.inner.caption(images, prefix, interrupt)
 
     def close(self) -> None:
         pass
@@ -102,6 +108,24 @@ def test_warm_up_changes_no_caption(captioner: Captioner, tmp_path: Path) -> Non
     before = captioner.caption(images)
     captioner.warm_up()  # type: ignore[attr-defined]  # BlipCaptioner's own, called by the server's worker
     assert captioner.caption(images) == before
+
+
+def test_an_interrupt_abandons_the_generation_at_the_next_step(captioner: Captioner, tmp_path: Path) -> None:
+    images = _shapes(tmp_path, 2)
+    assert captioner.caption(images, interrupt=lambda: False) == captioner.caption(images)  # never fires
+
+    steps: list[int] = []
+
+    def after_the_first_token() -> bool:  # asked before the batch, then once per decoding step
+        steps.append(1)
+        return len(steps) > 1
+
+    with pytest.raises(CaptionInterrupted):  # min_new_tokens=1: no row can end before that step
+        captioner.caption(images, interrupt=after_the_first_token)
+    assert len(steps) == 2  # stopped at the step it was asked to, not at the end of the caption
+    with pytest.raises(CaptionInterrupted):  # already due: the model is not even run
+        captioner.caption(images, interrupt=lambda: True)
+    assert captioner.caption(images[:1]) == captioner.caption(images)[:1]  # the model is left usable
 
 
 def test_prefix_is_honoured(captioner: Captioner, tmp_path: Path) -> None:

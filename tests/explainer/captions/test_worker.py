@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from explainer.captions.captioner import CaptionService
+from explainer.captions.captioner import CaptionInterrupted, CaptionService
 from explainer.captions.worker import FAILED, CaptionWorker
 from explainer.errors import ModelUnavailable
 from retrieval import Collection, IngestConfig
@@ -37,11 +38,22 @@ class FakeCaptioner:
         self.started = threading.Event()
         self.bad_size = bad_size
         self.closed = False
+        self.interrupted = 0
+        self.created = time.monotonic()
 
-    def caption(self, images: Sequence[Image.Image], prefix: str | None = None) -> list[str]:
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        prefix: str | None = None,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[str]:
         self.started.set()
         if self.gate is not None:
-            assert self.gate.wait(WAIT)
+            while not self.gate.wait(0.01):  # "decoding": a step at a time, asking whether to yield
+                if interrupt is not None and interrupt():
+                    self.interrupted += 1
+                    raise CaptionInterrupted("yielded")
+                assert time.monotonic() - self.created < WAIT
         if self.bad_size is not None and any(im.size == self.bad_size for im in images):
             raise ValueError("this image breaks the model")
         colours = [im.convert("RGB").resize((1, 1)).getpixel((0, 0)) for im in images]
@@ -149,6 +161,30 @@ def test_background_waits_while_requests_need_the_model(collection: Collection) 
         worker.stop()
     assert fake.captioned == 2
     assert worker.progress().background is True
+
+
+def test_a_background_batch_gives_way_to_a_request_and_is_captioned_later(collection: Collection) -> None:
+    gate = threading.Event()
+    fake = FakeCaptioner(gate)
+    worker = _worker(collection, fake, background=True, background_batch=2, quiet_s=0.0)
+    worker.start()
+    recs = _records(collection)
+    try:
+        assert fake.started.wait(WAIT)  # a background batch is "decoding", held by the gate
+        worker.note_activity()  # a search starts: the batch must stop, not run to its end
+        deadline = time.monotonic() + WAIT
+        while worker.progress().yielded == 0:
+            assert time.monotonic() < deadline, "the background batch never gave way"
+            time.sleep(0.01)
+        assert fake.interrupted == 1 and fake.captioned == 0  # nothing was stored from the cut batch
+        gate.set()
+        asked = worker.request(recs[:1])
+        assert worker.wait(asked, WAIT) == dict.fromkeys(asked)  # a request's own batch is never cut
+        assert worker.wait_idle(WAIT)
+    finally:
+        worker.stop()
+    assert caption_progress(collection.catalog) == (11, 11)  # the cut batch went back in line
+    assert fake.interrupted == 1
 
 
 def test_an_image_the_model_cannot_caption_fails_alone(collection: Collection) -> None:
