@@ -98,6 +98,13 @@ _MIGRATIONS: list[str] = [
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
+#: Orders `Catalog.browse` offers: newest first by date taken, or by folder then file.
+BROWSE_ORDERS = {
+    "date": "taken_at IS NULL, taken_at DESC, id DESC",
+    "folder": "folder IS NULL, folder, path, id",
+}
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     id: int
@@ -394,6 +401,46 @@ class Catalog:
                 "UPDATE images SET taken_at=?, taken_source=?, format=?, folder=? WHERE id=?",
                 [(taken, source, fmt, folder, i) for i, taken, source, fmt, folder in rows],
             )
+
+    # -- filtered views (retrieval.filters builds the conditions) -----------------------------
+    def ids_where(self, condition: str, params: Sequence[object]) -> np.ndarray:
+        """Sorted ids of the indexed images meeting an SQL `condition` on `images`, as int64."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM images WHERE state='indexed' AND ({condition}) ORDER BY id", list(params)
+            ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def browse(
+        self, condition: str, params: Sequence[object], order: str, limit: int, offset: int
+    ) -> tuple[list[ImageRecord], int]:
+        """One page of the indexed images meeting `condition`, in `order`, and how many meet it."""
+        sort = BROWSE_ORDERS[order]
+        where = f"state='indexed' AND ({condition})"
+        with self._lock:
+            count = self._db.execute(f"SELECT COUNT(*) FROM images WHERE {where}", list(params))
+            total = int(count.fetchone()[0])
+            rows = self._db.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE {where} ORDER BY {sort} LIMIT ? OFFSET ?",
+                [*params, int(limit), int(offset)],
+            ).fetchall()
+        return [_record(r) for r in rows], total
+
+    def vectors_of(self, ids: Sequence[int], model: str, dim: int) -> tuple[np.ndarray, Float32Array]:
+        """(ids, vectors) of those of `ids` that are indexed and embedded for `model`, in id order."""
+        rows = self._select_in(
+            """SELECT i.id, e.vector FROM images i JOIN embeddings e
+               ON e.content_hash = i.content_hash AND e.model = ?
+               WHERE i.state = 'indexed' AND i.id IN ({marks})""",
+            [int(x) for x in ids],
+            (model,),
+        )
+        rows.sort(key=lambda r: int(r[0]))
+        out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.zeros((len(rows), dim), dtype=np.float32)
+        for k, (_, blob) in enumerate(rows):
+            vecs[k] = np.frombuffer(blob, dtype=np.float32)
+        return out_ids, vecs
 
     def indexed_ids(self) -> set[int]:
         with self._lock:

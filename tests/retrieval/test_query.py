@@ -77,6 +77,12 @@ def test_every_spec_field_travels_in_the_echo_and_in_page_links() -> None:
         "negative": "blue",
         "weight": 0.3,
         "min_score": 0.25,
+        "folder": "2019/trip",
+        "after": "2019-07-01",
+        "before": "2019-07-31",
+        "type": "jpeg",
+        "min_size": 800,
+        "orientation": "landscape",
     }
     assert set(values) == {f.name for f in _spec_fields()}, "a new spec field: give it a test value here"
     echo = echo_of(QuerySpec(**values), "text+image")  # type: ignore[arg-type]
