@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from retrieval.catalog import ImageRecord
+from retrieval.catalog import Catalog, ImageRecord
 from retrieval.errors import BadQuery
 from retrieval.paths import display_path, path_bytes
 from retrieval.query import FILE_TYPES, Filters
@@ -142,3 +142,21 @@ def _norm(path: str) -> str:
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+#: How `browse` can order a collection: newest first by date taken, or by folder then file name.
+SORTS = ("date", "folder")
+
+
+def browse(
+    catalog: Catalog, filters: Filters, sort: str, offset: int, limit: int
+) -> tuple[list[ImageRecord], int]:
+    """One page of the collection without a query (records in `sort` order), and how many images the
+    filters admit: what a photo library shows before anyone types."""
+    if sort not in SORTS:
+        raise BadQuery(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+    if offset < 0 or limit < 1:
+        raise BadQuery(f"a page needs offset >= 0 and limit >= 1, got {offset} and {limit}")
+    scope = resolve(filters, catalog.roots()) or Scope()
+    condition, params = scope.where()
+    return catalog.browse(condition, params, sort, limit, offset)

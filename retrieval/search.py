@@ -51,6 +51,9 @@ class Hit:
     confidence: float | None = None  # calibrated per query and collection (retrieval.confidence)
     file_name: str = ""  # the file's own name, so a result names its file without parsing paths
     relative_path: str = ""  # relative to the indexed folder holding it (see Catalog.relative_path)
+    taken_at: str | None = None  # local date and time taken (retrieval.photo_meta); None: not read yet
+    taken_source: str | None = None  # exif, exif-datetime or mtime
+    folder: str | None = None  # relative to its indexed folder ("" at the top of it)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
@@ -80,6 +83,9 @@ class Hit:
             confidence=confidence,
             file_name=display_path(Path(rec.path).name),
             relative_path=relative_path,
+            taken_at=rec.taken_at,
+            taken_source=rec.taken_source,
+            folder=display_path(rec.folder) if rec.folder is not None else None,
         )
 
 

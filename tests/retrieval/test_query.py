@@ -56,7 +56,7 @@ def test_the_api_schema_is_the_spec() -> None:
         assert {k: v for k, v in props[f.name].items() if k != "description"} == spec[f.name], f.name
     assert props["like_id"]["anyOf"][0]["minimum"] == 1 and props["min_score"]["anyOf"][0]["maximum"] == 1
     form = search_form_schema()["properties"]
-    assert set(form) == (set(props) - {"image_base64"}) | {"image"}
+    assert set(form) == (set(props) - {"image_base64", "filters"}) | {"image"}
     explain = {f.name for f in dataclasses.fields(ExplainRequest)}
     assert {f.name for f in _spec_fields()} <= explain  # the page sends its echo back for explanations
 
