@@ -125,3 +125,34 @@ def test_browse_by_date_and_by_folder(client: TestClient) -> None:
 )
 def test_browse_bounds(client: TestClient, params: dict[str, object]) -> None:
     assert client.get("/api/images", params=params).status_code == 422
+
+
+# -- the page --------------------------------------------------------------------------------------
+
+
+def test_the_empty_page_lists_the_collection_with_filters(client: TestClient) -> None:
+    html = client.get("/").text
+    assert "Your collection" in html and html.count('class="card photo"') == 11
+    assert html.index("home_") < html.index("trip_")  # newest first: 2023 before 2019
+    html = client.get("/", params={"folder": "2019-trip", "sort": "folder"}).text
+    assert html.count('class="card photo"') == 6 and "home_" not in html
+    assert 'value="2019-trip"' in html and '<details class="filters" open>' in html
+    assert "No photo matches" in client.get("/", params={"type": "gif"}).text
+    r = client.get("/", params={"folder": "/etc"})
+    assert r.status_code == 422 and "outside every indexed folder" in r.text
+
+
+def test_the_page_searches_with_the_filters(client: TestClient) -> None:
+    html = client.get("/", params={"q": "a photo", "after": "2023-01-01", "k": 24}).text
+    assert html.count('class="card"') == 4  # the EXIF-dated home photos (undated.png is from 2017)
+    assert "taken 2023-03-02 18:30" in html and "trip_" not in html
+
+
+def test_the_form_carries_the_filters_to_the_results(client: TestClient) -> None:
+    r = client.post(
+        "/",
+        data={"text": "a photo", "folder": "2023-home", "orientation": "portrait", "after": ""},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303
+    assert r.headers["location"] == "/?q=a+photo&folder=2023-home&orientation=portrait"
