@@ -140,6 +140,8 @@ class Filters:
             return f"orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}"
         if self.folder is not None and not self.folder.strip():
             return "folder is empty: name a folder, or leave the filter out"
+        if self.folder is not None and "\x00" in self.folder:
+            return "folder contains a NUL character, which no path can hold"
         return None
 
 

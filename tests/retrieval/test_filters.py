@@ -39,6 +39,7 @@ QUIET = IngestConfig(batch_size=4, workers=2, progress=False)
         ({"type": "exe"}, "type must be one of jpeg"),
         ({"orientation": "diagonal"}, "orientation must be one of landscape, portrait, square"),
         ({"folder": "  "}, "folder is empty"),
+        ({"folder": "a\x00b"}, "NUL character"),
         ({"after": "14/07/2019"}, "after is malformed"),
         ({"min_size": 0}, "min size must be between 1 and"),
     ],
