@@ -238,3 +238,27 @@ def test_searcher_filters_by_folder_and_date(library: Path, encoder: Encoder) ->
     like = res.results[0].id if res.results else None
     more = s.search(Query(image=None, text="x", like_id=like, folder="2023"))
     assert like not in [h.id for h in more.results] and len(more.results) == 2
+
+
+def test_the_ondisk_kind_filters_exactly_from_its_own_rows(
+    tmp_path: Path, data: tuple[Int64Array, Float32Array, Float32Array]
+) -> None:
+    from retrieval.index.ondisk_store import OnDiskVectorIndex
+
+    ids, vecs, queries = data
+    idx = OnDiskVectorIndex.build_in(tmp_path / "disk", ids, vecs, 32, shards=2)
+    assert idx.search_among(queries[:1], 5, ids[:10]) is None  # no selector: the searcher works around it
+    held = idx.stored_vectors(ids[[3, 1, 2000]])
+    assert held is not None and np.array_equal(held, vecs[[3, 1, 2000]])
+    assert idx.stored_vectors(np.array([1, 99_999], np.int64)) is None  # an id it does not hold
+    allowed = ids[5::7]
+
+    def vectors_of(chosen: Int64Array) -> tuple[Int64Array, Float32Array]:
+        got = idx.stored_vectors(chosen)
+        assert got is not None
+        return chosen, got
+
+    for q in queries:
+        got = fetch_among(idx, q[None], 12, allowed, vectors_of, None)
+        truth = np.argsort(-(vecs[allowed - 1] @ q), kind="stable")[:12]
+        assert [i for _, i in got] == [int(allowed[t]) for t in truth]
