@@ -343,6 +343,8 @@ class Searcher:
     def scope(self, q: QuerySpec) -> Scope | None:
         """The query's filters resolved against this collection (None: no filter); BadQuery when
         they cannot be answered (a folder outside every indexed folder, a date that is no date)."""
+        if not q.filter_values():
+            return None  # no catalog read for the common, unfiltered search
         return resolve(q, self.collection.catalog.roots())
 
     def allowed_ids(self, scope: Scope) -> Int64Array:
