@@ -156,3 +156,17 @@ def test_the_form_carries_the_filters_to_the_results(client: TestClient) -> None
     )
     assert r.status_code == 303
     assert r.headers["location"] == "/?q=a+photo&folder=2023-home&orientation=portrait"
+
+
+def test_explanations_for_a_filtered_page(client: TestClient) -> None:
+    r = client.post(
+        "/api/search", json={"text": "a photo", "top_k": 3, "explain": False, "folder": "2019-trip"}
+    )
+    echo = r.json()["query"]
+    ids = [c["id"] for c in r.json()["results"]]
+    spec = {k: v for k, v in echo.items() if k != "kind"}
+    r = client.post("/api/explain", json={**spec, "ids": ids, "wait_s": 5})
+    assert r.status_code == 200, r.text
+    assert {e["id"] for e in r.json()["explanations"]} == set(ids)
+    bad = client.post("/api/explain", json={**spec, "after": "2019-02-30", "ids": ids})
+    assert bad.status_code == 422 and "not a real date" in bad.text
