@@ -7,6 +7,7 @@ setting them on the shared faiss object, so concurrent searches with different k
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class VectorIndex(Index):
         inner, self._refines = _unwrap(index)
         self._ivf = _ivf(index)  # the IVF or HNSW part found through any wrappers, or None
         self._hnsw = inner.hnsw if hasattr(inner, "hnsw") else None
+        self._direct_map_lock = threading.Lock()
         self._set_defaults()
 
     @classmethod
@@ -124,7 +126,11 @@ class VectorIndex(Index):
 
     @property
     def supports_remove(self) -> bool:
-        return self._hnsw is None and not self._refines  # faiss's IndexRefine has no remove_ids
+        """Only a flat index: faiss's IDMap compacts its id map after a removal, assuming the inner
+        index renumbers what is left, as IndexFlat does. An IVF keeps its numbers, so removing ids
+        through the IDMap made every later id wrong (a search for image 5 answered 7); HNSW cannot
+        remove and IndexRefine has no remove_ids. The others are rebuilt by the sync instead."""
+        return isinstance(_unwrap(self.index)[0], faiss.IndexFlat) and not self._refines
 
     @property
     def supports_add(self) -> bool:
@@ -210,8 +216,16 @@ class VectorIndex(Index):
 
     def stored_vectors(self, ids: Int64Array) -> Float32Array | None:
         inner = _unwrap(self.index)[0]
-        if self._refines or not isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
-            return None  # compressed codes (PQ, SQ) or IVF lists without a direct map
+        if self._refines:
+            return None
+        if isinstance(inner, faiss.IndexIVFFlat):
+            # the lists hold the floats; reaching one by id needs a direct map, made on first use
+            # (a hash table, about 16 bytes a vector; an IVF is never edited by removal, see above)
+            with self._direct_map_lock:
+                if inner.direct_map.type == _faiss_untyped.DirectMap.NoMap:
+                    inner.set_direct_map_type(_faiss_untyped.DirectMap.Hashtable)
+        elif not isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
+            return None  # compressed codes (PQ, SQ): the catalog holds the floats
         try:
             out = self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
         except RuntimeError:  # an id the index does not hold
