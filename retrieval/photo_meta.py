@@ -35,6 +35,8 @@ DATE_TIME_ORIGINAL = ExifTags.Base.DateTimeOriginal  # 0x9003 = 36867
 DATE_TIME = ExifTags.Base.DateTime  # 0x0132 = 306
 EXIF_IFD = ExifTags.IFD.Exif  # 0x8769
 
+#: Header-reading threads when the caller names none (opening files overlaps well with parsing).
+DEFAULT_WORKERS = 4
 #: Where a date taken came from, best first.
 SOURCES = ("exif", "exif-datetime", "mtime")
 
@@ -124,7 +126,7 @@ def folder_under(path: str, roots: Sequence[str]) -> str:
     return os.path.dirname(path)
 
 
-def fill_missing(catalog: Catalog, root: str, workers: int = 4) -> int:
+def fill_missing(catalog: Catalog, root: str, workers: int | None = None) -> int:
     """Read the metadata of every indexed image under `root` that lacks it; how many were filled.
 
     Headers are read in threads (Pillow's parsing is short, most of the time is the open), and written
@@ -135,7 +137,8 @@ def fill_missing(catalog: Catalog, root: str, workers: int = 4) -> int:
         return 0
     roots = catalog.roots()
     chunk = 2000
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="photo-meta") as pool:
+    threads = max(1, workers or DEFAULT_WORKERS)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="photo-meta") as pool:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
             metas = list(pool.map(lambda row: read_file(row[1], row[2] or 0), part))
