@@ -32,7 +32,7 @@ from retrieval.errors import IndexCorrupt, ShapeError
 from retrieval.paths import display_path, is_utf8, path_bytes
 from retrieval.types import Float32Array
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates from version i to i+1. Never edit a released entry; append a new one.
 _MIGRATIONS: list[str] = [
@@ -84,8 +84,25 @@ _MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2 -> 3: what a photo library filters and sorts on (retrieval.photo_meta). Rows of older catalogs
+    # keep NULL until the next `index` reads their headers; no vector changes.
+    """
+    ALTER TABLE images ADD COLUMN taken_at TEXT;  -- local date and time taken, ISO 8601, no offset
+    ALTER TABLE images ADD COLUMN taken_source TEXT;  -- exif | exif-datetime | mtime; NULL: not read yet
+    ALTER TABLE images ADD COLUMN format TEXT;  -- lower-case file type: jpeg, png, webp, ...
+    ALTER TABLE images ADD COLUMN folder TEXT;  -- folder relative to its indexed root ('' at its top)
+    CREATE INDEX images_taken ON images(taken_at);
+    CREATE INDEX images_folder ON images(folder);
+    """,
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+#: Orders `Catalog.browse` offers: newest first by date taken, or by folder then file.
+BROWSE_ORDERS = {
+    "date": "taken_at IS NULL, taken_at DESC, id DESC",
+    "folder": "folder IS NULL, folder, path, id",
+}
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,10 @@ class ImageRecord:
     mtime_ns: int | None
     state: str
     reason: str | None
+    taken_at: str | None = None  # see retrieval.photo_meta; None until the metadata was read
+    taken_source: str | None = None
+    format: str | None = None
+    folder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +130,10 @@ class CaptionRecord:
     source: str
 
 
-_IMAGE_COLS = "id, path, content_hash, byte_size, width, height, mtime_ns, state, reason"
+_IMAGE_COLS = (
+    "id, path, content_hash, byte_size, width, height, mtime_ns, state, reason, "
+    "taken_at, taken_source, format, folder"
+)
 
 
 def _db_path(path: str) -> str | bytes:
@@ -357,6 +381,66 @@ class Catalog:
         for k, (_, blob) in enumerate(rows):
             vecs[k] = np.frombuffer(blob, dtype=np.float32)
         return ids, vecs
+
+    # -- photo metadata (retrieval.photo_meta) -----------------------------------------------
+    def missing_photo_meta(self, root: str) -> list[tuple[int, str, int | None]]:
+        """(id, path, mtime_ns) of the indexed images under `root` whose metadata was never read."""
+        prefix = path_bytes(root.rstrip("/") + "/")
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT id, path, mtime_ns FROM images WHERE state='indexed' AND taken_source IS NULL
+                   AND substr(CAST(path AS BLOB), 1, ?) = ? ORDER BY id""",
+                (len(prefix), prefix),
+            ).fetchall()
+        return [(int(i), _py_path(p), m) for i, p, m in rows]
+
+    def set_photo_meta(self, rows: Sequence[tuple[int, str, str, str | None, str]]) -> None:
+        """Store (image id, taken_at, taken_source, format, folder) rows in one transaction."""
+        with self._lock, self._db:
+            self._db.executemany(
+                "UPDATE images SET taken_at=?, taken_source=?, format=?, folder=? WHERE id=?",
+                [(taken, source, fmt, folder, i) for i, taken, source, fmt, folder in rows],
+            )
+
+    # -- filtered views (retrieval.filters builds the conditions) -----------------------------
+    def ids_where(self, condition: str, params: Sequence[object]) -> np.ndarray:
+        """Sorted ids of the indexed images meeting an SQL `condition` on `images`, as int64."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM images WHERE state='indexed' AND ({condition}) ORDER BY id", list(params)
+            ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def browse(
+        self, condition: str, params: Sequence[object], order: str, limit: int, offset: int
+    ) -> tuple[list[ImageRecord], int]:
+        """One page of the indexed images meeting `condition`, in `order`, and how many meet it."""
+        sort = BROWSE_ORDERS[order]
+        where = f"state='indexed' AND ({condition})"
+        with self._lock:
+            count = self._db.execute(f"SELECT COUNT(*) FROM images WHERE {where}", list(params))
+            total = int(count.fetchone()[0])
+            rows = self._db.execute(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE {where} ORDER BY {sort} LIMIT ? OFFSET ?",
+                [*params, int(limit), int(offset)],
+            ).fetchall()
+        return [_record(r) for r in rows], total
+
+    def vectors_of(self, ids: Sequence[int], model: str, dim: int) -> tuple[np.ndarray, Float32Array]:
+        """(ids, vectors) of those of `ids` that are indexed and embedded for `model`, in id order."""
+        rows = self._select_in(
+            """SELECT i.id, e.vector FROM images i JOIN embeddings e
+               ON e.content_hash = i.content_hash AND e.model = ?
+               WHERE i.state = 'indexed' AND i.id IN ({marks})""",
+            [int(x) for x in ids],
+            (model,),
+        )
+        rows.sort(key=lambda r: int(r[0]))
+        out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.zeros((len(rows), dim), dtype=np.float32)
+        for k, (_, blob) in enumerate(rows):
+            vecs[k] = np.frombuffer(blob, dtype=np.float32)
+        return out_ids, vecs
 
     def indexed_ids(self) -> set[int]:
         with self._lock:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import imageio
+from retrieval import imageio, photo_meta
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
@@ -380,6 +380,9 @@ def ingest(
             stage(ordered, committer)
             # Whatever still waits keeps its 'pending' state and is picked up by the next run.
             summary.left_pending = sum(1 for r in cat.get_images(todo).values() if r.state == "pending")
+
+        # 3b. date taken, file type and folder where missing (also a catalog from before they existed)
+        photo_meta.fill_missing(cat, str(root), config.workers)
 
         # 4. derive the indexes from the catalog
         summary.index = (sync or sync_for)(collection, encoder, config)

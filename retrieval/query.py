@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import dataclass, field, fields
+from datetime import date
 from functools import cache
 from typing import Annotated, Any
 
@@ -57,8 +58,95 @@ class Pattern:
         return schema
 
 
+#: A date bound as the filters take it: an ISO calendar date.
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+#: File types a `type` filter names, and the format the catalog records for each (retrieval.photo_meta).
+FILE_TYPES = {
+    "jpeg": "jpeg",
+    "jpg": "jpeg",
+    "png": "png",
+    "webp": "webp",
+    "gif": "gif",
+    "bmp": "bmp",
+    "tiff": "tiff",
+    "tif": "tiff",
+    "heic": "heif",
+    "heif": "heif",
+    "avif": "avif",
+}
+ORIENTATIONS = ("landscape", "portrait", "square")
+#: Longest folder a filter names (Linux's PATH_MAX).
+FOLDER_MAX = 4096
+#: Largest `min_size` (pixels on the shorter side) worth asking for.
+MIN_SIZE_MAX = 100_000
+
+
 @dataclass(frozen=True, kw_only=True)
-class QuerySpec:
+class Filters:
+    """Which photos may be hits, by what a photo library knows of them; each field is one filter.
+
+    Dates are the photo's date taken (EXIF `DateTimeOriginal`, else the file's modification time) in
+    its local time; both bounds are inclusive. The search applies them exactly (retrieval.filters).
+    """
+
+    folder: Annotated[str, MaxLen(FOLDER_MAX)] | None = field(
+        default=None,
+        metadata=_about(
+            "Only photos in this folder or its subfolders: an absolute path, or one relative to an "
+            "indexed folder"
+        ),
+    )
+    after: Annotated[str, Pattern(DATE_PATTERN)] | None = field(
+        default=None, metadata=_about("Only photos taken on or after this date (YYYY-MM-DD)")
+    )
+    before: Annotated[str, Pattern(DATE_PATTERN)] | None = field(
+        default=None, metadata=_about("Only photos taken on or before this date (YYYY-MM-DD)")
+    )
+    type: Annotated[str, MaxLen(8)] | None = field(
+        default=None, metadata=_about("Only this file type: " + ", ".join(FILE_TYPES), "type")
+    )
+    min_size: Annotated[int, Ge(1), Le(MIN_SIZE_MAX)] | None = field(
+        default=None,
+        metadata=_about("Only photos at least this many pixels on their shorter side", "min size"),
+    )
+    orientation: Annotated[str, MaxLen(9)] | None = field(
+        default=None, metadata=_about("Only " + ", ".join(ORIENTATIONS) + " photos")
+    )
+
+    def filter_values(self) -> dict[str, Any]:
+        """The filters that are set (an empty dict: every photo qualifies)."""
+        return {f.name: v for f in fields(Filters) if (v := getattr(self, f.name)) is not None}
+
+    def filter_problem(self) -> str | None:
+        """What is wrong with the filters beyond their bounds (a real date, the order of the dates, a
+        known type and orientation), or None; the folder is checked against the collection's folders
+        when the search resolves it."""
+        days = {}
+        for name in ("after", "before"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if re.fullmatch(DATE_PATTERN, value) is None:
+                return f"{name} must be a date as YYYY-MM-DD, got {value!r}"
+            try:
+                days[name] = date.fromisoformat(value)
+            except ValueError:
+                return f"{name} is not a real date: {value!r}"
+        if "after" in days and "before" in days and days["after"] > days["before"]:
+            return f"after ({self.after}) is later than before ({self.before}): no photo can match"
+        if self.type is not None and self.type.lower() not in FILE_TYPES:
+            return f"type must be one of {', '.join(FILE_TYPES)}, got {self.type!r}"
+        if self.orientation is not None and self.orientation.lower() not in ORIENTATIONS:
+            return f"orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}"
+        if self.folder is not None and not self.folder.strip():
+            return "folder is empty: name a folder, or leave the filter out"
+        if self.folder is not None and "\x00" in self.folder:
+            return "folder contains a NUL character, which no path can hold"
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuerySpec(Filters):
     """What to search for and which hits qualify; what the page echoes and its links carry."""
 
     text: Annotated[str, MaxLen(TEXT_MAX)] | None = field(default=None, metadata=_about("Text query"))
@@ -122,6 +210,8 @@ class Query(QuerySpec):
                 for check in checks:
                     if (message := _violation(label, value, check, checks)) is not None:
                         raise BadQuery(message)
+        if (problem := self.filter_problem()) is not None:
+            raise BadQuery(problem)
 
 
 Bound = Ge | Le | MaxLen | Pattern

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,14 +16,15 @@ from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
 from retrieval.errors import BadQuery, NotEnoughData
-from retrieval.index.base import Index
+from retrieval.filters import Scope, resolve
+from retrieval.index.filtered import fetch_among, fetch_valid
 from retrieval.index.params import SearchParams
 from retrieval.index.result_cache import ResultCache, image_key, vector_key
 from retrieval.index.store import LoadedIndex
 from retrieval.index.sync import embed_texts_cached
 from retrieval.paths import display_path
 from retrieval.query import MAX_TOP_K, Query, QuerySpec
-from retrieval.types import Float32Array
+from retrieval.types import Float32Array, Int64Array
 
 __all__ = [
     "MAX_TOP_K",
@@ -50,6 +51,9 @@ class Hit:
     confidence: float | None = None  # calibrated per query and collection (retrieval.confidence)
     file_name: str = ""  # the file's own name, so a result names its file without parsing paths
     relative_path: str = ""  # relative to the indexed folder holding it (see Catalog.relative_path)
+    taken_at: str | None = None  # local date and time taken (retrieval.photo_meta); None: not read yet
+    taken_source: str | None = None  # exif, exif-datetime or mtime
+    folder: str | None = None  # relative to its indexed folder ("" at the top of it)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
@@ -79,6 +83,9 @@ class Hit:
             confidence=confidence,
             file_name=display_path(Path(rec.path).name),
             relative_path=relative_path,
+            taken_at=rec.taken_at,
+            taken_source=rec.taken_source,
+            folder=display_path(rec.folder) if rec.folder is not None else None,
         )
 
 
@@ -160,6 +167,7 @@ class Searcher:
         self.confidence = confidence or ConfidenceConfig()
         self.cache = cache if cache is not None else ResultCache()
         self._calibrations: dict[tuple[str, str], Calibration] = {}
+        self._scopes: dict[tuple[str, Scope], Int64Array] = {}  # allowed ids per index version and scope
 
     @classmethod
     def open(
@@ -200,6 +208,7 @@ class Searcher:
         self.index = self.collection.store.load(expect_fingerprint=self.encoder.info.fingerprint)
         self.cache.clear()
         self._calibrations.clear()
+        self._scopes.clear()
         return True
 
     def close(self) -> None:
@@ -291,12 +300,21 @@ class Searcher:
         want = q.offset + q.top_k + 1  # one more than the page says whether another page follows
         catalog = self.collection.catalog
         records: dict[int, ImageRecord] = {}
+        scope = self.scope(q)
 
         def valid(ids: list[int]) -> list[bool]:
             records.update(catalog.get_images([i for i in ids if i not in records]))
-            return [(r := records.get(i)) is not None and qualifies(q, r) for i in ids]
+            return [(r := records.get(i)) is not None and qualifies(q, r, scope) for i in ids]
 
-        found = _fetch_valid(idx, vec, want, q.min_score, valid, self.params)
+        if scope is None:
+            found = fetch_valid(idx, vec, want, q.min_score, valid, self.params)
+        else:
+            allowed = self.allowed_ids(scope)
+            if q.like_id is not None:
+                allowed = allowed[allowed != q.like_id]
+            found = fetch_among(idx, vec, want, allowed, self._vectors_of, self.params, q.min_score)
+            records.update(catalog.get_images([i for _, i in found]))
+            found = [(s, i) for s, i in found if i in records]
         missing = idx.missing_shards  # empty unless a sharded index lost shards
         caps = catalog.captions_for([i for _, i in found])
         roots = catalog.roots()
@@ -321,6 +339,30 @@ class Searcher:
             missing_shards=missing,
             has_more=len(hits) > q.offset + q.top_k,
         )
+
+    def scope(self, q: QuerySpec) -> Scope | None:
+        """The query's filters resolved against this collection (None: no filter); BadQuery when
+        they cannot be answered (a folder outside every indexed folder, a date that is no date)."""
+        if not q.filter_values():
+            return None  # no catalog read for the common, unfiltered search
+        return resolve(q, self.collection.catalog.roots())
+
+    def allowed_ids(self, scope: Scope) -> Int64Array:
+        """Sorted ids of the indexed images in `scope`, kept per index version (paging asks again)."""
+        key = (self.index.version, scope)
+        found = self._scopes.get(key)
+        if found is None:
+            if len(self._scopes) >= 16:
+                self._scopes.pop(next(iter(self._scopes)))
+            found = self._scopes[key] = self.collection.catalog.ids_where(*scope.where())
+        return found
+
+    def _vectors_of(self, ids: Int64Array) -> tuple[Int64Array, Float32Array]:
+        held = self.index.images.stored_vectors(ids)
+        if held is not None:
+            return ids, held
+        info = self.encoder.info
+        return self.collection.catalog.vectors_of(ids.tolist(), info.fingerprint, info.dim)
 
     def _empty_message(self) -> str:
         counts = self.collection.catalog.counts()
@@ -354,6 +396,7 @@ class Searcher:
         cat = self.collection.catalog
         caps: dict[int, CaptionRecord] = {}
         images: dict[int, ImageRecord] = {}
+        scope = self.scope(q)  # captions are few: filtered by their images as the fetch widens
 
         def valid(ids: list[int]) -> list[bool]:
             caps.update(cat.get_captions([i for i in ids if i not in caps]))
@@ -363,12 +406,12 @@ class Searcher:
             for i in ids:
                 c = caps.get(i)
                 rec = images.get(c.image_id) if c else None
-                out.append(rec is not None and qualifies(q, rec))
+                out.append(rec is not None and qualifies(q, rec, scope))
             return out
 
         roots = cat.roots()
         hits: list[CaptionHit] = []
-        for s, i in _fetch_valid(idx, vec, want, q.min_score, valid, self.params):
+        for s, i in fetch_valid(idx, vec, want, q.min_score, valid, self.params):
             c = caps[i]
             rec = images[c.image_id]
             hits.append(
@@ -478,54 +521,16 @@ class Searcher:
         result.no_confident_match = cal.no_confident_match(confs)
 
 
-def qualifies(q: QuerySpec, rec: ImageRecord) -> bool:
-    """The searcher's validity check: may `rec` be a hit for `q`? A new filter is one line here.
+def qualifies(q: QuerySpec, rec: ImageRecord, scope: Scope | None = None) -> bool:
+    """The searcher's validity check: may `rec` be a hit for `q`?
 
-    Score bounds (`min_score`) are not here: hits come best first, so the fetch stops at the first
-    score under the bound instead of testing every record.
+    The filters (`scope`, the spec's filter fields resolved by `Searcher.scope`) are one predicate,
+    `Scope.admits`, with its SQL twin `Scope.where` that selects the allowed ids up front; a new filter
+    is one field of `retrieval.query.Filters` and one test in each. Score bounds (`min_score`) are not
+    here: hits come best first, so the fetch stops at the first score under the bound.
     """
     return (
         rec.state == "indexed"
         and rec.id != q.like_id  # "more like this" never answers with the image it was asked about
+        and (scope is None or scope.admits(rec))
     )
-
-
-#: The first fetch asks for this many more than wanted; each further round doubles the fetch.
-FIRST_EXTRA = 16
-
-
-def _fetch_valid(
-    idx: Index,
-    vec: Float32Array,
-    want: int,
-    min_score: float | None,
-    valid: Callable[[list[int]], list[bool]],
-    params: SearchParams | None,
-) -> list[tuple[float, int]]:
-    """The best `want` (score, id) pairs whose ids `valid` accepts, best first.
-
-    The live index can hold ids the catalog no longer counts as indexed (files deleted or changed
-    since the index was written, until the next sync). However many there are, the fetch grows
-    until `want` valid hits are found, the index has nothing more to give, or scores fall below
-    `min_score`, so a page is never short because of them.
-    """
-    total = idx.ntotal
-    fetch = min(want + FIRST_EXTRA, max(total, 1))
-    while True:
-        scores, ids = idx.search(vec, fetch, params)
-        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-        ok = valid([i for _, i in pairs])
-        found: list[tuple[float, int]] = []
-        below = False
-        for (s, i), good in zip(pairs, ok, strict=True):
-            if min_score is not None and s < min_score:
-                below = True
-                break
-            if good:
-                found.append((s, i))
-                if len(found) == want:
-                    return found
-        exhausted = len(pairs) < fetch or fetch >= total
-        if below or exhausted:
-            return found
-        fetch = min(total, fetch * 2)

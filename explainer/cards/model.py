@@ -82,6 +82,16 @@ class Card(BaseModel):
         default="",
         description="The file's path relative to the folder that was indexed (never the absolute path)",
     )
+    folder: str | None = Field(
+        default=None,
+        description='The folder holding the file, relative to the indexed folder ("" at its top)',
+    )
+    taken_at: str | None = Field(
+        default=None,
+        description="When the photo was taken, local time, ISO 8601 (EXIF DateTimeOriginal, else the "
+        "file's modification time: see taken_source); null until the next index reads it",
+    )
+    taken_source: str | None = Field(default=None, description="exif, exif-datetime or mtime")
     width: int | None = None
     height: int | None = None
     evidence: list[Region] = Field(
@@ -157,6 +167,9 @@ def make_card(
         like_url=like_url(hit.id),
         file_name=hit.file_name,
         relative_path=hit.relative_path,
+        folder=hit.folder,
+        taken_at=hit.taken_at,
+        taken_source=hit.taken_source,
         width=hit.width,
         height=hit.height,
         evidence=regions,

@@ -27,7 +27,7 @@ from fastapi.templating import Jinja2Templates
 from explainer.cards.evidence import EvidenceProvider
 from explainer.errors import ConfigError, IndexMismatch
 from explainer.explain.chain import Explainer
-from explainer.server import api, captions, compat, pages, security
+from explainer.server import api, browse, captions, compat, pages, security
 from explainer.server.docs import mount_docs
 from explainer.server.handlers import install_error_handlers, render_error
 from explainer.server.limits import BodyBudgetMiddleware, BodyLimitMiddleware
@@ -163,6 +163,7 @@ def create_app(
     app.add_route(security.LOGIN_PATH, security.login_submit, methods=["POST"], include_in_schema=False)
     mount_docs(app)
     app.include_router(api.router)
+    app.include_router(browse.router)
     app.include_router(captions.router)
     app.include_router(compat.router)
     app.include_router(pages.router)

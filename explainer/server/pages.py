@@ -7,6 +7,7 @@ with the search form kept, and with the HTTP status that the API would have give
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -23,18 +24,25 @@ from explainer.cards.model import (
     evidence_png_url,
     query_params,
     thumb_url,
+    url_name,
 )
 from explainer.cards.pipeline import CardPipeline, DetailCard, ResultPage
 from explainer.errors import BadImage, BadQuery, ClearsightError, http_status_for, server_message
 from explainer.limit_messages import image_too_large
+from explainer.server.browse import PAGE_MAX, collection_page
 from explainer.server.queries import QueryInput, UrlSpec
 from explainer.server.schemas import NO_CAPTIONS_NOTE, OFFSET_CEILING, TOP_K_CEILING, caption_cards
 from explainer.server.state import ServerState, state_of
 from retrieval.fetch import FetchConfig, fetch_bytes, is_url
-from retrieval.query import IMAGE_KEY_PATTERN, TEXT_MAX, QuerySpec
+from retrieval.query import FILE_TYPES, IMAGE_KEY_PATTERN, ORIENTATIONS, TEXT_MAX, Filters, QuerySpec
 from retrieval.search import CaptionHit
 
 router = APIRouter(include_in_schema=False)
+
+#: The filter fields the search form sends (the query spec's, named as the spec names them).
+FILTER_NAMES = tuple(f.name for f in dataclasses.fields(Filters))
+#: Photos the empty page lists at a time.
+BROWSE_PER_PAGE = 24
 
 Target = Annotated[Literal["images", "captions"], Query()]
 EvidenceMethod = Annotated[Literal["auto", "grid", "dense"], Query()]
@@ -74,12 +82,39 @@ def _form(
 
 
 def _spec_form(spec: QuerySpec, top_k: int, target: str = "images", ev: str = "auto") -> dict[str, Any]:
-    return _form(spec.text, spec.weight, top_k, spec.negative, spec.image_key, spec.like_id, target, ev)
+    form = _form(spec.text, spec.weight, top_k, spec.negative, spec.image_key, spec.like_id, target, ev)
+    return form | {"filters": spec.filter_values()}
+
+
+def _collection(
+    state: ServerState, spec: QuerySpec, sort: Literal["date", "folder"], page: int
+) -> dict[str, Any] | None:
+    """The page's empty state: the collection itself, newest first (or by folder), with the filters.
+
+    Only from a loaded collection: the first page of a server still loading its model shows the form.
+    """
+    pipeline = state.pipeline
+    if pipeline is None:
+        return None
+    listed = collection_page(
+        pipeline.searcher.collection.catalog, Filters(**spec.filter_values()), sort, page, BROWSE_PER_PAGE
+    )
+    base = {url_name(k): str(v) for k, v in spec.filter_values().items()} | {"sort": sort}
+    return {
+        "page": listed,
+        "prev": "/?" + urlencode(base | {"p": str(page - 1)}) if page > 1 else None,
+        "next": "/?" + urlencode(base | {"p": str(page + 1)}) if listed.has_more else None,
+        "by_date": "/?" + urlencode(base | {"sort": "date"}),
+        "by_folder": "/?" + urlencode(base | {"sort": "folder"}),
+    }
 
 
 def _context(state: ServerState, **extra: Any) -> dict[str, Any]:
     return {
         "status": state.page_status(),
+        "file_types": sorted(set(FILE_TYPES.values())),
+        "file_type_of": FILE_TYPES,
+        "orientations": ORIENTATIONS,
         "top_k_max": min(state.settings.top_k_max, TOP_K_CEILING),
         "allow_urls": state.settings.allow_url_queries,
         **extra,
@@ -94,13 +129,22 @@ async def index(
     o: Annotated[int, Query(ge=0, le=OFFSET_CEILING)] = 0,
     t: Target = "images",
     ev: EvidenceMethod = "auto",
+    sort: Annotated[Literal["date", "folder"], Query()] = "date",
+    p: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 1,
 ) -> Response:
     state = state_of(request)
     top_k = min(k or state.settings.default_top_k, state.settings.top_k_max)
     inp = QueryInput(spec, None, top_k, min(o, state.settings.offset_max))
     form = _spec_form(spec, top_k, t, ev)
     if not inp.has_query:
-        return state.templates.TemplateResponse(request, "index.html", _context(state, form=form))
+        try:
+            listing = await anyio.to_thread.run_sync(_collection, state, spec, sort, p)
+        except ClearsightError as exc:  # a filter the collection cannot answer (a folder outside it)
+            status, message = _status_message(state, exc)
+            ctx = _context(state, form=form, error={"status": status, "message": message})
+            return state.templates.TemplateResponse(request, "index.html", ctx, status_code=status)
+        ctx = _context(state, form=form, collection=listing)
+        return state.templates.TemplateResponse(request, "index.html", ctx)
     try:
         pipeline = await state.ready()
         if t == "captions":
@@ -241,6 +285,11 @@ async def upload(
         params["like"] = str(like)
     if "q" in params and ("qimg" in params or "like" in params):
         params["w"] = f"{w:g}"
+    sent = await request.form()  # parsed already for the fields above: the filters travel as sent
+    for name in FILTER_NAMES:
+        value = sent.get(name)
+        if isinstance(value, str) and value.strip():
+            params[url_name(name)] = value.strip()
     return RedirectResponse("/?" + urlencode(params), status_code=303)
 
 

@@ -17,7 +17,7 @@ from explainer.cards.model import Card, ExplanationOut, QueryEcho, image_url, sp
 from explainer.cards.pipeline import ResultPage
 from explainer.version import version
 from retrieval.query import TEXT_MAX as TEXT_MAX  # re-exported: older routes import it from here
-from retrieval.query import QuerySpec
+from retrieval.query import Filters, QuerySpec
 from retrieval.search import CaptionHit
 
 #: Hard ceiling of `top_k`; `Settings.top_k_max` may lower it.
@@ -32,6 +32,17 @@ URL_MAX = 2048
 # The query's own fields (text, image_key, like_id, weight, negative, min_score and any filter added
 # later) come from `retrieval.query.QuerySpec`, bounds and descriptions included: a request schema
 # adds only what is the API's own (how the image is sent, the page, what to return).
+
+
+@pydantic_dataclass(frozen=True, kw_only=True, config=spec_config(extra="forbid"))
+class SearchFilters(Filters):
+    """The query spec's filters as one object: `"filters": {"folder": ..., "after": ..., ...}`."""
+
+
+def _filters_problem(spec: Filters) -> None:
+    """What the library would refuse about the filters, refused here already (a 422 naming it)."""
+    if (problem := spec.filter_problem()) is not None:
+        raise ValueError(problem)
 
 
 @pydantic_dataclass(frozen=True, kw_only=True, config=spec_config(extra="forbid"))
@@ -55,6 +66,11 @@ class SearchRequest(QuerySpec):
     explain: bool = Field(
         default=True, description="Explain every card now; false returns at once and leaves explanation null"
     )
+    filters: SearchFilters | None = Field(
+        default=None,
+        description="Which photos may be hits (folder, after, before, type, min_size, orientation); "
+        "the same as giving those fields at the top level",
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:
@@ -63,6 +79,12 @@ class SearchRequest(QuerySpec):
         ]
         if len(given) > 1:
             raise ValueError(f"give at most one query image, got {' and '.join(given)}")
+        if self.filters is not None:  # the object's filters become the spec's own fields
+            for name, value in self.filters.filter_values().items():
+                if getattr(self, name) not in (None, value):
+                    raise ValueError(f"{name} is given twice, differently (at the top level and in filters)")
+                object.__setattr__(self, name, value)  # frozen: set once, while validating
+        _filters_problem(self)
         return self
 
 
@@ -77,6 +99,8 @@ def search_form_schema() -> dict[str, Any]:
     schema = SEARCH_REQUEST.json_schema(ref_template="#/components/schemas/{model}")
     props: dict[str, Any] = {}
     for name, prop in schema["properties"].items():
+        if name == "filters":  # a form names each filter as its own field
+            continue
         if name == "image_base64":
             props["image"] = {"type": "string", "format": "binary", "title": "Image"}
             continue
@@ -199,6 +223,7 @@ class ExplainRequest(QuerySpec):
             raise ValueError("ranks must have one positive rank per id")
         if not (self.text and self.text.strip()) and self.image_key is None and self.like_id is None:
             raise ValueError("give the query: text, image_key or like_id")
+        _filters_problem(self)
         return self
 
 

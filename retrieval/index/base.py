@@ -142,6 +142,24 @@ class Index(ABC):
         raise ConfigError(f"{self.what} cannot give back stored vectors")
 
     @property
+    def exact(self) -> bool:
+        """Whether `search` is exhaustive and exact (a flat index): then a selector search is too."""
+        return False
+
+    def search_among(
+        self, queries: Float32Array, k: int, allowed: Int64Array, params: SearchParams | None = None
+    ) -> tuple[Float32Array, Int64Array] | None:
+        """Top-k among the sorted ids `allowed` only, inside the index's own search (a FAISS ID
+        selector); None for kinds that cannot (the searcher then filters another way,
+        retrieval.search `_fetch_scoped`). Unfilled slots hold id -1, as in `search`."""
+        return None
+
+    def stored_vectors(self, ids: Int64Array) -> Float32Array | None:
+        """The exact float vectors of `ids`, in order, when this index holds them uncompressed and
+        holds every one of them; None otherwise (the catalog has them)."""
+        return None
+
+    @property
     def missing_shards(self) -> list[int]:
         """Parts that did not answer this thread's last search: empty when the answer is complete,
         which it always is for an index held by this process."""

@@ -7,6 +7,7 @@ setting them on the shared faiss object, so concurrent searches with different k
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,23 @@ def _unwrap(index: Any) -> tuple[Any, list[float]]:
     return index, refines
 
 
+def id_selector(allowed: Int64Array) -> tuple[Any, Any]:
+    """A FAISS selector admitting the sorted ids `allowed`, and what must stay alive while it is used.
+
+    A bitmap over the id range when that is no more than 8 bytes an allowed id (catalog ids are dense
+    rowids, so nearly always): a bit test per candidate, built in one NumPy call. Otherwise a batch
+    selector (a hash set with a Bloom filter in front).
+    """
+    top = int(allowed[-1]) + 1 if len(allowed) else 0
+    if top <= 64 * len(allowed) + (1 << 20):
+        bits = np.zeros(top, dtype=bool)
+        bits[allowed] = True
+        bitmap = np.packbits(bits, bitorder="little")  # faiss tests bit (i & 7) of byte i >> 3
+        # faiss takes the bitmap's length in bytes, and admits nothing past it
+        return _faiss_untyped.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap
+    return _faiss_untyped.IDSelectorBatch(allowed), allowed
+
+
 def _ivf(index: Any) -> Any | None:
     try:
         return faiss.extract_index_ivf(index)
@@ -54,6 +72,7 @@ class VectorIndex(Index):
         inner, self._refines = _unwrap(index)
         self._ivf = _ivf(index)  # the IVF or HNSW part found through any wrappers, or None
         self._hnsw = inner.hnsw if hasattr(inner, "hnsw") else None
+        self._direct_map_lock = threading.Lock()
         self._set_defaults()
 
     @classmethod
@@ -107,7 +126,11 @@ class VectorIndex(Index):
 
     @property
     def supports_remove(self) -> bool:
-        return self._hnsw is None and not self._refines  # faiss's IndexRefine has no remove_ids
+        """Only a flat index: faiss's IDMap compacts its id map after a removal, assuming the inner
+        index renumbers what is left, as IndexFlat does. An IVF keeps its numbers, so removing ids
+        through the IDMap made every later id wrong (a search for image 5 answered 7); HNSW cannot
+        remove and IndexRefine has no remove_ids. The others are rebuilt by the sync instead."""
+        return isinstance(_unwrap(self.index)[0], faiss.IndexFlat) and not self._refines
 
     @property
     def supports_add(self) -> bool:
@@ -161,6 +184,53 @@ class VectorIndex(Index):
 
     def reconstruct(self, id_: int) -> Float32Array:
         return np.asarray(self.index.reconstruct(int(id_)), dtype=np.float32)
+
+    @property
+    def exact(self) -> bool:
+        return isinstance(_unwrap(self.index)[0], faiss.IndexFlat)
+
+    def search_among(
+        self, queries: Float32Array, k: int, allowed: Int64Array, params: SearchParams | None = None
+    ) -> tuple[Float32Array, Int64Array] | None:
+        """A selector search (flat, HNSW, IVF). Not for refine wrappers: faiss's IndexRefine does not
+        hand the selector through reliably (it returned 2 of 10 allowed hits in a test), so they
+        filter as kinds without a selector do."""
+        if self._refines:
+            return None
+        queries = check_vectors(queries, self.dim, "queries")
+        allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+        k = max(0, min(int(k), len(allowed), self.ntotal))
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.full((len(queries), 0), -1, np.int64)
+        params = params or self.params.search
+        sel, _keep = id_selector(allowed)
+        if self._ivf is not None:
+            chosen = _faiss_untyped.SearchParametersIVF(sel=sel, nprobe=params.nprobe)
+        elif self._hnsw is not None:  # the beam must hold k allowed hits
+            chosen = _faiss_untyped.SearchParametersHNSW(sel=sel, efSearch=max(params.ef_search, k))
+        else:
+            chosen = _faiss_untyped.SearchParameters(sel=sel)
+        with omp_threads(params.single_query_threads if len(queries) == 1 else None):
+            scores, ids = self.index.search(queries, k, params=chosen)
+        return scores.astype(np.float32), ids.astype(np.int64)
+
+    def stored_vectors(self, ids: Int64Array) -> Float32Array | None:
+        inner = _unwrap(self.index)[0]
+        if self._refines:
+            return None
+        if isinstance(inner, faiss.IndexIVFFlat):
+            # the lists hold the floats; reaching one by id needs a direct map, made on first use
+            # (a hash table, about 16 bytes a vector; an IVF is never edited by removal, see above)
+            with self._direct_map_lock:
+                if inner.direct_map.type == _faiss_untyped.DirectMap.NoMap:
+                    inner.set_direct_map_type(_faiss_untyped.DirectMap.Hashtable)
+        elif not isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
+            return None  # compressed codes (PQ, SQ): the catalog holds the floats
+        try:
+            out = self.index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        except RuntimeError:  # an id the index does not hold
+            return None
+        return np.asarray(out, dtype=np.float32)
 
     def to_bytes(self) -> bytes:
         return bytes(faiss.serialize_index(self.index))

@@ -337,6 +337,14 @@ class OnDiskIndex:
             raise KeyError(id_)
         return self._vectors.rows(np.array([row]))[0]
 
+    def stored_vectors(self, ids: Int64Array) -> Float32Array | None:
+        """The float vectors of `ids` from the memory-mapped rows; None when one is not held."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.searchsorted(self._ids, ids)
+        if len(ids) and (rows.max() >= len(self._ids) or not np.array_equal(self._ids[rows], ids)):
+            return None
+        return self._vectors.rows(rows)
+
     def search(
         self, queries: Float32Array, k: int, nprobe: int | None = None, k_factor: int | None = None
     ) -> tuple[Float32Array, Int64Array]:

@@ -78,6 +78,9 @@ class OnDiskVectorIndex(Index):
     def reconstruct(self, id_: int) -> Float32Array:
         return self.disk.reconstruct(id_)
 
+    def stored_vectors(self, ids: Int64Array) -> Float32Array | None:
+        return self.disk.stored_vectors(ids)
+
     def write_into(self, directory: Path) -> None:
         self.disk.copy_to(directory)  # hard links: the build wrote and fsynced the files
 

@@ -56,7 +56,7 @@ def test_the_api_schema_is_the_spec() -> None:
         assert {k: v for k, v in props[f.name].items() if k != "description"} == spec[f.name], f.name
     assert props["like_id"]["anyOf"][0]["minimum"] == 1 and props["min_score"]["anyOf"][0]["maximum"] == 1
     form = search_form_schema()["properties"]
-    assert set(form) == (set(props) - {"image_base64"}) | {"image"}
+    assert set(form) == (set(props) - {"image_base64", "filters"}) | {"image"}
     explain = {f.name for f in dataclasses.fields(ExplainRequest)}
     assert {f.name for f in _spec_fields()} <= explain  # the page sends its echo back for explanations
 
@@ -77,6 +77,12 @@ def test_every_spec_field_travels_in_the_echo_and_in_page_links() -> None:
         "negative": "blue",
         "weight": 0.3,
         "min_score": 0.25,
+        "folder": "2019/trip",
+        "after": "2019-07-01",
+        "before": "2019-07-31",
+        "type": "jpeg",
+        "min_size": 800,
+        "orientation": "landscape",
     }
     assert set(values) == {f.name for f in _spec_fields()}, "a new spec field: give it a test value here"
     echo = echo_of(QuerySpec(**values), "text+image")  # type: ignore[arg-type]

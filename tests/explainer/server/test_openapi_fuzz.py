@@ -40,6 +40,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) ->
 OPERATIONS = [
     ("POST", "/api/search"),
     ("POST", "/api/explain"),
+    ("GET", "/api/images"),  # browsing the collection (explainer/server/browse.py)
     ("GET", "/api/images/{image_id}"),
     ("GET", "/api/images/{image_id}/thumb"),
     ("GET", "/api/images/{image_id}/evidence.png"),

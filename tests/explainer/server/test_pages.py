@@ -45,6 +45,7 @@ def normalise(html: str, *paths: Path) -> str:
     html = re.sub(r"\b[0-9a-f]{32}\b", "<KEY>", html)  # uploaded-image keys
     html = re.sub(r"(/api/images/|/images/|like=|data-id=\"|Image #|image |like #)\d+", r"\1<ID>", html)
     html = re.sub(r"\d+ images", "<N> images", html)
+    html = re.sub(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}", "<DATE>", html)  # photos without EXIF: the file's date
     return "\n".join(line.rstrip() for line in html.splitlines() if line.strip()) + "\n"
 
 
