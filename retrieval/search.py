@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retrieval import imageio
+from retrieval import duplicates, imageio
 from retrieval.catalog import CaptionRecord, ImageRecord
 from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
@@ -50,6 +50,7 @@ class Hit:
     confidence: float | None = None  # calibrated per query and collection (retrieval.confidence)
     file_name: str = ""  # the file's own name, so a result names its file without parsing paths
     relative_path: str = ""  # relative to the indexed folder holding it (see Catalog.relative_path)
+    similar: list[int] = field(default_factory=list)  # near-duplicates folded into this hit (ids, best first)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
@@ -151,8 +152,12 @@ class Searcher:
         *,
         confidence: ConfidenceConfig | None = None,
         cache: ResultCache | None = None,
+        collapse: bool = True,
     ) -> None:
         self.collection = collection
+        # fold near-duplicate hits into one (retrieval.duplicates); a query's show_all turns it off
+        self.collapse = collapse
+        self._collapse_at: tuple[object, float] | None = None  # (index version, threshold)
         self.encoder = encoder
         self.index = index
         # None: every search uses the knobs recorded in the index's manifest (what it was built with)
@@ -200,6 +205,7 @@ class Searcher:
         self.index = self.collection.store.load(expect_fingerprint=self.encoder.info.fingerprint)
         self.cache.clear()
         self._calibrations.clear()
+        self._collapse_at = None
         return True
 
     def close(self) -> None:
@@ -245,6 +251,7 @@ class Searcher:
             kind,
             vector_key(vec),
             self.params,
+            self.collapse,
             q.top_k,
             q.offset,
             tuple(sorted(q.spec_values().items())),
@@ -296,7 +303,16 @@ class Searcher:
             records.update(catalog.get_images([i for i in ids if i not in records]))
             return [(r := records.get(i)) is not None and qualifies(q, r) for i in ids]
 
-        found = _fetch_valid(idx, vec, want, q.min_score, valid, self.params)
+        similar: dict[int, list[int]] = {}
+        if self.collapse and not q.show_all:
+            found, similar = duplicates.fetch_collapsed(
+                lambda n: _fetch_valid(idx, vec, n, q.min_score, valid, self.params),
+                lambda ids: self._stored_vectors([records[i] for i in ids if i in records]),
+                want,
+                self.collapse_threshold(),
+            )
+        else:
+            found = _fetch_valid(idx, vec, want, q.min_score, valid, self.params)
         missing = idx.missing_shards  # empty unless a sharded index lost shards
         caps = catalog.captions_for([i for _, i in found])
         roots = catalog.roots()
@@ -310,6 +326,8 @@ class Searcher:
             )
             for rank, (s, i) in enumerate(found, start=1)
         ]
+        for h in hits:
+            h.similar = similar.get(h.id, [])
         page = hits[q.offset : q.offset + q.top_k]
         m = self.index.manifest
         return SearchResult(
@@ -321,6 +339,22 @@ class Searcher:
             missing_shards=missing,
             has_more=len(hits) > q.offset + q.top_k,
         )
+
+    def collapse_threshold(self) -> float:
+        """The cosine above which hits fold into one card, for this index version (computed once)."""
+        version = self.index.version
+        if self._collapse_at is None or self._collapse_at[0] != version:
+            m = self.index.manifest
+            _, sample = self.collection.catalog.sample_indexed_vectors(
+                m.fingerprint, m.dim, duplicates.SEPARATION_SAMPLE
+            )
+            self._collapse_at = (version, duplicates.collapse_threshold(sample))
+        return self._collapse_at[1]
+
+    def _stored_vectors(self, recs: Sequence[ImageRecord]) -> dict[int, Float32Array]:
+        hashes = [r.content_hash for r in recs if r.content_hash]
+        stored = self.collection.catalog.get_embeddings(hashes, self.index.manifest.fingerprint)
+        return {r.id: stored[r.content_hash] for r in recs if r.content_hash in stored}
 
     def _empty_message(self) -> str:
         counts = self.collection.catalog.counts()

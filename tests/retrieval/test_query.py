@@ -77,6 +77,7 @@ def test_every_spec_field_travels_in_the_echo_and_in_page_links() -> None:
         "negative": "blue",
         "weight": 0.3,
         "min_score": 0.25,
+        "show_all": True,
     }
     assert set(values) == {f.name for f in _spec_fields()}, "a new spec field: give it a test value here"
     echo = echo_of(QuerySpec(**values), "text+image")  # type: ignore[arg-type]
