@@ -59,7 +59,8 @@ def test_excludes_are_saved_and_skips_counted(tmp_path: Path, tiny_clip_dir: Pat
     st = runner.invoke(app, ["status", "--data-dir", data, "--json"])
     body = json.loads(st.stdout)
     assert body["excludes"] == {str(root): ["raw"]}
-    assert body["skipped"]["folders"]["excluded"] == 1 and body["skipped"]["files"] == {"unsupported format": 1}
+    assert body["skipped"]["folders"]["excluded"] == 1
+    assert body["skipped"]["files"] == {"unsupported format": 1}
     table = runner.invoke(app, ["status", "--data-dir", data])
     assert "excluding: raw" in table.stdout and "skipped folders:" in table.stdout
     r = runner.invoke(app, [*base, "--no-excludes", "--hidden", "--json"])
