@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     top_k_max: int = Field(default=100, ge=1, le=1000)
     offset_max: int = Field(default=10_000, ge=0)
     default_top_k: int = Field(default=12, ge=1, le=1000)
+    # Near-duplicate hits fold into the best of them ("+N similar"; a query's show_all shows them all)
+    collapse_duplicates: bool = True
     explain_backend: str = "auto"  # auto: Groq with a key, else offline
     explain_model: str | None = None  # None: the LLM config's default Groq model
     explain_concurrency: int = Field(default=16, ge=1, le=64)  # >= a page, so a page is one round trip

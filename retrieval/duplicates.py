@@ -13,7 +13,7 @@ the collection's model family when one was measured, and `threshold=` overrides 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -117,3 +117,83 @@ def collection_duplicates(
         ordered = sorted(members, key=lambda i: (-(records[i].byte_size or 0), i))
         out.append(DuplicateGroup(ordered, [records[i].path for i in ordered], weakest))
     return out
+
+
+# -- collapsing search results -------------------------------------------------------------------
+#: Images sampled to see how close the collection's model puts unrelated photos (pairs: about 130k).
+SEPARATION_SAMPLE = 512
+#: Copies must be closer than this percentile of the sampled pairs, as well as above the threshold.
+SEPARATION_PERCENTILE = 99.0
+
+
+def collapse_threshold(sample: Float32Array, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """The cosine above which two hits are shown as one card, for a collection whose sampled vectors
+    are `sample`.
+
+    The duplicates threshold is measured for real CLIP-family models, under which two different
+    photos rarely come near it. A model that puts unrelated photos that close (a tiny test model,
+    an unusual domain) would fold a whole page into one card, so copies must also stand out from the
+    collection: the threshold is raised to the `SEPARATION_PERCENTILE` of the cosines between the
+    sampled images' pairs (the higher sample value, so a small collection never collapses its most
+    similar pair only because it is the most similar).
+    """
+    check_threshold(threshold)
+    n = len(sample)
+    if n < 2:
+        return threshold
+    sims = np.asarray(sample, dtype=np.float32) @ np.asarray(sample, dtype=np.float32).T
+    pairs = sims[np.triu_indices(n, 1)]
+    spread = float(np.percentile(pairs, SEPARATION_PERCENTILE, method="higher"))
+    return max(threshold, spread)
+
+
+def collapse_rows(vectors: Float32Array, threshold: float) -> list[list[int]]:
+    """Rows grouped greedily in rank order: each row joins the first kept row it is more than
+    `threshold` similar to (a copy of a better hit), else it is kept; [kept, *its copies] per group.
+
+    Greedy by rank, not union-find, so a row's fate depends only on the rows ranked above it: a
+    longer result list never regroups the hits of an earlier page.
+    """
+    n = len(vectors)
+    if n == 0:
+        return []
+    sims = np.asarray(vectors, dtype=np.float32) @ np.asarray(vectors, dtype=np.float32).T
+    kept: list[int] = []
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        leader = next((k for k in kept if sims[i, k] > threshold), None)
+        if leader is None:
+            kept.append(i)
+            groups[i] = [i]
+        else:
+            groups[leader].append(i)
+    return [groups[k] for k in kept]
+
+
+def fetch_collapsed(
+    fetch: Callable[[int], list[tuple[float, int]]],
+    vectors_of: Callable[[list[int]], dict[int, Float32Array]],
+    want: int,
+    threshold: float,
+) -> tuple[list[tuple[float, int]], dict[int, list[int]]]:
+    """The best `want` (score, id) hits once copies are folded into the hit they copy, and for each
+    kept hit the ids folded into it (best first).
+
+    `fetch(n)` gives the best n hits (fewer when there are no more); it is asked for more until
+    `want` groups are found or the hits run out, so a page stays full however many copies it had.
+    Only the hits' own stored vectors are compared (n x n dot products): no index search.
+    """
+    ask = max(want * 2, want + 8)
+    while True:
+        found = fetch(ask)
+        vecs = vectors_of([i for _, i in found])
+        rows = [k for k, (_, i) in enumerate(found) if i in vecs]
+        alone = [[k] for k, (_, i) in enumerate(found) if i not in vecs]  # no vector: never folded
+        matrix = np.stack([vecs[found[k][1]] for k in rows]) if rows else np.zeros((0, 1), np.float32)
+        groups = [[rows[r] for r in g] for g in collapse_rows(matrix, threshold)] + alone
+        groups.sort(key=lambda g: g[0])
+        if len(groups) >= want or len(found) < ask:
+            break
+        ask *= 2
+    kept = groups[:want]
+    return [found[g[0]] for g in kept], {found[g[0]][1]: [found[k][1] for k in g[1:]] for g in kept}

@@ -10,6 +10,11 @@ reserves its estimated full-size footprint from a process-wide `DecodeBudget`, s
 decodes wait for each other instead of adding up. Files are read only when they are regular files
 (after resolving symlinks) and never past a size cap, so a FIFO cannot hang a reader and a link
 to `/dev/zero` cannot exhaust memory.
+
+Phones save HEIC (every iPhone) and, more and more, AVIF. Pillow reads AVIF itself (11.3 and later
+ship libavif in their wheels); HEIC comes through the `pillow-heif` plugin. Plugins are registered
+on the first decode (`register_plugins`), not at import, so a process that never decodes (search,
+status) never loads libheif.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import importlib
 import io
 import os
 import re
@@ -35,7 +41,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from retrieval.errors import BadImage
 
 #: File name suffixes that ingest considers (lower case).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
 
 #: Images with more pixels than this are refused as decompression bombs (about 16k x 11k).
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -50,6 +58,7 @@ BROKEN_LINK = "broken symlink"
 TOO_SMALL = "degenerate size"
 NOT_REGULAR = "not a regular file"
 TOO_LARGE = "file too large"
+NO_DECODER = "no decoder for this format"
 
 #: Files larger than this are refused while reading (configurable per call; ingest takes it from its config).
 DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
@@ -225,6 +234,60 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
+_plugins_lock = threading.Lock()
+_plugins: dict[str, bool] | None = None
+
+
+def register_plugins() -> dict[str, bool]:
+    """Register the photo-format plugins once per process; which formats can be read ({"HEIF": True, ...}).
+
+    HEIC/HEIF through `pillow-heif`; AVIF through Pillow itself, else through `pillow-avif-plugin`
+    when that is installed (for Pillow builds without libavif). A format whose plugin is missing is
+    reported as False, and its files fail with the reason `NO_DECODER` instead of "not an image".
+    """
+    global _plugins
+    if _plugins is not None:
+        return _plugins
+    with _plugins_lock:
+        if _plugins is None:
+            from PIL import features
+
+            found = {"HEIF": False, "AVIF": bool(features.check("avif"))}
+            try:
+                from pillow_heif import register_heif_opener
+
+                register_heif_opener()
+                found["HEIF"] = True
+            except ImportError:
+                pass
+            if not found["AVIF"]:
+                try:  # optional, not a dependency: importing it registers its plugin
+                    importlib.import_module("pillow_avif")
+                    found["AVIF"] = True
+                except ImportError:
+                    pass
+            _plugins = found
+    return _plugins
+
+
+#: The ISO-BMFF brands (bytes 8-12 of the file) of the formats the plugins read.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_AVIF_BRANDS = (b"avif", b"avis")
+
+
+def _missing_decoder(data: bytes) -> str | None:
+    """The format's name when `data` is HEIF or AVIF and no plugin reads it (else None)."""
+    if data[4:8] != b"ftyp":
+        return None
+    brand = data[8:12]
+    plugins = register_plugins()
+    if brand in _AVIF_BRANDS and not plugins["AVIF"]:
+        return "AVIF (needs Pillow 11.3 or later, or pillow-avif-plugin)"
+    if brand in _HEIF_BRANDS and not plugins["HEIF"]:
+        return "HEIF/HEIC (needs pillow-heif)"
+    return None
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Flatten any Pillow mode to 8-bit RGB: alpha over white, CMYK and palettes converted, 16-bit scaled."""
     if im.mode == "RGB":
@@ -256,6 +319,7 @@ def decode(
     estimated footprint in `budget` (default: the process-wide one) while full-size pixels exist.
     """
     source = "the image data"
+    register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -289,6 +353,9 @@ def decode(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(BOMB, _plain(exc, source)) from exc
     except UnidentifiedImageError as exc:
+        missing = _missing_decoder(data)
+        if missing:
+            raise BadImage(NO_DECODER, missing) from exc
         raise BadImage(NOT_IMAGE, _plain(exc, source)) from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error()) as exc:
         raise BadImage(TRUNCATED, _plain(exc, source)) from exc
@@ -341,6 +408,7 @@ def _reduce(im: Image.Image, size: int) -> Image.Image:
 
 def probe_size(data: bytes) -> tuple[int, int]:
     """Displayed (width, height) from the header alone, for content that needs no decoding."""
+    register_plugins()
     try:
         im = Image.open(io.BytesIO(data))
         w, h = im.size

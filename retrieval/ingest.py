@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import imageio, photo_meta
-from retrieval.catalog import ImageRecord
+from retrieval import folders, imageio, photo_meta
+from retrieval.catalog import Catalog, ImageRecord
 from retrieval.collection import Collection
 from retrieval.encoders import Encoder
 from retrieval.errors import BadImage, ConfigError, IndexMismatch
+from retrieval.folders import UNREADABLE_DIR as UNREADABLE_DIR  # re-exported: older callers import these here
+from retrieval.folders import FoundFile as FoundFile
+from retrieval.folders import walk as walk
 from retrieval.index import ondisk
 from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.index.sync import SyncReport, sync_indexes
@@ -46,6 +48,13 @@ class IngestConfig:
     progress: bool = True
     search: SearchParams | None = None  # query-time knobs to record (None: keep the index's)
     ef_construction: int = DEFAULT_EF_CONSTRUCTION  # HNSW build beam, when an HNSW index is (re)built
+    # What the walk skips (see retrieval.folders); None: what the collection saved for the folder
+    exclude: tuple[str, ...] | None = None
+    include_hidden: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.exclude is not None:  # a bad glob fails here, before any model loads
+            object.__setattr__(self, "exclude", folders.check_excludes(self.exclude))
 
 
 @dataclass
@@ -73,6 +82,12 @@ class IngestSummary:
     failed: int = 0  # every failed file under the root, this run's and earlier ones
     failures: dict[str, int] = field(default_factory=dict)
     unreadable_dirs: int = 0  # directories that could not be listed (also in failures, by reason)
+    # left out by the walk (retrieval.folders): files by reason, folders (not walked) by reason,
+    # unsupported files by suffix; never part of `scanned`
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_folders: dict[str, int] = field(default_factory=dict)
+    unsupported_types: dict[str, int] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)  # the exclude globs this run walked with
     captioned: int = 0
     caption_errors: list[str] = field(default_factory=list)  # "FILE:LINE: why" per line skipped
     odd_names: list[str] = field(default_factory=list)  # not UTF-8 (escaped), indexed all the same
@@ -102,67 +117,6 @@ class IngestSummary:
         if self.index:
             d["index"] = dict(self.index.__dict__)
         return d
-
-
-# -- walking -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FoundFile:
-    path: str
-    size: int
-    mtime_ns: int
-    error: str | None = None  # a reason when the file cannot even be stat'ed
-
-
-#: Reason recorded for a directory that cannot be listed (its images are not seen, so say so).
-UNREADABLE_DIR = "unreadable directory"
-
-
-def walk(root: Path) -> Iterator[FoundFile]:
-    """Every image-suffixed file under root, following directory symlinks without looping.
-
-    Only regular files (after resolving symlinks) come out clean: FIFOs, sockets and devices come
-    out with the reason "not a regular file", so nobody ever opens them. Directories that cannot
-    be listed come out as failures too, so a permission problem is reported instead of silently
-    shrinking the collection.
-    """
-    seen_dirs: set[tuple[int, int]] = set()
-    unlisted: list[FoundFile] = []
-
-    def on_error(exc: OSError) -> None:
-        where = exc.filename if isinstance(exc.filename, str) else str(root)
-        unlisted.append(FoundFile(where, 0, 0, UNREADABLE_DIR))
-
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
-        yield from unlisted
-        unlisted.clear()
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen_dirs:  # a symlink loop or a second link to a directory already walked
-            dirnames[:] = []
-            continue
-        seen_dirs.add(key)
-        dirnames.sort()
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() not in imageio.IMAGE_SUFFIXES or name.startswith("._"):
-                continue
-            p = os.path.join(dirpath, name)
-            try:
-                fst = os.stat(p)
-            except FileNotFoundError:
-                yield FoundFile(p, 0, 0, imageio.BROKEN_LINK if os.path.islink(p) else imageio.UNREADABLE)
-                continue
-            except OSError:
-                yield FoundFile(p, 0, 0, imageio.UNREADABLE)
-                continue
-            if not stat.S_ISREG(fst.st_mode):
-                yield FoundFile(p, 0, 0, imageio.NOT_REGULAR)
-                continue
-            yield FoundFile(p, fst.st_size, fst.st_mtime_ns)
-    yield from unlisted
 
 
 # -- dataset captions ----------------------------------------------------------------------------
@@ -325,7 +279,9 @@ def ingest(
         known = cat.images_under(str(root))
         seen: set[str] = set()
         todo: list[int] = []
-        for f in walk(root):
+        rules = folders.rules_for(cat, str(root), config.exclude, config.include_hidden)
+        skips = folders.Skips()
+        for f in walk(root, rules, skips):
             summary.scanned += 1
             seen.add(f.path)
             if not is_utf8(f.path):
@@ -349,6 +305,7 @@ def ingest(
                 continue
             _count_found(summary, rec)
             todo.append(cat.add_pending(f.path, f.size, f.mtime_ns))
+        _count_skips(summary, cat, str(root), rules, skips)
         gone = [r.id for p, r in known.items() if p not in seen]
         summary.deleted = cat.delete_images(gone)
         # images indexed under another model (after --rebuild) need this model's embedding too
@@ -420,6 +377,17 @@ def _check_model(collection: Collection, encoder: Encoder, rebuild: bool) -> Non
             f"before its first index was written), not {encoder.info.name!r}",
             remedy="other_data_dir",
         )
+
+
+def _count_skips(
+    summary: IngestSummary, cat: Catalog, root: str, rules: folders.WalkRules, skips: folders.Skips
+) -> None:
+    """Put what the walk left out in the summary, and save it for `clearsight status`."""
+    summary.skipped = dict(sorted(skips.files.items()))
+    summary.skipped_folders = dict(sorted(skips.folders.items()))
+    summary.unsupported_types = dict(skips.unsupported_types.most_common())
+    summary.exclude = list(rules.exclude)
+    folders.save_skips(cat, root, skips)
 
 
 def _count_found(summary: IngestSummary, rec: ImageRecord | None) -> None:

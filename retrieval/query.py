@@ -172,6 +172,14 @@ class QuerySpec(Filters):
     min_score: Annotated[float, Ge(-1.0), Le(1.0)] | None = field(
         default=None, metadata=_about("Drop results scoring below this (cosine similarity)", "min score")
     )
+    show_all: bool = field(
+        default=False,
+        metadata=_about(
+            "Show near-duplicates as cards of their own (by default copies of a hit fold into it: "
+            "its `similar` ids, '+N similar' on the page)",
+            "show all",
+        ),
+    )
 
     def spec(self) -> QuerySpec:
         """Only the spec's fields (a `Query` without its image and page), e.g. for an echo."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retrieval import imageio
+from retrieval import duplicates, imageio
 from retrieval.catalog import CaptionRecord, ImageRecord
 from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
@@ -54,6 +54,7 @@ class Hit:
     taken_at: str | None = None  # local date and time taken (retrieval.photo_meta); None: not read yet
     taken_source: str | None = None  # exif, exif-datetime or mtime
     folder: str | None = None  # relative to its indexed folder ("" at the top of it)
+    similar: list[int] = field(default_factory=list)  # near-duplicates folded into this hit (ids, best first)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self) | {"path": display_path(self.path)}  # printable: odd bytes escaped
@@ -158,8 +159,12 @@ class Searcher:
         *,
         confidence: ConfidenceConfig | None = None,
         cache: ResultCache | None = None,
+        collapse: bool = True,
     ) -> None:
         self.collection = collection
+        # fold near-duplicate hits into one (retrieval.duplicates); a query's show_all turns it off
+        self.collapse = collapse
+        self._collapse_at: tuple[object, float] | None = None  # (index version, threshold)
         self.encoder = encoder
         self.index = index
         # None: every search uses the knobs recorded in the index's manifest (what it was built with)
@@ -209,6 +214,7 @@ class Searcher:
         self.cache.clear()
         self._calibrations.clear()
         self._scopes.clear()
+        self._collapse_at = None
         return True
 
     def close(self) -> None:
@@ -254,6 +260,7 @@ class Searcher:
             kind,
             vector_key(vec),
             self.params,
+            self.collapse,
             q.top_k,
             q.offset,
             tuple(sorted(q.spec_values().items())),
@@ -307,14 +314,30 @@ class Searcher:
             return [(r := records.get(i)) is not None and qualifies(q, r, scope) for i in ids]
 
         if scope is None:
-            found = fetch_valid(idx, vec, want, q.min_score, valid, self.params)
+
+            def fetch(n: int) -> list[tuple[float, int]]:
+                return fetch_valid(idx, vec, n, q.min_score, valid, self.params)
+
         else:
             allowed = self.allowed_ids(scope)
             if q.like_id is not None:
                 allowed = allowed[allowed != q.like_id]
-            found = fetch_among(idx, vec, want, allowed, self._vectors_of, self.params, q.min_score)
-            records.update(catalog.get_images([i for _, i in found]))
-            found = [(s, i) for s, i in found if i in records]
+
+            def fetch(n: int) -> list[tuple[float, int]]:
+                got = fetch_among(idx, vec, n, allowed, self._vectors_of, self.params, q.min_score)
+                records.update(catalog.get_images([i for _, i in got if i not in records]))
+                return [(s, i) for s, i in got if i in records]
+
+        similar: dict[int, list[int]] = {}
+        if self.collapse and not q.show_all:
+            found, similar = duplicates.fetch_collapsed(
+                fetch,
+                lambda ids: self._stored_vectors([records[i] for i in ids if i in records]),
+                want,
+                self.collapse_threshold(),
+            )
+        else:
+            found = fetch(want)
         missing = idx.missing_shards  # empty unless a sharded index lost shards
         caps = catalog.captions_for([i for _, i in found])
         roots = catalog.roots()
@@ -328,6 +351,8 @@ class Searcher:
             )
             for rank, (s, i) in enumerate(found, start=1)
         ]
+        for h in hits:
+            h.similar = similar.get(h.id, [])
         page = hits[q.offset : q.offset + q.top_k]
         m = self.index.manifest
         return SearchResult(
@@ -363,6 +388,22 @@ class Searcher:
             return ids, held
         info = self.encoder.info
         return self.collection.catalog.vectors_of(ids.tolist(), info.fingerprint, info.dim)
+
+    def collapse_threshold(self) -> float:
+        """The cosine above which hits fold into one card, for this index version (computed once)."""
+        version = self.index.version
+        if self._collapse_at is None or self._collapse_at[0] != version:
+            m = self.index.manifest
+            _, sample = self.collection.catalog.sample_indexed_vectors(
+                m.fingerprint, m.dim, duplicates.SEPARATION_SAMPLE
+            )
+            self._collapse_at = (version, duplicates.collapse_threshold(sample))
+        return self._collapse_at[1]
+
+    def _stored_vectors(self, recs: Sequence[ImageRecord]) -> dict[int, Float32Array]:
+        hashes = [r.content_hash for r in recs if r.content_hash]
+        stored = self.collection.catalog.get_embeddings(hashes, self.index.manifest.fingerprint)
+        return {r.id: stored[r.content_hash] for r in recs if r.content_hash in stored}
 
     def _empty_message(self) -> str:
         counts = self.collection.catalog.counts()

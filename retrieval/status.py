@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from retrieval import folders
 from retrieval.catalog import Catalog
 from retrieval.collection import Collection
 from retrieval.paths import display_path
@@ -38,6 +39,11 @@ class CollectionStatus:
     roots: list[str]
     failed: list[FailedFile] = field(default_factory=list)
     failed_truncated: bool = False  # more failures than listed (see counts["failed"])
+    #: what the last walk of each indexed folder left out, added up: {"files": {reason: n}, "folders":
+    #: {reason: n}, "unsupported_types": {suffix: n}, "linked_targets": [...]} (retrieval.folders)
+    skipped: dict[str, object] = field(default_factory=dict)
+    #: the exclude globs saved for each indexed folder that has any
+    excludes: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """As JSON shows it: a path that is not UTF-8 cannot be encoded there, so its odd bytes are
@@ -46,6 +52,10 @@ class CollectionStatus:
         d["data_dir"] = display_path(self.data_dir)
         d["roots"] = [display_path(r) for r in self.roots]
         d["failed"] = [{"path": display_path(f.path), "reason": f.reason} for f in self.failed]
+        d["excludes"] = {display_path(r): globs for r, globs in self.excludes.items()}
+        linked = self.skipped.get("linked_targets")
+        if isinstance(linked, list):
+            d["skipped"] = {**self.skipped, "linked_targets": [display_path(str(t)) for t in linked]}
         return d
 
 
@@ -83,6 +93,8 @@ def collection_status(
             roots=sorted(cat.roots()),
             failed=[FailedFile(p, r) for p, r in failures[:failed_limit]],
             failed_truncated=len(failures) > failed_limit,
+            skipped=folders.collection_skips(cat).to_dict(),
+            excludes={r: list(w.exclude) for r, w in folders.collection_rules(cat).items() if w.exclude},
         )
 
 

@@ -110,6 +110,11 @@ class Card(BaseModel):
     explanation: ExplanationOut | None = Field(
         default=None, description="null when explanations were deferred: fetch them with POST /api/explain"
     )
+    similar: list[int] = Field(
+        default_factory=list,
+        description="Ids of near-duplicates of this image folded into its card, best first "
+        "(shown as cards of their own with show_all)",
+    )
 
 
 def _describe(schema: dict[str, Any], cls: type) -> None:
@@ -177,6 +182,7 @@ def make_card(
         caption=caption,
         caption_source=caption_source,
         dataset_captions=dataset_captions,
+        similar=list(hit.similar),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from explainer.cli.options import (
 from explainer.errors import ConfigError
 from retrieval import Collection, EncoderConfig, IngestConfig, IngestSummary, create_encoder
 from retrieval.evidence import StoreReport
+from retrieval.folders import check_excludes
 from retrieval.index import kinds
 from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.index.tuning import factory_for
@@ -56,6 +58,36 @@ INDEX_HELP = (
 )
 
 
+Exclude = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        metavar="GLOB",
+        help="Skip folders or files matching GLOB (repeatable; a name such as 'Private' or '*.png' at any "
+        "depth, or a path under PATH such as '2019/raw'); saved with the collection, so re-indexing and "
+        "--watch use it too. Hidden folders and NAS/OS thumbnail folders are always skipped",
+    ),
+]
+NoExcludes = Annotated[
+    bool, typer.Option("--no-excludes", help="Forget the exclude globs saved for PATH (index everything)")
+]
+Hidden = Annotated[
+    bool | None,
+    typer.Option(
+        "--hidden/--no-hidden",
+        help="Also index hidden files and folders (names starting with '.'); saved like --exclude "
+        "(default: skipped)",
+    ),
+]
+
+
+def excludes_given(exclude: list[str] | None, no_excludes: bool) -> list[str] | None:
+    """The exclude globs to save: None keeps the saved ones; --no-excludes clears them."""
+    if no_excludes and exclude:
+        raise ConfigError("give --exclude or --no-excludes, not both")
+    return [] if no_excludes else (exclude or None)
+
+
 def index_folder(
     path: Path,
     data_dir: Path | None = None,
@@ -74,12 +106,15 @@ def index_folder(
     engine: str = "local",
     ray_address: str | None = None,
     memory_budget: str | None = None,
+    exclude: Sequence[str] | None = None,
+    include_hidden: bool | None = None,
 ) -> tuple[IngestSummary, StoreReport | None, Path]:
     """Index (or update) `path` into a collection; the plain function behind the command (and `run`).
 
     Returns the ingest summary, the patch-store report when `patches` was asked, and the data dir.
     `workers` is the one "parallel workers" knob: decode threads with the local engine, encoder
-    actors with `engine="ray"` (which imports Ray only then).
+    actors with `engine="ray"` (which imports Ray only then). `exclude` and `include_hidden` None keep
+    what the collection saved for this folder (see retrieval.folders); given, they are saved.
     """
     from retrieval.evidence import can_give_patches, store_collection_patches
     from retrieval.index.auto import parse_bytes
@@ -94,6 +129,8 @@ def index_folder(
         raise ConfigError("a Ray address only applies to the Ray engine")
     if index is not None:
         kinds.check_name(index)  # a typo fails now, not after the model has loaded
+    if exclude is not None:
+        exclude = check_excludes(exclude)  # so does a bad glob
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     ddir = data_dir_or_default(data_dir)
     collection = Collection(ddir)
@@ -129,6 +166,8 @@ def index_folder(
         search=search,
         ef_construction=knobs.ef_construction or DEFAULT_EF_CONSTRUCTION,
         memory_budget=budget,
+        exclude=None if exclude is None else tuple(exclude),
+        include_hidden=include_hidden,
     )
     if engine == "ray":
         from retrieval.distributed.ingest import RayConfig, ray_ingest
@@ -221,6 +260,9 @@ def index_cmd(
             help="Then caption the collection with BLIP, as `clearsight caption` does (right after encoding)",
         ),
     ] = False,
+    exclude: Exclude = None,
+    no_excludes: NoExcludes = False,
+    hidden: Hidden = None,
     quiet: Quiet = False,
     json_out: JsonOut = False,
     watch: Annotated[
@@ -248,6 +290,8 @@ def index_cmd(
         engine=engine,
         ray_address=ray_address,
         memory_budget=memory_budget,
+        exclude=excludes_given(exclude, no_excludes),
+        include_hidden=hidden,
     )
     print_summary(summary, report, ddir, json_out)
     if caption:  # after the encode pass, not inside it: ingest stays one thing (see README, captions)
@@ -309,6 +353,7 @@ def print_summary(summary: IngestSummary, report: StoreReport | None, ddir: Path
         typer.echo(f"failed files under {display_path(s.root)}: {s.failed} (this run's and earlier ones)")
     for reason, n in sorted(s.failures.items()):
         typer.echo(f"  failed: {n} x {reason}")
+    _print_skips(s)
     odd = "1 file name is" if len(s.odd_names) == 1 else f"{len(s.odd_names)} file names are"
     _list_some(f"{odd} not UTF-8 (indexed all the same; shown escaped):", s.odd_names)
     bad = "1 line" if len(s.caption_errors) == 1 else f"{len(s.caption_errors)} lines"
@@ -322,6 +367,26 @@ def print_summary(summary: IngestSummary, report: StoreReport | None, ddir: Path
             f"patch features: {stored['written']} stored ({stored['bytes_per_image']} bytes/image), "
             f"{stored['already_stored']} already stored, {stored['failed']} failed"
         )
+
+
+def _print_skips(s: IngestSummary) -> None:
+    """What the walk left out, by reason (hidden, thumbnails, excluded, unsupported...)."""
+
+    def by_reason(counts: dict[str, int]) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    if s.skipped:
+        typer.echo(f"skipped {sum(s.skipped.values())} files: {by_reason(s.skipped)}")
+    if s.unsupported_types:
+        kinds_ = ", ".join(f"{suffix} {n}" for suffix, n in list(s.unsupported_types.items())[:8])
+        more = " ..." if len(s.unsupported_types) > 8 else ""
+        typer.echo(f"  unsupported formats: {kinds_}{more}")
+    if s.skipped_folders:
+        typer.echo(
+            f"skipped {sum(s.skipped_folders.values())} folders (not walked): {by_reason(s.skipped_folders)}"
+        )
+    if s.exclude:
+        typer.echo(f"  excluding: {' '.join(s.exclude)} (saved; --no-excludes forgets them)")
 
 
 def _list_some(title: str, items: list[str], most: int = 10) -> None:

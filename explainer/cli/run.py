@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from explainer.cli.demo import report_demo
-from explainer.cli.index import index_folder, print_summary
+from explainer.cli.index import Exclude, index_folder, print_summary
 from explainer.cli.options import DataDir, Device, Host, Model, Port, data_dir_or_default, note
 from explainer.cli.serve import run_server
 from explainer.demo import DemoConfig, build_demo
@@ -25,6 +25,7 @@ def run_cmd(
     host: Host = None,
     port: Port = None,
     device: Device = "auto",
+    exclude: Exclude = None,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Index (or build the demo) and exit")] = False,
     no_captions: Annotated[
         bool,
@@ -40,7 +41,8 @@ def run_cmd(
     captions: bool | None = False if no_captions else None  # None: the settings decide (the demo's case)
     if path is not None:
         try:
-            summary, report, ddir = index_folder(path, data_dir, model, device=device)
+            excluding = exclude or None  # None: the globs saved for this folder, if any
+            summary, report, ddir = index_folder(path, data_dir, model, device=device, exclude=excluding)
             print_summary(summary, report, ddir, json_out=False)
             captions = not no_captions  # a user's folder has no captions until BLIP writes them
         except ModelUnavailable as exc:

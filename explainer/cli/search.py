@@ -149,6 +149,7 @@ def _search_cmd(
             precision=precision_or_setting(precision),
         )
         stack.callback(searcher.close)
+        searcher.collapse = settings.collapse_duplicates  # a query's --show-all shows every copy
         if (mixed := searcher.precision_note()) is not None:
             note(f"clearsight: note: {mixed}")
         knobs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}

@@ -61,6 +61,13 @@ def status_cmd(
         out.print(f"generated captions: {done} of {plural(total, 'indexed image')}", highlight=False)
     for root in st.roots:
         out.print(f"indexed folder: {display_path(root)}", highlight=False)
+        if root in st.excludes:
+            out.print(f"  excluding: {' '.join(st.excludes[root])}", highlight=False)
+    for what in ("files", "folders"):
+        counts = st.skipped.get(what)
+        if isinstance(counts, dict) and counts:
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            out.print(f"skipped {what}: {reasons}", highlight=False)
     if st.failed:
         t = table(("file", {"overflow": "fold", "ratio": 3}), ("reason", {"overflow": "fold", "ratio": 2}))
         for f in st.failed:  # relative to the indexed folder, as search results are; --json is absolute

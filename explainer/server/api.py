@@ -36,6 +36,7 @@ from explainer.server.schemas import (
 )
 from explainer.server.state import ServerState, state_of
 from retrieval.fetch import FetchConfig, fetch_bytes
+from retrieval.folders import served_roots
 from retrieval.query import IMAGE_KEY_PATTERN
 from retrieval.search import CaptionHit
 from retrieval.search import Query as LibraryQuery
@@ -234,7 +235,7 @@ async def image_file(image_id: ImageId, request: Request) -> Response:
     catalog = pipeline.searcher.collection.catalog
     rec = images.indexed_record(catalog, image_id)
     open_it = functools.partial(
-        originals.open_original, rec, catalog.roots(), strip_location=state.strip_location
+        originals.open_original, rec, served_roots(catalog), strip_location=state.strip_location
     )
     try:
         original = await anyio.to_thread.run_sync(open_it)
@@ -264,7 +265,7 @@ async def thumbnail(
 
 def _thumbs(state: ServerState) -> images.Thumbnails:
     root = state.settings.thumb_dir or state.data_dir / "thumbs"
-    roots = state.pipeline.searcher.collection.catalog.roots() if state.pipeline is not None else []
+    roots = served_roots(state.pipeline.searcher.collection.catalog) if state.pipeline is not None else []
     return images.Thumbnails(root, state.settings.max_image_pixels, roots)
 
 
@@ -288,7 +289,7 @@ async def evidence_png(
 
     def draw() -> bytes:
         query, _ = state.resolve(inp, pipeline.searcher)
-        roots = pipeline.searcher.collection.catalog.roots()
+        roots = served_roots(pipeline.searcher.collection.catalog)
         view = images.view(rec, size, state.settings.max_image_pixels, roots)
         picture = pipeline.evidence_picture(image_id, query, view)
         if isinstance(picture, PILImage.Image):

@@ -132,6 +132,7 @@ def _verify(fd: int, rec: ImageRecord) -> Original:
             raise OriginalChanged("its content changed since it was indexed")
     elif rec.mtime_ns is not None and st.st_mtime_ns != rec.mtime_ns:
         raise OriginalChanged("it was modified since it was indexed")
+    imageio.register_plugins()  # HEIC is recognised only once its plugin is registered
     try:
         with Image.open(io.BufferedReader(_FdReader(fd))) as im:
             media_type = Image.MIME.get(im.format or "", "application/octet-stream")

@@ -162,6 +162,9 @@ async def index(
         "first": page.offset + 1,
         "last": page.offset + len(page.cards),
         "pages": page_numbers(page.offset, top_k, page.has_more, lambda o: _page_url(echo, top_k, o, t, ev)),
+        # near-duplicates folded into this page's cards, and the same query with them shown (or folded)
+        "folded": sum(len(c.similar) for c in page.cards),
+        "toggle_similar": _page_url(dataclasses.replace(echo, show_all=not echo.show_all), top_k, 0, t, ev),
     }
     ctx = _context(state, form=form, page=page, cards=page.cards, query=echo_values(echo), nav=nav)
     return state.templates.TemplateResponse(request, "index.html", ctx)

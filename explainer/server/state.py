@@ -229,6 +229,7 @@ class ServerState:
 
     def _open_searcher(self) -> Searcher:
         searcher = Searcher.open(self.data_dir)
+        searcher.collapse = self.settings.collapse_duplicates
         if self.settings.engine != "ray":
             return searcher
         from retrieval.distributed.ingest import RayConfig, connect
@@ -236,7 +237,9 @@ class ServerState:
 
         try:
             connect(RayConfig(address=self.settings.ray_address))
-            return ShardedSearcher(searcher, self.settings.shards)
+            sharded = ShardedSearcher(searcher, self.settings.shards)
+            sharded.collapse = searcher.collapse
+            return sharded
         except BaseException:
             searcher.close()
             raise

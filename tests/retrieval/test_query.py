@@ -83,6 +83,7 @@ def test_every_spec_field_travels_in_the_echo_and_in_page_links() -> None:
         "type": "jpeg",
         "min_size": 800,
         "orientation": "landscape",
+        "show_all": True,
     }
     assert set(values) == {f.name for f in _spec_fields()}, "a new spec field: give it a test value here"
     echo = echo_of(QuerySpec(**values), "text+image")  # type: ignore[arg-type]
