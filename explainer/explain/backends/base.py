@@ -22,6 +22,9 @@ class Backend(ABC):
 
     #: "groq:<model>", "fake", "local:<file>", "offline"...: written into `Explanation.backend`.
     label: str
+    #: Whether parsed replies are vetted for junk (`explain/vetting.py`: an echo of the query, repetition,
+    #: nothing supported) and replaced by the offline text when junk: on for small local models.
+    vets_replies: bool = False
 
     @property
     def runnable(self) -> Runnable[LanguageModelInput, BaseMessage] | None:
