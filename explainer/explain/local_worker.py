@@ -35,8 +35,8 @@ def load_llama(model_path: str, **init: Any) -> Any:
     The chat format: a file without a chat template of Gemma's architecture gets Gemma's turns (the
     packaged 270M file has none, and llama-cpp-python would otherwise use llama-2's).
     """
-    llama_cpp = importlib.import_module("llama_cpp")
-    low = importlib.import_module("llama_cpp.llama_cpp")
+    llama_cpp: Any = importlib.import_module("llama_cpp")
+    low: Any = importlib.import_module("llama_cpp.llama_cpp")
     extra_bufts = bool(init.pop("use_extra_bufts", False))
     defaults = low.llama_model_default_params
 
@@ -72,7 +72,7 @@ def _loader(spec: str) -> Callable[..., Any]:
     fn = getattr(importlib.import_module(module), name)
     if not callable(fn):
         raise TypeError(f"{spec} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> None:

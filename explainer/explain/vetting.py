@@ -6,11 +6,11 @@ sentence until the length limit, or read "1", "}," or an invented link. Such a r
 card gets the offline text, labelled with the reason (`LLMRejectedReply`). The rules, in order:
 
 - not prose: a link, or fewer than 60% of its visible characters letters;
-- almost nothing: fewer than 3 content words (stopwords dropped);
 - repeats itself: a run of the same short chunk ("}}}}}}", "abababab"), a three-word sequence said
   three times, or fewer than 40% distinct words in 12 or more;
-- echoes the query: fewer than 2 content words beyond the query's own (in any word form) and the
-  generic words of an explanation ("image", "caption", "region"...);
+- echoes the query: it uses the query's words (in any word form) and fewer than 2 others beyond
+  the generic words of an explanation ("image", "caption", "region"...);
+- almost nothing: fewer than 3 distinct content words (stopwords dropped);
 - contradicts itself: a concept listed both as matched and as missing;
 - nothing supported: no claimed match survives the grounding check (`grounding.py`) and the text names
   no word of the hit's descriptions (caption, dataset captions, region labels) beyond generic ones.
@@ -72,17 +72,17 @@ def junk_reason(ctx: ExplainContext, output: ExplanationOutput, matched: Sequenc
         return "it is not prose (it names a link)"
     if not visible or sum(c.isalpha() for c in visible) / len(visible) < MIN_LETTER_SHARE:
         return "it is not prose (mostly digits or punctuation)"
-    words = content_words(text)
-    if len(words) < MIN_CONTENT_WORDS:
-        return "it says almost nothing"
     if _repeats(text):
         return "it repeats itself"
+    words = content_words(text)
     informative = [w for w in words if w not in GENERIC_WORDS]
     if ctx.query_text:
         query = _forms(content_words(ctx.query_text))
         new = [w for w in informative if not (word_forms(w) & query)]
-        if len(new) < MIN_NEW_WORDS:
+        if len(new) < MIN_NEW_WORDS and len(new) < len(informative):
             return "it only echoes the query"
+    if len(words) < MIN_CONTENT_WORDS:
+        return "it says almost nothing"
     said = {c.strip().lower() for c in output.matched_concepts} & {
         c.strip().lower() for c in output.mismatches
     }

@@ -81,16 +81,18 @@ def grammar_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def reply_ceiling(schema: dict[str, Any]) -> int:
-    """An upper bound on the characters of a reply that follows `schema` (so on its tokens: a token is
-    at least one character), with room for separators; the schema must bound every string and list."""
+    """An upper bound on the characters of a reply that follows `schema` under llama.cpp's grammar, so
+    on its tokens (a token is at least one character; escapes such as \u00e9 aside). The grammar allows
+    one space after each token and nothing else between them; the schema must bound every string and
+    list."""
     kind = schema.get("type")
     if "enum" in schema:
-        return max(len(json.dumps(v)) for v in schema["enum"]) + 2
+        return max(len(json.dumps(v)) for v in schema["enum"]) + 1
     if kind == "object":
         props = schema.get("properties", {})
-        return 2 + sum(len(json.dumps(k)) + 3 + reply_ceiling(v) for k, v in props.items())
+        return 4 + sum(len(json.dumps(k)) + 5 + reply_ceiling(v) for k, v in props.items())
     if kind == "array":
-        return 2 + int(schema["maxItems"]) * (reply_ceiling(schema["items"]) + 2)
+        return 4 + int(schema["maxItems"]) * (reply_ceiling(schema["items"]) + 2)
     if kind == "string":
         return int(schema["maxLength"]) + 3
     if kind in ("number", "integer"):

@@ -60,13 +60,14 @@ def describe_exit(code: int | None) -> str:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
-    meaning = {
+    meanings: dict[int, str] = {
         signal.SIGSEGV: "a crash in the model's native code",
         signal.SIGABRT: "the model's native code aborted",
         signal.SIGKILL: "killed, most often by the kernel for lack of memory",
         signal.SIGBUS: "a crash in the model's native code",
         signal.SIGILL: "an instruction this CPU lacks",
-    }.get(signum, "")
+    }
+    meaning = meanings.get(signum, "")
     return f"{name}, exit {128 + signum} in a shell" + (f": {meaning}" if meaning else "")
 
 
