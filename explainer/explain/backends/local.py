@@ -55,11 +55,18 @@ REPEAT_PENALTY = 1.15
 
 
 def machine_threads() -> int:
-    """CPUs this process may use (its affinity, which a container or `taskset` may narrow)."""
+    """The model's threads: the CPUs this process may use (its affinity, which a container or `taskset`
+    may narrow) but one, which is left to the server (searches, captions) and whatever else runs.
+
+    Measured on 2 cores (docs/EVAL.md): 2 threads generate ~20% faster than 1 on an idle machine, but
+    2-2.5x slower as soon as one other process keeps a core busy, since llama.cpp's threads wait on each
+    other at every step; 1 thread is not slowed at all.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
 
 
 def grammar_schema(schema: dict[str, Any]) -> dict[str, Any]:

@@ -272,6 +272,14 @@ def test_a_bad_model_file_is_refused_at_start(tmp_path: Path) -> None:
         LocalBackend(LLMConfig(backend="local", gguf_path=bad), loader=FAKE_LOADER)
 
 
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (8, 7)])
+def test_the_model_leaves_one_of_the_machines_cpus_to_the_server(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, threads: int
+) -> None:
+    monkeypatch.setattr(local_module.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert machine_threads() == threads
+
+
 @pytest.mark.parametrize(
     ("code", "words"),
     [(-11, "SIGSEGV, exit 139 in a shell: a crash"), (139, "SIGSEGV"), (-9, "SIGKILL"), (3, "exit code 3")],
