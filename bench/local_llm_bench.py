@@ -38,13 +38,14 @@ from pydantic import ValidationError
 
 from explainer.errors import LLMError
 from explainer.explain.backends import LLMConfig
+from explainer.explain.backends import local as local_module
 from explainer.explain.backends.local import LocalBackend
 from explainer.explain.backends.offline import content_words
 from explainer.explain.chain import Explainer, context_inputs
-from explainer.explain.grounding import check_concepts
+from explainer.explain.grounding import check_concepts, evidence_words, word_forms
 from explainer.explain.prompts import load_prompt
 from explainer.explain.types import ExplainContext, ExplanationOutput
-from explainer.explain.vetting import junk_reason
+from explainer.explain.vetting import GENERIC_WORDS, junk_reason
 
 QUERIES = [
     "a dog on the beach",
@@ -92,6 +93,15 @@ def hits_for(query: str, rows: list[dict[str, object]], n: int) -> list[ExplainC
     return out
 
 
+def unsupported_words(ctx: ExplainContext, text: str) -> tuple[int, int]:
+    """(words of the text the hit's descriptions do not say, words it adds beyond the query): what the
+    free text claims, which the checks on concepts do not look at; a measure, not a rule."""
+    evidence = evidence_words(ctx)
+    query = {f for w in content_words(ctx.query_text) for f in word_forms(w)}
+    new = [w for w in content_words(text) if w not in GENERIC_WORDS and not (word_forms(w) & query)]
+    return sum(not (word_forms(w) & evidence) for w in new), len(new)
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system seconds a process has used (Linux /proc), 0 when unknown."""
     if pid is None:
@@ -117,7 +127,11 @@ def main() -> int:
     ap.add_argument("--page", type=int, default=12, help="hits of one page explained end to end (0: skip)")
     ap.add_argument("--timeout-s", type=float, default=120.0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--prompt", default="explain_hit", help="one-hit prompt, name[@vN]")
+    ap.add_argument("--repeat-penalty", type=float, default=None, help="instead of the backend's")
     args = ap.parse_args()
+    if args.repeat_penalty is not None:
+        local_module.REPEAT_PENALTY = args.repeat_penalty
 
     folder = coco_mini(args.data)
     rows = load_captions(folder)
@@ -125,9 +139,12 @@ def main() -> int:
         backend="local", gguf_path=args.gguf, gguf_dir=args.models_dir, timeout_s=args.timeout_s, page_size=1
     )
     backend = LocalBackend(config)
-    prompt = load_prompt("explain_hit")
+    prompt = load_prompt(args.prompt)
     parser = PydanticOutputParser(pydantic_object=ExplanationOutput)
-    print(f"local LLM bench: {backend.label}, prompt {prompt.id}, {args.queries} queries x {args.hits} hits")
+    print(
+        f"local LLM bench: {backend.label}, prompt {prompt.id}, {args.queries} queries x {args.hits} hits,"
+        f" repeat penalty {local_module.REPEAT_PENALTY}, {config.temperature} temperature"
+    )
     print(f"data: captions of {len(rows)} coco-mini images from {folder}; load average {load_average()}")
 
     t0 = time.perf_counter()
@@ -137,6 +154,8 @@ def main() -> int:
 
     latencies: list[float] = []
     parsed = calls = claims = unsupported = shown = 0
+    words_all = [0, 0]  # unsupported, added: every parsed reply
+    words_shown = [0, 0]  # the same, replies shown
     reasons: Counter[str] = Counter()
     out_file = args.out.open("w", encoding="utf-8") if args.out else None
     worker_cpu0 = cpu_seconds(backend.worker.pid)
@@ -170,8 +189,13 @@ def main() -> int:
             unsupported += len(check.unsupported)
             reason = junk_reason(ctx, output, check.matched)
             record.update(unsupported=check.unsupported, rejected=reason)
+            bad, added = unsupported_words(ctx, output.explanation)
+            words_all[0] += bad
+            words_all[1] += added
             if reason is None:
                 shown += 1
+                words_shown[0] += bad
+                words_shown[1] += added
             else:
                 reasons[f"rejected_reply: {reason}"] += 1
             mark = "shown " if reason is None else f"NOT shown ({reason})"
@@ -190,6 +214,11 @@ def main() -> int:
     print(f"replies shown as the model's explanation: {pct(shown, calls)}; replaced by the offline text:")
     for reason, n in reasons.most_common():
         print(f"  {n:3d}  {reason}")
+    print(
+        "words the texts add beyond the query that the hit's descriptions do not say: "
+        f"{pct(words_all[0], words_all[1])} of all parsed replies,"
+        f" {pct(words_shown[0], words_shown[1])} of those shown"
+    )
     if latencies:
         q = statistics.quantiles(latencies, n=10) if len(latencies) >= 10 else [max(latencies)] * 9
         median, mean = statistics.median(latencies), statistics.fmean(latencies)

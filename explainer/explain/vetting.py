@@ -13,7 +13,10 @@ card gets the offline text, labelled with the reason (`LLMRejectedReply`). The r
 - almost nothing: fewer than 3 distinct content words (stopwords dropped);
 - contradicts itself: a concept listed both as matched and as missing;
 - nothing supported: no claimed match survives the grounding check (`grounding.py`) and the text names
-  no word of the hit's descriptions (caption, dataset captions, region labels) beyond generic ones.
+  no word of the hit's descriptions (caption, dataset captions, region labels) beyond generic ones;
+- asserts the query: the text uses a query word that the hit's descriptions do not support (by the
+  grounding check's rule), without listing it as missing or saying "no", "not", "without"...: "a
+  giraffe standing in a field" for a hit whose captions speak of a boy with a kite.
 
 A backend opts in (`Backend.vets_replies`): Groq's models do not write such replies, and scripted fakes
 in tests write deliberately terse ones.
@@ -26,7 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from explainer.explain.backends.offline import content_words
-from explainer.explain.grounding import evidence_words, word_forms
+from explainer.explain.grounding import evidence_words, supported, word_forms
 from explainer.explain.types import ExplainContext, ExplanationOutput
 
 #: Words any explanation may use that say nothing of the image's content.
@@ -39,6 +42,9 @@ GENERIC_WORDS = frozenset(_GENERIC_TEXT.split())
 _WORD_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 _LINK_RE = re.compile(r"(?:https?://|www\.|\.(?:com|org|net|html?)\b)", re.I)
 _RUN_RE = re.compile(r"(\S{1,8}?)\1{5,}")
+#: Words that turn a sentence into "the query's thing is not there".
+_NEGATION_TEXT = "no not without missing absent lacks lack nothing none neither nor isn't doesn't"
+_NEGATIONS = frozenset(_NEGATION_TEXT.split())
 MIN_CONTENT_WORDS = 3
 MIN_NEW_WORDS = 2
 MIN_LETTER_SHARE = 0.6
@@ -88,8 +94,15 @@ def junk_reason(ctx: ExplainContext, output: ExplanationOutput, matched: Sequenc
     }
     if said:
         return f"it calls {sorted(said)[0]!r} both matched and missing"
-    if not matched:
-        evidence = evidence_words(ctx)
-        if not any(word_forms(w) & evidence for w in informative):
-            return "it says nothing the hit's descriptions support"
+    evidence = evidence_words(ctx)
+    if not matched and not any(word_forms(w) & evidence for w in informative):
+        return "it says nothing the hit's descriptions support"
+    if ctx.query_text and not (_NEGATIONS & set(_WORD_RE.findall(text.lower()))):
+        missing = {m.strip().lower() for m in output.mismatches}
+        said = _forms(informative)
+        for w in content_words(ctx.query_text):
+            if w in GENERIC_WORDS or w in missing or not (word_forms(w) & said):
+                continue
+            if not supported(w, evidence):
+                return f"it says {w!r}, which the hit's descriptions do not"
     return None

@@ -68,6 +68,16 @@ def test_junk_is_caught(text: str, reason: str) -> None:
     assert (verdict(text) or "").startswith(reason)
 
 
+def test_a_query_word_the_descriptions_do_not_say_is_caught() -> None:
+    kite = ctx(query="a giraffe standing in a field", caption="a little boy standing on a field with a kite")
+    text = "A giraffe standing in a field with a kite over its head."
+    assert verdict(text, c=kite) == "it says 'giraffe', which the hit's descriptions do not"
+    honest = "A boy stands on a field holding a kite; no giraffe is mentioned."
+    assert verdict(honest, c=kite) is None
+    listed = "A boy stands on a grassy field with a kite above a giraffe"
+    assert verdict(listed, [], ["giraffe"], c=kite) is None
+
+
 def test_a_concept_both_matched_and_missing_is_caught() -> None:
     text = "The caption shows a brown dog running on sand by the sea."
     assert verdict(text, ["dog", "brown"], ["dog", "brown"]) == "it calls 'brown' both matched and missing"
