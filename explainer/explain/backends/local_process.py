@@ -71,6 +71,16 @@ def describe_exit(code: int | None) -> str:
     return f"{name}, exit {128 + signum} in a shell" + (f": {meaning}" if meaning else "")
 
 
+#: Secrets of the server that the model's process has no use for; they are not handed to it.
+_WITHHELD = ("GROQ_API_KEY", "CLEARSIGHT_API_TOKEN")
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _WITHHELD}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 class WorkerProcess:
     """Starts the model's process on first use; `call` sends one request and waits at most `timeout_s`."""
 
@@ -136,7 +146,7 @@ class WorkerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=self._log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=_child_env(),
             )
         except OSError as exc:
             ours.close()

@@ -76,7 +76,7 @@ class FakeLlama:
 
 
 def load(model_path: str, **init: Any) -> FakeLlama:
-    _log({"load": {"model_path": model_path, **init}})
+    _log({"load": {"model_path": model_path, **init}, "env": sorted(os.environ)})
     if os.environ.get("CLEARSIGHT_FAKE_LLAMA_LOAD") == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
     if os.environ.get("CLEARSIGHT_FAKE_LLAMA_LOAD") == "fail":

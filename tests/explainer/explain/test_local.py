@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,7 +72,7 @@ def fake_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def records(path: Path, kind: str) -> list[dict[str, object]]:
+def records(path: Path, kind: str) -> list[Any]:
     lines = path.read_text().splitlines() if path.exists() else []
     return [r[kind] for r in map(json.loads, lines) if kind in r]
 
@@ -88,6 +89,18 @@ def backend(tmp_path: Path, fake_log: Path) -> Iterator[LocalBackend]:
 def explainer(backend: LocalBackend) -> Iterator[Explainer]:
     with Explainer(backend, load_prompt("explain_hit"), max_concurrency=4) as ex:
         yield ex
+
+
+def test_the_model_process_is_not_handed_the_servers_secrets(
+    explainer: Explainer, fake_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GROQ_API_KEY", "gsk_never_in_the_model_process")
+    monkeypatch.setenv("CLEARSIGHT_API_TOKEN", "token-never-there")
+    explainer.explain(hit("a dog near the sea"))
+    (env,) = records(fake_log, "env")
+    assert isinstance(env, list)
+    assert "GROQ_API_KEY" not in env and "CLEARSIGHT_API_TOKEN" not in env
+    assert "CLEARSIGHT_FAKE_LLAMA_LOG" in env
 
 
 def test_a_good_reply_is_the_models_explanation(explainer: Explainer, fake_log: Path) -> None:
