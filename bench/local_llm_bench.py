@@ -127,7 +127,7 @@ def main() -> int:
     ap.add_argument("--page", type=int, default=12, help="hits of one page explained end to end (0: skip)")
     ap.add_argument("--timeout-s", type=float, default=120.0)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--prompt", default="explain_hit", help="one-hit prompt, name[@vN]")
+    ap.add_argument("--prompt", default=None, help="one-hit prompt, name[@vN] (default: the backend's)")
     ap.add_argument("--repeat-penalty", type=float, default=None, help="instead of the backend's")
     args = ap.parse_args()
     if args.repeat_penalty is not None:
@@ -139,7 +139,7 @@ def main() -> int:
         backend="local", gguf_path=args.gguf, gguf_dir=args.models_dir, timeout_s=args.timeout_s, page_size=1
     )
     backend = LocalBackend(config)
-    prompt = load_prompt(args.prompt)
+    prompt = load_prompt(args.prompt or backend.default_prompt or "explain_hit")
     parser = PydanticOutputParser(pydantic_object=ExplanationOutput)
     print(
         f"local LLM bench: {backend.label}, prompt {prompt.id}, {args.queries} queries x {args.hits} hits,"

@@ -186,16 +186,19 @@ class Explainer:
     def from_config(
         cls,
         config: LLMConfig,
-        prompt: str | PromptFile = "explain_hit",
+        prompt: str | PromptFile | None = None,
         cache: ExplanationCache | None = None,
         environ: Mapping[str, str] | None = None,
         page_prompt: str | PromptFile = "explain_page",
     ) -> Explainer:
-        """The usual wiring for the server and the CLI: backend from config, prompts by name[@vN]."""
+        """The usual wiring for the server and the CLI: backend from config, prompts by name[@vN]
+        (`prompt` None: the backend's own default, else the latest explain_hit)."""
         backend = create_backend(config, environ)
         prompt_file: PromptFile | None = None
         page_file: PromptFile | None = None
         if backend.runnable is not None:  # only a language model reads a prompt
+            if prompt is None:
+                prompt = backend.default_prompt or "explain_hit"
             prompt_file = load_prompt(prompt) if isinstance(prompt, str) else prompt
             if config.page_size > 1:
                 page_file = load_prompt(page_prompt) if isinstance(page_prompt, str) else page_prompt

@@ -50,7 +50,7 @@ def explainer_from_settings(
     backend: str | None = None,
     cache: ExplanationCache | None = None,
     *,
-    prompt: str = "explain_hit",
+    prompt: str | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Explainer:
     """An explainer for `backend` (default: the settings'), offline when that backend is unavailable.

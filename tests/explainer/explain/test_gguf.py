@@ -135,6 +135,7 @@ def test_local_with_the_packaged_model_uses_it(tmp_path: Path, monkeypatch: pyte
     ex = explainer_from_settings(Settings(data_dir=tmp_path), "local")
     try:
         assert ex.label == "local:tiny-q4"
+        assert ex.prompt_id == "explain_hit@v1"  # the wording the small model follows best (docs/EVAL.md)
         assert ex.backend.worker.pid is None  # type: ignore[attr-defined]
     finally:
         ex.close()

@@ -87,7 +87,7 @@ def backend(tmp_path: Path, fake_log: Path) -> Iterator[LocalBackend]:
 
 @pytest.fixture
 def explainer(backend: LocalBackend) -> Iterator[Explainer]:
-    with Explainer(backend, load_prompt("explain_hit"), max_concurrency=4) as ex:
+    with Explainer(backend, load_prompt(LocalBackend.default_prompt or ""), max_concurrency=4) as ex:
         yield ex
 
 
@@ -122,7 +122,7 @@ def test_the_model_is_given_the_schema_threads_and_gemma_turns(explainer: Explai
     messages = request["messages"]
     assert isinstance(messages, list)
     assert [m["role"] for m in messages] == ["user"]  # Gemma has no system turn: instructions open it
-    prompt = load_prompt("explain_hit")
+    prompt = load_prompt("explain_hit@v1")
     assert messages[0]["content"].startswith(prompt.system)
     assert "a dog near the sea" in messages[0]["content"]
 
