@@ -36,9 +36,11 @@ __all__ = [
     "IndexError_",
     "IndexMismatch",
     "IndexMissing",
+    "LLMCrashed",
     "LLMError",
     "LLMMalformedOutput",
     "LLMRateLimited",
+    "LLMRejectedReply",
     "LLMTimeout",
     "ModelUnavailable",
     "NotEnoughData",
@@ -82,6 +84,18 @@ class LLMMalformedOutput(LLMError):
     reason_code = "malformed_output"
 
 
+class LLMCrashed(LLMError):
+    """A local model's process died (a crash in llama.cpp, the OOM killer) or cannot start."""
+
+    reason_code = "model_crashed"
+
+
+class LLMRejectedReply(LLMError):
+    """The model answered in form, but with junk: the query echoed, text repeated, nothing supported."""
+
+    reason_code = "rejected_reply"
+
+
 #: What a remote client is told when an LLM explanation was replaced, per reason code. The full reason
 #: (provider, base URL, the provider's error body) stays in the server's log: it can name internal hosts
 #: and echo request details that are the operator's business, not every client's.
@@ -89,6 +103,9 @@ _PUBLIC_FALLBACKS: dict[str, str] = {
     LLMTimeout.reason_code: "the language model did not answer in time",
     LLMRateLimited.reason_code: "the language model provider is rate limiting this server",
     LLMMalformedOutput.reason_code: "the language model's answer was not in the requested form",
+    LLMCrashed.reason_code: "the local language model stopped (it crashed or ran out of memory)",
+    LLMRejectedReply.reason_code: "the language model's answer said nothing the image's descriptions "
+    "support (it echoed the query, repeated itself, or was not prose), so it is not shown",
     LLMError.reason_code: "the language model call failed",
 }
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from explainer.explain.gguf import checked_gguf
 from retrieval.imageio import DEFAULT_MAX_PIXELS
 from retrieval.paths import default_data_dir
 
@@ -62,6 +63,9 @@ class Settings(BaseSettings):
     explain_concurrency: int = Field(default=16, ge=1, le=64)  # >= a page, so a page is one round trip
     explain_timeout_s: float = Field(default=20.0, gt=0)
     explain_max_retries: int = Field(default=2, ge=0, le=10)
+    # `--explain-backend local`: a GGUF model for llama-cpp-python; None: the PyPI-packaged Gemma 3 270M
+    # when installed (explainer/explain/gguf.py). Checked here: exists, a file, .gguf, a bounded size.
+    local_gguf: Path | None = None
     evidence_regions: int = Field(default=3, ge=0, le=16)  # boxes per card; 0 turns evidence off
     reload_interval_s: float = Field(default=2.0, ge=0)  # 0: never look for a newer index version
     # `serve --engine ray`: the image index split over Ray actors, queries fanned out and merged
@@ -107,6 +111,13 @@ class Settings(BaseSettings):
     # `clearsight run DIR` turns it on (`--no-captions`: off).
     server_captions: Literal["auto", "on", "off"] = "auto"
     caption_background: bool = True  # caption the collection while no request needs the model
+
+    @field_validator("local_gguf", mode="before")
+    @classmethod
+    def _usable_gguf(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # CLEARSIGHT_LOCAL_GGUF= (empty) means: not set
+        return checked_gguf(value) if isinstance(value, str | Path) else value
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

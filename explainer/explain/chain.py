@@ -8,7 +8,9 @@ Guarantees the rest of the product relies on:
   call (`page.py`: `page_size` hits, top ranks first), hits the reply left out asked again once;
   otherwise one call per hit, at most `max_concurrency` at a time;
 - every claimed match is checked against the hit's own descriptions (`grounding.py`); the ones
-  they do not support move to `unsupported_concepts`;
+  they do not support move to `unsupported_concepts`; a backend that vets its replies (the local
+  one) has junk (an echo of the query, repetition, nothing supported: `vetting.py`) replaced by the
+  offline text, labelled with the reason, never shown as the model's explanation;
 - LLM explanations are cached per hit, whichever call wrote them, so a repeated page makes no call;
 - `aexplain_within` answers after a bounded wait, leaving the rest running: a card waiting for the
   provider's rate budget is reported pending (with the wait) and collected later;
@@ -36,7 +38,7 @@ from langchain_core.output_parsers import PydanticOutputParser
 from langchain_core.runnables import Runnable
 from pydantic import ValidationError
 
-from explainer.errors import ConfigError, LLMError, LLMMalformedOutput, redact
+from explainer.errors import ConfigError, LLMError, LLMMalformedOutput, LLMRejectedReply, redact
 from explainer.explain.backends import Backend, LLMConfig, OfflineExplainer, create_backend
 from explainer.explain.budget import QUEUE_STATUS, QueueStatus
 from explainer.explain.cache import ExplanationCache, ExplanationKey
@@ -52,6 +54,7 @@ from explainer.explain.page import (
 from explainer.explain.prompts import PromptFile, load_prompt
 from explainer.explain.regions import describe_regions
 from explainer.explain.types import ExplainContext, Explanation, ExplanationOutput
+from explainer.explain.vetting import junk_reason
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +186,19 @@ class Explainer:
     def from_config(
         cls,
         config: LLMConfig,
-        prompt: str | PromptFile = "explain_hit",
+        prompt: str | PromptFile | None = None,
         cache: ExplanationCache | None = None,
         environ: Mapping[str, str] | None = None,
         page_prompt: str | PromptFile = "explain_page",
     ) -> Explainer:
-        """The usual wiring for the server and the CLI: backend from config, prompts by name[@vN]."""
+        """The usual wiring for the server and the CLI: backend from config, prompts by name[@vN]
+        (`prompt` None: the backend's own default, else the latest explain_hit)."""
         backend = create_backend(config, environ)
         prompt_file: PromptFile | None = None
         page_file: PromptFile | None = None
         if backend.runnable is not None:  # only a language model reads a prompt
+            if prompt is None:
+                prompt = backend.default_prompt or "explain_hit"
             prompt_file = load_prompt(prompt) if isinstance(prompt, str) else prompt
             if config.page_size > 1:
                 page_file = load_prompt(page_prompt) if isinstance(page_prompt, str) else page_prompt
@@ -314,6 +320,9 @@ class Explainer:
         finally:
             self._untrack_status([ctx], status)
         explanation = self._from_output(ctx, output, self.prompt.id, start)
+        rejected = self._rejected(ctx, output, explanation)
+        if rejected is not None:
+            return [(i, self._fallback(ctx, rejected, start))]
         if self.cache is not None:
             self.cache.put(self.cache_key(ctx, self.prompt.id), explanation)
         return [(i, explanation)]
@@ -340,9 +349,12 @@ class Explainer:
                 reply = parse_page(reply_arguments(message), numbers)
                 for (i, ctx), number in zip(left, numbers, strict=True):
                     if number in reply.answers:
-                        explanation = self._from_output(
-                            ctx, reply.answers[number], self.page_prompt.id, start
-                        )
+                        output = reply.answers[number]
+                        explanation = self._from_output(ctx, output, self.page_prompt.id, start)
+                        rejected = self._rejected(ctx, output, explanation)
+                        if rejected is not None:  # junk is not asked again: the same model wrote it
+                            out.append((i, self._fallback(ctx, rejected, start)))
+                            continue
                         if self.cache is not None:
                             self.cache.put(self.cache_key(ctx, self.page_prompt.id), explanation)
                         out.append((i, explanation))
@@ -373,6 +385,18 @@ class Explainer:
             latency_ms=_ms_since(start),
         )
         return self._ground(ctx, explanation)
+
+    def _rejected(
+        self, ctx: ExplainContext, output: ExplanationOutput, explanation: Explanation
+    ) -> LLMRejectedReply | None:
+        """Why a parsed reply must not be shown (`vetting.py`), for backends that vet their replies."""
+        if not self.backend.vets_replies:
+            return None
+        reason = junk_reason(ctx, output, explanation.matched_concepts)
+        if reason is None:
+            return None
+        log.info("%s reply for %s not shown (%s): %r", self.label, ctx.image_key, reason, output.explanation)
+        return LLMRejectedReply(f"{self.label}: reply not shown: {reason}")
 
     def _ground(self, ctx: ExplainContext, explanation: Explanation) -> Explanation:
         """Move the claimed matches the hit's descriptions do not say into `unsupported_concepts`."""

@@ -40,6 +40,8 @@ def llm_config_from_settings(settings: Settings, backend: str | None = None) -> 
         tokens_per_minute=settings.explain_provider_tpm,
         max_budget_wait_s=settings.explain_budget_wait_s,
         rate_window_s=settings.explain_rate_window_s,
+        gguf_path=settings.local_gguf,
+        gguf_dir=settings.data_dir / "models",
     )
 
 
@@ -48,7 +50,7 @@ def explainer_from_settings(
     backend: str | None = None,
     cache: ExplanationCache | None = None,
     *,
-    prompt: str = "explain_hit",
+    prompt: str | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Explainer:
     """An explainer for `backend` (default: the settings'), offline when that backend is unavailable.

@@ -46,6 +46,7 @@ SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(
         "boat ship vessel",
         "sofa couch",
         "tv television",
+        "refrigerator fridge icebox",
         "grey gray",
         "picture photo image",
         "ocean sea",

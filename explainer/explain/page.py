@@ -110,6 +110,18 @@ def _item_schema(numbers: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def hit_schema() -> dict[str, Any]:
+    """The JSON schema of a one-hit reply: a page item without its hit number, the same bounds.
+
+    Backends that constrain decoding to a schema (the local one) use it, so a one-hit reply is held
+    to exactly what a page call's items are.
+    """
+    schema = _item_schema([1])
+    del schema["properties"]["hit"]
+    schema["required"] = [k for k in schema["required"] if k != "hit"]
+    return schema
+
+
 def page_schema(numbers: Sequence[int]) -> dict[str, Any]:
     """The JSON schema of a page reply: exactly one item per hit, keyed by an enum of the numbers."""
     return {

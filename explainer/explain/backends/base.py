@@ -22,6 +22,12 @@ class Backend(ABC):
 
     #: "groq:<model>", "fake", "local:<file>", "offline"...: written into `Explanation.backend`.
     label: str
+    #: Whether parsed replies are vetted for junk (`explain/vetting.py`: an echo of the query, repetition,
+    #: nothing supported) and replaced by the offline text when junk: on for small local models.
+    vets_replies: bool = False
+    #: The one-hit prompt ("name@vN") this backend explains with when none is named; None: the latest
+    #: version of explain_hit. A small model can follow an older wording better (measured per backend).
+    default_prompt: str | None = None
 
     @property
     def runnable(self) -> Runnable[LanguageModelInput, BaseMessage] | None:

@@ -59,9 +59,12 @@ class LLMConfig:
     rate_window_s: float = 60.0
     #: How long one call may wait for the rate budget before it is given up (then: offline text).
     max_budget_wait_s: float = 600.0
-    #: Local backend: a GGUF file for llama-cpp-python.
+    #: Local backend: a GGUF file for llama-cpp-python; None: the packaged model (explain/gguf.py),
+    #: assembled into `gguf_dir` (None: <data dir>/models). Threads: None takes the machine's CPUs.
     gguf_path: Path | None = None
+    gguf_dir: Path | None = None
     n_ctx: int = 2048
+    local_threads: int | None = None
     #: Fake backend: replies cycled by LangChain's FakeListChatModel, and an optional delay.
     fake_responses: tuple[str, ...] = ()
     fake_sleep_s: float | None = None
@@ -82,6 +85,8 @@ class LLMConfig:
             raise ConfigError("LLM page_size, requests_per_minute and tokens_per_minute must be >= 1")
         if self.rate_window_s <= 0 or self.max_budget_wait_s < 0:
             raise ConfigError("LLM rate_window_s must be positive and max_budget_wait_s >= 0")
+        if self.local_threads is not None and self.local_threads < 1:
+            raise ConfigError(f"LLM local_threads must be >= 1, got {self.local_threads}")
         if self.api_key is not None and not isinstance(self.api_key, SecretStr):
             raise ConfigError("LLM api_key must be a pydantic SecretStr, so that it is never printed")
 
