@@ -14,7 +14,8 @@ from retrieval import imageio
 from retrieval.catalog import CaptionRecord, ImageRecord
 from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
-from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
+from retrieval.encoders import Encoder, l2_normalise
+from retrieval.encoders.serving import ServingEncoder
 from retrieval.errors import BadQuery, NotEnoughData
 from retrieval.index.base import Index
 from retrieval.index.params import SearchParams
@@ -173,9 +174,13 @@ class Searcher:
         """Open a collection with the model recorded at index time, unless another is named."""
         collection = Collection(data_dir, create=False)  # a reader never creates a data directory
         manifest = collection.store.read_manifest()
-        if encoder is None:
-            encoder = create_encoder(
-                EncoderConfig(model=model or manifest.model_id, device=device, precision=precision)
+        if encoder is None:  # the stored text tower answers text queries; the full model loads on demand
+            encoder = ServingEncoder(
+                model or manifest.model_id,
+                collection.data_dir,
+                device=device,
+                precision=precision,
+                expect_fingerprint=manifest.fingerprint if model is None else None,
             )
         index = collection.store.load(expect_fingerprint=encoder.info.fingerprint, expect_model=model)
         return cls(collection, encoder, index)
