@@ -211,6 +211,15 @@ class Searcher:
         self.encoder.close()
         self.collection.close()
 
+    def warm_up(self) -> None:
+        """Pay every one-time cost of a first query now (a server calls this as it starts): the text
+        encoder's first run (its weights paged in), the confidence calibration of the images, and one
+        search of the index and catalog. Nothing is cached under a user's query."""
+        vec = self.encoder.encode_texts(["a photo"])
+        self.calibration("images")
+        if self.index.images.ntotal:
+            self._search_images(l2_normalise(vec), Query(text="a photo", top_k=12), "text")
+
     # -- query embedding ---------------------------------------------------------------------
     def embed_query(self, q: Query) -> Float32Array:
         """Weighted sum of the normalised text and image embeddings, minus the negative, renormalised.

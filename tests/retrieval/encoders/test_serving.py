@@ -118,3 +118,20 @@ def test_text_search_and_a_rescan_import_no_model_stack(tmp_path, tiny_clip_dir)
     assert again == {"code": 0, "loaded": []}
     search = _modules_after(["search", "a red square", "--data-dir", str(data), "--json"])
     assert search == {"code": 0, "loaded": []}
+
+
+def test_a_searcher_opened_on_a_collection_warms_up_without_leaving_a_trace(tmp_path, tiny_clip_dir) -> None:  # type: ignore[no-untyped-def]
+    from retrieval.search import Query, Searcher
+    from tests.helpers import index_shapes
+
+    _, data, _ = index_shapes(tmp_path, tiny_clip_dir, 6)
+    searcher = Searcher.open(data, precision="fp32")
+    try:
+        assert isinstance(searcher.encoder, ServingEncoder) and not searcher.encoder.loaded
+        searcher.warm_up()
+        assert searcher._calibrations  # the calibration is fitted before the first query asks for it
+        assert len(searcher.cache.results) == 0 and len(searcher.cache.vectors) == 0
+        assert not searcher.encoder.loaded  # a text query needs no image tower
+        assert searcher.search(Query(text="a red circle", top_k=3)).results
+    finally:
+        searcher.close()
