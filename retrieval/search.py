@@ -14,7 +14,8 @@ from retrieval import duplicates, imageio
 from retrieval.catalog import CaptionRecord, ImageRecord
 from retrieval.collection import Collection
 from retrieval.confidence import Calibration, ConfidenceConfig, calibrate, null_text_vectors
-from retrieval.encoders import Encoder, EncoderConfig, create_encoder, l2_normalise
+from retrieval.encoders import Encoder, l2_normalise
+from retrieval.encoders.serving import ServingEncoder
 from retrieval.errors import BadQuery, NotEnoughData
 from retrieval.filters import Scope, resolve
 from retrieval.index.filtered import fetch_among, fetch_valid
@@ -186,9 +187,13 @@ class Searcher:
         """Open a collection with the model recorded at index time, unless another is named."""
         collection = Collection(data_dir, create=False)  # a reader never creates a data directory
         manifest = collection.store.read_manifest()
-        if encoder is None:
-            encoder = create_encoder(
-                EncoderConfig(model=model or manifest.model_id, device=device, precision=precision)
+        if encoder is None:  # the stored text tower answers text queries; the full model loads on demand
+            encoder = ServingEncoder(
+                model or manifest.model_id,
+                collection.data_dir,
+                device=device,
+                precision=precision,
+                expect_fingerprint=manifest.fingerprint if model is None else None,
             )
         index = collection.store.load(expect_fingerprint=encoder.info.fingerprint, expect_model=model)
         return cls(collection, encoder, index)
@@ -220,6 +225,15 @@ class Searcher:
     def close(self) -> None:
         self.encoder.close()
         self.collection.close()
+
+    def warm_up(self) -> None:
+        """Pay every one-time cost of a first query now (a server calls this as it starts): the text
+        encoder's first run (its weights paged in), the confidence calibration of the images, and one
+        search of the index and catalog. Nothing is cached under a user's query."""
+        vec = self.encoder.encode_texts(["a photo"])
+        self.calibration("images")
+        if self.index.images.ntotal:
+            self._search_images(l2_normalise(vec), Query(text="a photo", top_k=12), "text")
 
     # -- query embedding ---------------------------------------------------------------------
     def embed_query(self, q: Query) -> Float32Array:

@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+from explainer.background import yield_to_queries
 from explainer.captions.captioner import CaptionInterrupted, CaptionService
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
@@ -193,6 +194,7 @@ class CaptionWorker:
 
     # -- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        yield_to_queries()  # before the captioner starts its thread pool: the pool inherits the priority
         try:
             service = self._make_service()
             warm_up = getattr(service.captioner, "warm_up", None)

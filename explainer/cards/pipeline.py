@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -27,12 +28,14 @@ from explainer.cards.context import build_context
 from explainer.cards.evidence import EvidenceProvider, card_regions
 from explainer.cards.model import Card, ExplanationOut, QueryEcho, make_card, public_model_name
 from explainer.errors import ClearsightError, ModelUnavailable, public_fallback_reason
-from explainer.explain.chain import Explainer, Pending
-from explainer.explain.types import ExplainContext, Explanation
+from explainer.explain.types import ExplainContext, Explanation, Pending
 from retrieval.evidence import Evidence
 from retrieval.lru import LRU
 from retrieval.search import Hit, Query, Searcher, SearchResult
 from retrieval.types import Float32Array, Region
+
+if TYPE_CHECKING:
+    from explainer.explain.chain import Explainer  # LangChain: imported only where explaining runs
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from explainer.cli.options import (
 )
 from explainer.errors import ConfigError
 from retrieval import Collection, EncoderConfig, IngestConfig, IngestSummary, create_encoder
+from retrieval.encoders.serving import ServingEncoder
 from retrieval.evidence import StoreReport
 from retrieval.folders import check_excludes
 from retrieval.index import kinds
@@ -140,12 +141,15 @@ def index_folder(
         elif (started := collection.catalog.indexing_model()) is not None:
             model = started[0]  # a first run stopped before writing an index: resume with its model
     # on Ray the driver's encoder only embeds caption texts: --device names the actors' device
-    encoder = create_encoder(
-        EncoderConfig(
-            model=model,
-            device="auto" if engine == "ray" else device,
-            precision=precision_or_setting(precision),
-        )
+    # loads the model only when something is encoded: a re-scan with nothing new loads none
+    encoder = ServingEncoder(
+        model,
+        ddir,
+        device="auto" if engine == "ray" else device,
+        precision=precision_or_setting(precision),
+        expect_fingerprint=collection.store.read_manifest().fingerprint
+        if collection.store.exists()
+        else None,
     )
     if patches and not can_give_patches(encoder):
         raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")

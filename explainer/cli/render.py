@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
 from explainer.cards.model import public_model_name
 from explainer.cards.pipeline import ResultPage
 from explainer.cli.tables import article, console, plural, table
-from explainer.explain.chain import Explainer
 from retrieval.paths import display_path
+
+if TYPE_CHECKING:
+    from explainer.explain.chain import Explainer  # LangChain: imported only where explaining runs
 
 #: Card fields that only make sense against a running server.
 _URL_FIELDS = {"image_url", "thumb_url", "detail_url", "like_url"}

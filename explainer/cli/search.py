@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -37,12 +37,14 @@ from explainer.cli.options import (
 )
 from explainer.cli.render import page_payload, print_table
 from explainer.errors import BadQuery, ModelUnavailable
-from explainer.explain.chain import Explainer
 from explainer.settings import Settings, get_settings
 from retrieval import Query, Searcher, load_query_image
 from retrieval.modality import detect_query
 from retrieval.paths import is_demo_model
 from retrieval.query import DOC, QuerySpec
+
+if TYPE_CHECKING:
+    from explainer.explain.chain import Explainer  # LangChain: imported only with --explain
 
 
 def _search_cmd(

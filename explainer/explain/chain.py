@@ -30,7 +30,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from langchain_core.exceptions import OutputParserException
@@ -53,7 +52,7 @@ from explainer.explain.page import (
 )
 from explainer.explain.prompts import PromptFile, load_prompt
 from explainer.explain.regions import describe_regions
-from explainer.explain.types import ExplainContext, Explanation, ExplanationOutput
+from explainer.explain.types import ExplainContext, Explanation, ExplanationOutput, Pending
 from explainer.explain.vetting import junk_reason
 
 log = logging.getLogger(__name__)
@@ -68,13 +67,6 @@ CONTEXT_VARIABLES = frozenset(
 PAGE_VARIABLES = frozenset({"query_text", "query_kind", "count", "hits"})
 #: Finished results kept for a client that stopped waiting and asks again (fallbacks are not cached).
 _RECENT_MAX = 2048
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A hit whose explanation is still being written; `queued_s` is the rate-budget wait, if any."""
-
-    queued_s: float | None
 
 
 def context_inputs(ctx: ExplainContext) -> dict[str, str]:

@@ -9,6 +9,7 @@ between concurrent calls and used to build cache keys.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -107,3 +108,14 @@ class Explanation(BaseModel):
     fallback_reason: str | None = None
     cached: bool = False
     latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A hit whose explanation is still being written; `queued_s` is the rate-budget wait, if any.
+
+    Here rather than beside the chain, so code that only passes results along (the card pipeline, a
+    search without --explain) does not import LangChain.
+    """
+
+    queued_s: float | None

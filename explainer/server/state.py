@@ -19,7 +19,8 @@ import anyio
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
 
-from explainer.cards.captions import ScheduledCaptions, server_captions
+from explainer.cards.captions import CatalogCaptions, ScheduledCaptions, server_captions
+from explainer.cards.context import query_echo
 from explainer.cards.evidence import EvidenceProvider, make_evidence_provider
 from explainer.cards.model import QueryEcho, public_model_name
 from explainer.cards.pipeline import CardPipeline, ResultPage
@@ -164,6 +165,7 @@ class ServerState:
                 return
             evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
             explainer = self.injected_explainer or self._explainer()
+            _warm_up(searcher, evidence)  # before the captioning worker starts sharing the cores
             captions = server_captions(self.settings, searcher)  # starts the captioning worker when on
             self.pipeline = CardPipeline(searcher, explainer, evidence, captions, public_reasons=True)
             self.problem = None
@@ -306,6 +308,24 @@ class ServerState:
             pipeline.explainer.close()
         if self.injected_searcher is None:
             pipeline.searcher.close()
+
+
+def _warm_up(searcher: Searcher, evidence: EvidenceProvider) -> None:
+    """The first search costs what a later one does: its one-time costs (the text encoder's first run,
+    the confidence calibration, the image tower that evidence runs) are paid before health says ready.
+    One page is built for a probe query with the catalog's captions only, then forgotten."""
+    started = time.perf_counter()
+    try:
+        searcher.warm_up()
+        if searcher.index.images.ntotal:
+            probe = CardPipeline(searcher, None, evidence, CatalogCaptions(searcher))
+            query = Query(text="a photo", top_k=12)
+            probe.search(query, query_echo(query))
+            searcher.cache.clear()  # no trace of the probe in what users are answered from
+    except Exception as exc:  # a warm-up is an optimisation: the first query pays, the server still serves
+        log.warning("search warm-up failed (%s); the first query will be slower", type(exc).__name__)
+        return
+    log.info("search warmed up in %.2f s", time.perf_counter() - started)
 
 
 def state_of(request: Request) -> ServerState:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from explainer.background import yield_to_queries
 from explainer.errors import ModelUnavailable
 from explainer.server.state import ServerState
 from retrieval.collection import Collection
@@ -34,6 +35,7 @@ def start_watcher(state: ServerState) -> FolderWatcher | None:
         pipeline = state.pipeline
         if pipeline is None:  # retried on the watcher's next tick
             raise ModelUnavailable("the search model is not loaded yet")
+        yield_to_queries()  # the watcher's thread re-indexes: queries come first
         config = IngestConfig(progress=False)
         for s in reindex_folders(state.data_dir, pipeline.searcher.encoder, changed, config):
             log.info(

@@ -41,8 +41,11 @@ class Encoder(Protocol):
     CPU-only so ingest can run it in worker threads while `encode_pixels` runs the model.
     """
 
-    info: EncoderInfo
-    device: str
+    @property
+    def info(self) -> EncoderInfo: ...
+
+    @property
+    def device(self) -> str: ...
 
     def preprocess(self, images: Sequence[Image.Image]) -> Float32Array: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -50,18 +51,19 @@ class HFDualEncoder:
         )
         from transformers import AutoModel, AutoProcessor
 
-        model = hub.load(src, AutoModel.from_pretrained, "encoder")
+        self.device = select_device(device)
+        self.precision = default_dtype(self.device, precision)
+        dtype = torch_dtype(self.precision)
+        self._torch_dtype = dtype
+        # loaded in the dtype it runs in: no float32 copy beside it, no cast of the whole model at start
+        model = hub.load(src, functools.partial(AutoModel.from_pretrained, dtype=dtype), "encoder")
         processor = hub.load(src, AutoProcessor.from_pretrained, "encoder's processor")
         family = str(getattr(model.config, "model_type", ""))
         if family not in _SUPPORTED:
             raise ModelUnavailable(
                 f"{name!r} is a {family or 'unknown'} model; supported: {', '.join(_SUPPORTED)}"
             )
-        self.device = select_device(device)
-        self.precision = default_dtype(self.device, precision)
-        dtype = torch_dtype(self.precision)
-        self._torch_dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.model = model.to(device=self.device, dtype=dtype).eval()  # a no-op where it already is
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.pre = PreprocessConfig.from_processor(processor.image_processor)

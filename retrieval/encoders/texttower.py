@@ -1,0 +1,228 @@
+"""CLIP's text tower as stored serving weights, run in NumPy: a text query without torch or transformers.
+
+A text search needs one sentence encoded. Importing torch and transformers' modelling stack and loading
+both towers costs seconds; the text tower alone, kept once as float32 arrays in the collection's data
+directory (memory-mapped, so only the rows and layers a query reads are paged in) and run as a dozen
+matrix products, costs a few tens of milliseconds. The transformers model stays the reference: tests
+compare this tower's embeddings with `HFDualEncoder.encode_texts` at fp32.
+
+Only CLIP text towers with the activations CLIP uses are exported (`exportable`); anything else keeps
+the transformers path. The stored tower is keyed by the encoder's fingerprint, so new weights are never
+answered by old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.encoders.base import EncoderInfo, l2_normalise
+from retrieval.types import Float32Array
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the stored layout changes: an older folder is ignored and written again.
+FORMAT = 1
+META = "meta.json"
+WEIGHTS = "weights.f32"
+TOKENIZER = "tokenizer.json"
+#: Activations this tower implements, by transformers' names.
+ACTIVATIONS = ("quick_gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def tower_dir(data_dir: Path | str, fingerprint: str) -> Path:
+    """Where a collection keeps the text tower of the encoder with `fingerprint`."""
+    safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in fingerprint)
+    return Path(data_dir) / "serving" / f"text-{safe}"
+
+
+def exportable(model: Any) -> bool:
+    """Whether `model` (a transformers CLIPModel) has a text tower this module can run."""
+    cfg: Any = getattr(model, "config", None)
+    if getattr(cfg, "model_type", "") != "clip":
+        return False
+    tcfg = cfg.text_config
+    return str(getattr(tcfg, "hidden_act", "")) in ACTIVATIONS and hasattr(model, "text_projection")
+
+
+def export(model: Any, tokenizer: Any, info: EncoderInfo, out: Path) -> Path:
+    """Write `model`'s text tower (float32), its tokenizer and `info` into `out`, atomically.
+
+    Written into a temporary sibling and renamed, so a reader sees a whole tower or none.
+    """
+    import torch
+
+    tcfg = model.config.text_config
+    text = model.text_model
+    tensors: dict[str, Any] = {
+        "token_embedding": text.embeddings.token_embedding.weight,
+        "position_embedding": text.embeddings.position_embedding.weight,
+        "final_ln.w": text.final_layer_norm.weight,
+        "final_ln.b": text.final_layer_norm.bias,
+        "projection": model.text_projection.weight.T,  # (hidden, dim): x @ projection
+    }
+    for n, layer in enumerate(text.encoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        # q, k and v in one (hidden, 3*hidden) product; stored as x @ W
+        qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).T
+        qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        tensors |= {
+            f"{n}.ln1.w": layer.layer_norm1.weight,
+            f"{n}.ln1.b": layer.layer_norm1.bias,
+            f"{n}.qkv.w": qkv_w,
+            f"{n}.qkv.b": qkv_b,
+            f"{n}.out.w": attn.out_proj.weight.T,
+            f"{n}.out.b": attn.out_proj.bias,
+            f"{n}.ln2.w": layer.layer_norm2.weight,
+            f"{n}.ln2.b": layer.layer_norm2.bias,
+            f"{n}.fc1.w": mlp.fc1.weight.T,
+            f"{n}.fc1.b": mlp.fc1.bias,
+            f"{n}.fc2.w": mlp.fc2.weight.T,
+            f"{n}.fc2.b": mlp.fc2.bias,
+        }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".text-", dir=out.parent))
+    try:
+        layout: dict[str, list[Any]] = {}
+        offset = 0
+        with (tmp / WEIGHTS).open("wb") as fh:
+            for name, t in tensors.items():
+                arr = np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
+                fh.write(arr.tobytes())
+                layout[name] = [offset, list(arr.shape)]
+                offset += arr.size
+        tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))
+        eos = getattr(tcfg, "eos_token_id", None)
+        meta = {
+            "format": FORMAT,
+            "info": info.__dict__,
+            "layers": int(tcfg.num_hidden_layers),
+            "heads": int(tcfg.num_attention_heads),
+            "eps": float(tcfg.layer_norm_eps),
+            "act": str(tcfg.hidden_act),
+            "eos_token_id": None if eos is None else int(eos),
+            "context_length": int(info.context_length),
+            "layout": layout,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if read_meta(out) is None:  # not another process's whole tower, written meanwhile
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The stored tower's description, or None when there is none (or of another format)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    return meta
+
+
+def _layer_norm(x: Float32Array, w: Float32Array, b: Float32Array, eps: float) -> Float32Array:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return np.asarray((x - mean) / np.sqrt(var + eps) * w + b, dtype=np.float32)
+
+
+def _act(x: Float32Array, kind: str) -> Float32Array:
+    if kind == "quick_gelu":
+        y = x / (1.0 + np.exp(-1.702 * x))
+    else:  # gelu_new / gelu_pytorch_tanh: the tanh approximation
+        y = 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+    return np.asarray(y, dtype=np.float32)
+
+
+class TextTower:
+    """A stored CLIP text tower: tokenizer and float32 weights, memory-mapped."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.folder = folder
+        self.meta = meta
+        self.info = EncoderInfo(**meta["info"])
+        self.context_length = int(meta["context_length"])
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.context_length)
+        flat = np.memmap(folder / WEIGHTS, dtype=np.float32, mode="r")
+        self.w: dict[str, Float32Array] = {}
+        for name, (offset, shape) in meta["layout"].items():
+            size = int(np.prod(shape))
+            self.w[name] = flat[offset : offset + size].reshape(shape)
+
+    @classmethod
+    def open(cls, folder: Path) -> TextTower | None:
+        """The tower stored in `folder`, or None when there is none (a caller then uses transformers)."""
+        meta = read_meta(folder)
+        if meta is None or not (folder / WEIGHTS).is_file() or not (folder / TOKENIZER).is_file():
+            return None
+        try:
+            layout = meta["layout"]
+            need = max(int(off) + int(np.prod(shape)) for off, shape in layout.values())
+            if (folder / WEIGHTS).stat().st_size != need * 4:
+                return None  # cut short (a full disk, a copy interrupted): written again on the next load
+            return cls(folder, meta)
+        except Exception as exc:  # a damaged cache is ignored, never an error: the model is still there
+            log.warning("ignoring the stored text tower in %s: %s", folder, exc)
+            return None
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids transformers' CLIP tokenizer gives `text` (start and end tokens, truncated)."""
+        return list(self.tokenizer.encode(text).ids)
+
+    def encode_texts(self, texts: Sequence[str]) -> Float32Array:
+        """L2-normalised float32 embeddings, shape (n, dim); each text runs alone, so none is padded."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        return l2_normalise(np.stack([self._encode(self.token_ids(t)) for t in texts]))
+
+    def _encode(self, ids: list[int]) -> Float32Array:
+        w, m = self.w, self.meta
+        heads, eps, act = int(m["heads"]), float(m["eps"]), str(m["act"])
+        n = len(ids)
+        x = w["token_embedding"][ids] + w["position_embedding"][:n]
+        width = x.shape[-1]
+        hd = width // heads
+        scale = hd**-0.5
+        causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
+        for i in range(int(m["layers"])):
+            h = _layer_norm(x, w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], eps)
+            qkv = h @ w[f"{i}.qkv.w"] + w[f"{i}.qkv.b"]
+            q, k, v = (
+                qkv[:, j * width : (j + 1) * width].reshape(n, heads, hd).transpose(1, 0, 2) for j in range(3)
+            )
+            scores = (q * scale) @ k.transpose(0, 2, 1) + causal
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            attn = (scores @ v).transpose(1, 0, 2).reshape(n, width)
+            x = x + attn @ w[f"{i}.out.w"] + w[f"{i}.out.b"]
+            h = _layer_norm(x, w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], eps)
+            x = x + _act(h @ w[f"{i}.fc1.w"] + w[f"{i}.fc1.b"], act) @ w[f"{i}.fc2.w"] + w[f"{i}.fc2.b"]
+        x = _layer_norm(x, w["final_ln.w"], w["final_ln.b"], eps)
+        eos = m["eos_token_id"]
+        arr = np.asarray(ids)
+        # transformers' pooling: the first end token, or (an old config's eos id of 2) the highest id
+        pos = int(arr.argmax()) if eos == 2 or eos is None or eos not in ids else int((arr == eos).argmax())
+        return np.asarray(x[pos] @ w["projection"], dtype=np.float32)
