@@ -107,16 +107,20 @@ class StageClock:
 def instrumented(enc: Encoder) -> Iterator[StageClock]:
     """Time the pipeline's stages from outside (no change to the library): the forward pass, decoding
     and preprocessing (in worker threads), and the final index sync. Undone on exit."""
-    from retrieval import imageio
+    from retrieval import decode_pool, imageio
     from retrieval import ingest as ingest_mod
 
     clock = StageClock()
     targets: list[tuple[object, str, str]] = [
         (enc, "encode_pixels", "forward"),
+        (enc, "encode_staged", "forward"),
+        (enc, "stage", "stage"),
         (enc, "preprocess", "preprocess"),
+        (decode_pool, "preprocess_uint8", "preprocess"),
         (imageio, "decode", "decode"),
         (ingest_mod, "sync_indexes", "index sync"),
     ]
+    targets = [t for t in targets if hasattr(t[0], t[1])]
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in targets]
     try:
         for obj, attr, name in targets:
@@ -245,9 +249,9 @@ def measure_pipeline(enc: Encoder, suite: Suite, args: argparse.Namespace, data_
     from retrieval.collection import Collection
     from retrieval.ingest import IngestConfig, ingest
 
-    config = IngestConfig(batch_size=args.batch_size, progress=False)
-    if args.workers is not None:
-        config = replace(config, workers=args.workers)
+    config = IngestConfig(
+        batch_size=args.batch_size, workers=args.workers, decoder=args.decoder, progress=False
+    )
     with Collection(data_dir) as coll, instrumented(enc) as clock, metered(0) as m:
         summary = ingest(suite.root, coll, enc, config)
         m.n = summary.encoded
@@ -297,7 +301,9 @@ def stage_line(s: Sample) -> str:
     inside = s.n / fw if fw > 0 else float("inf")
     return (
         f"stages: forward {fw:.1f} s ({inside:.2f} img/s inside the pipeline), index sync {sync:.1f} s, "
-        f"main thread otherwise (scan, waiting for decodes, catalog) {rest:.1f} s; worker threads: "
+        f"staging (uint8 -> normalised model input) {st.get('stage', 0.0):.1f} s, "
+        f"main thread otherwise (scan, waiting for decodes, catalog) {rest - st.get('stage', 0.0):.1f} s; "
+        "worker threads (in this process): "
         f"decode {st.get('decode', 0.0):.1f} s, preprocess {st.get('preprocess', 0.0):.1f} s"
     )
 
@@ -398,6 +404,10 @@ def measure_precision(
     )
     if encoder.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name(0)}")
+    picked = getattr(encoder, "ingest_batch_size", lambda: 32)()
+    if args.batch_size is None:
+        args.batch_size = picked
+    print(f"batch size {args.batch_size} (auto on this device: {picked})")
 
     inputs: list[tuple[str, list[Path]]] = []
     if args.images is not None:
@@ -447,6 +457,18 @@ def _precisions(text: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def _batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"use a whole number or auto; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a batch holds at least 1 image; got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--images", type=Path, default=None, help="folder of real photos (default: coco-mini's)")
@@ -454,9 +476,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-photos", action="store_true", help="measure only the --synthetic N JPEGs")
     p.add_argument("--synthetic", type=int, default=0, metavar="N", help="also run on N synthetic JPEGs")
     p.add_argument("--limit", type=int, default=200, help="images per measurement (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="ingest decode threads (default: ingest's)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        help="batch size of the forward and the pipeline: a number, or auto (default): what ingest "
+        "picks for the device",
+    )
+    p.add_argument("--workers", type=int, default=None, help="ingest decode workers (default: ingest's auto)")
+    p.add_argument(
+        "--decoder", choices=["auto", "threads", "processes"], default="auto", help="ingest's decoder"
+    )
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.add_argument(
         "--precision",
         type=_precisions,
@@ -511,12 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         summary: list[tuple[str, str, float, float]] = []
         for precision in args.precision:
             summary += measure_precision(args, model_dir, tmp, precision)
-        if len(args.precision) > 1:
-            print("\n### precisions side by side (best rounds)\n")
-            print("| requested | ran in | input | encoder forward img/s | pipeline img/s |")
-            print("|---|---|---|---:|---:|")
-            for label, ran, fw, pl in summary:
-                print(f"| {label.split('/')[0]} | {ran} | {label.split('/')[1]} | {fw:.2f} | {pl:.2f} |")
+        print("\n### precisions side by side (best rounds)\n")
+        print("| requested | ran in | input | encoder forward img/s | pipeline img/s | pipeline / forward |")
+        print("|---|---|---|---:|---:|---:|")
+        for label, ran, fw, pl in summary:
+            req, inp = label.split("/")
+            print(f"| {req} | {ran} | {inp} | {fw:.2f} | {pl:.2f} | {pl / fw:.1%} |")
     print(f"\nload average at the end: {load_average()}")
     return 0
 

@@ -1,7 +1,8 @@
 """`clearsight index PATH`: walk a folder, encode what is new or changed, and update the indexes.
 
-Decoding and preprocessing run in worker threads (Pillow and NumPy release the GIL) while the main
-thread runs the encoder on full batches, so decoding hides behind compute. Each encoded batch
+Files are read and hashed in worker threads, decoded at the encoder's size to 8-bit crops (in those
+threads, or in processes on many cores: `retrieval.decode_pool`), and fed to the encoder in batches
+normalised on its device, the next batch in flight (`retrieval.encoders.feed`). Each encoded batch
 commits to the catalog in one transaction; the FAISS indexes are brought in line at the end. A run
 killed at any point loses at most the batch in flight, and the next run finishes the job.
 """
@@ -12,7 +13,7 @@ import json
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import folders, imageio, photo_meta
+from retrieval import decode_pool, folders, imageio, photo_meta
 from retrieval.catalog import Catalog, ImageRecord
 from retrieval.collection import Collection
+from retrieval.decode_pool import DecodedPixels, DecodeSpec, decode_uint8
 from retrieval.encoders import Encoder
+from retrieval.encoders.base import FeedEncoder
+from retrieval.encoders.feed import RateMeter, prefetch_depth, prefetched, usable_cores
 from retrieval.errors import BadImage, ConfigError, IndexMismatch
 from retrieval.folders import UNREADABLE_DIR as UNREADABLE_DIR  # re-exported: older callers import these here
 from retrieval.folders import FoundFile as FoundFile
@@ -32,13 +36,18 @@ from retrieval.index import ondisk
 from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.index.sync import SyncReport, sync_indexes
 from retrieval.paths import display_path, is_utf8
-from retrieval.types import Float32Array
+from retrieval.types import Float32Array, UInt8Array
+
+#: The batch size of encoders that cannot say what suits their device.
+DEFAULT_BATCH = 32
 
 
 @dataclass(frozen=True)
 class IngestConfig:
-    batch_size: int = 32
-    workers: int = 2  # parallel workers: decode threads here, encoder actors on Ray
+    batch_size: int | None = None  # None: from the device (`FeedEncoder.ingest_batch_size`)
+    #: parallel workers: decoders here (None: from the cores and the measured rates), encoder actors on Ray
+    workers: int | None = None
+    decoder: str = "auto"  # decode in "threads", "processes", or "auto" (processes on many cores)
     memory_budget: int | None = None  # bytes, for factory "auto"; None: a quarter of physical memory
     factory: str | None = None  # None: keep the index's factory (flat for a new index)
     captions_file: Path | None = None  # generic JSONL {"image", "captions"}; default: PATH/captions.jsonl
@@ -159,7 +168,7 @@ class Prepared:
     content_hash: str | None = None
     width: int = 0
     height: int = 0
-    pixels: Float32Array | None = None  # None: no decode needed, the content is encoded elsewhere
+    pixels: UInt8Array | Float32Array | None = None  # None: no decode needed, encoded elsewhere
     error: BadImage | None = None
 
 
@@ -169,7 +178,7 @@ class Ready:
     content_hash: str
     width: int
     height: int
-    pixels: Float32Array | None
+    pixels: UInt8Array | Float32Array | None  # uint8 (H, W, 3) for a FeedEncoder, else its float input
 
 
 @dataclass(frozen=True)
@@ -333,7 +342,7 @@ def ingest(
             records = cat.get_images(todo)
             ordered = [records[i] for i in todo if i in records]
             committer = Committer(collection, fp, summary)
-            stage = encode_stage or (lambda recs, com: _encode_all(encoder, recs, config, com))
+            stage = encode_stage or (lambda recs, com: _encode_all(encoder, recs, config, com, log))
             stage(ordered, committer)
             # Whatever still waits keeps its 'pending' state and is picked up by the next run.
             summary.left_pending = sum(1 for r in cat.get_images(todo).values() if r.state == "pending")
@@ -439,11 +448,26 @@ def _encode_all(
     ordered: list[ImageRecord],
     config: IngestConfig,
     committer: Committer,
+    log: Callable[[str], None] | None = None,
 ) -> None:
-    """The local engine: decode in threads, encode full batches in this thread."""
+    """The local engine: read and hash in threads, decode at the encoder's size (in those threads, or
+    in processes on many cores) as fast as the encoder consumes, and feed it uint8 batches with the
+    next batch in flight (see `retrieval.decode_pool` and `retrieval.encoders.feed`)."""
     cat = committer.catalog
     fp = committer.fp
-    draft = max(encoder.info.image_size, 1)
+    fast = isinstance(encoder, FeedEncoder)
+    spec = DecodeSpec(getattr(encoder, "pre", None), max(encoder.info.image_size, 1), config.max_pixels)
+    batch_size = config.batch_size or (
+        encoder.ingest_batch_size() if isinstance(encoder, FeedEncoder) else DEFAULT_BATCH
+    )
+    device = str(getattr(encoder, "device", "cpu"))
+    cap = decode_pool.max_workers(config.workers, usable_cores(), device)
+    procs = fast and decode_pool.use_processes(config.decoder, cap)
+    pool = decode_pool.DecodePool(cap, spec, log) if procs else None
+    # on a CPU the encoder needs the cores: start with one decoder and add as the rates say
+    limiter = decode_pool.Limiter(cap)
+
+    decode_rate, encode_rate = RateMeter(), RateMeter()
     claimed: dict[str, int] = {}  # content hash -> image id whose decode will produce it this run
 
     def prepare(rec: ImageRecord) -> Prepared:
@@ -455,38 +479,35 @@ def _encode_all(
                 # identical content: encoded already, or being encoded by another item of this run
                 item.width, item.height = imageio.probe_size(data)
                 return item
-            dec = imageio.decode(data, draft_size=draft, max_pixels=config.max_pixels)
-            item.width, item.height = dec.width, dec.height
-            item.pixels = encoder.preprocess([dec.image])[0]
+            with limiter:
+                t0 = time.perf_counter()
+                if pool is not None:
+                    dec = pool.decode(data)
+                elif fast:
+                    dec = decode_uint8(data, spec)
+                else:
+                    im = imageio.decode(data, draft_size=spec.draft, max_pixels=config.max_pixels)
+                    dec = DecodedPixels(im.width, im.height, encoder.preprocess([im.image])[0])
+                decode_rate.add(time.perf_counter() - t0)
+            item.width, item.height, item.pixels = dec.width, dec.height, dec.pixels
         except BadImage as exc:
             item.error = exc
         return item
 
     bar = tqdm(total=len(ordered), desc="indexing", unit="img", disable=not config.progress, smoothing=0.1)
-    batch: list[Ready] = []  # decoded items awaiting the encoder
-    dups: list[Encoded] = []  # identical content: no vector of their own
+    Group = tuple[list[Ready], list[Encoded]]  # a batch to encode, and the identical-content items beside it
 
-    def flush() -> None:
-        nonlocal batch, dups
-        rows = list(dups)
-        if batch:
-            vecs = encoder.encode_pixels(np.stack([b.pixels for b in batch if b.pixels is not None]))
-            rows += [
-                Encoded(b.image_id, b.content_hash, b.width, b.height, v)
-                for b, v in zip(batch, vecs, strict=True)
-            ]
-        committer.commit(rows)
-        batch, dups = [], []
-
-    window = max(config.batch_size * 2, config.workers * 4)
-    with ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="decode") as pool:
-        inflight: deque[Future[Prepared]] = deque(pool.submit(prepare, r) for r in ordered[:window])
+    def groups(pool_threads: ThreadPoolExecutor) -> Iterator[Group]:
+        window = batch_size * 2 + cap
+        inflight: deque[Future[Prepared]] = deque(pool_threads.submit(prepare, r) for r in ordered[:window])
         rest = iter(ordered[window:])
+        ready: list[Ready] = []
+        dups: list[Encoded] = []
         while inflight:
             item = inflight.popleft().result()
             nxt = next(rest, None)
             if nxt is not None:
-                inflight.append(pool.submit(prepare, nxt))
+                inflight.append(pool_threads.submit(prepare, nxt))
             bar.update(1)
             if item.error is not None or item.content_hash is None:
                 reason = item.error.reason if item.error else imageio.UNREADABLE
@@ -495,8 +516,39 @@ def _encode_all(
             if item.pixels is None:
                 dups.append(Encoded(item.image_id, item.content_hash, item.width, item.height, None))
             else:
-                batch.append(Ready(item.image_id, item.content_hash, item.width, item.height, item.pixels))
-            if len(batch) >= config.batch_size:
-                flush()
-        flush()
-    bar.close()
+                ready.append(Ready(item.image_id, item.content_hash, item.width, item.height, item.pixels))
+            if len(ready) >= batch_size:
+                yield ready, dups
+                ready, dups = [], []
+                limiter.set_limit(decode_pool.needed_workers(decode_rate.value, encode_rate.value, cap))
+        if ready or dups:
+            yield ready, dups
+
+    def stage(group: Group) -> object:
+        if not group[0]:
+            return None
+        pixels = np.stack([r.pixels for r in group[0] if r.pixels is not None])
+        return encoder.stage(pixels) if fast else pixels  # type: ignore[attr-defined]
+
+    def encode(staged: object) -> Float32Array | None:
+        if staged is None:
+            return None
+        t0 = time.perf_counter()
+        out = encoder.encode_staged(staged) if fast else encoder.encode_pixels(staged)  # type: ignore
+        encode_rate.add(time.perf_counter() - t0, len(out))
+        return out
+
+    try:
+        with ThreadPoolExecutor(max_workers=cap, thread_name_prefix="decode") as threads:
+            for (ready, dups), vecs in prefetched(groups(threads), stage, encode, prefetch_depth(device)):
+                rows = list(dups)
+                if vecs is not None:
+                    rows += [
+                        Encoded(b.image_id, b.content_hash, b.width, b.height, v)
+                        for b, v in zip(ready, vecs, strict=True)
+                    ]
+                committer.commit(rows)
+    finally:
+        if pool is not None:
+            pool.close()
+        bar.close()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-from retrieval.types import Float32Array
+from retrieval.types import Float32Array, UInt8Array
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +56,25 @@ class Encoder(Protocol):
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> Float32Array: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class FeedEncoder(Protocol):
+    """An encoder that ingest can feed 8-bit batches: decode workers crop to `preprocess_uint8`'s
+    (H, W, 3) uint8, the device normalises (`stage`, asynchronous where the device allows), and
+    `encode_staged` runs the forward. `pre` is the preprocessing config worker processes need."""
+
+    info: EncoderInfo
+    device: str
+    pre: Any
+
+    def preprocess_uint8(self, image: Image.Image) -> UInt8Array: ...
+
+    def stage(self, batch: UInt8Array) -> Any: ...
+
+    def encode_staged(self, staged: Any) -> Float32Array: ...
+
+    def ingest_batch_size(self) -> int: ...
 
 
 def l2_normalise(x: Float32Array) -> Float32Array:

@@ -12,10 +12,11 @@ from PIL import Image
 
 from retrieval import hub
 from retrieval.encoders.base import EncoderInfo, default_dtype, l2_normalise, select_device, torch_dtype
-from retrieval.encoders.preprocess import PreprocessConfig, preprocess_batch
+from retrieval.encoders.feed import DeviceFeed, Staged, auto_batch_size, check_uint8_batch
+from retrieval.encoders.preprocess import PreprocessConfig, preprocess_batch, preprocess_uint8
 from retrieval.errors import BadQuery, ModelUnavailable
 from retrieval.registry import EncoderSpec, list_encoders
-from retrieval.types import Float32Array
+from retrieval.types import Float32Array, UInt8Array
 
 _SUPPORTED = ("clip", "siglip", "siglip2")
 
@@ -82,6 +83,7 @@ class HFDualEncoder:
             precision=self.precision,
         )
         self._lock = threading.Lock()  # one forward pass at a time on a shared model
+        self._feed: DeviceFeed | None = None  # made on first use: query-only processes never need it
 
     @property
     def supports_patches(self) -> bool:
@@ -112,6 +114,44 @@ class HFDualEncoder:
             t = self._pixels_tensor(pixels)
             out = features(self.model.get_image_features(pixel_values=t))
             return l2_normalise(out.float().cpu().numpy())
+
+    # -- ingest: uint8 batches, normalised on the device ----------------------------------
+    def preprocess_uint8(self, image: Image.Image) -> UInt8Array:
+        """One image resized and cropped to the input size, (H, W, 3) uint8: a decode worker's part."""
+        return preprocess_uint8(image, self.pre)
+
+    def stage(self, batch: UInt8Array) -> Staged:
+        """Start moving a uint8 batch to the device as model input (asynchronous on CUDA)."""
+        check_uint8_batch(batch, self.pre.output_hw)
+        with self._lock:
+            if self._feed is None:
+                self._feed = DeviceFeed(self.device, self._torch_dtype, self.pre)
+            return self._feed.stage(np.ascontiguousarray(batch))
+
+    def encode_staged(self, staged: Staged) -> Float32Array:
+        import torch
+
+        if staged.n == 0:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            assert self._feed is not None
+            t = self._feed.wait(staged)
+            out = features(self.model.get_image_features(pixel_values=t))
+            return l2_normalise(out.float().cpu().numpy())
+
+    def encode_uint8(self, batch: UInt8Array) -> Float32Array:
+        """`encode_pixels` for a batch of `preprocess_uint8` outputs."""
+        return self.encode_staged(self.stage(batch))
+
+    def ingest_batch_size(self) -> int:
+        """The batch size ingest's `auto` uses on this encoder's device (see `auto_batch_size`)."""
+        free = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            free = int(torch.cuda.mem_get_info(torch.device(self.device))[0])
+        width = int(getattr(self.model.config.vision_config, "hidden_size", 768))
+        return auto_batch_size(self.device, self.info.image_size, self.info.patch_size, width, free)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> Float32Array:
         chunks = [
@@ -203,6 +243,7 @@ class HFDualEncoder:
         import torch
 
         self.model = None
+        self._feed = None
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -3,18 +3,26 @@
 transformers' processors, without torchvision, run a generic NumPy path that costs more than the
 encoder on small models. This reproduces the same steps (resize, centre crop, rescale, normalise)
 from the processor's own settings with Pillow and NumPy; tests compare it with the processor.
+
+Ingest splits the steps in two: `preprocess_uint8` (decode workers) resizes only the region the
+crop keeps, straight to the model's size, and hands over 8-bit pixels, 4x smaller than float32 and
+free of per-image float work; `normalise` (the device) rescales, normalises and casts whole batches
+at once. Together they give the pixels of `preprocess_one` within float rounding (tests check it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from retrieval.types import Float32Array
+from retrieval.types import Float32Array, UInt8Array
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -117,3 +125,58 @@ def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessConfig) -> Fl
     if not images:
         return np.zeros((0, 3, h, w), dtype=np.float32)
     return np.stack([preprocess_one(im, cfg) for im in images])
+
+
+def _crop_box(im: Image.Image, cfg: PreprocessConfig) -> tuple[float, float, float, float] | None:
+    """The source rectangle that resize-then-centre-crop keeps, or None when the crop pads.
+
+    Resizing only this rectangle to the crop size maps every output pixel to the same source point,
+    with the same filter scale, as resizing the whole image and cropping afterwards, at a fraction
+    of the work (and never a pixel outside the crop).
+    """
+    if not cfg.crop_hw:
+        return None
+    rw, rh = resized_size(im.width, im.height, cfg)
+    ch, cw = cfg.crop_hw
+    if rw < cw or rh < ch:
+        return None
+    _, _, left, top = crop_offsets(rw, rh, cfg.crop_hw)
+    sx, sy = im.width / rw, im.height / rh
+    return (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+
+
+def preprocess_uint8(im: Image.Image, cfg: PreprocessConfig) -> UInt8Array:
+    """Resized and centre-cropped RGB pixels, (H, W, 3) uint8: the work a decode worker does.
+
+    `normalise` turns a stack of these into the model's input; the pair equals `preprocess_one`.
+    """
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    box = _crop_box(im, cfg)
+    if box is not None:
+        assert cfg.crop_hw is not None
+        ch, cw = cfg.crop_hw
+        if (cw, ch) == im.size and box == (0.0, 0.0, float(cw), float(ch)):
+            return np.asarray(im, dtype=np.uint8)
+        out = im.resize((cw, ch), resample=cfg.resample, box=box, reducing_gap=3.0)
+        return np.asarray(out, dtype=np.uint8)
+    arr = np.asarray(_resize(im, cfg), dtype=np.uint8)
+    if cfg.crop_hw:
+        arr = _centre_crop(arr, cfg.crop_hw)
+    return np.ascontiguousarray(arr)
+
+
+def normalise(batch: torch.Tensor, cfg: PreprocessConfig, dtype: torch.dtype) -> torch.Tensor:
+    """(n, H, W, 3) uint8 on any device -> (n, 3, H, W) model input in `dtype` on the same device.
+
+    The arithmetic is `preprocess_one`'s, in float32 and in the same order, so on a CPU the result
+    is the same up to float rounding; the cast to the model's dtype comes last.
+    """
+    import torch
+
+    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"expected an (n, H, W, 3) uint8 batch, got {tuple(batch.shape)} {batch.dtype}")
+    mean = torch.tensor([m / cfg.rescale for m in cfg.mean], dtype=torch.float32, device=batch.device)
+    scale = torch.tensor([cfg.rescale / s for s in cfg.std], dtype=torch.float32, device=batch.device)
+    x = (batch.to(torch.float32) - mean).mul_(scale)
+    return x.permute(0, 3, 1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
