@@ -340,7 +340,7 @@ def ray_ingest(
     """Index `root` into `collection` on Ray. `encoder` (the driver's) embeds caption texts and
     names the model; the actors load `encoder_config`, which must name the same model."""
     config = config or IngestConfig()
-    cfg = ray_config or RayConfig(workers=config.workers)
+    cfg = ray_config or (RayConfig(workers=config.workers) if config.workers else RayConfig())
     shard_dir = collection.data_dir / SHARD_DIR
 
     def sync(col: Collection, enc: Encoder, ic: IngestConfig) -> SyncReport:
