@@ -93,6 +93,7 @@ def test_text_search_returns_cards(client: TestClient) -> None:
         "weight": 0.5,
         "negative": None,
         "min_score": None,
+        "show_all": False,
     }
 
 
