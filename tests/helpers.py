@@ -84,3 +84,18 @@ def index_shapes(
     assert r.exit_code == 0, r.output
     get_settings.cache_clear()  # the test may set its own environment next; index read the settings
     return images, data, files
+
+
+def textures(root: Path, n: int) -> list[Path]:
+    """Smooth random colour fields: unlike the shape scenes, the tiny test CLIP keeps them apart (the
+    near-duplicate tests need copies that stand out from different pictures)."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        cells = np.random.default_rng(i).integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
+        path = root / f"img_{i:04d}.jpg"
+        Image.fromarray(cells).resize((96, 72), Image.Resampling.BICUBIC).save(path, quality=92)
+        out.append(path)
+    return out

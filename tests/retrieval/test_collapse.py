@@ -11,6 +11,7 @@ from PIL import Image
 
 from retrieval import Collection, IngestConfig, Query, Searcher, duplicates
 from retrieval.ingest import ingest
+from tests.helpers import textures
 
 QUIET = IngestConfig(batch_size=8, workers=2, progress=False)
 
@@ -90,22 +91,10 @@ def _copy(src: Path, dst: Path, quality: int) -> Path:
     return dst
 
 
-def _textures(root: Path, n: int) -> list[Path]:
-    """Smooth random colour fields: unlike the shape scenes, the tiny test CLIP keeps them apart."""
-    root.mkdir(parents=True)
-    out = []
-    for i in range(n):
-        cells = np.random.default_rng(i).integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
-        path = root / f"img_{i:04d}.jpg"
-        Image.fromarray(cells).resize((96, 72), Image.Resampling.BICUBIC).save(path, quality=92)
-        out.append(path)
-    return out
-
-
 @pytest.fixture()
 def with_copies(tmp_path: Path, encoder):  # type: ignore[no-untyped-def]
     root = tmp_path / "photos"
-    files = _textures(root, 30)
+    files = textures(root, 30)
     _copy(files[3], root / "copy_a.jpg", 60)
     _copy(files[3], root / "copy_b.jpg", 40)
     col = Collection(tmp_path / "data")

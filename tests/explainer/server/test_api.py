@@ -94,6 +94,7 @@ def test_text_search_returns_cards(client: TestClient) -> None:
         "negative": None,
         "min_score": None,
         **dict.fromkeys(("folder", "after", "before", "type", "min_size", "orientation")),
+        "show_all": False,
     }
 
 
