@@ -464,7 +464,10 @@ def _encode_all(
     cap = decode_pool.max_workers(config.workers, usable_cores(), device)
     procs = fast and decode_pool.use_processes(config.decoder, cap)
     pool = decode_pool.DecodePool(cap, spec, log) if procs else None
-    # on a CPU the encoder needs the cores: start with one decoder and add as the rates say
+    # On a GPU, as many decodes run as keep up with the measured forward rate. On a CPU the encoder's
+    # threads need every core: decoders run at the lowest priority on spare cycles (a decoder that
+    # preempts one of torch's threads stalls all of them at the next barrier).
+    on_cpu = not device.startswith("cuda")
     limiter = decode_pool.Limiter(cap)
 
     decode_rate, encode_rate = RateMeter(), RateMeter()
@@ -520,7 +523,8 @@ def _encode_all(
             if len(ready) >= batch_size:
                 yield ready, dups
                 ready, dups = [], []
-                limiter.set_limit(decode_pool.needed_workers(decode_rate.value, encode_rate.value, cap))
+                if not on_cpu:
+                    limiter.set_limit(decode_pool.needed_workers(decode_rate.value, encode_rate.value, cap))
         if ready or dups:
             yield ready, dups
 
@@ -539,7 +543,11 @@ def _encode_all(
         return out
 
     try:
-        with ThreadPoolExecutor(max_workers=cap, thread_name_prefix="decode") as threads:
+        with ThreadPoolExecutor(
+            max_workers=cap,
+            thread_name_prefix="decode",
+            initializer=decode_pool.yield_to_encoder if on_cpu else None,
+        ) as threads:
             for (ready, dups), vecs in prefetched(groups(threads), stage, encode, prefetch_depth(device)):
                 rows = list(dups)
                 if vecs is not None:
