@@ -217,7 +217,12 @@ class WorkerProcess:
         except OSError:
             return ""
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        tail = " | ".join(lines[-_TAIL_LINES:])
+        fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+        if fatal:  # the fault handler's report: what happened, and the innermost frame (most recent first)
+            frames = [line for line in lines[fatal[-1] + 1 :] if line.startswith("File ")]
+            tail = " | ".join([lines[fatal[-1]], *frames[:1]])
+        else:
+            tail = " | ".join(lines[-_TAIL_LINES:])
         return tail[-_TAIL_CHARS:]
 
     def _stop(self, *, kill: bool = False) -> None:

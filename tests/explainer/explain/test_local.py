@@ -136,6 +136,9 @@ def test_a_dead_model_process_is_a_fallback_and_the_next_call_restarts_it(
     assert out.fallback_reason is not None
     assert out.fallback_reason.startswith("model_crashed: local:m: the model's process died while generating")
     assert signal_name in out.fallback_reason
+    if signal_name == "SIGSEGV":  # the fault handler's report: what, and where (the innermost frame)
+        assert "its last words: Fatal Python error: Segmentation fault | File " in out.fallback_reason
+        assert "fake_llama.py" in out.fallback_reason
     again = explainer.explain(hit("a dog near the sea"))
     assert again.fallback_reason is None and again.backend == "local:m"
     assert backend.worker.starts == 2
