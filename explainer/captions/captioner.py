@@ -511,7 +511,7 @@ class CaptionService:
         hashes = list(images)
         if len(hashes) > 1:
             try:
-                captions = self.captioner.caption([images[h] for h in hashes], self.prefix, interrupt)
+                captions = self._run([images[h] for h in hashes], interrupt)
                 return dict(zip(hashes, captions, strict=True))
             except (ClearsightError, CaptionInterrupted):
                 raise  # ours, e.g. a closed model: not a property of these images
@@ -520,12 +520,18 @@ class CaptionService:
         out: dict[str, str] = {}
         for h in hashes:
             try:
-                out[h] = self.captioner.caption([images[h]], self.prefix, interrupt)[0]
+                out[h] = self._run([images[h]], interrupt)[0]
             except (ClearsightError, CaptionInterrupted):
                 raise
             except Exception as exc:  # recorded, not raised: the rest of the collection still gets captions
                 _count(report, f"captioning failed: {type(exc).__name__}")
         return out
+
+    def _run(self, images: list[Image.Image], interrupt: Callable[[], bool] | None) -> list[str]:
+        # `interrupt` only when there is one: a captioner written before it existed still works
+        if interrupt is None:
+            return self.captioner.caption(images, self.prefix)
+        return self.captioner.caption(images, self.prefix, interrupt=interrupt)
 
     def _attach(self, groups: dict[str, list[ImageRecord]], captions: dict[str, str]) -> None:
         ids = [r.id for recs in groups.values() for r in recs]
