@@ -104,7 +104,10 @@ def test_ray_engine_matches_local_engine(
     ids_b, vec_b = b.indexed_vectors(fp, dim)
     assert np.array_equal(ids_a, ids_b)  # same ids: the driver assigns them in the same scan
     assert [r.path for r in a.iter_images()] == [r.path for r in b.iter_images()]
-    assert np.allclose(vec_a, vec_b, atol=1e-5)
+    # The local engine hands uint8 crops over and normalises whole batches (retrieval/encoders/feed.py);
+    # the Ray actors still normalise per image in float: the same pixels, rounded in another order.
+    assert np.allclose(vec_a, vec_b, atol=1e-4)
+    assert float(np.abs(vec_a - vec_b).max()) < 1e-4
     for text in ["red", "a blue circle", "yellow square"]:
         ra = Searcher.open(tmp_path / "local", encoder=encoder).search(Query(text=text, top_k=10))
         rb = Searcher.open(tmp_path / "ray", encoder=encoder).search(Query(text=text, top_k=10))
