@@ -160,10 +160,12 @@ class Searcher:
         *,
         confidence: ConfidenceConfig | None = None,
         cache: ResultCache | None = None,
-        collapse: bool = True,
+        collapse: bool = False,
     ) -> None:
         self.collection = collection
-        # fold near-duplicate hits into one (retrieval.duplicates); a query's show_all turns it off
+        # fold near-duplicate hits into one (retrieval.duplicates): off in the library, so its results are
+        # exactly the ranked hits; the server and the CLI turn it on from `collapse_duplicates`, and a
+        # query's show_all turns it off again
         self.collapse = collapse
         self._collapse_at: tuple[object, float] | None = None  # (index version, threshold)
         self.encoder = encoder

@@ -151,6 +151,7 @@ class ServerState:
             self._last_try = time.monotonic()
             try:
                 searcher = self.injected_searcher or self._open_searcher()
+                searcher.collapse = self.settings.collapse_duplicates
             except ClearsightError as exc:
                 self.problem = self.public(server_message(exc))
                 self._problem_type = (

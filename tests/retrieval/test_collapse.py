@@ -99,7 +99,7 @@ def with_copies(tmp_path: Path, encoder):  # type: ignore[no-untyped-def]
     _copy(files[3], root / "copy_b.jpg", 40)
     col = Collection(tmp_path / "data")
     ingest(root, col, encoder, QUIET)
-    searcher = Searcher(col, encoder, col.store.load())
+    searcher = Searcher(col, encoder, col.store.load(), collapse=True)  # as the server opens it
     yield searcher, files
     col.close()
 
