@@ -67,10 +67,10 @@ class DecodedPixels:
 def decode_uint8(data: bytes, spec: DecodeSpec) -> DecodedPixels:
     """Decode at the encoder's size and crop: the CPU part of ingest.
 
-    JPEGs go through libjpeg-turbo's DCT scaling in eighths (simplejpeg) where it is installed:
-    a 640x427 photo decodes at 5/8 (400x267) for a 224 px model, where Pillow's draft mode, which
-    scales by halves only, decodes it whole. Anything else, and any JPEG that path declines
-    (CMYK, over the pixel limit, unreadable), goes through `imageio.decode` and its reasons.
+    JPEGs go through libjpeg-turbo (simplejpeg) where it is installed, DCT-scaled as Pillow's draft
+    mode would scale them (by halves), so the pixels equal those of the Pillow path. Anything else,
+    and any JPEG that path declines (CMYK, over the pixel limit, unreadable), goes through
+    `imageio.decode` and its reasons.
     """
     if spec.pre is None:
         raise ValueError("decode_uint8 needs the encoder's preprocessing config")
@@ -94,8 +94,8 @@ _ORIENT = {
 
 
 def _scaled_jpeg(data: bytes, spec: DecodeSpec) -> DecodedPixels | None:
-    """A JPEG decoded by simplejpeg at the smallest eighth-scale keeping both sides >= the model's
-    size, upright, cropped; None where this path does not apply (the caller decodes with Pillow)."""
+    """A JPEG decoded by simplejpeg at draft mode's scale (the largest halving keeping both sides >= the
+    model's size), upright, cropped; None where this path does not apply (the caller decodes with Pillow)."""
     if simplejpeg is None or not data.startswith(b"\xff\xd8"):
         return None
     try:
@@ -103,7 +103,13 @@ def _scaled_jpeg(data: bytes, spec: DecodeSpec) -> DecodedPixels | None:
         if colorspace not in ("YCbCr", "Gray") or width * height > spec.max_pixels or min(width, height) < 1:
             return None
         orientation = Image.open(io.BytesIO(data)).getexif().get(0x0112, 1)
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=spec.draft, min_width=spec.draft)
+        # The scale Pillow's draft mode picks (halves, never below the model's size on either side), so
+        # the indexed pixels are those a query of the same photo gets; finer eighths would save decode
+        # time on mid-sized photos but make a photo's query vector differ from its indexed one.
+        div = next((d for d in (8, 4, 2) if min(width, height) // spec.draft >= d), 1)
+        arr = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_height=-(-height // div), min_width=-(-width // div)
+        )
     except (ValueError, OSError, SyntaxError):
         return None
     im = Image.fromarray(arr, "RGB")

@@ -154,8 +154,10 @@ class HFDualEncoder:
         return auto_batch_size(self.device, self.info.image_size, self.info.patch_size, width, free)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> Float32Array:
+        # The pixels ingest encodes (uint8 crops, normalised on the device): a photo given as a query
+        # is then the same vector as the photo indexed.
         chunks = [
-            self.encode_pixels(self.preprocess(images[i : i + batch_size]))
+            self.encode_uint8(np.stack([self.preprocess_uint8(im) for im in images[i : i + batch_size]]))
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.info.dim), np.float32)
