@@ -66,6 +66,17 @@ def ray_run(encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any) -> Callable
     return run
 
 
+def _indexed_so_far(data: Path) -> int:
+    """Images the running driver has committed; 0 until its catalog exists with its tables (the file
+    appears a moment before its schema does)."""
+    if not (data / "catalog.sqlite").exists():
+        return 0
+    try:
+        return _state(data)[0]
+    except sqlite3.OperationalError:  # "no such table" while the schema is being created
+        return 0
+
+
 def _state(data: Path) -> tuple[int, int, int, int]:
     """(indexed images, pending, distinct paths, stored embeddings) straight from SQLite."""
     con = sqlite3.connect(data / "catalog.sqlite")
@@ -219,7 +230,7 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if (data / "catalog.sqlite").exists() and _state(data)[0] >= 4:
+            if _indexed_so_far(data) >= 4:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, f"driver ended early: {proc.stderr.read()[-800:] if proc.stderr else ''}"
