@@ -151,6 +151,7 @@ def _search_cmd(
             precision=precision_or_setting(precision),
         )
         stack.callback(searcher.close)
+        searcher.collapse = settings.collapse_duplicates  # a query's --show-all shows every copy
         if (mixed := searcher.precision_note()) is not None:
             note(f"clearsight: note: {mixed}")
         knobs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
@@ -217,15 +218,13 @@ def _search_cmd(
 #: Spec fields the command spells its own way: the argument, --image (a file, not a held key), -w,
 #: --negative. Every other field of the query spec (a filter) is an option named after it.
 _OWN_FIELDS = frozenset({"text", "image_key", "like_id", "weight", "negative"})
-#: Spec fields that mean nothing here: the command line lists every file, so it has no copies to show.
-_NOT_FLAGS = frozenset({"show_all"})
 
 
 def with_filter_options(command: Callable[..., None]) -> Callable[..., None]:
     """`command` with one option per filter of the query spec (`--min-score`...), typed and described
     by the spec, handed to it as `filters`: a field added to the spec is a flag without a change here."""
     hints = typing.get_type_hints(QuerySpec)
-    names = [f.name for f in dataclasses.fields(QuerySpec) if f.name not in _OWN_FIELDS | _NOT_FLAGS]
+    names = [f.name for f in dataclasses.fields(QuerySpec) if f.name not in _OWN_FIELDS]
     docs = {f.name: f.metadata.get(DOC) or "" for f in dataclasses.fields(QuerySpec)}
     options = [
         inspect.Parameter(
