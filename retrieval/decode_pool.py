@@ -23,7 +23,8 @@ import math
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -246,3 +247,44 @@ class Limiter:
         with self._cond:
             self._in_use -= 1
             self._cond.notify_all()
+
+
+class Gate:
+    """Keeps decoders off the cores while a CPU forward that uses all of them runs.
+
+    A decode that preempts one of torch's threads stalls the others at the next barrier, and a decode
+    thread holding the interpreter lock delays the forward's Python between kernels; lowering the
+    decoders' priority does not prevent either. When the forward's threads cover every core, decoding
+    between forwards on all cores costs less wall time than decoding beside them (measured in
+    bench/RESULTS.md), so decoders wait at the gate while it is shut. A decode already running when the
+    gate shuts finishes (a few ms). Inactive, the gate never blocks (a GPU, or a forward that leaves
+    cores free).
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self._open = threading.Event()
+        self._open.set()
+
+    def wait(self) -> None:
+        if self.active:
+            self._open.wait()
+
+    @contextlib.contextmanager
+    def shut(self) -> Iterator[None]:
+        if not self.active:
+            yield
+            return
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+
+def forward_fills_cores(device: str, cores: int) -> bool:
+    """Whether a forward on `device` keeps every usable core busy (a CPU whose torch threads cover them)."""
+    if device.startswith("cuda"):
+        return False
+    torch = sys.modules.get("torch")  # an encoder that runs without torch leaves the cores to decoding
+    return torch is not None and int(torch.get_num_threads()) >= cores

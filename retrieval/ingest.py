@@ -469,6 +469,7 @@ def _encode_all(
     # preempts one of torch's threads stalls all of them at the next barrier).
     on_cpu = not device.startswith("cuda")
     limiter = decode_pool.Limiter(cap)
+    gate = decode_pool.Gate(on_cpu and decode_pool.forward_fills_cores(device, usable_cores()))
 
     decode_rate, encode_rate = RateMeter(), RateMeter()
     claimed: dict[str, int] = {}  # content hash -> image id whose decode will produce it this run
@@ -482,6 +483,7 @@ def _encode_all(
                 # identical content: encoded already, or being encoded by another item of this run
                 item.width, item.height = imageio.probe_size(data)
                 return item
+            gate.wait()
             with limiter:
                 t0 = time.perf_counter()
                 if pool is not None:
@@ -538,7 +540,8 @@ def _encode_all(
         if staged is None:
             return None
         t0 = time.perf_counter()
-        out = encoder.encode_staged(staged) if fast else encoder.encode_pixels(staged)  # type: ignore
+        with gate.shut():
+            out = encoder.encode_staged(staged) if fast else encoder.encode_pixels(staged)  # type: ignore
         encode_rate.add(time.perf_counter() - t0, len(out))
         return out
 

@@ -180,3 +180,42 @@ def test_ingest_with_decode_processes_stores_what_threads_store(tmp_path: Path, 
             )
             vectors[decoder] = np.stack([got[r.content_hash] for r in recs if r.content_hash])
     np.testing.assert_allclose(vectors["threads"], vectors["processes"], atol=1e-6)
+
+
+def test_a_shut_gate_holds_decoders_until_the_forward_ends() -> None:
+    gate = dp.Gate(active=True)
+    passed = threading.Event()
+
+    def decoder() -> None:
+        gate.wait()
+        passed.set()
+
+    with gate.shut():
+        t = threading.Thread(target=decoder)
+        t.start()
+        assert not passed.wait(0.2)  # held while the forward runs
+    assert passed.wait(5)  # and let through once it ends
+    t.join()
+
+
+def test_an_inactive_gate_never_blocks_and_a_failed_forward_reopens_it() -> None:
+    idle = dp.Gate(active=False)
+    with idle.shut():
+        idle.wait()  # would hang if it shut
+    gate = dp.Gate(active=True)
+    with pytest.raises(RuntimeError), gate.shut():
+        raise RuntimeError("forward failed")
+    gate.wait()  # open again after the exception
+
+
+def test_the_gate_is_used_only_when_the_forward_covers_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    fake = types.SimpleNamespace(get_num_threads=lambda: 2)
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    assert dp.forward_fills_cores("cpu", 2)
+    assert not dp.forward_fills_cores("cpu", 4)  # cores left over: decoding beside the forward is free
+    assert not dp.forward_fills_cores("cuda:0", 2)  # a GPU forward leaves the cores to decoding
+    monkeypatch.delitem(sys.modules, "torch")
+    assert not dp.forward_fills_cores("cpu", 2)  # no torch: an encoder without torch threads
