@@ -22,8 +22,8 @@ import io
 import math
 import multiprocessing
 import os
-import threading
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
