@@ -12,7 +12,8 @@ file is lost.
 How many decodes run at once follows the measured rates on a GPU (`needed_workers`): enough to
 decode as fast as the encoder encodes, plus a margin. On a CPU the decoders share the cores with
 the encoder, whose threads stall together whenever one is preempted, so there they run at the
-lowest priority (`yield_to_encoder`) on whatever cycles the forward pass leaves.
+lowest priority (`yield_to_encoder`), and when the forward's threads cover every core they decode
+only between forwards (`Gate`).
 """
 
 from __future__ import annotations
