@@ -33,6 +33,7 @@ from explainer.server.limits import WorkBudget
 from explainer.server.queries import QueryImages, QueryInput, resolve
 from explainer.server.security import is_loopback
 from explainer.settings import Settings
+from retrieval.duplicates import KeptDuplicates
 from retrieval.search import Query, Searcher, SearchResult
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class ServerState:
     _retired: list[tuple[float, Searcher]] = field(default_factory=list)
     #: Hits in work at once over every searching route (None: made from settings on first use).
     budget: WorkBudget | None = None
+    #: The near-duplicate groups the duplicates page pages through, found once per index version.
+    duplicates: KeptDuplicates = field(default_factory=KeptDuplicates)
 
     def __post_init__(self) -> None:
         if self.budget is None:
