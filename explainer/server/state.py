@@ -96,6 +96,14 @@ class ServerState:
             return self.settings.strip_location
         return not is_loopback(self.settings.host)
 
+    @property
+    def shows_paths(self) -> bool:
+        """Whether pages may show a file's absolute path (the detail view's "copy the path"): only on a
+        loopback server, whose every client is this computer's user. Shared beyond loopback, files are
+        named relative to the indexed folder, as everywhere else, and the server's layout stays its own.
+        """
+        return is_loopback(self.settings.host)
+
     def mark_stale(self, image_id: int, reason: str) -> None:
         """Remember (and log once) an indexed image whose file changed; the next index run re-reads it."""
         if image_id in self.stale_images:
