@@ -5,27 +5,31 @@ cropped a little. Their embeddings sit far closer to each other than any two dif
 a range search over the stored vectors finds every pair above a cosine threshold, and pairs join into
 groups (union-find): a copy of a copy lands in its original's group.
 
-The threshold is the cosine of two copies of one picture, measured by `bench/duplicates_bench.py` on
-resized, recompressed and cropped copies of real photos (figures in docs/EVAL.md). It depends on the
-model: a sharper one spreads different photos further apart. So the default is the measured value for
-the collection's model family when one was measured, and `threshold=` overrides it.
+The threshold is a cosine two copies of one picture reach. It depends on the model: a sharper one
+spreads different photos further apart, and one that cannot tell photos apart (random weights, an
+unusual domain) puts every pair near 1. So the default is per collection (`collection_threshold`): the
+recall-first 0.95, raised until a pair must be twice as close (in cosine distance) as the collection's
+99th-percentile pair; `threshold=` overrides it. `bench/duplicates_bench.py` measures both on resized,
+recompressed and cropped copies of coco-mini photos (figures in docs/EVAL.md).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.errors import ConfigError
+from retrieval.errors import BadQuery, ConfigError
 from retrieval.types import Float32Array, Int64Array
 
 if TYPE_CHECKING:
+    from retrieval.catalog import Catalog
     from retrieval.collection import Collection
 
-#: Cosine above which two images count as copies of one picture (see the module docstring).
+#: The lowest default cosine at which two images count as copies of one picture (see the module docstring).
 DEFAULT_THRESHOLD = 0.95
 #: Rows of the range search per FAISS call: bounds the temporary result arrays on big collections.
 CHUNK = 4096
@@ -104,19 +108,103 @@ def find_groups(
     return sorted(groups, key=lambda g: (-len(g[0]), g[0][0]))
 
 
-def collection_duplicates(
-    collection: Collection, threshold: float = DEFAULT_THRESHOLD
-) -> list[DuplicateGroup]:
-    """The collection's near-duplicate groups, from its stored embeddings; each group's largest file first."""
+def collection_threshold(catalog: Catalog, model: str, dim: int) -> float:
+    """The near-duplicate cosine for this collection: `DEFAULT_THRESHOLD`, raised by `collapse_threshold`
+    from a sample of its stored `model` vectors.
+
+    The one default of every near-duplicate view (`clearsight duplicates`, its page, folded search
+    results), so a pair listed as copies is also folded as copies, and the reverse.
+    """
+    _, sample = catalog.sample_indexed_vectors(model, dim, SEPARATION_SAMPLE)
+    return collapse_threshold(sample)
+
+
+@dataclass(frozen=True)
+class SimilarPairs:
+    """Every pair of a collection's indexed images at or above `threshold`, as rows of `ids`.
+
+    Kept by a long-lived caller (the server's duplicates page): the groups at any stricter threshold
+    follow from these pairs alone (`groups_at`), with no second search over the collection.
+    """
+
+    ids: Int64Array
+    pairs: list[tuple[int, int, float]]
+    threshold: float
+
+
+def collection_pairs(collection: Collection, threshold: float | None = None) -> SimilarPairs:
+    """The collection's near-duplicate pairs from its stored embeddings, at `threshold`, else at
+    `collection_threshold`."""
     manifest = collection.store.read_manifest()
-    ids, vectors = collection.catalog.indexed_vectors(manifest.fingerprint, manifest.dim)
-    groups = find_groups(ids, vectors, threshold)
-    records = collection.catalog.get_images([i for members, _ in groups for i in members])
+    catalog = collection.catalog
+    if threshold is None:
+        threshold = collection_threshold(catalog, manifest.fingerprint, manifest.dim)
+    check_threshold(threshold)
+    ids, vectors = catalog.indexed_vectors(manifest.fingerprint, manifest.dim)
+    return SimilarPairs(ids, list(similar_pairs(vectors, threshold)), threshold)
+
+
+def groups_at(catalog: Catalog, found: SimilarPairs, threshold: float | None = None) -> list[DuplicateGroup]:
+    """The groups `found`'s pairs make at `threshold` (None: at their own; never below it), biggest
+    groups first, each group's largest file first (kept as the original)."""
+    at = found.threshold if threshold is None else check_threshold(threshold)
+    if at < found.threshold:
+        raise ConfigError(f"pairs found at cosine {found.threshold:g} cannot give the groups at {at:g}")
+    pairs = found.pairs if at == found.threshold else [p for p in found.pairs if p[2] >= at]
+    rows = group_pairs(len(found.ids), pairs)
+    groups = [([int(found.ids[r]) for r in members], weak) for members, weak in rows]
+    groups.sort(key=lambda g: (-len(g[0]), g[0][0]))
+    records = catalog.get_images([i for members, _ in groups for i in members])
     out: list[DuplicateGroup] = []
     for members, weakest in groups:
         ordered = sorted(members, key=lambda i: (-(records[i].byte_size or 0), i))
         out.append(DuplicateGroup(ordered, [records[i].path for i in ordered], weakest))
     return out
+
+
+def collection_duplicates(
+    collection: Collection, threshold: float | None = None
+) -> tuple[list[DuplicateGroup], float]:
+    """The collection's near-duplicate groups, from its stored embeddings, each group's largest file
+    first, and the threshold used (`threshold`, else `collection_threshold`)."""
+    found = collection_pairs(collection, threshold)
+    return groups_at(collection.catalog, found), found.threshold
+
+
+class KeptDuplicates:
+    """A long-lived process's near-duplicate groups (the server's page): the pairs are found once per
+    collection version at its default threshold, and the groups at that or any stricter threshold
+    follow from them, the last `kept` thresholds asked kept. A caller can then ask for any stricter
+    threshold without causing another search over the collection.
+    """
+
+    def __init__(self, kept: int = 4) -> None:
+        self._lock = threading.Lock()  # a second request waits for the first's search, not repeats it
+        self._pairs: tuple[object, SimilarPairs] | None = None
+        self._groups: dict[float, list[DuplicateGroup]] = {}
+        self._kept = kept
+
+    def groups(
+        self, collection: Collection, version: object, threshold: float | None = None
+    ) -> tuple[list[DuplicateGroup], float, float]:
+        """(groups, the threshold used, the collection's default threshold) for `collection` at
+        `version`; BadQuery for a threshold below the default (its pairs were never searched for)."""
+        with self._lock:
+            if self._pairs is None or self._pairs[0] != version:
+                self._pairs = (version, collection_pairs(collection))
+                self._groups.clear()
+            found = self._pairs[1]
+            at = found.threshold if threshold is None else check_threshold(threshold)
+            if at < found.threshold:
+                raise BadQuery(
+                    f"near-duplicates are listed here at the collection's threshold {found.threshold:.4f} "
+                    f"or stricter, not at {at:g}"
+                )
+            if at not in self._groups:
+                while len(self._groups) >= self._kept:
+                    self._groups.pop(next(iter(self._groups)))
+                self._groups[at] = groups_at(collection.catalog, found, at)
+            return self._groups[at], at, found.threshold
 
 
 # -- collapsing search results -------------------------------------------------------------------

@@ -410,10 +410,8 @@ class Searcher:
         version = self.index.version
         if self._collapse_at is None or self._collapse_at[0] != version:
             m = self.index.manifest
-            _, sample = self.collection.catalog.sample_indexed_vectors(
-                m.fingerprint, m.dim, duplicates.SEPARATION_SAMPLE
-            )
-            self._collapse_at = (version, duplicates.collapse_threshold(sample))
+            at = duplicates.collection_threshold(self.collection.catalog, m.fingerprint, m.dim)
+            self._collapse_at = (version, at)
         return self._collapse_at[1]
 
     def _stored_vectors(self, recs: Sequence[ImageRecord]) -> dict[int, Float32Array]:

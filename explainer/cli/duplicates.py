@@ -17,18 +17,22 @@ from retrieval.duplicates import DEFAULT_THRESHOLD, check_threshold, collection_
 def duplicates_cmd(
     data_dir: DataDir = None,
     threshold: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--threshold",
-            help="Cosine from which two images count as copies of one picture (higher: stricter)",
+            help="Cosine in (0, 1] from which two images count as copies of one picture (higher: stricter). "
+            f"Default: {DEFAULT_THRESHOLD:g}, raised for a collection whose model puts different photos "
+            "close, so that copies are at least twice as close (in cosine distance) as its 99th-percentile "
+            "pair: the threshold search results fold copies at",
         ),
-    ] = DEFAULT_THRESHOLD,
+    ] = None,
     json_out: JsonOut = False,
 ) -> None:
     """List groups of near-duplicate images (resized, recompressed or slightly cropped copies)."""
-    check_threshold(threshold)
+    if threshold is not None:
+        check_threshold(threshold)
     with Collection(data_dir_or_default(data_dir), create=False) as collection:
-        groups = collection_duplicates(collection, threshold)
+        groups, threshold = collection_duplicates(collection, threshold)
         roots = collection.catalog.roots()
         images = collection.catalog.counts().get("indexed", 0)
     if json_out:

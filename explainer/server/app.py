@@ -27,7 +27,7 @@ from fastapi.templating import Jinja2Templates
 from explainer.cards.evidence import EvidenceProvider
 from explainer.errors import ConfigError, IndexMismatch
 from explainer.explain.chain import Explainer
-from explainer.server import api, browse, captions, compat, pages, security
+from explainer.server import api, browse, captions, compat, duplicates, pages, security
 from explainer.server.docs import mount_docs
 from explainer.server.handlers import install_error_handlers, render_error
 from explainer.server.limits import BodyBudgetMiddleware, BodyLimitMiddleware
@@ -166,6 +166,7 @@ def create_app(
     app.include_router(browse.router)
     app.include_router(captions.router)
     app.include_router(compat.router)
+    app.include_router(duplicates.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(static_dir)), name="static")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

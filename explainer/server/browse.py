@@ -93,7 +93,7 @@ def collection_page(
     records, total = browse(catalog, filters, sort, (page - 1) * per_page, per_page)
     roots = catalog.roots()
     return CollectionPage(
-        images=[_item(catalog, r, roots) for r in records],
+        images=[collection_image(catalog, r, roots) for r in records],
         total=total,
         page=page,
         per_page=per_page,
@@ -102,7 +102,8 @@ def collection_page(
     )
 
 
-def _item(catalog: Catalog, rec: ImageRecord, roots: list[str]) -> CollectionImage:
+def collection_image(catalog: Catalog, rec: ImageRecord, roots: list[str]) -> CollectionImage:
+    """An image as the browsing views name it: by id, relative path and folder."""
     return CollectionImage(
         id=rec.id,
         file_name=display_path(rec.path.rsplit("/", 1)[-1]),

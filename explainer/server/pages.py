@@ -34,6 +34,7 @@ from explainer.server.queries import QueryInput, UrlSpec
 from explainer.server.schemas import NO_CAPTIONS_NOTE, OFFSET_CEILING, TOP_K_CEILING, caption_cards
 from explainer.server.state import ServerState, state_of
 from retrieval.fetch import FetchConfig, fetch_bytes, is_url
+from retrieval.paths import display_path
 from retrieval.query import FILE_TYPES, IMAGE_KEY_PATTERN, ORIENTATIONS, TEXT_MAX, Filters, QuerySpec
 from retrieval.search import CaptionHit
 
@@ -331,6 +332,10 @@ async def detail(
     if found is None:
         raise HTTPException(404, f"no indexed image with id {image_id}")
     card = found.card
+    local_path = None
+    if state.shows_paths:  # only this computer can reach the server: its user may see where files are
+        rec = await anyio.to_thread.run_sync(pipeline.searcher.collection.catalog.get_image, image_id)
+        local_path = display_path(rec.path) if rec is not None else None
     ctx = _context(
         state,
         card=card,
@@ -340,5 +345,6 @@ async def detail(
         large_url=thumb_url(card.id, DETAIL_SIZE),
         evidence_url=evidence_png_url(card.id, echo) if echo is not None else None,
         form=_spec_form(spec, state.settings.default_top_k),
+        local_path=local_path,
     )
     return state.templates.TemplateResponse(request, "detail.html", ctx)

@@ -33,6 +33,7 @@ from explainer.server.limits import WorkBudget
 from explainer.server.queries import QueryImages, QueryInput, resolve
 from explainer.server.security import is_loopback
 from explainer.settings import Settings
+from retrieval.duplicates import KeptDuplicates
 from retrieval.search import Query, Searcher, SearchResult
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class ServerState:
     _retired: list[tuple[float, Searcher]] = field(default_factory=list)
     #: Hits in work at once over every searching route (None: made from settings on first use).
     budget: WorkBudget | None = None
+    #: The near-duplicate groups the duplicates page pages through, found once per index version.
+    duplicates: KeptDuplicates = field(default_factory=KeptDuplicates)
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -92,6 +95,14 @@ class ServerState:
         if self.settings.strip_location is not None:
             return self.settings.strip_location
         return not is_loopback(self.settings.host)
+
+    @property
+    def shows_paths(self) -> bool:
+        """Whether pages may show a file's absolute path (the detail view's "copy the path"): only on a
+        loopback server, whose every client is this computer's user. Shared beyond loopback, files are
+        named relative to the indexed folder, as everywhere else, and the server's layout stays its own.
+        """
+        return is_loopback(self.settings.host)
 
     def mark_stale(self, image_id: int, reason: str) -> None:
         """Remember (and log once) an indexed image whose file changed; the next index run re-reads it."""

@@ -304,6 +304,27 @@
     });
   }
 
+  // The detail view of a loopback server shows the file's path in a read-only field (select it and copy
+  // by hand anywhere); where the Clipboard API is there (secure contexts: localhost is one), a button
+  // copies it, and a refused copy falls back to selecting the field.
+  function copyPath() {
+    const field = document.getElementById("file-path");
+    const button = document.getElementById("copy-path");
+    if (!field || !button) return;
+    const note = document.getElementById("copy-note");
+    const say = (text) => { if (note) note.textContent = text; };
+    const selectField = () => { field.focus(); field.select(); };
+    field.addEventListener("focus", () => field.select());
+    if (!(navigator.clipboard && window.isSecureContext)) return;
+    button.hidden = false;
+    button.addEventListener("click", () => {
+      navigator.clipboard.writeText(field.value).then(
+        () => say("Copied."),
+        () => { selectField(); say("Copy was refused: the path is selected, press Ctrl+C (⌘C on a Mac)."); },
+      );
+    });
+  }
+
   // The Content-Security-Policy forbids style attributes in the markup, so geometry arrives as data
   // attributes and is applied here through the CSSOM (which the policy allows).
   function applyGeometry(root) {
@@ -321,5 +342,6 @@
     searchForm();
     explainAll();
     captionAll();
+    copyPath();
   });
 })();

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from explainer.cli.app import app
 from retrieval.duplicates import find_groups, group_pairs, similar_pairs
 from retrieval.errors import ConfigError
-from tests.helpers import index_shapes
+from tests.helpers import index_shapes, textures
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -72,3 +73,34 @@ def test_the_command_groups_an_exact_copy(tmp_path: Path, tiny_clip_dir: Path) -
 def test_the_command_on_no_collection_says_so(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["duplicates", "--data-dir", str(tmp_path / "nothing")])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_the_default_threshold_is_the_one_search_folds_at(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    """One default for listing and folding: a pair the command lists is a pair search folds."""
+    from retrieval.collection import Collection
+    from retrieval.duplicates import DEFAULT_THRESHOLD, collection_threshold
+    from retrieval.search import Searcher
+
+    images, data = tmp_path / "photos", tmp_path / "data"
+    files = textures(images, 24)  # the tiny CLIP keeps these apart, unlike the shape scenes
+    with Image.open(files[4]) as im:
+        im.save(images / "copy.jpg", quality=50)
+    runner = CliRunner()
+    r = runner.invoke(app, ["index", str(images), "-m", str(tiny_clip_dir), "--data-dir", str(data), "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["duplicates", "--data-dir", str(data), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    with Collection(data, create=False) as col:
+        m = col.store.read_manifest()
+        expected = collection_threshold(col.catalog, m.fingerprint, m.dim)
+    searcher = Searcher.open(data)
+    try:
+        assert searcher.collapse_threshold() == expected
+    finally:
+        searcher.close()
+    # a random tiny CLIP puts different pictures close, so the guard lifts the default
+    assert out["threshold"] == expected and expected > DEFAULT_THRESHOLD
+    assert [sorted(Path(p).name for p in g["paths"]) for g in out["groups"]] == [["copy.jpg", files[4].name]]
+    help_text = runner.invoke(app, ["duplicates", "--help"]).stdout
+    assert "99th-percentile" in help_text

@@ -41,6 +41,7 @@ OPERATIONS = [
     ("POST", "/api/search"),
     ("POST", "/api/explain"),
     ("GET", "/api/images"),  # browsing the collection (explainer/server/browse.py)
+    ("GET", "/api/duplicates"),  # near-duplicate groups (explainer/server/duplicates.py)
     ("GET", "/api/images/{image_id}"),
     ("GET", "/api/images/{image_id}/thumb"),
     ("GET", "/api/images/{image_id}/evidence.png"),
