@@ -9,14 +9,26 @@ DIR ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# GPU=1: use the machine's own torch (a CUDA build, preinstalled or installed by you) instead of the CPU pin
+GPU ?=
+TORCH_CPU := 2.13.0
 
 .PHONY: setup browser run test lint typecheck clean
 
 $(STAMP): pyproject.toml
+ifeq ($(GPU),1)
+	# the machine's packages stay visible (its CUDA torch, its transformers); PyPI's default torch for
+	# Linux (a CUDA build) only where the machine has none
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available())"
+else
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, exactly as pinned, so nothing later can pull a CUDA build in its place
-	$(BIN)/python -m pip install --quiet "$$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')"
+	# torch first, exactly as pinned (a CPU build here), so nothing later pulls a CUDA build in its place
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_CPU)"
+endif
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)

@@ -23,6 +23,7 @@ from explainer.cli.options import (
 )
 from explainer.errors import ConfigError
 from retrieval import Collection, EncoderConfig, IngestConfig, IngestSummary, create_encoder
+from retrieval.encoders import default_encoder
 from retrieval.encoders.serving import ServingEncoder
 from retrieval.evidence import StoreReport
 from retrieval.folders import check_excludes
@@ -96,8 +97,8 @@ def index_folder(
     *,
     index: str | None = None,
     captions: Path | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
+    batch_size: int | None = None,
+    workers: int | None = None,
     device: str = "auto",
     precision: str | None = None,
     rebuild: bool = False,
@@ -140,17 +141,38 @@ def index_folder(
             model = collection.store.read_manifest().model_id
         elif (started := collection.catalog.indexing_model()) is not None:
             model = started[0]  # a first run stopped before writing an index: resume with its model
-    # on Ray the driver's encoder only embeds caption texts: --device names the actors' device
-    # loads the model only when something is encoded: a re-scan with nothing new loads none
-    encoder = ServingEncoder(
-        model,
-        ddir,
-        device="auto" if engine == "ray" else device,
-        precision=precision_or_setting(precision),
-        expect_fingerprint=collection.store.read_manifest().fingerprint
-        if collection.store.exists()
-        else None,
-    )
+    pool = None
+    if engine == "ray":
+        from retrieval.distributed.ingest import EncoderPool, RayConfig, driver_encoder
+
+        ray_cfg = RayConfig(
+            address=ray_address,
+            workers=workers or RayConfig.workers,
+            device=None if device == "auto" else device,
+        )
+        actor_encoder = EncoderConfig(
+            model=model or default_encoder().name,
+            device=ray_cfg.device,
+            precision=precision_or_setting(precision),
+        )
+    if engine == "ray" and not collection.store.exists():
+        # a first run encodes everything: start the actors now (their imports and model loads are most
+        # of a small run), and let one of them store the text tower the driver needs, so the driver
+        # loads no model of its own
+        pool = EncoderPool(ray_cfg, actor_encoder)
+        encoder = driver_encoder(pool, collection, actor_encoder)
+    else:
+        # loads the model only when something is encoded: a re-scan with nothing new loads none (on Ray
+        # the driver's encoder only embeds caption texts: --device names the actors' device)
+        encoder = ServingEncoder(
+            model,
+            ddir,
+            device="auto" if engine == "ray" else device,
+            precision=precision_or_setting(precision),
+            expect_fingerprint=collection.store.read_manifest().fingerprint
+            if collection.store.exists()
+            else None,
+        )
     if patches and not can_give_patches(encoder):
         raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
     knobs = knobs or IndexKnobs()
@@ -174,11 +196,9 @@ def index_folder(
         include_hidden=include_hidden,
     )
     if engine == "ray":
-        from retrieval.distributed.ingest import RayConfig, ray_ingest
+        from retrieval.distributed.ingest import ray_ingest
 
-        ray_cfg = RayConfig(address=ray_address, workers=workers, device=None if device == "auto" else device)
-        actor_encoder = EncoderConfig(model=model or encoder.info.name, device=ray_cfg.device)
-        summary = ray_ingest(path, collection, encoder, actor_encoder, cfg, ray_cfg, log=note)
+        summary = ray_ingest(path, collection, encoder, actor_encoder, cfg, ray_cfg, log=note, pool=pool)
     else:
         summary = ingest(path, collection, encoder, cfg, log=note)
     report = store_collection_patches(collection, encoder, progress=progress)[1] if patches else None
@@ -200,13 +220,25 @@ def index_cmd(
         Path | None,
         typer.Option("--captions", help="JSONL of {image, captions} (default: PATH/captions.jsonl)"),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 32,
-    workers: Annotated[
-        int,
+    batch_size: Annotated[
+        int | None,
         typer.Option(
-            "--workers", min=1, max=64, help="Parallel workers: decode threads locally, encoder actors on Ray"
+            "--batch-size",
+            min=1,
+            max=4096,
+            help="Images per forward pass (default: from the device: 32 on a CPU)",
         ),
-    ] = 2,
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=64,
+            help="Parallel workers: decoders locally (default: from the cores and the measured rates), "
+            "encoder actors on Ray (default 2)",
+        ),
+    ] = None,
     device: Device = "auto",
     precision: Precision = None,
     engine: Annotated[
@@ -307,7 +339,13 @@ def index_cmd(
 
 
 def watch_folder(
-    path: Path, ddir: Path, batch_size: int, workers: int, device: str, precision: str | None, json_out: bool
+    path: Path,
+    ddir: Path,
+    batch_size: int | None,
+    workers: int | None,
+    device: str,
+    precision: str | None,
+    json_out: bool,
 ) -> None:
     """Follow PATH and index each batch of changes, until interrupted (Ctrl-C)."""
     from retrieval.watch import FolderWatcher, reindex_folders

@@ -1,7 +1,7 @@
 """`clearsight index --engine ray`: the driver scans and commits, Ray decodes and encodes.
 
-The driver runs `retrieval.ingest.ingest` with two stages swapped in: encoding (Ray Data decode
-tasks feeding an actor pool that holds the model) and the index build (on-disk shards filled in
+The driver runs `retrieval.ingest.ingest` with two stages swapped in: encoding (a pool of encoder
+actors that read, decode and encode batches of paths) and the index build (on-disk shards filled in
 Ray tasks). Everything the catalog promises (incremental runs, dedup by content, failures
 recorded with their reason, crash safety) therefore comes from the same code as the local engine.
 
@@ -14,20 +14,23 @@ so a stale vector can never be committed) and does not encode them again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from tqdm import tqdm
 
 from retrieval.catalog import ImageRecord
 from retrieval.collection import Collection
-from retrieval.encoders import Encoder, EncoderConfig
-from retrieval.encoders.preprocess import PreprocessConfig
+from retrieval.encoders import Encoder, EncoderConfig, EncoderInfo, texttower
 from retrieval.errors import ConfigError
 from retrieval.index import ondisk
 from retrieval.index.sync import SyncReport
@@ -38,12 +41,9 @@ SHARD_DIR = "shards"
 #: What `address` may be: auto, or a host (name, IPv4, [IPv6]) and port, optionally as a ray:// client URL.
 ADDRESS = re.compile(r"auto|(ray://)?([A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:]{2,39}\]):\d{1,5}")
 MAX_WORKERS = 1024
-MAX_BLOCKS = 10_000
-#: CPUs Ray reserves per decode task and per encoder actor. Labels for scheduling, not thread counts
-#: (an actor's torch threads are set apart): half a CPU each lets a 2-CPU machine run two actors and a
-#: decode task at once.
-DECODE_CPUS = 0.5
-ACTOR_CPUS = 0.5
+#: CPUs Ray reserves per encoder actor: a label for scheduling, not a thread count (an actor's torch
+#: threads are set apart). Each actor decodes its own batches, so nothing else needs a share.
+ACTOR_CPUS = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,6 @@ class RayConfig:
     device: str | None = None
     precision: str | None = None
     threads: int | None = None
-    decode_batch: int = 16
     local_cpus: int | None = None  # CPUs a private local cluster advertises (None: all)
     actor_cls: type | None = None  # the encoder actor; tests pass one that crashes on purpose
     actor_kwargs: dict[str, Any] | None = None  # extra constructor arguments for `actor_cls`
@@ -74,8 +73,6 @@ class RayConfig:
             )
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
-        if self.decode_batch < 1:
-            raise ConfigError("the decode batch must hold at least 1 image")
 
 
 def connect(cfg: RayConfig) -> Any:
@@ -102,10 +99,10 @@ def connect(cfg: RayConfig) -> Any:
 
 
 def check_fits(workers: int, cpus: float, gpus: float, gpu: bool) -> None:
-    """Refuse a pool the cluster cannot hold: Ray Data would wait for it forever, saying nothing.
+    """Refuse a pool the cluster cannot hold: Ray would wait for its actors forever, saying nothing.
 
-    CPU actors: one core each at least (more actors than cores only adds model copies), and room for a
-    decode task beside them. GPU actors: one GPU each. The totals are the cluster's; how they split
+    CPU actors: one core each at least (more actors than cores only adds model copies); each reads and
+    decodes its own batches. GPU actors: one GPU each. The totals are the cluster's; how they split
     across nodes is Ray's to place.
     """
     if gpu and workers > gpus:
@@ -118,18 +115,11 @@ def check_fits(workers: int, cpus: float, gpus: float, gpu: bool) -> None:
             f"{workers} encoder workers need a CPU each; the Ray cluster has {cpus:g}: "
             f"ask for at most {max(int(cpus), 1)} workers"
         )
-    if workers * ACTOR_CPUS + DECODE_CPUS > cpus:
+    if workers * ACTOR_CPUS > cpus:
         raise ConfigError(
-            f"the Ray cluster's {cpus:g} CPUs cannot hold {workers} encoder workers and a decode task "
-            f"({workers * ACTOR_CPUS + DECODE_CPUS:g} CPUs)"
+            f"the Ray cluster's {cpus:g} CPUs cannot hold {workers} encoder workers "
+            f"({workers * ACTOR_CPUS:g} CPUs, one each to read and decode)"
         )
-
-
-def _preprocess_config(encoder: Encoder) -> PreprocessConfig:
-    pre = getattr(encoder, "pre", None)
-    if not isinstance(pre, PreprocessConfig):
-        raise ConfigError(f"encoder {encoder.info.name!r} exposes no preprocessing config for Ray workers")
-    return pre
 
 
 # -- embedding shards on disk --------------------------------------------------------------------
@@ -225,85 +215,153 @@ def recover_shards(directory: Path, records: list[ImageRecord], committer: Commi
     return done
 
 
-# -- the two stages ------------------------------------------------------------------------------
-def encode_stage(
-    encoder: Encoder,
-    encoder_config: EncoderConfig,
-    ingest_config: IngestConfig,
-    cfg: RayConfig,
-    shard_dir: Path,
-) -> Callable[[list[ImageRecord], Committer], None]:
-    from retrieval.distributed.stages import EncodeActor, decode_batch
+# -- the encoder pool ----------------------------------------------------------------------------
+class EncoderPool:
+    """The encoder actors of one run, started as early as the driver knows it will encode.
 
-    pre = _preprocess_config(encoder)
-    draft = max(encoder.info.image_size, 1)
-    gpu = (cfg.device or "").startswith("cuda")
-    actor_cls = cfg.actor_cls or EncodeActor
-    workers = max(1, cfg.workers)
+    Plain Ray actors, each reading, decoding and encoding whole batches of paths: a run starts no
+    processes but these (no decode tasks, no Ray Data planning), which is most of what the Ray engine
+    cost over the local one on a small machine. Each actor keeps two batches queued, so it never waits
+    for the driver; results are committed in the order they finish. A crashed actor is restarted and
+    its batches retried by Ray (unbounded restarts, as a lost worker should not end the run).
+    """
 
-    def run(ray: Any, records: list[ImageRecord], committer: Committer, known: Any, threads: int) -> None:
-        # one block per decode batch (up to MAX_BLOCKS): results then stream back and commit batch by
-        # batch, so a killed driver loses little, instead of arriving in a few large bursts
-        ds = ray.data.from_items(
-            [{"image_id": r.id, "path": r.path} for r in records],
-            override_num_blocks=max(1, min(-(-len(records) // cfg.decode_batch), MAX_BLOCKS)),
-        )
-        ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={
-                "pre": pre,
-                "draft": draft,
-                "max_pixels": ingest_config.max_pixels,
-                "max_bytes": ingest_config.max_file_bytes,
-                "known": known,
-            },
-            batch_size=cfg.decode_batch,
-            batch_format="numpy",
-            num_cpus=DECODE_CPUS,
-        )
-        ds = ds.map_batches(
-            actor_cls,
-            fn_constructor_kwargs={
-                "config": EncoderConfig(
-                    model=encoder_config.model,
-                    device=cfg.device or encoder_config.device,
-                    precision=cfg.precision or encoder_config.precision,
-                ),
-                "threads": None if gpu else threads,
-                **(cfg.actor_kwargs or {}),
-            },
-            batch_size=ingest_config.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=1 if gpu else 0,
+    def __init__(self, cfg: RayConfig, encoder_config: EncoderConfig) -> None:
+        from retrieval.distributed.stages import EncodeActor
+
+        self.ray = ray = connect(cfg)
+        resources = ray.cluster_resources()
+        self.gpu = (cfg.device or "").startswith("cuda")
+        self.workers = max(1, cfg.workers)
+        check_fits(self.workers, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), self.gpu)
+        threads = cfg.threads or max(1, int(resources.get("CPU", 1)) // self.workers)
+        remote = ray.remote(cfg.actor_cls or EncodeActor).options(
             num_cpus=ACTOR_CPUS,
+            num_gpus=1 if self.gpu else 0,
             max_restarts=-1,
             max_task_retries=-1,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            shard = write_shard(shard_dir, batch)
-            commit_batch(batch, committer)
-            shard.unlink(missing_ok=True)
+        config = EncoderConfig(
+            model=encoder_config.model,
+            device=cfg.device or encoder_config.device,
+            precision=cfg.precision or encoder_config.precision,
+        )
+        self.actors = [
+            remote.remote(config, None if self.gpu else threads, **(cfg.actor_kwargs or {}))
+            for _ in range(self.workers)
+        ]
+
+    def info(self) -> EncoderInfo:
+        """The model's identity, from the first actor (waits for it to load)."""
+        return cast(EncoderInfo, self.ray.get(self.actors[0].info.remote()))
+
+    def batch_size(self) -> int:
+        """The batch size `auto` picks for the actors' device (asked of the first actor)."""
+        return int(self.ray.get(self.actors[0].ingest_batch_size.remote()))
+
+    def store_text_tower(self, data_dir: Path, fingerprint: str) -> bool:
+        """Put the model's text tower in the collection (from an actor) unless it is there; whether it is."""
+        folder = texttower.tower_dir(data_dir, fingerprint)
+        if texttower.read_meta(folder) is not None:
+            return True
+        files = self.ray.get(self.actors[0].text_tower.remote())
+        if not files:
+            return False
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".text-", dir=folder.parent))
+        try:
+            for name, data in files.items():
+                (tmp / Path(name).name).write_bytes(data)
+            os.replace(tmp, folder)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if texttower.read_meta(folder) is None:  # not a whole tower written meanwhile by another run
+                raise
+        return True
+
+    def encode(
+        self,
+        records: Sequence[ImageRecord],
+        batch_size: int,
+        config: IngestConfig,
+        known: Any,
+        done: Callable[[dict[str, np.ndarray]], None],
+    ) -> None:
+        """Encode `records` in batches across the actors; `done` gets each result as it finishes."""
+        batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+        todo = iter(batches)
+        inflight: dict[Any, int] = {}  # object ref -> index of the actor running it
+
+        def submit(actor: int) -> bool:
+            chunk = next(todo, None)
+            if chunk is None:
+                return False
+            items = {
+                "image_id": np.asarray([r.id for r in chunk], dtype=np.int64),
+                "path": np.asarray([r.path for r in chunk], dtype=object),
+            }
+            ref = self.actors[actor].encode_paths.remote(
+                items, config.max_pixels, config.max_file_bytes, known
+            )
+            inflight[ref] = actor
+            return True
+
+        for _ in range(2):  # two batches queued per actor: one running, one waiting
+            for actor in range(len(self.actors)):
+                submit(actor)
+        with tqdm(total=len(records), desc="indexing (ray)", unit="img", disable=not config.progress) as bar:
+            while inflight:
+                ready, _ = self.ray.wait(list(inflight), num_returns=1)
+                actor = inflight.pop(ready[0])
+                batch = self.ray.get(ready[0])
+                submit(actor)
+                done(batch)
+                bar.update(len(batch["image_id"]))
+
+    def close(self) -> None:
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor)
+        self.actors = []
+
+
+# -- the two stages ------------------------------------------------------------------------------
+def encode_stage(
+    pool: Callable[[], EncoderPool],
+    encoder: Encoder,
+    ingest_config: IngestConfig,
+    shard_dir: Path,
+) -> Callable[[list[ImageRecord], Committer], None]:
+    """The encoding stage: recover what a killed driver left, then stream batches through the pool
+    (`pool()` starts it, or returns the one started early)."""
 
     def stage(records: list[ImageRecord], committer: Committer) -> None:
         recovered = recover_shards(shard_dir, records, committer)
         records = [r for r in records if r.id not in recovered]
         if not records:
             return
-        ray = connect(cfg)
-        ray.data.DataContext.get_current().enable_progress_bars = ingest_config.progress
-        resources = ray.cluster_resources()
-        check_fits(workers, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), gpu)
-        threads = cfg.threads or max(1, int(resources.get("CPU", 1)) // workers)
-        # content this model has embedded (a moved or copied folder) is hashed, not decoded or encoded
-        keys = committer.catalog.embedded_hash_keys(committer.fp)
-        run(ray, records, committer, ray.put(keys) if len(keys) else None, threads)
-        # a 64-bit key that matched content not stored (or stored content since deleted) leaves its
-        # images waiting: encode them after all
-        if committer.waiting:
-            again = {w.image_id for w in committer.waiting}
-            committer.waiting = []
-            run(ray, [r for r in records if r.id in again], committer, None, threads)
+        actors = pool()
+        batch_size = ingest_config.batch_size or actors.batch_size()
+
+        def done(batch: dict[str, np.ndarray]) -> None:
+            shard = write_shard(shard_dir, batch)
+            commit_batch(batch, committer)
+            shard.unlink(missing_ok=True)
+
+        try:
+            # content this model has embedded (a moved or copied folder) is hashed, not decoded or encoded
+            keys = committer.catalog.embedded_hash_keys(committer.fp)
+            known = actors.ray.put(keys) if len(keys) else None
+            actors.encode(records, batch_size, ingest_config, known, done)
+            # a 64-bit key that matched content not stored (or stored content since deleted) leaves its
+            # images waiting: encode them after all
+            if committer.waiting:
+                again = {w.image_id for w in committer.waiting}
+                committer.waiting = []
+                actors.encode([r for r in records if r.id in again], batch_size, ingest_config, None, done)
+        finally:
+            # the actors hold their CPUs (GPUs) until killed: free them for the index build's shard tasks
+            actors.close()
 
     return stage
 
@@ -331,27 +389,59 @@ def shard_runner(cfg: RayConfig) -> ondisk.ShardRunner:
 def ray_ingest(
     root: Path | str,
     collection: Collection,
-    encoder: Encoder,
+    encoder: Encoder | None,
     encoder_config: EncoderConfig,
     config: IngestConfig | None = None,
     ray_config: RayConfig | None = None,
     log: Callable[[str], None] | None = None,
+    pool: EncoderPool | None = None,
 ) -> IngestSummary:
-    """Index `root` into `collection` on Ray. `encoder` (the driver's) embeds caption texts and
-    names the model; the actors load `encoder_config`, which must name the same model."""
+    """Index `root` into `collection` on Ray. The actors load `encoder_config`; `encoder` (the driver's)
+    embeds caption texts and names the model, and must be the same model. With `encoder` None the driver
+    loads no model: it starts the actors at once and answers text from the text tower an actor stores in
+    the collection (`driver_encoder`). `pool`: actors started earlier by the caller (closed here)."""
     config = config or IngestConfig()
     cfg = ray_config or (RayConfig(workers=config.workers) if config.workers else RayConfig())
     shard_dir = collection.data_dir / SHARD_DIR
+    started: list[EncoderPool] = [pool] if pool is not None else []
+
+    def get_pool() -> EncoderPool:
+        if not started:
+            started.append(EncoderPool(cfg, encoder_config))
+        return started[0]
+
+    if encoder is None:
+        encoder = driver_encoder(get_pool(), collection, encoder_config)
 
     def sync(col: Collection, enc: Encoder, ic: IngestConfig) -> SyncReport:
         return sync_for(col, enc, ic, shard_runner(cfg))
 
-    return ingest(
-        root,
-        collection,
-        encoder,
-        config,
-        log=log,
-        encode_stage=encode_stage(encoder, encoder_config, config, cfg, shard_dir),
-        sync=sync,
+    try:
+        return ingest(
+            root,
+            collection,
+            encoder,
+            config,
+            log=log,
+            encode_stage=encode_stage(get_pool, encoder, config, shard_dir),
+            sync=sync,
+        )
+    finally:
+        for p in started:
+            p.close()
+
+
+def driver_encoder(pool: EncoderPool, collection: Collection, encoder_config: EncoderConfig) -> Encoder:
+    """The driver's encoder without a model load of its own: the actors' model identity, and the text
+    tower one of them stores in the collection (the full model loads here only for a model that has none)."""
+    from retrieval.encoders.serving import ServingEncoder
+
+    info = pool.info()
+    pool.store_text_tower(collection.data_dir, info.fingerprint)
+    return ServingEncoder(
+        encoder_config.model,
+        collection.data_dir,
+        device="cpu",
+        precision=encoder_config.precision,
+        expect_fingerprint=info.fingerprint,
     )

@@ -1,20 +1,24 @@
-"""The code that runs on Ray workers: decode tasks and the encoder actor, shared with the local path.
+"""The code that runs on Ray workers: the encoder actor, and the tasks that fill on-disk shards.
 
-Decoding calls the same `retrieval.imageio` and encoder preprocessing as the local engine, and the
-actor wraps the same `create_encoder`, so both engines produce the same pixels and vectors.
+An actor reads, decodes and crops with the local engine's own functions (`decode_pool.decode_uint8`)
+and wraps the same `create_encoder` and uint8 feed, so both engines encode the same pixels.
 """
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retrieval import imageio
-from retrieval.encoders import EncoderConfig, create_encoder
-from retrieval.encoders.preprocess import PreprocessConfig, preprocess_one
-from retrieval.errors import BadImage
+from retrieval.decode_pool import DecodeSpec, decode_uint8
+from retrieval.encoders import EncoderConfig, EncoderInfo, create_encoder, texttower
+from retrieval.encoders.base import FeedEncoder
+from retrieval.encoders.preprocess import PreprocessConfig
+from retrieval.errors import BadImage, ConfigError
 
 Batch = dict[str, np.ndarray]
 
@@ -28,27 +32,17 @@ def is_known(keys: np.ndarray | None, digest: str) -> bool:
     return at < len(keys) and keys[at] == key
 
 
-def decode_batch(
-    batch: Batch,
-    pre: PreprocessConfig,
-    draft: int,
-    max_pixels: int,
-    max_bytes: int = imageio.DEFAULT_MAX_FILE_BYTES,
-    known: Any = None,
-) -> Batch:
-    """Read, hash, decode and preprocess each path; a failure becomes a reason, not an exception.
+def decode_batch(batch: Batch, spec: DecodeSpec, max_bytes: int, known: np.ndarray | None = None) -> Batch:
+    """Read, hash, decode and crop each path as the local engine does; a failure becomes a reason.
 
-    `known` (sorted uint64 hash keys, or a Ray reference to them) names content this model has
-    embedded already: such images are only measured, not decoded, and flagged `dup` so the actors
-    skip them and the committer reuses the stored vector, as the local engine does.
+    `known` (sorted uint64 hash keys) names content this model has embedded already: such images are
+    only measured, not decoded, and flagged `dup` so they are not encoded and the committer reuses the
+    stored vector, as the local engine does. Pixels are the local engine's uint8 crops
+    (`decode_pool.decode_uint8`), so both engines encode the same pixels.
     """
-    if known is not None and not isinstance(known, np.ndarray):
-        import ray
-
-        known = ray.get(known)  # shared memory on the same node: no copy per task
-    h, w = pre.output_hw
+    h, w = spec.pre.output_hw if spec.pre is not None else (0, 0)
     n = len(batch["image_id"])
-    pixels = np.zeros((n, 3, h, w), dtype=np.float32)
+    pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
     hashes, widths, heights, errors, dups = [], [], [], [], []
     for i, path in enumerate(batch["path"]):
         digest, width, height, error, dup = "", 0, 0, "", False
@@ -59,9 +53,9 @@ def decode_batch(
                 dup = True
                 width, height = imageio.probe_size(data)
             else:
-                dec = imageio.decode(data, draft_size=draft, max_pixels=max_pixels)
+                dec = decode_uint8(data, spec)
                 width, height = dec.width, dec.height
-                pixels[i] = preprocess_one(dec.image, pre)
+                pixels[i] = dec.pixels
         except BadImage as exc:
             error = exc.reason
         hashes.append(digest)
@@ -81,10 +75,13 @@ def decode_batch(
 
 
 class EncodeActor:
-    """Loads the encoder once per actor (one GPU each where GPUs exist) and encodes pixel batches.
+    """Loads the encoder once per actor (one GPU each where GPUs exist); reads, decodes and encodes
+    batches of paths in its own process, so a run starts no other processes than its actors.
 
     `threads` caps torch's intra-op threads: Ray sets one OpenMP thread per worker by default,
-    which would leave a CPU actor at a fraction of the local engine's speed.
+    which would leave a CPU actor at a fraction of the local engine's speed. Decoding runs between
+    forwards in the same process: beside a forward on every core it would only stall it (see
+    `decode_pool.Gate`).
     """
 
     def __init__(self, config: EncoderConfig, threads: int | None = None) -> None:
@@ -93,12 +90,43 @@ class EncodeActor:
 
             torch.set_num_threads(threads)
         self.encoder = create_encoder(config)
+        pre = getattr(self.encoder, "pre", None)
+        if not isinstance(pre, PreprocessConfig) or not isinstance(self.encoder, FeedEncoder):
+            raise ConfigError(f"encoder {self.encoder.info.name!r} has no uint8 pixel path for Ray workers")
+        self.spec = DecodeSpec(pre, max(self.encoder.info.image_size, 1), imageio.DEFAULT_MAX_PIXELS)
+
+    def info(self) -> EncoderInfo:
+        return self.encoder.info
+
+    def ingest_batch_size(self) -> int:
+        encoder = self.encoder
+        assert isinstance(encoder, FeedEncoder)
+        return encoder.ingest_batch_size()
+
+    def text_tower(self) -> dict[str, bytes] | None:
+        """The collection's stored text tower (`retrieval.encoders.texttower`), as file name -> bytes,
+        so the driver can answer text without loading the model; None for a model without one."""
+        model = getattr(self.encoder, "model", None)
+        if model is None or not texttower.exportable(model):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            out = texttower.export(
+                model, getattr(self.encoder, "tokenizer", None), self.encoder.info, Path(tmp) / "t"
+            )
+            return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def encode_paths(self, items: Batch, max_pixels: int, max_bytes: int, known: np.ndarray | None) -> Batch:
+        """Decode and encode one batch of {image_id, path}; what `__call__` returns."""
+        spec = self.spec if max_pixels == self.spec.max_pixels else replace(self.spec, max_pixels=max_pixels)
+        return self(decode_batch(items, spec, max_bytes, known))
 
     def __call__(self, batch: Batch) -> Batch:
         ok = np.asarray([not e for e in batch["error"]], dtype=bool) & ~np.asarray(batch["dup"], dtype=bool)
         vectors = np.zeros((len(ok), self.encoder.info.dim), dtype=np.float32)
         if ok.any():
-            vectors[ok] = self.encoder.encode_pixels(np.ascontiguousarray(batch["pixels"][ok]))
+            encoder = self.encoder
+            assert isinstance(encoder, FeedEncoder)
+            vectors[ok] = encoder.encode_staged(encoder.stage(np.ascontiguousarray(batch["pixels"][ok])))
         out: dict[str, Any] = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
         return out
