@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The photos copied: ../shared beside a checkout, or where --source points (a worktree has no ../shared).
 PHOTOS = ROOT.parent / "shared" / "data" / "coco-mini" / "images"
 CLI = [sys.executable, "-m", "explainer.cli"]
 #: rclip 4.0.8 as issue 28 measured it on this machine type (quoted, not run here without Python 3.12).
@@ -105,11 +106,13 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def copy_photos(dest: Path, count: int, start: int = 0) -> Path:
+def copy_photos(dest: Path, count: int, start: int = 0, source: Path = PHOTOS) -> Path:
     """`count` distinct photo files: the coco-mini photos, again and again, each with its own trailer."""
-    sources = sorted(PHOTOS.rglob("*.jpg"))
+    sources = sorted(source.rglob("*.jpg"))
     if not sources:
-        sys.exit(f"no photos under {PHOTOS}: this bench needs ../shared/data/coco-mini")
+        sys.exit(
+            f"no photos under {source}: this bench needs coco-mini (../shared/data/coco-mini or --source)"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + count):
         src = sources[i % len(sources)]
@@ -208,6 +211,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="cold searches and re-scans (median)")
     ap.add_argument("--queries", type=int, default=8, help="warm new queries, quiet and under load")
     ap.add_argument("--work", type=Path, default=None, help="keep the model, photos and data here")
+    ap.add_argument("--source", type=Path, default=PHOTOS, help="the coco-mini images folder")
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="peer-bench-"))
@@ -216,7 +220,7 @@ def main() -> None:
         build_model(model)
     photos = work / "photos"
     if not photos.exists():
-        copy_photos(photos, args.photos)
+        copy_photos(photos, args.photos, source=args.source)
     data = work / "data"
     if not (data / "index").exists():
         run([*CLI, "index", str(photos), "--model", str(model), "--data-dir", str(data), "--quiet"])
@@ -234,7 +238,9 @@ def main() -> None:
 
     served = serve_rows(data, args.queries)
 
-    fresh = copy_photos(work / f"photos-{args.index_photos}", args.index_photos, start=100_000)
+    fresh = copy_photos(
+        work / f"photos-{args.index_photos}", args.index_photos, start=100_000, source=args.source
+    )
     fresh_data = work / f"data-{args.index_photos}"
     index_run = run(
         [*CLI, "index", str(fresh), "--model", str(model), "--data-dir", str(fresh_data), "--quiet"]
