@@ -10,7 +10,6 @@ doubles that). Identical files share one entry, like embeddings in the catalog.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,6 +31,7 @@ from retrieval.evidence.types import (
     query_row,
     unreadable,
 )
+from retrieval.patchfiles import store_root, stored_keys
 from retrieval.types import Float32Array
 
 FORMAT_VERSION = 1
@@ -61,8 +61,7 @@ class PatchStore:
         if dtype not in DTYPES:
             raise ConfigError(f"patch feature dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
-        key = hashlib.blake2b(f"{info.fingerprint}|surgery={surgery}".encode(), digest_size=6).hexdigest()
-        self.root = Path(data_dir).expanduser() / "patches" / key
+        self.root = store_root(data_dir, info.fingerprint, surgery)
         self.info = info
         self.surgery = surgery
 
@@ -118,6 +117,9 @@ class PatchStore:
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*.npy")) if self.root.exists() else 0
+
+    def stored_keys(self) -> set[str]:
+        return stored_keys(self.root)
 
 
 def store_patch_features(
