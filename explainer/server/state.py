@@ -361,6 +361,11 @@ def start_patch_fill(
     if not can_give_patches(encoder):
         return None
     store = PatchStore(searcher.collection.data_dir, encoder.info, surgery=evidence.config.surgery)
+    try:
+        store.ensure()  # "auto" evidence reads the store from now on, storing each hit it computes
+    except OSError as exc:  # a read-only data directory: evidence stays dense, the server still serves
+        log.warning("patch features are not stored (%s); evidence runs the model per hit", type(exc).__name__)
+        return None
     worker = PatchFillWorker(
         searcher.collection.catalog, encoder, store, config=evidence.config, batch=settings.patch_fill_batch
     )
