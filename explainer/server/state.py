@@ -171,9 +171,13 @@ class ServerState:
                 return
             evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
             explainer = self.injected_explainer or self._explainer()
+            # the store exists before the warm-up, so its probe page runs the path queries will take
+            fill = start_patch_fill(self.settings, searcher, evidence, start=False)
             _warm_up(searcher, evidence)  # before the captioning worker starts sharing the cores
             captions = server_captions(self.settings, searcher)  # starts the captioning worker when on
-            self.patch_worker = start_patch_fill(self.settings, searcher, evidence)
+            if fill is not None:
+                fill.start()
+            self.patch_worker = fill
             self.pipeline = CardPipeline(searcher, explainer, evidence, captions, public_reasons=True)
             self.problem = None
 
@@ -347,7 +351,7 @@ def _warm_up(searcher: Searcher, evidence: EvidenceProvider) -> None:
 
 
 def start_patch_fill(
-    settings: Settings, searcher: Searcher, evidence: EvidenceProvider
+    settings: Settings, searcher: Searcher, evidence: EvidenceProvider, start: bool = True
 ) -> PatchFillWorker | None:
     """The started background fill of stored patch features, where it pays: on (`patch_features`), the
     evidence draws from the store (method auto or stored) and the model gives patch features (CLIP)."""
@@ -369,7 +373,8 @@ def start_patch_fill(
     worker = PatchFillWorker(
         searcher.collection.catalog, encoder, store, config=evidence.config, batch=settings.patch_fill_batch
     )
-    worker.start()
+    if start:
+        worker.start()
     return worker
 
 
