@@ -136,6 +136,35 @@ def _post(http: httpx.Client, text: str) -> float:
     return took
 
 
+def _curl(base: str, text: str) -> float:
+    """One query through curl: its own time_total. httpx answers ~40 ms later than curl from the same
+    server on this machine (measured 86 against 46 ms), so the client is part of what the row measures."""
+    body = json.dumps({"text": text, "top_k": 12, "explain": False})
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_total}",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            body,
+            f"{base}/api/search",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if len(out) != 2 or out[0] != "200":
+        sys.exit(f"curl POST /api/search answered {out}")
+    return float(out[1])
+
+
 def busy_loops(n: int = 2) -> list[subprocess.Popen[bytes]]:
     """The fixed synthetic load: `n` processes spinning in pure Python (one per core here)."""
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
@@ -174,6 +203,11 @@ def serve_rows(data: Path, queries: int) -> dict[str, object]:
             filling = [_post(http, f"{next(pool)} filling {i}") for i in range(queries)]
             fill_s = _wait_filled(http, proc)
             quiet = [_post(http, f"{next(pool)} {i}") for i in range(queries)]
+            curl = (
+                [_curl(base, f"{next(pool)} curl {i}") for i in range(queries)]
+                if shutil.which("curl")
+                else []
+            )
             loops = busy_loops()
             try:
                 time.sleep(0.5)
@@ -192,6 +226,7 @@ def serve_rows(data: Path, queries: int) -> dict[str, object]:
         "filling": filling,
         "fill_s": fill_s,
         "quiet": quiet,
+        "curl": curl,
         "busy": busy,
         "serve_rss_mb": rss,
     }
@@ -277,8 +312,9 @@ def main() -> None:
     )
 
     med = statistics.median
-    quiet, busy, filling = served["quiet"], served["busy"], served["filling"]
+    quiet, busy, filling, curl = served["quiet"], served["busy"], served["filling"], served["curl"]
     assert isinstance(quiet, list) and isinstance(busy, list) and isinstance(filling, list)
+    assert isinstance(curl, list)
     ours = {
         "cold": med(r.seconds for r in cold),
         "rescan": med(r.seconds for r in rescans),
@@ -328,6 +364,13 @@ def main() -> None:
             else "no time (off)."
         )
         + " The two warm rows above are measured once it was filled.",
+        (
+            f"- The quiet warm query through curl instead of httpx: {med(curl) * 1000:.0f} ms "
+            f"({min(curl) * 1000:.0f}-{max(curl) * 1000:.0f}); against rclip's quoted: "
+            f"{_ratio(med(curl), q['warm_quiet'])}."
+            if curl
+            else "- curl is not installed: no curl row."
+        ),
         f"- Busy / quiet for Clearsight's warm query: {ours['warm_busy'] / ours['warm_quiet']:.1f}x "
         f"(rclip's quoted: {q['warm_busy'] / q['warm_quiet']:.1f}x).",
         f"- `clearsight serve`: health answered after {served['ready_s']:.1f} s; "
