@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -35,6 +36,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The photos copied: ../shared beside a checkout, or where --source points (a worktree has no ../shared).
 PHOTOS = ROOT.parent / "shared" / "data" / "coco-mini" / "images"
 CLI = [sys.executable, "-m", "explainer.cli"]
 #: rclip 4.0.8 as issue 28 measured it on this machine type (quoted, not run here without Python 3.12).
@@ -105,11 +107,13 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def copy_photos(dest: Path, count: int, start: int = 0) -> Path:
+def copy_photos(dest: Path, count: int, start: int = 0, source: Path = PHOTOS) -> Path:
     """`count` distinct photo files: the coco-mini photos, again and again, each with its own trailer."""
-    sources = sorted(PHOTOS.rglob("*.jpg"))
+    sources = sorted(source.rglob("*.jpg"))
     if not sources:
-        sys.exit(f"no photos under {PHOTOS}: this bench needs ../shared/data/coco-mini")
+        sys.exit(
+            f"no photos under {source}: this bench needs coco-mini (../shared/data/coco-mini or --source)"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + count):
         src = sources[i % len(sources)]
@@ -130,6 +134,35 @@ def _post(http: httpx.Client, text: str) -> float:
     if r.status_code != 200:
         sys.exit(f"POST /api/search answered {r.status_code}: {r.text[:300]}")
     return took
+
+
+def _curl(base: str, text: str) -> float:
+    """One query through curl: its own time_total. httpx answers ~40 ms later than curl from the same
+    server on this machine (measured 86 against 46 ms), so the client is part of what the row measures."""
+    body = json.dumps({"text": text, "top_k": 12, "explain": False})
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_total}",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            body,
+            f"{base}/api/search",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if len(out) != 2 or out[0] != "200":
+        sys.exit(f"curl POST /api/search answered {out}")
+    return float(out[1])
 
 
 def busy_loops(n: int = 2) -> list[subprocess.Popen[bytes]]:
@@ -165,7 +198,16 @@ def serve_rows(data: Path, queries: int) -> dict[str, object]:
             ready_s = time.perf_counter() - start
             first = _post(http, QUERIES[0])
             pool = iter(QUERIES[1:] * 10)
+            # while the server fills patch features in the background (each hit not stored yet runs the
+            # image tower, as every hit did before the fill); then, once it is filled, the steady state
+            filling = [_post(http, f"{next(pool)} filling {i}") for i in range(queries)]
+            fill_s = _wait_filled(http, proc)
             quiet = [_post(http, f"{next(pool)} {i}") for i in range(queries)]
+            curl = (
+                [_curl(base, f"{next(pool)} curl {i}") for i in range(queries)]
+                if shutil.which("curl")
+                else []
+            )
             loops = busy_loops()
             try:
                 time.sleep(0.5)
@@ -178,7 +220,32 @@ def serve_rows(data: Path, queries: int) -> dict[str, object]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    return {"ready_s": ready_s, "first": first, "quiet": quiet, "busy": busy, "serve_rss_mb": rss}
+    return {
+        "ready_s": ready_s,
+        "first": first,
+        "filling": filling,
+        "fill_s": fill_s,
+        "quiet": quiet,
+        "curl": curl,
+        "busy": busy,
+        "serve_rss_mb": rss,
+    }
+
+
+def _wait_filled(http: httpx.Client, proc: subprocess.Popen[bytes], limit_s: float = 1800.0) -> float | None:
+    """Seconds until health says the background fill of patch features is done (None: the server does
+    not fill, CLEARSIGHT_PATCH_FEATURES=off). Polled once a second: the poll is not a query."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        if proc.poll() is not None:
+            sys.exit(f"clearsight serve exited with {proc.returncode}")
+        patches = http.get("/api/health").json().get("patches")
+        if patches is None:
+            return None
+        if patches["idle"] or patches.get("problem"):  # unreadable images stay unfilled: idle says done
+            return time.perf_counter() - start
+        time.sleep(1.0)
+    sys.exit(f"the patch features were not filled within {limit_s:.0f} s")
 
 
 def _rss_mb(pid: int) -> float:
@@ -208,6 +275,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="cold searches and re-scans (median)")
     ap.add_argument("--queries", type=int, default=8, help="warm new queries, quiet and under load")
     ap.add_argument("--work", type=Path, default=None, help="keep the model, photos and data here")
+    ap.add_argument("--source", type=Path, default=PHOTOS, help="the coco-mini images folder")
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="peer-bench-"))
@@ -216,7 +284,7 @@ def main() -> None:
         build_model(model)
     photos = work / "photos"
     if not photos.exists():
-        copy_photos(photos, args.photos)
+        copy_photos(photos, args.photos, source=args.source)
     data = work / "data"
     if not (data / "index").exists():
         run([*CLI, "index", str(photos), "--model", str(model), "--data-dir", str(data), "--quiet"])
@@ -234,15 +302,19 @@ def main() -> None:
 
     served = serve_rows(data, args.queries)
 
-    fresh = copy_photos(work / f"photos-{args.index_photos}", args.index_photos, start=100_000)
+    fresh = copy_photos(
+        work / f"photos-{args.index_photos}", args.index_photos, start=100_000, source=args.source
+    )
     fresh_data = work / f"data-{args.index_photos}"
+    shutil.rmtree(fresh_data, ignore_errors=True)  # from scratch, also when --work is reused
     index_run = run(
         [*CLI, "index", str(fresh), "--model", str(model), "--data-dir", str(fresh_data), "--quiet"]
     )
 
     med = statistics.median
-    quiet, busy = served["quiet"], served["busy"]
-    assert isinstance(quiet, list) and isinstance(busy, list)
+    quiet, busy, filling, curl = served["quiet"], served["busy"], served["filling"], served["curl"]
+    assert isinstance(quiet, list) and isinstance(busy, list) and isinstance(filling, list)
+    assert isinstance(curl, list)
     ours = {
         "cold": med(r.seconds for r in cold),
         "rescan": med(r.seconds for r in rescans),
@@ -283,6 +355,22 @@ def main() -> None:
         f"{_mem_ratio(ours['mem_search'], q['mem_search'])} / "
         f"{_mem_ratio(ours['mem_index'], q['mem_index'])} |",
         "",
+        f"- While the server was still filling patch features (just started; each hit not stored yet "
+        f"runs the image tower): {med(filling) * 1000:.0f} ms ({min(filling) * 1000:.0f}-"
+        f"{max(filling) * 1000:.0f}); the fill of {args.photos} photos took "
+        + (
+            f"{served['fill_s']:.0f} s after those queries."
+            if served["fill_s"] is not None
+            else "no time (off)."
+        )
+        + " The two warm rows above are measured once it was filled.",
+        (
+            f"- The quiet warm query through curl instead of httpx: {med(curl) * 1000:.0f} ms "
+            f"({min(curl) * 1000:.0f}-{max(curl) * 1000:.0f}); against rclip's quoted: "
+            f"{_ratio(med(curl), q['warm_quiet'])}."
+            if curl
+            else "- curl is not installed: no curl row."
+        ),
         f"- Busy / quiet for Clearsight's warm query: {ours['warm_busy'] / ours['warm_quiet']:.1f}x "
         f"(rclip's quoted: {q['warm_busy'] / q['warm_quiet']:.1f}x).",
         f"- `clearsight serve`: health answered after {served['ready_s']:.1f} s; "

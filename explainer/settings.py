@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     # `clearsight run DIR` turns it on (`--no-captions`: off).
     server_captions: Literal["auto", "on", "off"] = "auto"
     caption_background: bool = True  # caption the collection while no request needs the model
+    # Patch features for evidence (explainer/patch_worker.py): "background" stores each indexed image's
+    # (ViT-B/32: ~25 KB, int8) while the server is idle, so a page's boxes then need no image-tower pass;
+    # "off" stores none (hits get dense evidence, one forward each, unless `index --patches` stored them).
+    patch_features: Literal["background", "off"] = "background"
+    patch_fill_batch: int = Field(default=4, ge=1, le=64)  # images per background batch
 
     @field_validator("local_gguf", mode="before")
     @classmethod

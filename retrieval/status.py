@@ -12,6 +12,7 @@ from pathlib import Path
 from retrieval import folders
 from retrieval.catalog import Catalog
 from retrieval.collection import Collection
+from retrieval.patchfiles import fill_progress, store_root
 from retrieval.paths import display_path
 
 #: Failed files listed by default; the counts always cover all of them.
@@ -44,6 +45,8 @@ class CollectionStatus:
     skipped: dict[str, object] = field(default_factory=dict)
     #: the exclude globs saved for each indexed folder that has any
     excludes: dict[str, list[str]] = field(default_factory=dict)
+    #: done/total: indexed images whose patch features are stored (evidence without a model pass) / all
+    patches: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """As JSON shows it: a path that is not UTF-8 cannot be encoded there, so its odd bytes are
@@ -70,6 +73,7 @@ def collection_status(
         counts = cat.counts()
         model = index = None
         captions = 0
+        patches = {"done": 0, "total": counts["indexed"]}
         if collection.store.exists():
             m = collection.store.read_manifest()
             model = {"name": m.model_name, "id": m.model_id, "fingerprint": m.fingerprint, "dim": m.dim}
@@ -82,6 +86,8 @@ def collection_status(
                 "note": m.note,
             }
             captions = m.captions_count
+            done, total = fill_progress(cat, store_root(collection.data_dir, m.fingerprint))
+            patches = {"done": done, "total": total}
         failures = cat.failures(limit=failed_limit + 1)
         done, total = caption_progress(cat)
         return CollectionStatus(
@@ -95,6 +101,7 @@ def collection_status(
             failed_truncated=len(failures) > failed_limit,
             skipped=folders.collection_skips(cat).to_dict(),
             excludes={r: list(w.exclude) for r, w in folders.collection_rules(cat).items() if w.exclude},
+            patches=patches,
         )
 
 

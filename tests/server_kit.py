@@ -52,6 +52,8 @@ def server_settings(data_dir: Path, tmp: Path, **overrides: Any) -> Settings:
         "explain_max_retries": 0,
         "explain_timeout_s": 5.0,
         "allowed_hosts": ["testserver"],  # the Host name TestClient sends
+        # no background fill: pages and answers stay as they are while a test runs (see test_patch_worker)
+        "patch_features": "off",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -59,6 +59,12 @@ def status_cmd(
     if st.captions["total"]:
         done, total = st.captions["done"], st.captions["total"]
         out.print(f"generated captions: {done} of {plural(total, 'indexed image')}", highlight=False)
+    if st.patches.get("total"):
+        done, total = st.patches["done"], st.patches["total"]
+        out.print(
+            f"patch features stored (evidence without a model pass): {done} of {plural(total, 'image')}",
+            highlight=False,
+        )
     for root in st.roots:
         out.print(f"indexed folder: {display_path(root)}", highlight=False)
         if root in st.excludes:

@@ -28,6 +28,7 @@ from explainer.server.schemas import (
     ExplainRequest,
     ExplainResponse,
     HealthIndex,
+    HealthPatches,
     HealthResponse,
     SearchRequest,
     SearchResponse,
@@ -349,8 +350,18 @@ async def health(request: Request) -> Response:
         explainer=explainer,
         evidence=pipeline.evidence.name,
         stale_images=len(state.stale_images),
+        patches=_patches(state),
     )
     return _health(body, 200, details)
+
+
+def _patches(state: ServerState) -> HealthPatches | None:
+    worker = state.patch_worker
+    if worker is None:
+        return None
+    p = worker.progress()
+    problem = state.public(p.problem) if p.problem else None
+    return HealthPatches(done=p.done, total=p.total, idle=p.idle, problem=problem)
 
 
 def _health(body: HealthResponse, status: int, details: bool) -> Response:

@@ -253,6 +253,15 @@ class HealthIndex(BaseModel):
     model: str
 
 
+class HealthPatches(BaseModel):
+    """The background fill of stored patch features (evidence boxes without a model pass)."""
+
+    done: int = Field(description="Indexed images whose patch features are stored")
+    total: int = Field(description="Indexed images")
+    idle: bool = Field(description="Nothing left to fill at the worker's last look")
+    problem: str | None = None
+
+
 class HealthResponse(BaseModel):
     """Without the token (when the server has one) only `status`: liveness, no details."""
 
@@ -265,6 +274,7 @@ class HealthResponse(BaseModel):
     explainer: str | None = None
     evidence: str | None = None
     stale_images: int | None = Field(default=None, description="Indexed images whose file changed since")
+    patches: HealthPatches | None = Field(default=None, description="Patch features filled while idle")
 
 
 class ErrorBody(BaseModel):

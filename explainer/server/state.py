@@ -21,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 
 from explainer.cards.captions import CatalogCaptions, ScheduledCaptions, server_captions
 from explainer.cards.context import query_echo
-from explainer.cards.evidence import EvidenceProvider, make_evidence_provider
+from explainer.cards.evidence import EvidenceProvider, LibraryEvidence, make_evidence_provider
 from explainer.cards.model import QueryEcho, public_model_name
 from explainer.cards.pipeline import CardPipeline, ResultPage
 from explainer.errors import ClearsightError, IndexError_, ModelUnavailable, server_message
@@ -29,6 +29,7 @@ from explainer.explain.backends import LLMConfig
 from explainer.explain.cache import SQLiteExplanationCache, open_explanation_cache
 from explainer.explain.chain import Explainer
 from explainer.explain.factory import explainer_from_settings
+from explainer.patch_worker import PatchFillWorker
 from explainer.server.limits import WorkBudget
 from explainer.server.queries import QueryImages, QueryInput, resolve
 from explainer.server.security import is_loopback
@@ -75,6 +76,8 @@ class ServerState:
     budget: WorkBudget | None = None
     #: The near-duplicate groups the duplicates page pages through, found once per index version.
     duplicates: KeptDuplicates = field(default_factory=KeptDuplicates)
+    #: Fills stored patch features while idle (None: off, or evidence that does not use them).
+    patch_worker: PatchFillWorker | None = None
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -137,6 +140,8 @@ class ServerState:
             status["demo"] = is_demo_model(pipeline.searcher.index.manifest.model_id)
             if isinstance(pipeline.captions, ScheduledCaptions):
                 status["captions"] = pipeline.captions.worker.progress().to_dict()
+            if self.patch_worker is not None:
+                status["patches"] = self.patch_worker.progress().to_dict()
         return status
 
     def public(self, message: str) -> str:
@@ -177,8 +182,13 @@ class ServerState:
                 return
             evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
             explainer = self.injected_explainer or self._explainer()
+            # the store exists before the warm-up, so its probe page runs the path queries will take
+            fill = start_patch_fill(self.settings, searcher, evidence, start=False)
             _warm_up(searcher, evidence)  # before the captioning worker starts sharing the cores
             captions = server_captions(self.settings, searcher)  # starts the captioning worker when on
+            if fill is not None:
+                fill.start()
+            self.patch_worker = fill
             self.pipeline = CardPipeline(searcher, explainer, evidence, captions, public_reasons=True)
             self.problem = None
 
@@ -221,7 +231,10 @@ class ServerState:
         evidence = self.injected_evidence or make_evidence_provider(self.settings.evidence_regions)
         if isinstance(pipeline.captions, ScheduledCaptions):  # its worker captions the old collection
             pipeline.captions.close()
+        if self.patch_worker is not None:  # it fills for the old model
+            self.patch_worker.stop()
         captions = server_captions(self.settings, fresh)
+        self.patch_worker = start_patch_fill(self.settings, fresh, evidence)
         self.pipeline = CardPipeline(fresh, pipeline.explainer, evidence, captions, public_reasons=True)
         self._retired.append((time.monotonic(), pipeline.searcher))
         self.index_problem = None
@@ -286,18 +299,23 @@ class ServerState:
         self, pipeline: CardPipeline, inp: QueryInput, evidence_method: str | None = None
     ) -> ResultPage:
         """Resolve and search (blocking; run it through `run`, within the shared work budget)."""
-        if isinstance(pipeline.captions, ScheduledCaptions):
-            pipeline.captions.worker.note_activity()  # background captioning yields before we encode
+        self.note_activity(pipeline)
         query, echo = self.resolve(inp, pipeline.searcher)
         return pipeline.search(query, echo, evidence_method=evidence_method)
+
+    def note_activity(self, pipeline: CardPipeline) -> None:
+        """A query is being served: background work (captions, patch features) waits before its next batch."""
+        if isinstance(pipeline.captions, ScheduledCaptions):
+            pipeline.captions.worker.note_activity()
+        if self.patch_worker is not None:
+            self.patch_worker.note_activity()
 
     def search_captions(
         self, pipeline: CardPipeline, inp: QueryInput
     ) -> tuple[SearchResult | None, Query, QueryEcho]:
         """Caption hits for the query; the result is None when the collection has no captions at all
         (blocking; run in a worker thread)."""
-        if isinstance(pipeline.captions, ScheduledCaptions):
-            pipeline.captions.worker.note_activity()
+        self.note_activity(pipeline)
         query, echo = self.resolve(inp, pipeline.searcher)
         if pipeline.searcher.index.captions.ntotal == 0:
             return None, query, echo
@@ -309,6 +327,9 @@ class ServerState:
     def close(self) -> None:
         self.close_retired(grace_s=0.0)
         pipeline, self.pipeline = self.pipeline, None
+        if self.patch_worker is not None:  # before the searcher (and its encoder) is closed
+            self.patch_worker.stop()
+            self.patch_worker = None
         if self._cache is not None:
             self._cache.close()
             self._cache = None
@@ -338,6 +359,34 @@ def _warm_up(searcher: Searcher, evidence: EvidenceProvider) -> None:
         log.warning("search warm-up failed (%s); the first query will be slower", type(exc).__name__)
         return
     log.info("search warmed up in %.2f s", time.perf_counter() - started)
+
+
+def start_patch_fill(
+    settings: Settings, searcher: Searcher, evidence: EvidenceProvider, start: bool = True
+) -> PatchFillWorker | None:
+    """The started background fill of stored patch features, where it pays: on (`patch_features`), the
+    evidence draws from the store (method auto or stored) and the model gives patch features (CLIP)."""
+    from retrieval.evidence import PatchStore, can_give_patches
+
+    if settings.patch_features == "off" or not isinstance(evidence, LibraryEvidence):
+        return None
+    if evidence.config.method not in ("auto", "stored"):
+        return None
+    encoder = searcher.encoder
+    if not can_give_patches(encoder):
+        return None
+    store = PatchStore(searcher.collection.data_dir, encoder.info, surgery=evidence.config.surgery)
+    try:
+        store.ensure()  # "auto" evidence reads the store from now on, storing each hit it computes
+    except OSError as exc:  # a read-only data directory: evidence stays dense, the server still serves
+        log.warning("patch features are not stored (%s); evidence runs the model per hit", type(exc).__name__)
+        return None
+    worker = PatchFillWorker(
+        searcher.collection.catalog, encoder, store, config=evidence.config, batch=settings.patch_fill_batch
+    )
+    if start:
+        worker.start()
+    return worker
 
 
 def state_of(request: Request) -> ServerState:

@@ -96,7 +96,7 @@ def export(model: Any, tokenizer: Any, info: EncoderInfo, out: Path) -> Path:
         with (tmp / WEIGHTS).open("wb") as fh:
             for name, t in tensors.items():
                 arr = np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
-                fh.write(arr.tobytes())
+                arr.tofile(fh)  # no bytes copy beside it: the embedding table alone is ~100 MB
                 layout[name] = [offset, list(arr.shape)]
                 offset += arr.size
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER))

@@ -10,10 +10,10 @@ doubles that). Identical files share one entry, like embeddings in the catalog.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from retrieval.evidence.types import (
     query_row,
     unreadable,
 )
+from retrieval.patchfiles import store_root, stored_keys
 from retrieval.types import Float32Array
 
 FORMAT_VERSION = 1
@@ -61,8 +62,7 @@ class PatchStore:
         if dtype not in DTYPES:
             raise ConfigError(f"patch feature dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
-        key = hashlib.blake2b(f"{info.fingerprint}|surgery={surgery}".encode(), digest_size=6).hexdigest()
-        self.root = Path(data_dir).expanduser() / "patches" / key
+        self.root = store_root(data_dir, info.fingerprint, surgery)
         self.info = info
         self.surgery = surgery
 
@@ -74,7 +74,9 @@ class PatchStore:
     def has(self, content_hash: str) -> bool:
         return self.path(content_hash).exists()
 
-    def _write_manifest(self) -> None:
+    def ensure(self) -> None:
+        """Create the store (with its manifest) if it is not there: "auto" evidence then reads from it,
+        and computes and stores what is missing, from the first query on."""
         manifest = self.root / "manifest.json"
         if manifest.exists():
             return
@@ -82,21 +84,28 @@ class PatchStore:
         body = {"format": FORMAT_VERSION, "surgery": self.surgery, "encoder": asdict(self.info)}
         manifest.write_text(json.dumps(body, indent=2))
 
-    def put(self, content_hash: str, patches: Float32Array) -> int:
-        """Store one image's unit patch embeddings; returns the bytes written. Writes are atomic."""
+    def _encode(self, patches: Float32Array) -> np.ndarray:
         if patches.ndim != 3 or patches.shape[-1] != self.info.dim:
             raise ConfigError(f"patch features must be (rows, cols, {self.info.dim}), got {patches.shape}")
         if self.dtype == "int8":
             peak = np.maximum(np.abs(patches).max(axis=-1, keepdims=True), 1e-12)
-            data: np.ndarray = np.rint(patches / peak * 127.0).astype(np.int8)
-        else:
-            data = patches.astype(np.float16)
-        self._write_manifest()
+            return np.rint(patches / peak * 127.0).astype(np.int8)
+        return patches.astype(np.float16)
+
+    def as_stored(self, patches: Float32Array) -> Float32Array:
+        """What `get` will return once `patches` are stored: evidence drawn from these is the same
+        whether an image's features were just computed or read back."""
+        return l2_normalise(self._encode(patches).astype(np.float32))
+
+    def put(self, content_hash: str, patches: Float32Array) -> int:
+        """Store one image's unit patch embeddings; returns the bytes written. Writes are atomic."""
+        data = self._encode(patches)
+        self.ensure()
         path = self.path(content_hash)
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, data, allow_pickle=False)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
         return len(buf.getvalue())
@@ -118,6 +127,9 @@ class PatchStore:
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*.npy")) if self.root.exists() else 0
+
+    def stored_keys(self) -> set[str]:
+        return stored_keys(self.root)
 
 
 def store_patch_features(
@@ -185,8 +197,13 @@ def stored_evidence(
         computed = dense_results(
             encoder, q, pre, [t for _, t in missing], replace(config, surgery=store.surgery)
         )
-        for (i, _), (ev, r) in zip(missing, computed, strict=True):
-            if r is not None and r.target.key:
+        for (i, t), (ev, r) in zip(missing, computed, strict=True):
+            if r is None:
+                out[i] = ev  # unreadable: the note says why
+                continue
+            if r.target.key:
                 store.put(r.target.key, r.patches)
-            out[i] = ev
+            # from the features as stored, so this hit's boxes do not change once they are read back
+            feats = store.as_stored(r.patches)
+            out[i] = evidence_from_patches(t.id, feats, q, r.width, r.height, pre, config, method="stored")
     return [out[i] for i in range(len(targets))]

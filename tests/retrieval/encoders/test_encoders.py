@@ -150,3 +150,28 @@ def test_siglip_family_loads_through_the_same_factory(tmp_path: Path) -> None:
     assert v.shape == t.shape == (1, enc.info.dim)
     ref = enc.processor.image_processor(images=[Image.new("RGB", (50, 40), "red")], return_tensors="np")
     assert np.abs(enc.preprocess([Image.new("RGB", (50, 40), "red")]) - ref["pixel_values"]).max() < 0.1
+
+
+def test_low_peak_load_gives_the_same_weights_as_from_pretrained(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """`load_model` reads a single safetensors file a tensor at a time (a lower memory peak); the model
+    it makes holds exactly what `from_pretrained` loads, in the dtype asked; other layouts take that path."""
+    import shutil
+
+    import torch
+    from transformers import AutoModel
+
+    from retrieval.encoders.hf import _single_weights_file, load_model
+
+    assert _single_weights_file(str(tiny_clip_dir), None) is not None
+    ref = AutoModel.from_pretrained(str(tiny_clip_dir), dtype=torch.float32).state_dict()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = load_model(str(tiny_clip_dir), dtype=dtype).state_dict()
+        assert set(got) == set(ref)
+        for k, v in ref.items():
+            assert got[k].dtype == (dtype if v.is_floating_point() else v.dtype), k
+            assert torch.equal(got[k], v.to(got[k].dtype)), k
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_clip_dir, sharded)
+    (sharded / "model.safetensors.index.json").write_text("{}")  # a sharded layout: not this path
+    assert _single_weights_file(str(sharded), None) is None
+    assert _single_weights_file(str(tmp_path / "nowhere"), None) is None
