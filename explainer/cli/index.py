@@ -243,7 +243,7 @@ def index_cmd(
     precision: Precision = None,
     engine: Annotated[
         str,
-        typer.Option("--engine", help="local (this process, default) or ray (Ray Data + encoder actors)"),
+        typer.Option("--engine", help="local (this process, default) or ray (a pool of encoder actors)"),
     ] = "local",
     ray_address: Annotated[
         str | None,

@@ -246,9 +246,11 @@ class EncoderPool:
             device=cfg.device or encoder_config.device,
             precision=cfg.precision or encoder_config.precision,
         )
+        extra = dict(cfg.actor_kwargs or {})
+        if self.gpu:  # the cluster's CPUs shared among the GPU actors, to decode their batches
+            extra.setdefault("decode_threads", max(1, int(resources.get("CPU", 1)) // self.workers))
         self.actors = [
-            remote.remote(config, None if self.gpu else threads, **(cfg.actor_kwargs or {}))
-            for _ in range(self.workers)
+            remote.remote(config, None if self.gpu else threads, **extra) for _ in range(self.workers)
         ]
 
     def info(self) -> EncoderInfo:

@@ -7,6 +7,7 @@ and wraps the same `create_encoder` and uint8 feed, so both engines encode the s
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,44 +33,47 @@ def is_known(keys: np.ndarray | None, digest: str) -> bool:
     return at < len(keys) and keys[at] == key
 
 
-def decode_batch(batch: Batch, spec: DecodeSpec, max_bytes: int, known: np.ndarray | None = None) -> Batch:
+def decode_batch(
+    batch: Batch,
+    spec: DecodeSpec,
+    max_bytes: int,
+    known: np.ndarray | None = None,
+    pool: Executor | None = None,
+) -> Batch:
     """Read, hash, decode and crop each path as the local engine does; a failure becomes a reason.
 
     `known` (sorted uint64 hash keys) names content this model has embedded already: such images are
     only measured, not decoded, and flagged `dup` so they are not encoded and the committer reuses the
     stored vector, as the local engine does. Pixels are the local engine's uint8 crops
-    (`decode_pool.decode_uint8`), so both engines encode the same pixels.
+    (`decode_pool.decode_uint8`), so both engines encode the same pixels. `pool` decodes the paths in
+    its threads (a GPU actor, whose forward leaves the cores free), in order; None decodes them here.
     """
-    h, w = spec.pre.output_hw if spec.pre is not None else (0, 0)
-    n = len(batch["image_id"])
-    pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
-    hashes, widths, heights, errors, dups = [], [], [], [], []
-    for i, path in enumerate(batch["path"]):
-        digest, width, height, error, dup = "", 0, 0, "", False
+
+    def one(path: object) -> tuple[str, int, int, str, bool, np.ndarray | None]:
+        digest = ""
         try:
             data = imageio.read_bytes(Path(str(path)), max_bytes)
             digest = imageio.content_hash(data)
             if is_known(known, digest):
-                dup = True
-                width, height = imageio.probe_size(data)
-            else:
-                dec = decode_uint8(data, spec)
-                width, height = dec.width, dec.height
-                pixels[i] = dec.pixels
+                return (digest, *imageio.probe_size(data), "", True, None)
+            dec = decode_uint8(data, spec)
+            return digest, dec.width, dec.height, "", False, dec.pixels
         except BadImage as exc:
-            error = exc.reason
-        hashes.append(digest)
-        widths.append(width)
-        heights.append(height)
-        errors.append(error)
-        dups.append(dup)
+            return digest, 0, 0, exc.reason, False, None
+
+    h, w = spec.pre.output_hw if spec.pre is not None else (0, 0)
+    rows = list(pool.map(one, batch["path"]) if pool is not None else map(one, batch["path"]))
+    pixels = np.zeros((len(rows), h, w, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        if row[5] is not None:
+            pixels[i] = row[5]
     return {
         "image_id": np.asarray(batch["image_id"], dtype=np.int64),
-        "content_hash": np.asarray(hashes, dtype=object),
-        "width": np.asarray(widths, dtype=np.int64),
-        "height": np.asarray(heights, dtype=np.int64),
-        "error": np.asarray(errors, dtype=object),
-        "dup": np.asarray(dups, dtype=bool),
+        "content_hash": np.asarray([r[0] for r in rows], dtype=object),
+        "width": np.asarray([r[1] for r in rows], dtype=np.int64),
+        "height": np.asarray([r[2] for r in rows], dtype=np.int64),
+        "error": np.asarray([r[3] for r in rows], dtype=object),
+        "dup": np.asarray([r[4] for r in rows], dtype=bool),
         "pixels": pixels,
     }
 
@@ -84,7 +88,7 @@ class EncodeActor:
     `decode_pool.Gate`).
     """
 
-    def __init__(self, config: EncoderConfig, threads: int | None = None) -> None:
+    def __init__(self, config: EncoderConfig, threads: int | None = None, decode_threads: int = 1) -> None:
         if threads:
             import torch
 
@@ -94,6 +98,9 @@ class EncodeActor:
         if not isinstance(pre, PreprocessConfig) or not isinstance(self.encoder, FeedEncoder):
             raise ConfigError(f"encoder {self.encoder.info.name!r} has no uint8 pixel path for Ray workers")
         self.spec = DecodeSpec(pre, max(self.encoder.info.image_size, 1), imageio.DEFAULT_MAX_PIXELS)
+        # a GPU forward leaves the cores idle: decode in `decode_threads` threads (the codecs release the
+        # interpreter lock); on a CPU the forward needs the cores, so each batch is decoded in turn
+        self.decoders = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
 
     def info(self) -> EncoderInfo:
         return self.encoder.info
@@ -118,7 +125,7 @@ class EncodeActor:
     def encode_paths(self, items: Batch, max_pixels: int, max_bytes: int, known: np.ndarray | None) -> Batch:
         """Decode and encode one batch of {image_id, path}; what `__call__` returns."""
         spec = self.spec if max_pixels == self.spec.max_pixels else replace(self.spec, max_pixels=max_pixels)
-        return self(decode_batch(items, spec, max_bytes, known))
+        return self(decode_batch(items, spec, max_bytes, known, self.decoders))
 
     def __call__(self, batch: Batch) -> Batch:
         ok = np.asarray([not e for e in batch["error"]], dtype=bool) & ~np.asarray(batch["dup"], dtype=bool)

@@ -219,3 +219,23 @@ def test_the_gate_is_used_only_when_the_forward_covers_every_core(monkeypatch: p
     assert not dp.forward_fills_cores("cuda:0", 2)  # a GPU forward leaves the cores to decoding
     monkeypatch.delitem(sys.modules, "torch")
     assert not dp.forward_fills_cores("cpu", 2)  # no torch: an encoder without torch threads
+
+
+def test_ray_decode_batches_are_the_same_in_threads_and_in_turn(tmp_path: Path) -> None:
+    """A GPU actor decodes its batch in threads; the rows, their order and failures equal a CPU actor's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrieval.distributed.stages import decode_batch
+
+    files = make_folder(tmp_path / "imgs", 6)
+    (tmp_path / "imgs" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths = [*files, tmp_path / "imgs" / "bad.jpg"]
+    items = {"image_id": np.arange(len(paths)), "path": np.asarray([str(p) for p in paths], dtype=object)}
+    alone = decode_batch(items, FAST, 10**8)
+    with ThreadPoolExecutor(3) as pool:
+        threaded = decode_batch(items, FAST, 10**8, pool=pool)
+    for key in ("image_id", "content_hash", "width", "height", "error", "dup"):
+        assert list(alone[key]) == list(threaded[key]), key
+    assert np.array_equal(alone["pixels"], threaded["pixels"])
+    assert alone["error"][-1] and not any(alone["error"][:-1])  # the broken file has a reason, no other
+    assert alone["pixels"][:-1].any(axis=(1, 2, 3)).all()
