@@ -103,7 +103,11 @@ def find_groups(
     ids: Int64Array, vectors: Float32Array, threshold: float = DEFAULT_THRESHOLD
 ) -> list[tuple[list[int], float]]:
     """Groups of image ids whose vectors are near-duplicates, biggest groups first."""
-    pairs = list(similar_pairs(vectors, threshold))
+    return _ranked_groups(ids, list(similar_pairs(vectors, threshold)))
+
+
+def _ranked_groups(ids: Int64Array, pairs: Sequence[tuple[int, int, float]]) -> list[tuple[list[int], float]]:
+    """The groups `pairs` (of rows of `ids`) make, as image ids, biggest groups first."""
     groups = [([int(ids[r]) for r in rows], weak) for rows, weak in group_pairs(len(ids), pairs)]
     return sorted(groups, key=lambda g: (-len(g[0]), g[0][0]))
 
@@ -151,9 +155,7 @@ def groups_at(catalog: Catalog, found: SimilarPairs, threshold: float | None = N
     if at < found.threshold:
         raise ConfigError(f"pairs found at cosine {found.threshold:g} cannot give the groups at {at:g}")
     pairs = found.pairs if at == found.threshold else [p for p in found.pairs if p[2] >= at]
-    rows = group_pairs(len(found.ids), pairs)
-    groups = [([int(found.ids[r]) for r in members], weak) for members, weak in rows]
-    groups.sort(key=lambda g: (-len(g[0]), g[0][0]))
+    groups = _ranked_groups(found.ids, pairs)
     records = catalog.get_images([i for members, _ in groups for i in members])
     out: list[DuplicateGroup] = []
     for members, weakest in groups:

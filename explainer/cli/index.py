@@ -136,9 +136,10 @@ def index_folder(
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     ddir = data_dir_or_default(data_dir)
     collection = Collection(ddir)
+    manifest = collection.store.read_manifest() if collection.store.exists() else None
     if model is None and not rebuild:  # keep indexing with the collection's own model
-        if collection.store.exists():
-            model = collection.store.read_manifest().model_id
+        if manifest is not None:
+            model = manifest.model_id
         elif (started := collection.catalog.indexing_model()) is not None:
             model = started[0]  # a first run stopped before writing an index: resume with its model
     pool = None
@@ -155,7 +156,7 @@ def index_folder(
             device=ray_cfg.device,
             precision=precision_or_setting(precision),
         )
-    if engine == "ray" and not collection.store.exists():
+    if engine == "ray" and manifest is None:
         # a first run encodes everything: start the actors now (their imports and model loads are most
         # of a small run), and let one of them store the text tower the driver needs, so the driver
         # loads no model of its own
@@ -169,9 +170,7 @@ def index_folder(
             ddir,
             device="auto" if engine == "ray" else device,
             precision=precision_or_setting(precision),
-            expect_fingerprint=collection.store.read_manifest().fingerprint
-            if collection.store.exists()
-            else None,
+            expect_fingerprint=manifest.fingerprint if manifest is not None else None,
         )
     if patches and not can_give_patches(encoder):
         raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
@@ -179,7 +178,7 @@ def index_folder(
     factory = factory_for(index, knobs.hnsw_m, knobs.nlist)
     search = None
     if knobs.ef_search is not None or knobs.nprobe is not None:
-        recorded = collection.store.read_manifest().params.search if collection.store.exists() else None
+        recorded = manifest.params.search if manifest is not None else None
         base = recorded or SearchParams()
         search = SearchParams(nprobe=knobs.nprobe or base.nprobe, ef_search=knobs.ef_search or base.ef_search)
     cfg = IngestConfig(

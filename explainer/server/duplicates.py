@@ -30,6 +30,9 @@ GROUPS_MAX = 50
 MEMBERS_MAX = 48
 #: Furthest page (with GROUPS_MAX, half a million groups deep).
 PAGE_MAX = 10_000
+#: Groups a page and members a group shown when not asked (the page's links leave these out).
+PER_PAGE = 20
+MEMBERS = 12
 
 
 class DuplicateSet(BaseModel):
@@ -62,15 +65,17 @@ def duplicates_page(
     catalog = searcher.collection.catalog
     records = catalog.get_images([i for g in shown for i in g.ids[:members]])
     roots = catalog.roots()
-    sets = [
-        DuplicateSet(
-            ids=[i for i in g.ids[:members] if i in records],
-            size=len(g.ids),
-            min_cosine=round(g.min_cosine, 4),
-            members=[collection_image(catalog, records[i], roots) for i in g.ids[:members] if i in records],
+    sets = []
+    for g in shown:
+        kept = [i for i in g.ids[:members] if i in records]
+        sets.append(
+            DuplicateSet(
+                ids=kept,
+                size=len(g.ids),
+                min_cosine=round(g.min_cosine, 4),
+                members=[collection_image(catalog, records[i], roots) for i in kept],
+            )
         )
-        for g in shown
-    ]
     return DuplicatesPage(
         threshold=used,
         default_threshold=default,
@@ -108,8 +113,8 @@ async def list_duplicates(
     request: Request,
     threshold: Threshold = None,
     page: Page = 1,
-    per_page: PerPage = 20,
-    members: Members = 12,
+    per_page: PerPage = PER_PAGE,
+    members: Members = MEMBERS,
 ) -> DuplicatesPage:
     state = state_of(request)
     pipeline = await state.ready()
@@ -123,8 +128,8 @@ async def duplicates_view(
     request: Request,
     threshold: Threshold = None,
     page: Page = 1,
-    per_page: PerPage = 20,
-    members: Members = 12,
+    per_page: PerPage = PER_PAGE,
+    members: Members = MEMBERS,
 ) -> Response:
     """The groups as rows of thumbnails, each image with its file name and folder."""
     state = state_of(request)
@@ -135,9 +140,9 @@ async def duplicates_view(
     base: dict[str, str] = {}
     if threshold is not None:
         base["threshold"] = f"{threshold:g}"
-    if per_page != 20:
+    if per_page != PER_PAGE:
         base["per_page"] = str(per_page)
-    if members != 12:
+    if members != MEMBERS:
         base["members"] = str(members)
     ctx: dict[str, Any] = {
         "status": state.page_status(),

@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -269,16 +267,9 @@ class EncoderPool:
         files = self.ray.get(self.actors[0].text_tower.remote())
         if not files:
             return False
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".text-", dir=folder.parent))
-        try:
+        with texttower.written_atomically(folder) as tmp:
             for name, data in files.items():
                 (tmp / Path(name).name).write_bytes(data)
-            os.replace(tmp, folder)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if texttower.read_meta(folder) is None:  # not a whole tower written meanwhile by another run
-                raise
         return True
 
     def encode(

@@ -13,12 +13,13 @@ answered by old ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,7 @@ def export(model: Any, tokenizer: Any, info: EncoderInfo, out: Path) -> Path:
             f"{n}.fc2.w": mlp.fc2.weight.T,
             f"{n}.fc2.b": mlp.fc2.bias,
         }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".text-", dir=out.parent))
-    try:
+    with written_atomically(out) as tmp:
         layout: dict[str, list[Any]] = {}
         offset = 0
         with (tmp / WEIGHTS).open("wb") as fh:
@@ -113,6 +112,18 @@ def export(model: Any, tokenizer: Any, info: EncoderInfo, out: Path) -> Path:
             "layout": layout,
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+@contextlib.contextmanager
+def written_atomically(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write a tower into, renamed to `out` when the block ends, so a
+    reader sees a whole tower or none; removed if the block fails. Another process's whole tower,
+    written meanwhile, is kept."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".text-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out, ignore_errors=True)
         try:
@@ -124,7 +135,6 @@ def export(model: Any, tokenizer: Any, info: EncoderInfo, out: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def read_meta(folder: Path) -> dict[str, Any] | None:

@@ -494,3 +494,33 @@ def test_a_file_name_that_is_not_utf8_is_indexed_on_ray(
     assert (summary.encoded, summary.failed, len(summary.odd_names)) == (4, 0, 1) and summary.accounts()
     rec = Collection(tmp_path / "d").catalog.image_by_path(str(odd))
     assert rec is not None and rec.state == "indexed"
+
+
+def test_a_driver_without_a_model_takes_the_text_tower_from_an_actor(
+    tmp_path: Path, encoder: Encoder, tiny_clip_dir: Path, ray_cluster: Any
+) -> None:
+    """`ray_ingest` with no driver encoder (a first `index --engine ray`): an actor stores the text tower
+    in the collection, the driver answers text from it, and the index equals the local engine's."""
+    from retrieval.encoders import texttower
+
+    make_folder(tmp_path / "imgs", 6)
+    local = ingest(tmp_path / "imgs", Collection(tmp_path / "local"), encoder, QUIET)
+    data = tmp_path / "ray"
+    dist = ray_ingest(
+        tmp_path / "imgs",
+        Collection(data),
+        None,
+        EncoderConfig(str(tiny_clip_dir), "cpu", precision="fp32"),
+        QUIET,
+        _cfg(),
+    )
+    assert (dist.encoded, dist.failed) == (local.encoded, local.failed) == (6, 0)
+    assert texttower.read_meta(texttower.tower_dir(data, encoder.info.fingerprint)) is not None
+    texts = ["red", "a blue circle"]
+    tower = texttower.TextTower.open(texttower.tower_dir(data, encoder.info.fingerprint))
+    assert tower is not None
+    assert np.allclose(tower.encode_texts(texts), encoder.encode_texts(texts), atol=1e-4)
+    for text in texts:
+        ra = Searcher.open(tmp_path / "local", encoder=encoder).search(Query(text=text, top_k=6))
+        rb = Searcher.open(data).search(Query(text=text, top_k=6))  # the stored tower answers
+        assert [h.path for h in ra.results] == [h.path for h in rb.results]  # type: ignore[union-attr]
