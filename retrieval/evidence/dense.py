@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from retrieval.encoders import Encoder
+from retrieval.encoders import Encoder, l2_normalise
 from retrieval.encoders.preprocess import PreprocessConfig, crop_offsets, resized_size
 from retrieval.errors import ConfigError
 from retrieval.evidence.batching import encode_in_batches, prepared_in_order
@@ -237,6 +237,26 @@ def _one_row(x: _Loaded) -> Float32Array:
     return x.pixels[None]
 
 
+#: How stored patch features keep their values (`retrieval.evidence.stored`); int8 is the store's default.
+STORED_DTYPES = ("int8", "float16")
+
+
+def stored_form(patches: Float32Array, dtype: str = "int8") -> np.ndarray:
+    """Unit patch embeddings as a patch store keeps them: int8 rows scaled to +-127 (cosine ignores
+    each row's scale, so none is kept), or float16."""
+    if dtype == "int8":
+        peak = np.maximum(np.abs(patches).max(axis=-1, keepdims=True), 1e-12)
+        return np.rint(patches / peak * 127.0).astype(np.int8)
+    return patches.astype(np.float16)
+
+
+def as_stored(patches: Float32Array, dtype: str = "int8") -> Float32Array:
+    """The features evidence draws on: `patches` as a store of `dtype` reads them back. Dense evidence
+    uses them too, so an image's boxes are the same whether its features were computed now (the
+    command line, a collection without a store) or stored by a server and read back."""
+    return l2_normalise(stored_form(patches, dtype).astype(np.float32))
+
+
 def dense_results(
     encoder: Encoder,
     q: Float32Array,
@@ -244,13 +264,15 @@ def dense_results(
     targets: Sequence[EvidenceTarget],
     config: EvidenceConfig,
 ) -> Iterator[tuple[Evidence, PatchResult | None]]:
-    """Dense evidence for each target (unit query `q`), in order, with the patch features it was
-    drawn from (None for an unreadable image), so stored evidence can keep them."""
+    """Dense evidence for each target (unit query `q`), in order, with the patch features computed
+    (None for an unreadable image), so stored evidence can keep them. The evidence is drawn from the
+    features as the default store keeps them (`as_stored`)."""
     for r in iter_patches(encoder, targets, config):
         if isinstance(r, Evidence):
             yield r, None
         else:
-            yield evidence_from_patches(r.target.id, r.patches, q, r.width, r.height, pre, config), r
+            feats = as_stored(r.patches)
+            yield evidence_from_patches(r.target.id, feats, q, r.width, r.height, pre, config), r
 
 
 def dense_evidence(

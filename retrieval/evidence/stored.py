@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from retrieval.encoders import Encoder, EncoderInfo, l2_normalise
 from retrieval.errors import BadImage, ConfigError, IndexCorrupt
-from retrieval.evidence.dense import PatchResult, dense_results, evidence_from_patches, iter_patches
+from retrieval.evidence.dense import (
+    STORED_DTYPES,
+    PatchResult,
+    dense_results,
+    evidence_from_patches,
+    iter_patches,
+    stored_form,
+)
 from retrieval.evidence.types import (
     Evidence,
     EvidenceConfig,
@@ -36,7 +43,7 @@ from retrieval.patchfiles import store_root, stored_keys
 from retrieval.types import Float32Array
 
 FORMAT_VERSION = 1
-DTYPES = ("int8", "float16")
+DTYPES = STORED_DTYPES
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,7 @@ class PatchStore:
     def _encode(self, patches: Float32Array) -> np.ndarray:
         if patches.ndim != 3 or patches.shape[-1] != self.info.dim:
             raise ConfigError(f"patch features must be (rows, cols, {self.info.dim}), got {patches.shape}")
-        if self.dtype == "int8":
-            peak = np.maximum(np.abs(patches).max(axis=-1, keepdims=True), 1e-12)
-            return np.rint(patches / peak * 127.0).astype(np.int8)
-        return patches.astype(np.float16)
+        return stored_form(patches, self.dtype)
 
     def as_stored(self, patches: Float32Array) -> Float32Array:
         """What `get` will return once `patches` are stored: evidence drawn from these is the same
