@@ -152,9 +152,9 @@ def run_server(
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or a ConfigError saying the port is taken (or the host wrong)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # The protocol is named so that asyncio turns Nagle off on accepted connections (it does so only for sockets
-    # whose proto is TCP, and they inherit the listener's): with Nagle on, each response on a kept-alive
-    # connection waited ~40 ms for the client's delayed ACK.
+    # The protocol is named so that asyncio turns Nagle off on accepted connections (it does so only for
+    # sockets whose proto is TCP, and they inherit the listener's): with Nagle on, each response on a
+    # kept-alive connection waited ~40 ms for the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
