@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -37,6 +38,9 @@ from retrieval.index.params import DEFAULT_EF_CONSTRUCTION, SearchParams
 from retrieval.index.sync import SyncReport, sync_indexes
 from retrieval.paths import display_path, is_utf8
 from retrieval.types import Float32Array, UInt8Array
+
+if TYPE_CHECKING:
+    from retrieval.evidence.stored import PatchStore
 
 #: The batch size of encoders that cannot say what suits their device.
 DEFAULT_BATCH = 32
@@ -60,6 +64,9 @@ class IngestConfig:
     # What the walk skips (see retrieval.folders); None: what the collection saved for the folder
     exclude: tuple[str, ...] | None = None
     include_hidden: bool | None = None
+    #: store each new image's patch features (`retrieval.evidence.stored`) from the pass that embeds it, so
+    #: evidence boxes need no model pass at query time; the local engine with a CLIP model only
+    patch_features: bool = False
 
     def __post_init__(self) -> None:
         if self.exclude is not None:  # a bad glob fails here, before any model loads
@@ -342,7 +349,9 @@ def ingest(
             records = cat.get_images(todo)
             ordered = [records[i] for i in todo if i in records]
             committer = Committer(collection, fp, summary)
-            stage = encode_stage or (lambda recs, com: _encode_all(encoder, recs, config, com, log))
+            stage = encode_stage or (
+                lambda recs, com: _encode_all(encoder, recs, config, com, log, collection.data_dir)
+            )
             stage(ordered, committer)
             # Whatever still waits keeps its 'pending' state and is picked up by the next run.
             summary.left_pending = sum(1 for r in cat.get_images(todo).values() if r.state == "pending")
@@ -443,12 +452,22 @@ def _missing_embeddings(collection: Collection, fp: str, exclude: set[int]) -> l
     return [r.id for r in indexed if r.content_hash not in have]
 
 
+def _patch_store(encoder: Encoder, data_dir: Path) -> PatchStore | None:
+    """The patch store ingest fills from its own passes, or None where the encoder has no patch head."""
+    if not getattr(encoder, "supports_patches", False) or not hasattr(encoder, "encode_staged_with_patches"):
+        return None
+    from retrieval.evidence import EvidenceConfig, PatchStore
+
+    return PatchStore(data_dir, encoder.info, surgery=EvidenceConfig().surgery)
+
+
 def _encode_all(
     encoder: Encoder,
     ordered: list[ImageRecord],
     config: IngestConfig,
     committer: Committer,
     log: Callable[[str], None] | None = None,
+    data_dir: Path | None = None,
 ) -> None:
     """The local engine: read and hash in threads, decode at the encoder's size (in those threads, or
     in processes on many cores) as fast as the encoder consumes, and feed it uint8 batches with the
@@ -456,6 +475,7 @@ def _encode_all(
     cat = committer.catalog
     fp = committer.fp
     fast = isinstance(encoder, FeedEncoder)
+    store = _patch_store(encoder, data_dir) if config.patch_features and fast and data_dir else None
     spec = DecodeSpec(getattr(encoder, "pre", None), max(encoder.info.image_size, 1), config.max_pixels)
     batch_size = config.batch_size or (
         encoder.ingest_batch_size() if isinstance(encoder, FeedEncoder) else DEFAULT_BATCH
@@ -536,14 +556,18 @@ def _encode_all(
         pixels = np.stack([r.pixels for r in group[0] if r.pixels is not None])
         return encoder.stage(pixels) if fast else pixels  # type: ignore[attr-defined]
 
-    def encode(staged: object) -> Float32Array | None:
+    def encode(staged: object) -> tuple[Float32Array, Float32Array | None] | None:
         if staged is None:
             return None
         t0 = time.perf_counter()
+        patches = None
         with gate.shut():
-            out = encoder.encode_staged(staged) if fast else encoder.encode_pixels(staged)  # type: ignore
+            if store is not None:
+                out, patches = encoder.encode_staged_with_patches(staged, store.surgery)  # type: ignore
+            else:
+                out = encoder.encode_staged(staged) if fast else encoder.encode_pixels(staged)  # type: ignore
         encode_rate.add(time.perf_counter() - t0, len(out))
-        return out
+        return out, patches
 
     try:
         with ThreadPoolExecutor(
@@ -551,9 +575,15 @@ def _encode_all(
             thread_name_prefix="decode",
             initializer=decode_pool.yield_to_encoder if on_cpu else None,
         ) as threads:
-            for (ready, dups), vecs in prefetched(groups(threads), stage, encode, prefetch_depth(device)):
+            for (ready, dups), encoded in prefetched(groups(threads), stage, encode, prefetch_depth(device)):
                 rows = list(dups)
-                if vecs is not None:
+                if encoded is not None:
+                    vecs, patches = encoded
+                    if store is not None and patches is not None:
+                        # written before the vectors are committed: an image marked indexed has its
+                        # features, and a crash in between leaves only files a re-run overwrites
+                        for b, p in zip(ready, patches, strict=True):
+                            store.put(b.content_hash, p)
                     rows += [
                         Encoded(b.image_id, b.content_hash, b.width, b.height, v)
                         for b, v in zip(ready, vecs, strict=True)

@@ -118,6 +118,7 @@ def index_folder(
     actors with `engine="ray"` (which imports Ray only then). `exclude` and `include_hidden` None keep
     what the collection saved for this folder (see retrieval.folders); given, they are saved.
     """
+    from explainer.settings import get_settings
     from retrieval.evidence import can_give_patches, store_collection_patches
     from retrieval.index.auto import parse_bytes
     from retrieval.ingest import ingest
@@ -193,6 +194,7 @@ def index_folder(
         memory_budget=budget,
         exclude=None if exclude is None else tuple(exclude),
         include_hidden=include_hidden,
+        patch_features=patches or get_settings().patch_features != "off",
     )
     if engine == "ray":
         from retrieval.distributed.ingest import ray_ingest

@@ -15,7 +15,7 @@ from retrieval import hub
 from retrieval.encoders.base import EncoderInfo, default_dtype, l2_normalise, select_device, torch_dtype
 from retrieval.encoders.feed import DeviceFeed, Staged, auto_batch_size, check_uint8_batch
 from retrieval.encoders.preprocess import PreprocessConfig, preprocess_batch, preprocess_uint8
-from retrieval.errors import BadQuery, ModelUnavailable
+from retrieval.errors import BadQuery, ConfigError, ModelUnavailable
 from retrieval.registry import EncoderSpec, list_encoders
 from retrieval.types import Float32Array, UInt8Array
 
@@ -212,8 +212,6 @@ class HFDualEncoder:
         """
         import torch
 
-        from retrieval.errors import ConfigError
-
         if not self.supports_patches:
             raise ConfigError(
                 f"dense evidence needs a CLIP model; {self.info.family} has no per-patch projection: "
@@ -223,26 +221,60 @@ class HFDualEncoder:
         rows, cols = pixels.shape[2] // self.info.patch_size, pixels.shape[3] // self.info.patch_size
         if len(pixels) == 0:
             return np.zeros((0, rows, cols, self.info.dim), dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            h = self._before_last_block(self._pixels_tensor(pixels))
+            return self._patch_head(h, surgery, rows, cols)
+
+    def _before_last_block(self, t: Any) -> Any:
+        """The vision tower's hidden states entering its last block."""
+        vision = self.model.vision_model
+        h = vision.pre_layrnorm(vision.embeddings(t))
+        for layer in vision.encoder.layers[:-1]:
+            h = _hidden(layer(h, None))
+        return h
+
+    def _patch_head(self, h: Any, surgery: bool, rows: int, cols: int) -> Float32Array:
+        """Unit patch embeddings (n, rows, cols, dim) from the hidden states entering the last block."""
+        import torch
+
+        vision = self.model.vision_model
+        last = vision.encoder.layers[-1]
+        if surgery:
+            attn = last.self_attn
+            x = last.layer_norm1(h)
+            n, length, width = x.shape
+            v = attn.v_proj(x).view(n, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+            weights = torch.softmax((v @ v.transpose(-1, -2)) * attn.scale, dim=-1)
+            h = attn.out_proj((weights @ v).transpose(1, 2).reshape(n, length, width))
+        else:
+            h = _hidden(last(h, None))
+        patches = self.model.visual_projection(vision.post_layernorm(h[:, 1:, :]))
+        return l2_normalise(patches.float().cpu().numpy()).reshape(len(h), rows, cols, -1)
+
+    def encode_staged_with_patches(
+        self, staged: Staged, surgery: bool = True
+    ) -> tuple[Float32Array, Float32Array]:
+        """`encode_staged` and `patch_embeddings` of the same batch from one pass through the vision tower:
+        the blocks before the last run once, and both heads start from them. Indexing stores the patch
+        features this way for about 4% more work than the embeddings alone (ViT-B/32), instead of a
+        second pass later."""
+        import torch
+
+        if not self.supports_patches:
+            raise ConfigError(f"{self.info.family} has no per-patch projection")
+        rows = cols = self.info.image_size // self.info.patch_size
+        if staged.n == 0:
+            return (
+                np.zeros((0, self.info.dim), dtype=np.float32),
+                np.zeros((0, rows, cols, self.info.dim), dtype=np.float32),
+            )
         vision = self.model.vision_model
         with self._lock, torch.inference_mode():
-            t = self._pixels_tensor(pixels)
-            h = vision.pre_layrnorm(vision.embeddings(t))
-            layers = vision.encoder.layers
-            for layer in layers[:-1]:
-                h = layer(h, None)
-            last = layers[-1]
-            if surgery:
-                attn = last.self_attn
-                x = last.layer_norm1(h)
-                n, length, width = x.shape
-                v = attn.v_proj(x).view(n, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-                weights = torch.softmax((v @ v.transpose(-1, -2)) * attn.scale, dim=-1)
-                h = attn.out_proj((weights @ v).transpose(1, 2).reshape(n, length, width))
-            else:
-                h = last(h, None)
-            patches = self.model.visual_projection(vision.post_layernorm(h[:, 1:, :]))
-            out = l2_normalise(patches.float().cpu().numpy())
-        return out.reshape(len(pixels), rows, cols, -1)
+            assert self._feed is not None
+            h = self._before_last_block(self._feed.wait(staged))
+            last = _hidden(vision.encoder.layers[-1](h, None))
+            vecs = self.model.visual_projection(vision.post_layernorm(last[:, 0, :]))
+            return l2_normalise(vecs.float().cpu().numpy()), self._patch_head(h, surgery, rows, cols)
 
     # -- texts ----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> Any:
@@ -288,3 +320,8 @@ class HFDualEncoder:
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _hidden(out: Any) -> Any:
+    """A transformer block's hidden states: a tensor, or the first item of the tuple older releases return."""
+    return out[0] if isinstance(out, tuple) else out

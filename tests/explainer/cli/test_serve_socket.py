@@ -1,6 +1,6 @@
 """The listening socket `clearsight serve` hands to uvicorn. asyncio turns Nagle off only on sockets whose
-protocol is TCP, and accepted sockets inherit the listener's: a socket made without it left Nagle on, and every
-query on a kept-alive connection waited ~40 ms for the client's delayed ACK (issue 28)."""
+protocol is TCP, and accepted sockets inherit the listener's: a socket made without it left Nagle on, and
+every query on a kept-alive connection waited ~40 ms for the client's delayed ACK (issue 28)."""
 
 from __future__ import annotations
 

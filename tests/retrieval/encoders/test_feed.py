@@ -107,6 +107,28 @@ def test_the_encoder_encodes_uint8_batches_as_it_encodes_float_ones(encoder: Enc
     assert float((got * want).sum(axis=1).min()) > 0.999
 
 
+@pytest.mark.parametrize("surgery", [True, False])
+def test_one_pass_gives_the_embeddings_and_the_patch_features_of_two(encoder: Encoder, surgery: bool) -> None:
+    """Indexing stores patch features from the pass that makes the embeddings: the same numbers as
+    `encode_staged` and `patch_embeddings` on the same input (fp32, pinned by the fixture)."""
+    assert isinstance(encoder, FeedEncoder)
+    images = [photo(90 + 10 * i, 70, seed=i) for i in range(4)]
+    u8 = np.stack([encoder.preprocess_uint8(im) for im in images])
+    vecs, patches = encoder.encode_staged_with_patches(encoder.stage(u8), surgery=surgery)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(vecs, encoder.encode_staged(encoder.stage(u8)), atol=1e-5)
+    side = encoder.info.image_size // encoder.info.patch_size
+    assert patches.shape == (4, side, side, encoder.info.dim)
+    want = encoder.patch_embeddings(as_model_input(u8, encoder.pre), surgery=surgery)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(patches, want, atol=1e-5)
+    empty_vecs, empty_patches = encoder.encode_staged_with_patches(encoder.stage(u8[:0]))  # type: ignore[attr-defined]
+    assert empty_vecs.shape == (0, encoder.info.dim) and empty_patches.shape == (
+        0,
+        side,
+        side,
+        encoder.info.dim,
+    )
+
+
 def test_the_encoder_refuses_a_float_or_mis_sized_uint8_batch(encoder: Encoder) -> None:
     assert isinstance(encoder, FeedEncoder)
     h, w = encoder.pre.output_hw
