@@ -191,12 +191,13 @@ class Suite:
     pixels: Float32Array  # pre-built model input, exactly as ingest prepares it
     context: dict[str, float] = field(default_factory=dict)  # single-thread rates, img/s
     samples: dict[str, list[Sample]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    crops: np.ndarray | None = None  # the uint8 crops ingest hands over (--patches: forward with both heads)
 
     def best(self, kind: str) -> Sample:
         return max(self.samples[kind], key=lambda s: s.rate)
 
 
-def prepare_suite(label: str, files: list[Path], enc: Encoder, tmp: Path) -> Suite:
+def prepare_suite(label: str, files: list[Path], enc: Encoder, tmp: Path, patches: bool = False) -> Suite:
     """Stage the files and measure, single-threaded, the CPU work the pipeline does per image."""
     from retrieval import imageio
 
@@ -219,15 +220,20 @@ def prepare_suite(label: str, files: list[Path], enc: Encoder, tmp: Path) -> Sui
     t0 = time.perf_counter()
     pixels = np.stack([enc.preprocess([im])[0] for im in decoded])
     context["preprocess (from the draft decode)"] = n / (time.perf_counter() - t0)
-    return Suite(label, staged, root, pixels, context)
+    crops = np.stack([enc.preprocess_uint8(im) for im in decoded]) if patches else None  # type: ignore[attr-defined]
+    return Suite(label, staged, root, pixels, context, crops=crops)
 
 
 def measure_forward(enc: Encoder, suite: Suite, batch_size: int, limit: int | None = None) -> Sample:
-    """`encode_pixels` alone on pre-built batches, cut exactly as ingest cuts them."""
+    """`encode_pixels` alone on pre-built batches, cut exactly as ingest cuts them; with --patches the pass
+    ingest then runs, embeddings and patch features from one pass, on the uint8 crops."""
     px = suite.pixels[:limit]
     with metered(len(px)) as m:
         for i in range(0, len(px), batch_size):
-            enc.encode_pixels(px[i : i + batch_size])
+            if suite.crops is not None:
+                enc.encode_staged_with_patches(enc.stage(suite.crops[i : i + batch_size]))  # type: ignore
+            else:
+                enc.encode_pixels(px[i : i + batch_size])
     assert m.sample is not None
     return m.sample
 
@@ -250,7 +256,11 @@ def measure_pipeline(enc: Encoder, suite: Suite, args: argparse.Namespace, data_
     from retrieval.ingest import IngestConfig, ingest
 
     config = IngestConfig(
-        batch_size=args.batch_size, workers=args.workers, decoder=args.decoder, progress=False
+        batch_size=args.batch_size,
+        workers=args.workers,
+        decoder=args.decoder,
+        progress=False,
+        patch_features=args.patches,
     )
     with Collection(data_dir) as coll, instrumented(enc) as clock, metered(0) as m:
         summary = ingest(suite.root, coll, enc, config)
@@ -434,7 +444,7 @@ def measure_precision(
     work = tmp / f"work-{precision}"
     work.mkdir(exist_ok=True)
     for label, files in inputs:
-        suite = prepare_suite(label, files, encoder, work)
+        suite = prepare_suite(label, files, encoder, work, args.patches)
         print(f"\n## {label} ({ran}): {len(suite.files)} images", flush=True)
         run_rounds(suite, encoder, args, work)
         suites.append(suite)
@@ -497,6 +507,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--arch", default="vit-b-32", help="retrieval.demo.tiny architecture (default: %(default)s)"
+    )
+    p.add_argument(
+        "--patches",
+        action="store_true",
+        help="store patch features while indexing, as `clearsight index` does by default; the forward (a) "
+        "is then the one pass that gives both",
     )
     p.add_argument("--rounds", type=int, default=2, help="repeat all three, keep each one's best")
     p.add_argument("--model-dir", type=Path, default=None, help="reuse or create the model here")

@@ -107,6 +107,8 @@ class IngestSummary:
     captioned: int = 0
     caption_errors: list[str] = field(default_factory=list)  # "FILE:LINE: why" per line skipped
     odd_names: list[str] = field(default_factory=list)  # not UTF-8 (escaped), indexed all the same
+    patches_stored: int = 0  # patch features written from this run's passes (`IngestConfig.patch_features`)
+    patches_bytes: int = 0
     seconds: float = 0.0
     index: SyncReport | None = None
 
@@ -583,7 +585,8 @@ def _encode_all(
                         # written before the vectors are committed: an image marked indexed has its
                         # features, and a crash in between leaves only files a re-run overwrites
                         for b, p in zip(ready, patches, strict=True):
-                            store.put(b.content_hash, p)
+                            committer.summary.patches_bytes += store.put(b.content_hash, p)
+                            committer.summary.patches_stored += 1
                     rows += [
                         Encoded(b.image_id, b.content_hash, b.width, b.height, v)
                         for b, v in zip(ready, vecs, strict=True)

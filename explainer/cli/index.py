@@ -202,7 +202,15 @@ def index_folder(
         summary = ray_ingest(path, collection, encoder, actor_encoder, cfg, ray_cfg, log=note, pool=pool)
     else:
         summary = ingest(path, collection, encoder, cfg, log=note)
-    report = store_collection_patches(collection, encoder, progress=progress)[1] if patches else None
+    report = None
+    if patches:  # the images indexed before, or by Ray; this run's own were stored as they were embedded
+        rest = store_collection_patches(collection, encoder, progress=progress)[1]
+        report = StoreReport(
+            rest.written + summary.patches_stored,
+            rest.skipped - summary.patches_stored,
+            rest.failed,
+            rest.bytes_written + summary.patches_bytes,
+        )
     return summary, report, ddir
 
 
@@ -265,8 +273,8 @@ def index_cmd(
         bool,
         typer.Option(
             "--patches",
-            help="Also store compact patch features (CLIP; about 25 KB per image for ViT-B/32), "
-            "so evidence needs no model pass at search time (--evidence-method stored)",
+            help="Store patch features (CLIP; about 25 KB per image for ViT-B/32) for every image, those "
+            "indexed before included. New images get them anyway unless CLEARSIGHT_PATCH_FEATURES=off",
         ),
     ] = False,
     hnsw_m: Annotated[

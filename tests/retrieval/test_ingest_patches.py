@@ -27,7 +27,7 @@ def test_each_new_content_gets_its_features_as_a_query_time_pass_makes_them(
     shutil.copy(photos[0], tmp_path / "photos" / "copy.png")  # identical content: one features file
     col = Collection(tmp_path / "data")
     summary = ingest(tmp_path / "photos", col, encoder, CFG)
-    assert summary.encoded == 5 and summary.reused == 1
+    assert summary.encoded == 5 and summary.reused == 1 and summary.patches_stored == 5
     store = PatchStore(col.data_dir, encoder.info)
     records = col.catalog.iter_images("indexed")
     assert len(records) == 6

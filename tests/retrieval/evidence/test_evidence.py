@@ -390,7 +390,8 @@ def test_auto_uses_stored_features_once_they_exist(tiny_clip_dir: Path, tmp_path
         "--evidence-method",
         "auto",
     ]
-    assert runner.invoke(app, base).exit_code == 0
+    off = runner.invoke(app, base, env={"CLEARSIGHT_PATCH_FEATURES": "off"})  # no features stored
+    assert off.exit_code == 0, off.output
     first = json.loads(runner.invoke(app, search).stdout)["results"]
     assert {row["evidence_method"] for row in first} == {"dense"}
     assert runner.invoke(app, [*base, "--patches"]).exit_code == 0
