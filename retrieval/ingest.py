@@ -213,6 +213,7 @@ class Committer:
 
     def __init__(self, collection: Collection, fingerprint: str, summary: IngestSummary) -> None:
         self.catalog = collection.catalog
+        self.data_dir = collection.data_dir
         self.fp = fingerprint
         self.summary = summary
         self.waiting: list[Encoded] = []  # identical content whose vector another item will produce
@@ -351,9 +352,7 @@ def ingest(
             records = cat.get_images(todo)
             ordered = [records[i] for i in todo if i in records]
             committer = Committer(collection, fp, summary)
-            stage = encode_stage or (
-                lambda recs, com: _encode_all(encoder, recs, config, com, log, collection.data_dir)
-            )
+            stage = encode_stage or (lambda recs, com: _encode_all(encoder, recs, config, com, log))
             stage(ordered, committer)
             # Whatever still waits keeps its 'pending' state and is picked up by the next run.
             summary.left_pending = sum(1 for r in cat.get_images(todo).values() if r.state == "pending")
@@ -454,13 +453,15 @@ def _missing_embeddings(collection: Collection, fp: str, exclude: set[int]) -> l
     return [r.id for r in indexed if r.content_hash not in have]
 
 
-def _patch_store(encoder: Encoder, data_dir: Path) -> PatchStore | None:
-    """The patch store ingest fills from its own passes, or None where the encoder has no patch head."""
-    if not getattr(encoder, "supports_patches", False) or not hasattr(encoder, "encode_staged_with_patches"):
+def patch_store_for(encoder: Encoder, committer: Committer, config: IngestConfig) -> PatchStore | None:
+    """Where an engine stores the patch features its passes give (`IngestConfig.patch_features`), or None
+    (off, or a model without a patch head: CLIP only). The family comes from the model's info, so the Ray
+    driver, which loads no model, can tell too."""
+    if not config.patch_features or encoder.info.family != "clip":
         return None
     from retrieval.evidence import EvidenceConfig, PatchStore
 
-    return PatchStore(data_dir, encoder.info, surgery=EvidenceConfig().surgery)
+    return PatchStore(committer.data_dir, encoder.info, surgery=EvidenceConfig().surgery)
 
 
 def _encode_all(
@@ -469,7 +470,6 @@ def _encode_all(
     config: IngestConfig,
     committer: Committer,
     log: Callable[[str], None] | None = None,
-    data_dir: Path | None = None,
 ) -> None:
     """The local engine: read and hash in threads, decode at the encoder's size (in those threads, or
     in processes on many cores) as fast as the encoder consumes, and feed it uint8 batches with the
@@ -477,7 +477,7 @@ def _encode_all(
     cat = committer.catalog
     fp = committer.fp
     fast = isinstance(encoder, FeedEncoder)
-    store = _patch_store(encoder, data_dir) if config.patch_features and fast and data_dir else None
+    store = patch_store_for(encoder, committer, config) if fast else None
     spec = DecodeSpec(getattr(encoder, "pre", None), max(encoder.info.image_size, 1), config.max_pixels)
     batch_size = config.batch_size or (
         encoder.ingest_batch_size() if isinstance(encoder, FeedEncoder) else DEFAULT_BATCH

@@ -364,7 +364,14 @@ def watch_folder(
     encoder = create_encoder(
         EncoderConfig(model=model, device=device, precision=precision_or_setting(precision))
     )
-    config = IngestConfig(batch_size=batch_size, workers=workers, progress=False)
+    from explainer.settings import get_settings
+
+    config = IngestConfig(
+        batch_size=batch_size,
+        workers=workers,
+        progress=False,
+        patch_features=get_settings().patch_features != "off",
+    )
 
     def reindex(roots: list[Path]) -> None:
         for summary in reindex_folders(ddir, encoder, roots, config, log=note):

@@ -36,7 +36,7 @@ def start_watcher(state: ServerState) -> FolderWatcher | None:
         if pipeline is None:  # retried on the watcher's next tick
             raise ModelUnavailable("the search model is not loaded yet")
         yield_to_queries()  # the watcher's thread re-indexes: queries come first
-        config = IngestConfig(progress=False)
+        config = IngestConfig(progress=False, patch_features=state.settings.patch_features != "off")
         for s in reindex_folders(state.data_dir, pipeline.searcher.encoder, changed, config):
             log.info(
                 "watch: %s: %d new, %d changed, %d removed, %d failed",

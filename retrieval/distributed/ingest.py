@@ -32,7 +32,15 @@ from retrieval.encoders import Encoder, EncoderConfig, EncoderInfo, texttower
 from retrieval.errors import ConfigError
 from retrieval.index import ondisk
 from retrieval.index.sync import SyncReport
-from retrieval.ingest import Committer, Encoded, IngestConfig, IngestSummary, ingest, sync_for
+from retrieval.ingest import (
+    Committer,
+    Encoded,
+    IngestConfig,
+    IngestSummary,
+    ingest,
+    patch_store_for,
+    sync_for,
+)
 from retrieval.types import Float32Array, Int64Array
 
 SHARD_DIR = "shards"
@@ -279,8 +287,10 @@ class EncoderPool:
         config: IngestConfig,
         known: Any,
         done: Callable[[dict[str, np.ndarray]], None],
+        surgery: bool | None = None,
     ) -> None:
-        """Encode `records` in batches across the actors; `done` gets each result as it finishes."""
+        """Encode `records` in batches across the actors; `done` gets each result as it finishes (with
+        `surgery` set, with each image's patch features under "patches")."""
         batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
         todo = iter(batches)
         inflight: dict[Any, int] = {}  # object ref -> index of the actor running it
@@ -294,7 +304,7 @@ class EncoderPool:
                 "path": np.asarray([r.path for r in chunk], dtype=object),
             }
             ref = self.actors[actor].encode_paths.remote(
-                items, config.max_pixels, config.max_file_bytes, known
+                items, config.max_pixels, config.max_file_bytes, known, surgery
             )
             inflight[ref] = actor
             return True
@@ -336,7 +346,21 @@ def encode_stage(
         actors = pool()
         batch_size = ingest_config.batch_size or actors.batch_size()
 
+        store = patch_store_for(encoder, committer, ingest_config)
+        surgery = store.surgery if store is not None else None
+        stored: set[str] = set()
+
         def done(batch: dict[str, np.ndarray]) -> None:
+            patches = batch.pop("patches", None)
+            if store is not None and patches is not None:
+                # written before the vectors are committed, as the local engine does
+                dups = dup_flags(batch)
+                for i, digest in enumerate(batch["content_hash"]):
+                    # identical files in different batches are both encoded: their content is stored once
+                    if not batch["error"][i] and not dups[i] and str(digest) not in stored:
+                        committer.summary.patches_bytes += store.put(str(digest), patches[i])
+                        committer.summary.patches_stored += 1
+                        stored.add(str(digest))
             shard = write_shard(shard_dir, batch)
             commit_batch(batch, committer)
             shard.unlink(missing_ok=True)
@@ -345,13 +369,15 @@ def encode_stage(
             # content this model has embedded (a moved or copied folder) is hashed, not decoded or encoded
             keys = committer.catalog.embedded_hash_keys(committer.fp)
             known = actors.ray.put(keys) if len(keys) else None
-            actors.encode(records, batch_size, ingest_config, known, done)
+            actors.encode(records, batch_size, ingest_config, known, done, surgery)
             # a 64-bit key that matched content not stored (or stored content since deleted) leaves its
             # images waiting: encode them after all
             if committer.waiting:
                 again = {w.image_id for w in committer.waiting}
                 committer.waiting = []
-                actors.encode([r for r in records if r.id in again], batch_size, ingest_config, None, done)
+                actors.encode(
+                    [r for r in records if r.id in again], batch_size, ingest_config, None, done, surgery
+                )
         finally:
             # the actors hold their CPUs (GPUs) until killed: free them for the index build's shard tasks
             actors.close()

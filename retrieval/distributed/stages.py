@@ -122,20 +122,37 @@ class EncodeActor:
             )
             return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
-    def encode_paths(self, items: Batch, max_pixels: int, max_bytes: int, known: np.ndarray | None) -> Batch:
-        """Decode and encode one batch of {image_id, path}; what `__call__` returns."""
+    def encode_paths(
+        self,
+        items: Batch,
+        max_pixels: int,
+        max_bytes: int,
+        known: np.ndarray | None,
+        surgery: bool | None = None,
+    ) -> Batch:
+        """Decode and encode one batch of {image_id, path}; what `__call__` returns (with `surgery` set,
+        each image's patch features too, from the same pass)."""
         spec = self.spec if max_pixels == self.spec.max_pixels else replace(self.spec, max_pixels=max_pixels)
-        return self(decode_batch(items, spec, max_bytes, known, self.decoders))
+        return self(decode_batch(items, spec, max_bytes, known, self.decoders), surgery)
 
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Batch, surgery: bool | None = None) -> Batch:
         ok = np.asarray([not e for e in batch["error"]], dtype=bool) & ~np.asarray(batch["dup"], dtype=bool)
         vectors = np.zeros((len(ok), self.encoder.info.dim), dtype=np.float32)
+        patches = None
         if ok.any():
             encoder = self.encoder
             assert isinstance(encoder, FeedEncoder)
-            vectors[ok] = encoder.encode_staged(encoder.stage(np.ascontiguousarray(batch["pixels"][ok])))
+            staged = encoder.stage(np.ascontiguousarray(batch["pixels"][ok]))
+            if surgery is not None and getattr(encoder, "supports_patches", False):
+                vectors[ok], feats = encoder.encode_staged_with_patches(staged, surgery)  # type: ignore[attr-defined]
+                patches = np.zeros((len(ok), *feats.shape[1:]), dtype=np.float32)
+                patches[ok] = feats
+            else:
+                vectors[ok] = encoder.encode_staged(staged)
         out: dict[str, Any] = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
+        if patches is not None:
+            out["patches"] = patches  # rows of failed or duplicate images are zeros, never stored
         return out
 
 

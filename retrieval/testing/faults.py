@@ -23,7 +23,7 @@ class FaultyEncodeActor(EncodeActor):
         self.crash_marker = crash_marker
         self.delay_s = delay_s
 
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Batch, surgery: bool | None = None) -> Batch:
         if self.crash_marker:
             try:
                 fd = os.open(self.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -35,7 +35,7 @@ class FaultyEncodeActor(EncodeActor):
                 os._exit(1)
         if self.delay_s:
             time.sleep(self.delay_s)
-        return super().__call__(batch)
+        return super().__call__(batch, surgery)
 
 
 class CountingEncodeActor(EncodeActor):
@@ -46,11 +46,11 @@ class CountingEncodeActor(EncodeActor):
         super().__init__(config, threads)
         self.count_file = count_file
 
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Batch, surgery: bool | None = None) -> Batch:
         encoded = sum(1 for e, d in zip(batch["error"], batch["dup"], strict=True) if not e and not d)
         with open(self.count_file, "a") as f:
             f.write(f"{encoded}\n")
-        return super().__call__(batch)
+        return super().__call__(batch, surgery)
 
 
 def encoded_count(count_file: Path) -> int:

@@ -3,6 +3,7 @@ on-disk shards filled as Ray tasks, and sharded search with a shard down."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -23,6 +24,7 @@ from retrieval.distributed.ingest import RayConfig, check_fits, ray_ingest, read
 from retrieval.distributed.sharded import ShardedIndex, ShardedVectorIndex
 from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.errors import ConfigError
+from retrieval.evidence import PatchStore
 from retrieval.index.params import IndexParams
 from retrieval.ingest import Committer, IngestSummary, ingest
 from retrieval.testing.faults import CountingEncodeActor, FaultyEncodeActor, crashed, encoded_count
@@ -96,8 +98,9 @@ def test_ray_engine_matches_local_engine(
     files = make_folder(tmp_path / "imgs", 24)
     (tmp_path / "imgs" / "copy.jpg").write_bytes(files[3].read_bytes())  # identical content: dedup
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    local = ingest(tmp_path / "imgs", Collection(tmp_path / "local"), encoder, QUIET)
-    dist = ray_run(tmp_path / "imgs", tmp_path / "ray")
+    with_patches = dataclasses.replace(QUIET, patch_features=True)
+    local = ingest(tmp_path / "imgs", Collection(tmp_path / "local"), encoder, with_patches)
+    dist = ray_run(tmp_path / "imgs", tmp_path / "ray", config=with_patches)
     assert (
         (dist.scanned, dist.encoded, dist.reused, dist.failed)
         == (
@@ -122,6 +125,16 @@ def test_ray_engine_matches_local_engine(
         rb = Searcher.open(tmp_path / "ray", encoder=encoder).search(Query(text=text, top_k=10))
         assert [h.path for h in ra.results] == [h.path for h in rb.results]  # type: ignore[union-attr]
     assert not list((tmp_path / "ray" / "shards").glob("*"))  # every shard committed and removed
+    # both engines store each content's patch features from the pass that embeds it, alike
+    assert dist.patches_stored == local.patches_stored == 24
+    store_a, store_b = (
+        PatchStore(tmp_path / "local", encoder.info),
+        PatchStore(tmp_path / "ray", encoder.info),
+    )
+    assert store_a.stored_keys() == store_b.stored_keys() and len(store_a.stored_keys()) == 24
+    for key in store_a.stored_keys():
+        fa, fb = store_a.get(key), store_b.get(key)
+        assert fa is not None and fb is not None and float(np.abs(fa - fb).max()) < 1e-2
     # incremental: a second run finds nothing to do, like the local engine
     again = ray_run(tmp_path / "imgs", tmp_path / "ray")
     assert (again.encoded, again.unchanged) == (0, 26)  # the broken file is unchanged too
