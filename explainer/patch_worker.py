@@ -2,9 +2,9 @@
 
 Dense evidence runs the image tower once per hit: on a 2-core CPU that was ~180 ms of a ~230 ms page
 of 12 hits at ViT-B/32. With an image's patch features stored (`retrieval.evidence.stored`, int8,
-~25 KB per image at ViT-B/32) its boxes come from a file read and a matrix product instead. The local
-index engine stores them from the pass that embeds each image (`IngestConfig.patch_features`); this
-worker fills in the rest (images indexed before that, or by the Ray engine) while the server is idle,
+~25 KB per image at ViT-B/32) its boxes come from a file read and a matrix product instead. Indexing
+stores them from the pass that embeds each image (`IngestConfig.patch_features`); this worker fills
+in the rest (images indexed before that) while the server is idle,
 like the background captioner: at a lowered priority,
 a few images at a time, never while requests arrive (it waits `quiet_s` after the last one). Every
 image's features are written as soon as its batch is done, so a restarted server resumes where the

@@ -112,8 +112,8 @@ class Settings(BaseSettings):
     server_captions: Literal["auto", "on", "off"] = "auto"
     caption_background: bool = True  # caption the collection while no request needs the model
     # Patch features for evidence: "background" stores each image's (ViT-B/32: ~25 KB, int8) from the pass
-    # that indexes it (local engine), and a server fills in those missing (explainer/patch_worker.py: images
-    # indexed before, or by Ray) while idle, so a page's boxes need no image-tower pass; "off" stores none
+    # that indexes it, and a server fills in those missing (explainer/patch_worker.py: images indexed
+    # before) while idle, so a page's boxes need no image-tower pass; "off" stores none
     # (hits get dense evidence, one forward each, unless `index --patches` stored them).
     patch_features: Literal["background", "off"] = "background"
     patch_fill_batch: int = Field(default=4, ge=1, le=64)  # images per background batch
