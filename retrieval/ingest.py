@@ -65,7 +65,7 @@ class IngestConfig:
     exclude: tuple[str, ...] | None = None
     include_hidden: bool | None = None
     #: store each new image's patch features (`retrieval.evidence.stored`) from the pass that embeds it, so
-    #: evidence boxes need no model pass at query time; the local engine with a CLIP model only
+    #: evidence boxes need no model pass at query time (both engines; CLIP models only)
     patch_features: bool = False
 
     def __post_init__(self) -> None:
@@ -477,7 +477,8 @@ def _encode_all(
     cat = committer.catalog
     fp = committer.fp
     fast = isinstance(encoder, FeedEncoder)
-    store = patch_store_for(encoder, committer, config) if fast else None
+    one_pass = fast and hasattr(encoder, "encode_staged_with_patches")
+    store = patch_store_for(encoder, committer, config) if one_pass else None
     spec = DecodeSpec(getattr(encoder, "pre", None), max(encoder.info.image_size, 1), config.max_pixels)
     batch_size = config.batch_size or (
         encoder.ingest_batch_size() if isinstance(encoder, FeedEncoder) else DEFAULT_BATCH
