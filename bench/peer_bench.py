@@ -8,12 +8,19 @@ defaults: the shapes of openai/clip-vit-base-patch32, random weights) and copies
 each copy made a distinct file (a few bytes appended after the JPEG's end, which decoders ignore), so
 every photo is encoded rather than recognised as a duplicate.
 
-rclip 4.0.8 needs Python 3.12 or newer. Where no such Python is installed it is not run: its figures are
-the ones quoted in issue 28 (same machine type, same photo copies, a random ViT-B/32 exported to ONNX) and
-the table marks them as quoted.
+rclip runs beside it when `--rclip` names the Python of an environment holding rclip 4.0.8 (it needs
+Python >= 3.12: here `/root/.pyenv/versions/3.12.1/bin/python -m venv V && V/bin/pip install rclip==4.0.8`).
+rclip would download its two ONNX files from a model hub; instead the bench exports the same random weights
+for it (`export_for_rclip`: torch's ONNX exporter, which needs the `peer` extra, `pip install -e ".[peer]"`)
+at rclip's input size, 256 (its ViT-B-32-256), the 7x7 position grid resized to 8x8 as transformers'
+`interpolate_pos_encoding` does. rclip's tokenizer reads CLIP's BPE vocabulary, `--clip-vocab`
+(bpe_simple_vocab_16e6.txt.gz, e.g. from the open_clip_torch wheel). The legal files rclip checks for are
+written as placeholders that say so. rclip's warm query is timed in process (its `RClip.search`), as
+issue 28 did. Without `--rclip`, its column is the figures quoted in issue 28 and the table says so.
 
     flock /work/cpu.lock .venv/bin/python bench/peer_bench.py            # 1,050 photos, 3 cold runs
     .venv/bin/python bench/peer_bench.py --photos 300 --runs 1 --queries 4  # a quick look
+    ... bench/peer_bench.py --rclip /work/rclip-venv/bin/python --clip-vocab bpe_simple_vocab_16e6.txt.gz
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The photos copied: ../shared beside a checkout, or where --source points (a worktree has no ../shared).
 PHOTOS = ROOT.parent / "shared" / "data" / "coco-mini" / "images"
 CLI = [sys.executable, "-m", "explainer.cli"]
-#: rclip 4.0.8 as issue 28 measured it on this machine type (quoted, not run here without Python 3.12).
+#: rclip 4.0.8 as issue 28 measured it on this machine type: the column when rclip is not run (no --rclip).
 RCLIP_QUOTED = {
     "cold": 0.74,
     "rescan": 0.81,
@@ -79,10 +86,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(args: list[str]) -> Ran:
+def run(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> Ran:
     """Run a command; its wall time and its own peak resident memory (wait4's rusage of that child)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or _env(), cwd=cwd
+    )
     assert proc.stdout is not None
     out = proc.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(proc.pid, 0)
@@ -105,6 +114,130 @@ def build_model(out: Path) -> Path:
     )
     run([sys.executable, "-c", code, str(out)])
     return out
+
+
+#: rclip's files under its data dir (rclip/model_download.py of 4.0.8).
+RCLIP_MODEL_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"
+RCLIP_LEGAL = ("LICENSE", "OPENAI-CLIP-MIT.txt", "README.md", "THIRD_PARTY_NOTICES.md")
+RCLIP_SIZE = 256
+
+_EXPORT = """
+import sys, torch
+import torch.nn.functional as F
+from pathlib import Path
+from transformers import CLIPModel
+
+src, out, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+base = CLIPModel.from_pretrained(src).eval()
+config = base.config
+config.vision_config.image_size = size
+model = CLIPModel(config).eval()
+state = {k: v for k, v in base.state_dict().items() if not k.endswith("position_ids")}
+key = "vision_model.embeddings.position_embedding.weight"
+cls, grid = state[key][:1], state[key][1:]
+n, m = int(grid.shape[0] ** 0.5), size // config.vision_config.patch_size
+grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+grid = F.interpolate(grid, size=(m, m), mode="bicubic", align_corners=False)
+state[key] = torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(m * m, -1)])
+model.load_state_dict(state, strict=False)
+model.text_model.eos_token_id = 49407  # rclip's tokenizer ends a text with CLIP's end token
+
+
+def plain(o):
+    return o if torch.is_tensor(o) else o.pooler_output
+
+
+class Visual(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return plain(self.m.get_image_features(pixel_values=x))
+
+
+class Textual(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids):
+        return plain(self.m.get_text_features(input_ids=ids))
+
+
+axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+for name, module, example in (
+    ("visual.onnx", Visual(model), torch.zeros(1, 3, size, size)),
+    ("textual.onnx", Textual(model), torch.ones(1, 77, dtype=torch.long)),
+):
+    torch.onnx.export(
+        module, (example,), str(out / name), input_names=["input"], output_names=["output"],
+        dynamic_axes=axes, opset_version=17, dynamo=False,
+    )
+"""
+
+
+def export_for_rclip(model: Path, vocab: Path, dest: Path) -> Path:
+    """rclip's model files from the bench's random weights: both towers as ONNX (float32, as rclip ships
+    them) at rclip's input size, CLIP's BPE vocabulary, and placeholder legal files that say what they are."""
+    models = dest / RCLIP_MODEL_SUBDIR
+    if not (models / "textual.onnx").exists():
+        models.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, "-c", _EXPORT, str(model), str(models), str(RCLIP_SIZE)])
+    (dest / "tokenizer").mkdir(exist_ok=True)
+    shutil.copyfile(vocab, dest / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz")
+    for name in RCLIP_LEGAL:
+        (dest / name).write_text(
+            "Placeholder written by Clearsight's bench/peer_bench.py: the ONNX files beside it are random "
+            "weights, not rclip's model.\n"
+        )
+    return dest
+
+
+def rclip_data(models: Path, dest: Path) -> Path:
+    """A fresh rclip data dir (its index database) sharing the exported model files."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for entry in models.iterdir():
+        (dest / entry.name).symlink_to(entry.resolve())
+    return dest
+
+
+def _rclip_env(data: Path) -> dict[str, str]:
+    env = dict(os.environ, RCLIP_DATADIR=str(data), HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def rclip(python: Path, data: Path, photos: Path, text: str, *, index: bool = True) -> Ran:
+    """`rclip [-n] -t 12 -f TEXT` in the photos folder, as its user runs it (it indexes the current
+    directory unless -n)."""
+    args = [str(python), "-m", "rclip", *([] if index else ["-n"]), "-t", "12", "-f", text]
+    return run(args, env=_rclip_env(data), cwd=photos)
+
+
+_RCLIP_WARM = """
+import json, sys, time
+from rclip.main import init_rclip
+
+photos, queries = sys.argv[1], json.loads(sys.argv[2])
+searcher, model, db = init_rclip(photos, 8, no_indexing=True)
+searcher.search("a warm-up query", photos, 12)
+took = []
+for text in queries:
+    start = time.perf_counter()
+    searcher.search(text, photos, 12)
+    took.append(time.perf_counter() - start)
+print(json.dumps(took))
+"""
+
+
+def rclip_warm(python: Path, data: Path, photos: Path, queries: list[str]) -> list[float]:
+    """New text queries on a warm rclip, in process (`RClip.search`, after one warm-up query)."""
+    out = run(
+        [str(python), "-c", _RCLIP_WARM, str(photos), json.dumps(queries)], env=_rclip_env(data), cwd=photos
+    ).out
+    return [float(t) for t in json.loads(out.strip().splitlines()[-1])]
 
 
 def copy_photos(dest: Path, count: int, start: int = 0, source: Path = PHOTOS) -> Path:
@@ -276,7 +409,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=8, help="warm new queries, quiet and under load")
     ap.add_argument("--work", type=Path, default=None, help="keep the model, photos and data here")
     ap.add_argument("--source", type=Path, default=PHOTOS, help="the coco-mini images folder")
+    ap.add_argument(
+        "--rclip", type=Path, default=None, help="the Python of an environment with rclip 4.0.8 (run beside)"
+    )
+    ap.add_argument("--clip-vocab", type=Path, default=None, help="bpe_simple_vocab_16e6.txt.gz, for rclip")
     args = ap.parse_args()
+    if args.rclip is not None:
+        if not args.rclip.is_file():
+            ap.error(f"--rclip {args.rclip}: no such Python")
+        if args.clip_vocab is None or not args.clip_vocab.is_file():
+            ap.error("--rclip needs --clip-vocab: CLIP's BPE vocabulary, bpe_simple_vocab_16e6.txt.gz")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="peer-bench-"))
     model = work / "clip"
@@ -288,19 +430,49 @@ def main() -> None:
     data = work / "data"
     if not (data / "index").exists():
         run([*CLI, "index", str(photos), "--model", str(model), "--data-dir", str(data), "--quiet"])
+    rc: Path | None = args.rclip
+    rc_models = export_for_rclip(model, args.clip_vocab, work / "rclip-models") if rc else None
+    rc_data = work / "rclip-data"
+    rc_first: Ran | None = None
+    if rc and rc_models and not (rc_data / "db.sqlite3").exists():
+        rc_first = rclip(rc, rclip_data(rc_models, rc_data), photos, QUERIES[0])  # rclip indexes the folder
 
     text = QUERIES[0]
     search_cmd = [*CLI, "search", text, "--data-dir", str(data), "--json"]
     rescan_cmd = [*CLI, "index", str(photos), "--data-dir", str(data), "--quiet"]
     run(search_cmd)  # the first search after indexing: the page cache holds what a user's would
+    if rc:
+        rclip(rc, rc_data, photos, text, index=False)
     cold: list[Ran] = []
     rescans: list[Ran] = []
+    rc_cold: list[Ran] = []
+    rc_rescans: list[Ran] = []
     for _ in range(args.runs):  # alternating, as the two would be used
         cold.append(run(search_cmd))
+        if rc:
+            rc_cold.append(rclip(rc, rc_data, photos, text, index=False))
         rescans.append(run(rescan_cmd))
+        if rc:
+            rc_rescans.append(rclip(rc, rc_data, photos, text))
     hits = len(json.loads(cold[-1].out[cold[-1].out.index("{") :])["results"])
 
     served = serve_rows(data, args.queries)
+    rc_quiet: list[float] = []
+    rc_busy: list[float] = []
+    if rc:
+        rc_quiet = rclip_warm(
+            rc, rc_data, photos, [f"{q} rclip {i}" for i, q in enumerate(QUERIES[: args.queries])]
+        )
+        loops = busy_loops()
+        try:
+            time.sleep(0.5)
+            rc_busy = rclip_warm(
+                rc, rc_data, photos, [f"{q} rclip busy {i}" for i, q in enumerate(QUERIES[: args.queries])]
+            )
+        finally:
+            for p in loops:
+                p.kill()
+                p.wait()
 
     fresh = copy_photos(
         work / f"photos-{args.index_photos}", args.index_photos, start=100_000, source=args.source
@@ -310,6 +482,9 @@ def main() -> None:
     index_run = run(
         [*CLI, "index", str(fresh), "--model", str(model), "--data-dir", str(fresh_data), "--quiet"]
     )
+    rc_index: Ran | None = None
+    if rc and rc_models:  # the same photo files, a fresh rclip database
+        rc_index = rclip(rc, rclip_data(rc_models, work / f"rclip-data-{args.index_photos}"), fresh, text)
 
     med = statistics.median
     quiet, busy, filling, curl = served["quiet"], served["busy"], served["filling"], served["curl"]
@@ -324,30 +499,51 @@ def main() -> None:
         "mem_search": max(r.peak_mb for r in cold),
         "mem_index": index_run.peak_mb,
     }
-    q = RCLIP_QUOTED
+    if rc and rc_index:
+        q = {
+            "cold": med(r.seconds for r in rc_cold),
+            "rescan": med(r.seconds for r in rc_rescans),
+            "warm_quiet": med(rc_quiet),
+            "warm_busy": med(rc_busy),
+            "index300": rc_index.seconds,
+            "mem_search": max(r.peak_mb for r in rc_cold),
+            "mem_index": rc_index.peak_mb,
+        }
+        theirs = "rclip 4.0.8"
+        how = (
+            f"rclip 4.0.8 **run beside it** ({rc}, ONNX Runtime, float32) on the same weights exported to "
+            f"ONNX at its input size {RCLIP_SIZE}, runs alternating; its warm query in process "
+            "(`RClip.search`, 12 hits)."
+        )
+    else:
+        q = RCLIP_QUOTED
+        theirs = "rclip (quoted)"
+        how = "rclip: **quoted from issue 28**, not run here (no --rclip)."
     first = float(served["first"])  # type: ignore[arg-type]
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+
+    def spread(xs: list[float]) -> str:
+        return f"({min(xs) * 1000:.0f}-{max(xs) * 1000:.0f})" if xs else ""
+
     lines = [
         f"## Peer bench (issue 28): Clearsight beside rclip, {when} UTC",
         "",
         f"`{' '.join(sys.argv)}` on {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; random CLIP ViT-B/32 (CLIPConfig defaults), {args.photos} distinct "
-        f"photo files (coco-mini copies), {hits} hits per search. rclip: **quoted from issue 28**, not run "
-        "here (rclip 4.0.8 needs Python >= 3.12; none is installed on this machine).",
+        f"photo files (coco-mini copies), {hits} hits per search. {how}",
         "",
-        "| step | rclip (quoted) | Clearsight | Clearsight / rclip |",
+        f"| step | {theirs} | Clearsight | Clearsight / rclip |",
         "|---|---:|---:|---:|",
         f"| `search` from the shell, cold process ({args.runs} runs, median) | {q['cold']:.2f} s | "
         f"{ours['cold']:.2f} s | {_ratio(ours['cold'], q['cold'])} |",
         f"| re-scan with nothing changed ({args.runs} runs, median) | {q['rescan']:.2f} s | "
         f"{ours['rescan']:.2f} s | {_ratio(ours['rescan'], q['rescan'])} |",
-        f"| a new text query on a warm process (`POST /api/search`, explain off; {args.queries}, median) | "
-        f"{q['warm_quiet'] * 1000:.0f} ms | {ours['warm_quiet'] * 1000:.0f} ms "
-        f"({min(quiet) * 1000:.0f}-{max(quiet) * 1000:.0f}) | "
-        f"{_ratio(ours['warm_quiet'], q['warm_quiet'])} |",
-        f"| the same while two busy loops hold both cores | {q['warm_busy'] * 1000:.0f} ms | "
-        f"{ours['warm_busy'] * 1000:.0f} ms ({min(busy) * 1000:.0f}-{max(busy) * 1000:.0f}) | "
-        f"{_ratio(ours['warm_busy'], q['warm_busy'])} |",
+        f"| a new text query on a warm process (Clearsight: `POST /api/search`, explain off; {args.queries}, "
+        f"median) | {q['warm_quiet'] * 1000:.0f} ms {spread(rc_quiet)} | {ours['warm_quiet'] * 1000:.0f} ms "
+        f"{spread(quiet)} | {_ratio(ours['warm_quiet'], q['warm_quiet'])} |",
+        "| the same while two busy loops hold both cores | "
+        f"{q['warm_busy'] * 1000:.0f} ms {spread(rc_busy)} | "
+        f"{ours['warm_busy'] * 1000:.0f} ms {spread(busy)} | {_ratio(ours['warm_busy'], q['warm_busy'])} |",
         f"| index {args.index_photos} photos from scratch, end to end | {q['index300']:.1f} s | "
         f"{ours['index300']:.1f} s | {_ratio(ours['index300'], q['index300'])} |",
         f"| peak memory: a search / an index run | {q['mem_search']:.0f} MB / {q['mem_index']:.0f} MB | "
@@ -356,8 +552,8 @@ def main() -> None:
         f"{_mem_ratio(ours['mem_index'], q['mem_index'])} |",
         "",
         f"- While the server was still filling patch features (just started; each hit not stored yet "
-        f"runs the image tower): {med(filling) * 1000:.0f} ms ({min(filling) * 1000:.0f}-"
-        f"{max(filling) * 1000:.0f}); the fill of {args.photos} photos took "
+        f"runs the image tower): {med(filling) * 1000:.0f} ms {spread(filling)}; the fill of {args.photos} "
+        "photos took "
         + (
             f"{served['fill_s']:.0f} s after those queries."
             if served["fill_s"] is not None
@@ -366,21 +562,31 @@ def main() -> None:
         + " The two warm rows above are measured once it was filled.",
         (
             f"- The quiet warm query through curl instead of httpx: {med(curl) * 1000:.0f} ms "
-            f"({min(curl) * 1000:.0f}-{max(curl) * 1000:.0f}); against rclip's quoted: "
-            f"{_ratio(med(curl), q['warm_quiet'])}."
+            f"{spread(curl)}; against {theirs}: {_ratio(med(curl), q['warm_quiet'])}."
             if curl
             else "- curl is not installed: no curl row."
         ),
-        f"- Busy / quiet for Clearsight's warm query: {ours['warm_busy'] / ours['warm_quiet']:.1f}x "
-        f"(rclip's quoted: {q['warm_busy'] / q['warm_quiet']:.1f}x).",
+        f"- Busy / quiet for a warm query: Clearsight {ours['warm_busy'] / ours['warm_quiet']:.1f}x, "
+        f"{theirs} {q['warm_busy'] / q['warm_quiet']:.1f}x.",
         f"- `clearsight serve`: health answered after {served['ready_s']:.1f} s; "
         "the first `POST /api/search` "
         f"took {first * 1000:.0f} ms = {first / ours['warm_quiet']:.1f}x a warm new query "
         f"(issue 26's floor: <= 2x); the server held {served['serve_rss_mb']:.0f} MB.",
-        f"- Cold searches: {', '.join(f'{r.seconds:.2f}' for r in cold)} s; re-scans: "
+        f"- Clearsight's cold searches: {', '.join(f'{r.seconds:.2f}' for r in cold)} s; re-scans: "
         f"{', '.join(f'{r.seconds:.2f}' for r in rescans)} s; "
         f"re-scan peak {max(r.peak_mb for r in rescans):.0f} MB.",
     ]
+    if rc:
+        lines.append(
+            f"- rclip's cold searches: {', '.join(f'{r.seconds:.2f}' for r in rc_cold)} s; re-scans (each "
+            f"also searches, as rclip does): {', '.join(f'{r.seconds:.2f}' for r in rc_rescans)} s; re-scan "
+            f"peak {max(r.peak_mb for r in rc_rescans):.0f} MB"
+            + (
+                f"; its first index of the {args.photos} photos took {rc_first.seconds:.1f} s."
+                if rc_first
+                else "."
+            )
+        )
     print("\n".join(lines))
 
 
