@@ -3,9 +3,10 @@
 On a busy machine (another program, or Clearsight's own captioning and indexing) a query's time used to
 grow six-fold where rclip's doubles: OpenBLAS (NumPy's matrix products: the stored text tower) and
 OpenMP (torch, FAISS) keep their idle threads spinning for the cores, so a pool of two fights two busy
-processes and itself. A query needs one sentence encoded and a few images' evidence: one BLAS thread is
-as fast for it, and OpenMP threads that sleep when idle (`OMP_WAIT_POLICY=PASSIVE`) cost a query
-nothing measurable on a quiet machine. Both libraries read these variables once, when they load, so this
+processes and itself. So BLAS runs one thread, and OpenMP threads sleep when idle
+(`OMP_WAIT_POLICY=PASSIVE`, which costs a query nothing measurable on a quiet machine). The one product
+that gains from a second core, the text tower's, shares its work with a helper thread that the caller
+never waits for (`retrieval.encoders.texttower.SharedProducts`). Both libraries read these variables once, when they load, so this
 runs before the command's imports; a value the user set is kept.
 
 Measured with bench/peer_bench.py on 2 cores (bench/RESULTS.md).

@@ -17,8 +17,10 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,100 @@ def _act(x: Float32Array, kind: str) -> Float32Array:
     return np.asarray(y, dtype=np.float32)
 
 
+class _Half:
+    """The right half of one matrix product, run by whichever thread claims it first."""
+
+    __slots__ = ("_claimed", "_done", "_error", "_lock", "out", "w", "x")
+
+    def __init__(self, x: Float32Array, w: Float32Array, out: Float32Array) -> None:
+        self.x, self.w, self.out = x, w, out
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def run(self) -> None:
+        try:
+            np.matmul(self.x, self.w, out=self.out)
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+class SharedProducts:
+    """Matrix products `x @ w` split by columns between the calling thread and one helper thread.
+
+    A query's text tower reads ~150 MB of weights for a dozen tokens: each product is bound by memory
+    bandwidth, and one BLAS thread cannot draw all of it. A BLAS pool of two (OpenBLAS's own) halves
+    that on a quiet machine but splits every product statically, so with both cores busy each product
+    waits for the thread that has no core: a query took 2x longer than with one thread (bench/RESULTS.md).
+    Here the right half is offered to a helper and the caller takes it back if the helper has not
+    started it by the time the left half is done: on a quiet machine both halves run at once, on a busy
+    one the caller does all of it, no slower than alone. Correctness never depends on the helper (a
+    process forked without it still answers). NumPy releases the interpreter lock inside the product.
+    """
+
+    def __init__(self, min_half: int = 64) -> None:
+        self.min_half = min_half  # narrower halves are not worth a hand-over
+        self._tasks: queue.SimpleQueue[_Half] = queue.SimpleQueue()
+        self._helper: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def _ensure_helper(self) -> None:
+        if self._helper is not None and self._helper.is_alive():
+            return
+        with self._start_lock:
+            if self._helper is None or not self._helper.is_alive():
+                self._helper = threading.Thread(target=self._serve, name="texttower-helper", daemon=True)
+                self._helper.start()
+
+    def _serve(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task.claim():
+                task.run()
+
+    def matmul(self, x: Float32Array, w: Float32Array) -> Float32Array:
+        cols = w.shape[1]
+        half = cols // 2
+        out = np.empty((x.shape[0], cols), np.float32)
+        if half < self.min_half:
+            np.matmul(x, w, out=out)
+            return out
+        self._ensure_helper()
+        right = _Half(x, w[:, half:], out[:, half:])
+        self._tasks.put(right)
+        np.matmul(x, w[:, :half], out=out[:, :half])
+        if right.claim():
+            right.run()
+        right.wait()
+        return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+#: The process's one helper: text towers share it (their products are serialised by the caller anyway).
+_SHARED = SharedProducts()
+
+
 class TextTower:
     """A stored CLIP text tower: tokenizer and float32 weights, memory-mapped."""
 
@@ -175,6 +271,8 @@ class TextTower:
         self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.context_length)
+        #: Splits each product with a helper thread; None (one core, or to compare) runs them whole.
+        self.products: SharedProducts | None = _SHARED if _cores() >= 2 else None
         flat = np.memmap(folder / WEIGHTS, dtype=np.float32, mode="r")
         self.w: dict[str, Float32Array] = {}
         for name, (offset, shape) in meta["layout"].items():
@@ -210,6 +308,7 @@ class TextTower:
 
     def _encode(self, ids: list[int]) -> Float32Array:
         w, m = self.w, self.meta
+        mm = self.products.matmul if self.products is not None else np.matmul
         heads, eps, act = int(m["heads"]), float(m["eps"]), str(m["act"])
         n = len(ids)
         x = w["token_embedding"][ids] + w["position_embedding"][:n]
@@ -219,7 +318,7 @@ class TextTower:
         causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
         for i in range(int(m["layers"])):
             h = _layer_norm(x, w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], eps)
-            qkv = h @ w[f"{i}.qkv.w"] + w[f"{i}.qkv.b"]
+            qkv = mm(h, w[f"{i}.qkv.w"]) + w[f"{i}.qkv.b"]
             q, k, v = (
                 qkv[:, j * width : (j + 1) * width].reshape(n, heads, hd).transpose(1, 0, 2) for j in range(3)
             )
@@ -227,9 +326,10 @@ class TextTower:
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             scores /= scores.sum(-1, keepdims=True)
             attn = (scores @ v).transpose(1, 0, 2).reshape(n, width)
-            x = x + attn @ w[f"{i}.out.w"] + w[f"{i}.out.b"]
+            x = x + mm(attn, w[f"{i}.out.w"]) + w[f"{i}.out.b"]
             h = _layer_norm(x, w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], eps)
-            x = x + _act(h @ w[f"{i}.fc1.w"] + w[f"{i}.fc1.b"], act) @ w[f"{i}.fc2.w"] + w[f"{i}.fc2.b"]
+            h = _act(mm(h, w[f"{i}.fc1.w"]) + w[f"{i}.fc1.b"], act)
+            x = x + mm(h, w[f"{i}.fc2.w"]) + w[f"{i}.fc2.b"]
         x = _layer_norm(x, w["final_ln.w"], w["final_ln.b"], eps)
         eos = m["eos_token_id"]
         arr = np.asarray(ids)

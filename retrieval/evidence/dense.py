@@ -94,31 +94,82 @@ def view_geometry(width: int, height: int, pre: PreprocessConfig) -> ViewGeometr
     return ViewGeometry(off_x * sx, off_y * sy, sx, sy, cw, ch)
 
 
-def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected components of a boolean mask, labelled 1..n (0 is background).
+@dataclass(frozen=True)
+class Runs:
+    """The horizontal runs of a boolean mask, in raster order, with the component each belongs to."""
 
-    Each cell repeatedly takes the smallest label among itself and its neighbours; on maps of a few
-    hundred cells this converges in a handful of vectorised steps (scipy is not a dependency).
+    row: np.ndarray  # (n,) the run's row
+    start: np.ndarray  # (n,) its first column
+    stop: np.ndarray  # (n,) one past its last column
+    component: np.ndarray  # (n,) 1..count, numbered by each component's first cell in raster order
+    count: int
+
+
+def mask_runs(mask: np.ndarray) -> Runs:
+    """4-connected components of a boolean mask, as runs joined by union-find.
+
+    Runs are found row by row with one vectorised diff; two runs of neighbouring rows join when their
+    column spans overlap. The work grows with the number of runs (tens on an evidence map), not with
+    the distance a label would have to travel across the map.
     """
     rows, cols = mask.shape
-    big = rows * cols + 1
-    labels = np.where(mask, np.arange(1, rows * cols + 1).reshape(rows, cols), big)
-    while True:
-        m = labels.copy()
-        m[1:, :] = np.minimum(m[1:, :], labels[:-1, :])
-        m[:-1, :] = np.minimum(m[:-1, :], labels[1:, :])
-        m[:, 1:] = np.minimum(m[:, 1:], labels[:, :-1])
-        m[:, :-1] = np.minimum(m[:, :-1], labels[:, 1:])
-        m = np.where(mask, m, big)
-        if np.array_equal(m, labels):
-            break
-        labels = m
-    roots = np.unique(labels[mask])
-    out = np.zeros((rows, cols), np.int32)
-    lookup = {int(r): k for k, r in enumerate(roots, start=1)}
-    for r, k in lookup.items():
-        out[labels == r] = k
-    return out, len(roots)
+    edges = np.zeros((rows, cols + 2), np.int8)
+    edges[:, 1:-1] = mask
+    step = np.diff(edges, axis=1)
+    row, start = np.nonzero(step == 1)
+    _, stop = np.nonzero(step == -1)
+    n = len(row)
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    first = np.searchsorted(row, np.arange(rows + 1)).tolist()
+    starts, stops = start.tolist(), stop.tolist()
+    for r in range(1, rows):
+        i, i_end, j, j_end = first[r - 1], first[r], first[r], first[r + 1]
+        while i < i_end and j < j_end:
+            if starts[i] < stops[j] and starts[j] < stops[i]:
+                a, b = find(i), find(j)
+                if a != b:  # the earlier run stays the root: roots are each component's first run
+                    parent[max(a, b)] = min(a, b)
+            if stops[i] <= stops[j]:
+                i += 1
+            else:
+                j += 1
+    roots = np.fromiter((find(k) for k in range(n)), np.int64, n)
+    unique, component = np.unique(roots, return_inverse=True)
+    return Runs(row, start, stop, component.astype(np.int32) + 1, len(unique))
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a boolean mask, labelled 1..n by first cell in raster order (0 is
+    background)."""
+    runs = mask_runs(mask)
+    out = np.zeros(mask.shape, np.int32)
+    for r, a, b, k in zip(runs.row, runs.start, runs.stop, runs.component, strict=True):
+        out[r, a:b] = k
+    return out, runs.count
+
+
+def component_stats(runs: Runs, values: np.ndarray) -> list[tuple[float, int, int, int, int, int]]:
+    """Per component 1..count: (best value, x0, y0, x1, y1, cells), the box's far edges exclusive."""
+    best = [-math.inf] * runs.count
+    x0, y0 = [math.inf] * runs.count, [math.inf] * runs.count
+    x1, y1 = [-math.inf] * runs.count, [-math.inf] * runs.count
+    cells = [0] * runs.count
+    for r, a, b, k in zip(
+        runs.row.tolist(), runs.start.tolist(), runs.stop.tolist(), runs.component.tolist(), strict=True
+    ):
+        c = k - 1
+        best[c] = max(best[c], float(values[r, a:b].max()))
+        x0[c], x1[c] = min(x0[c], a), max(x1[c], b)
+        y0[c], y1[c] = min(y0[c], r), max(y1[c], r + 1)
+        cells[c] += b - a
+    return [(best[c], int(x0[c]), int(y0[c]), int(x1[c]), int(y1[c]), cells[c]) for c in range(runs.count)]
 
 
 def _upsample(sim: np.ndarray, factor: int) -> np.ndarray:
@@ -152,20 +203,12 @@ def evidence_from_patches(
     regions: list[tuple[float, Box, int]] = []
     if spread > 1e-6:
         fine = _upsample(sim, config.upsample)
-        labels, n = label_components((fine - lo) / spread >= config.threshold)
+        runs = mask_runs((fine - lo) / spread >= config.threshold)
         cell_u, cell_v = geom.crop_w / fine.shape[1], geom.crop_h / fine.shape[0]
         min_area = max(1, config.upsample**2 // 2)  # drop slivers smaller than half a patch
-        for k in range(1, n + 1):
-            ys, xs = np.nonzero(labels == k)
-            box = geom.to_image(
-                xs.min() * cell_u,
-                ys.min() * cell_v,
-                (xs.max() + 1) * cell_u,
-                (ys.max() + 1) * cell_v,
-                width,
-                height,
-            )
-            regions.append((float(fine[ys, xs].max()), box, len(xs)))
+        for best_value, x0, y0, x1, y1, cells in component_stats(runs, fine):
+            box = geom.to_image(x0 * cell_u, y0 * cell_v, x1 * cell_u, y1 * cell_v, width, height)
+            regions.append((best_value, box, cells))
         big = [r for r in regions if r[2] >= min_area]
         regions = big or regions
     regions.sort(key=lambda r: -r[0])

@@ -30,7 +30,7 @@ from retrieval.evidence import (
     stored_evidence,
     view_geometry,
 )
-from retrieval.evidence.dense import label_components
+from retrieval.evidence.dense import component_stats, label_components, mask_runs
 from retrieval.evidence.grid import crop_for_encoder, select_regions_counted
 from retrieval.evidence.render import colour_map
 from tests.helpers import make_folder
@@ -190,6 +190,56 @@ def test_connected_components() -> None:
     assert len({labels[0, 0], labels[0, 1], labels[1, 1]}) == 1  # 4-connected
     assert labels[2, 0] != labels[1, 1]  # diagonal only: separate
     assert (labels == 0).sum() == (~mask).sum()
+
+
+def _flood_labels(mask: np.ndarray) -> np.ndarray:
+    """The reference: breadth-first flood fill from each unlabelled cell in raster order."""
+    rows, cols = mask.shape
+    out = np.zeros(mask.shape, np.int32)
+    n = 0
+    for y in range(rows):
+        for x in range(cols):
+            if not mask[y, x] or out[y, x]:
+                continue
+            n += 1
+            out[y, x] = n
+            todo = [(y, x)]
+            while todo:
+                cy, cx = todo.pop()
+                for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                    if 0 <= ny < rows and 0 <= nx < cols and mask[ny, nx] and not out[ny, nx]:
+                        out[ny, nx] = n
+                        todo.append((ny, nx))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_connected_components_match_a_flood_fill(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows, cols = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+    mask = rng.random((rows, cols)) < rng.uniform(0.1, 0.9)
+    if seed == 0:  # a spiral: the shape a label would need the longest walk to cross
+        mask = np.zeros((15, 15), bool)
+        mask[0, :] = mask[:, 14] = mask[14, :] = mask[2:, 0] = mask[2, :13] = mask[2:13, 12] = True
+    values = rng.random(mask.shape).astype(np.float32)
+    want = _flood_labels(mask)
+    labels, n = label_components(mask)
+    assert n == want.max()
+    assert np.array_equal(labels, want)  # numbered by first cell in raster order, as the flood fill
+    stats = component_stats(mask_runs(mask), values)
+    assert len(stats) == n
+    for k, (best, x0, y0, x1, y1, cells) in enumerate(stats, start=1):
+        ys, xs = np.nonzero(want == k)
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert cells == len(xs)
+        assert best == pytest.approx(float(values[ys, xs].max()))
+
+
+def test_connected_components_of_empty_and_full_masks() -> None:
+    labels, n = label_components(np.zeros((4, 5), bool))
+    assert n == 0 and not labels.any()
+    labels, n = label_components(np.ones((4, 5), bool))
+    assert n == 1 and (labels == 1).all()
 
 
 # -- bad input --------------------------------------------------------------------------------
