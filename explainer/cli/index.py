@@ -157,51 +157,62 @@ def index_folder(
             device=ray_cfg.device,
             precision=precision_or_setting(precision),
         )
-    if engine == "ray" and manifest is None:
-        # a first run encodes everything: start the actors now (their imports and model loads are most
-        # of a small run), and let one of them store the text tower the driver needs, so the driver
-        # loads no model of its own
-        pool = EncoderPool(ray_cfg, actor_encoder)
-        encoder = driver_encoder(pool, collection, actor_encoder)
-    else:
-        # loads the model only when something is encoded: a re-scan with nothing new loads none (on Ray
-        # the driver's encoder only embeds caption texts: --device names the actors' device)
-        encoder = ServingEncoder(
-            model,
-            ddir,
-            device="auto" if engine == "ray" else device,
-            precision=precision_or_setting(precision),
-            expect_fingerprint=manifest.fingerprint if manifest is not None else None,
+    try:
+        if engine == "ray" and manifest is None:
+            # a first run encodes everything: start the actors now (their imports and model loads are most
+            # of a small run), and let one of them store the text tower the driver needs, so the driver
+            # loads no model of its own
+            pool = EncoderPool(ray_cfg, actor_encoder)
+            encoder = driver_encoder(pool, collection, actor_encoder)
+        else:
+            # loads the model only when something is encoded: a re-scan with nothing new loads none (on Ray
+            # the driver's encoder only embeds caption texts: --device names the actors' device)
+            encoder = ServingEncoder(
+                model,
+                ddir,
+                device="auto" if engine == "ray" else device,
+                precision=precision_or_setting(precision),
+                expect_fingerprint=manifest.fingerprint if manifest is not None else None,
+            )
+        if patches and not can_give_patches(encoder):
+            raise ConfigError(
+                f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection"
+            )
+        knobs = knobs or IndexKnobs()
+        factory = factory_for(index, knobs.hnsw_m, knobs.nlist)
+        search = None
+        if knobs.ef_search is not None or knobs.nprobe is not None:
+            recorded = manifest.params.search if manifest is not None else None
+            base = recorded or SearchParams()
+            search = SearchParams(
+                nprobe=knobs.nprobe or base.nprobe, ef_search=knobs.ef_search or base.ef_search
+            )
+        cfg = IngestConfig(
+            batch_size=batch_size,
+            workers=workers,
+            factory=factory,
+            captions_file=captions,
+            rebuild=rebuild or knobs.forces_rebuild(collection, factory),
+            progress=progress,
+            search=search,
+            ef_construction=knobs.ef_construction or DEFAULT_EF_CONSTRUCTION,
+            memory_budget=budget,
+            exclude=None if exclude is None else tuple(exclude),
+            include_hidden=include_hidden,
+            patch_features=patches or get_settings().patch_features != "off",
         )
-    if patches and not can_give_patches(encoder):
-        raise ConfigError(f"--patches needs a CLIP model; {encoder.info.family} has no per-patch projection")
-    knobs = knobs or IndexKnobs()
-    factory = factory_for(index, knobs.hnsw_m, knobs.nlist)
-    search = None
-    if knobs.ef_search is not None or knobs.nprobe is not None:
-        recorded = manifest.params.search if manifest is not None else None
-        base = recorded or SearchParams()
-        search = SearchParams(nprobe=knobs.nprobe or base.nprobe, ef_search=knobs.ef_search or base.ef_search)
-    cfg = IngestConfig(
-        batch_size=batch_size,
-        workers=workers,
-        factory=factory,
-        captions_file=captions,
-        rebuild=rebuild or knobs.forces_rebuild(collection, factory),
-        progress=progress,
-        search=search,
-        ef_construction=knobs.ef_construction or DEFAULT_EF_CONSTRUCTION,
-        memory_budget=budget,
-        exclude=None if exclude is None else tuple(exclude),
-        include_hidden=include_hidden,
-        patch_features=patches or get_settings().patch_features != "off",
-    )
-    if engine == "ray":
-        from retrieval.distributed.ingest import ray_ingest
+        if engine == "ray":
+            from retrieval.distributed.ingest import ray_ingest
 
-        summary = ray_ingest(path, collection, encoder, actor_encoder, cfg, ray_cfg, log=note, pool=pool)
-    else:
-        summary = ingest(path, collection, encoder, cfg, log=note)
+            handed, pool = pool, None  # ray_ingest closes the pool it is given
+            summary = ray_ingest(
+                path, collection, encoder, actor_encoder, cfg, ray_cfg, log=note, pool=handed
+            )
+        else:
+            summary = ingest(path, collection, encoder, cfg, log=note)
+    finally:
+        if pool is not None:  # the run failed before Ray ingest took the actors over: stop them
+            pool.close()
     report = None
     if patches:  # the images indexed before, or by Ray; this run's own were stored as they were embedded
         rest = store_collection_patches(collection, encoder, progress=progress)[1]
