@@ -40,8 +40,8 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> list[FakePool]:
 
 
 def test_a_refused_patches_run_stops_the_actors(
-    tmp_path: Path, fake_ray: list[FakePool], monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ray_ingest_module, "driver_encoder", lambda pool, col, cfg: NoPatchEncoder())
     make_folder(tmp_path / "photos", 2)
     folder = tmp_path / "photos"
@@ -51,8 +51,8 @@ def test_a_refused_patches_run_stops_the_actors(
 
 
 def test_a_driver_that_cannot_load_stops_the_actors(
-    tmp_path: Path, fake_ray: list[FakePool], monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(pool: object, col: object, cfg: object) -> object:
         raise ConfigError("the actors could not load the model")
 
