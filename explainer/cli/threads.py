@@ -6,8 +6,8 @@ OpenMP (torch, FAISS) keep their idle threads spinning for the cores, so a pool 
 processes and itself. So BLAS runs one thread, and OpenMP threads sleep when idle
 (`OMP_WAIT_POLICY=PASSIVE`, which costs a query nothing measurable on a quiet machine). The one product
 that gains from a second core, the text tower's, shares its work with a helper thread that the caller
-never waits for (`retrieval.encoders.texttower.SharedProducts`). Both libraries read these variables once, when they load, so this
-runs before the command's imports; a value the user set is kept.
+never waits for (`retrieval.encoders.texttower.SharedProducts`). Both libraries read these variables
+once, when they load, so this runs before the command's imports; a value the user set is kept.
 
 Measured with bench/peer_bench.py on 2 cores (bench/RESULTS.md).
 """
