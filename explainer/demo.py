@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from explainer.captions.captioner import CaptionerConfig, CaptionService, GenerationSettings, create_captioner
+from explainer.settings import get_settings
 from retrieval.collection import Collection
 from retrieval.demo.blip import BlipRecipe
 from retrieval.demo.recipes import (
@@ -252,9 +253,14 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
                 collection.store.exists()
                 and collection.store.read_manifest().fingerprint != encoder.info.fingerprint
             )
-            summary = ingest(
-                images_dir, collection, encoder, IngestConfig(progress=config.progress, rebuild=rebuild)
+            # patch features stored from the pass that embeds each scene, as `clearsight index` does, so
+            # the served page draws its boxes from them at once
+            ingest_config = IngestConfig(
+                progress=config.progress,
+                rebuild=rebuild,
+                patch_features=get_settings().patch_features != "off",
             )
+            summary = ingest(images_dir, collection, encoder, ingest_config)
             seconds["index"] = time.perf_counter() - stage
             stage = time.perf_counter()
             captioned = _caption(collection, blip_dir, config)
@@ -292,7 +298,11 @@ def build_demo(data_root: Path | str, config: DemoConfig | None = None) -> DemoR
         val_r1=val_r1,
         test=test,
         chance_r1=chance,
-        indexed={"images": summary.index.images if summary.index else 0, "encoded": summary.encoded},
+        indexed={
+            "images": summary.index.images if summary.index else 0,
+            "encoded": summary.encoded,
+            "patches_stored": summary.patches_stored,
+        },
         captioned=captioned,
         sample_query=query,
         sample_target=target,

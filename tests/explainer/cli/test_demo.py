@@ -41,6 +41,7 @@ def test_demo_builds_a_searchable_collection_and_reuses_its_model(tmp_path: Path
     assert result["trained"] and "demo" in model_dir.name
     assert "DEMO MODEL" in (model_dir / "DEMO.md").read_text()
     assert result["indexed"]["images"] == 30 and result["chance_r1"] == pytest.approx(1 / 30)
+    assert result["indexed"]["patches_stored"] == 30  # boxes from stored features from the first page
     assert result["val_r1"] > result["start_val_r1"]  # the guard compared it with the random start
 
     found = runner.invoke(app, ["search", result["sample_query"], "--data-dir", str(data), "--json"])
