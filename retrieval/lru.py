@@ -3,16 +3,20 @@ context caches, and the server's recent query images all keep their entries in i
 
 Thread-safe, because the server shares each cache between request threads. `copies=True` deep-copies
 values in and out, for callers that edit what they get (a cached search result's confidence, ranks);
-without it the very objects are kept, for values nobody edits (contexts, decoded images).
+without it the very objects are kept, for values nobody edits (contexts, decoded images). The copy is a
+pickle round trip, the same deep copy as `copy.deepcopy` for plain data (both go through
+`__reduce_ex__` or pydantic's state) at about 40 % of its time on a page of cards (0.53 against 1.34 ms);
+a value pickle refuses is deep-copied as before. Nothing is pickled to or from outside the process.
 """
 
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from retrieval.errors import ConfigError
 
@@ -20,6 +24,14 @@ V = TypeVar("V")
 
 #: Most entries any cache may hold: past it a cache is a memory leak with a lookup.
 MAX_ENTRIES = 1_000_000
+
+
+def deep_copy(value: V) -> V:
+    """A deep copy of `value`: a pickle round trip, or `copy.deepcopy` where pickle refuses."""
+    try:
+        return cast(V, pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+    except (pickle.PicklingError, TypeError, AttributeError):  # a lambda, a lock, a local class
+        return copy.deepcopy(value)
 
 
 class LRU(Generic[V]):
@@ -43,12 +55,12 @@ class LRU(Generic[V]):
                 return None
             self._data.move_to_end(key)
             self.hits += 1
-        return copy.deepcopy(value) if self.copies else value
+        return deep_copy(value) if self.copies else value
 
     def put(self, key: Hashable, value: V) -> None:
         if self.max_entries == 0:
             return
-        stored = copy.deepcopy(value) if self.copies else value
+        stored = deep_copy(value) if self.copies else value
         with self._lock:
             self._data[key] = stored
             self._data.move_to_end(key)

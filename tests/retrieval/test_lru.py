@@ -48,6 +48,55 @@ def test_copies_only_when_asked_and_zero_keeps_nothing() -> None:
             LRU(bad)
 
 
+def test_copies_are_deep_and_keep_shared_references_and_types() -> None:
+    import threading
+    from dataclasses import dataclass, field
+
+    import numpy as np
+
+    from retrieval.lru import deep_copy
+
+    @dataclass
+    class Page:  # a local class: pickle refuses it, so the deepcopy fallback runs
+        rows: list[np.ndarray] = field(default_factory=list)
+
+    arr = np.arange(6, dtype=np.float32)
+    nested = {"a": arr, "b": arr, "list": [arr, {"x": 1}]}
+    got = deep_copy(nested)
+    assert got["a"] is got["b"] and got["a"] is not arr  # one copy, still shared inside the value
+    got["a"][0] = 99
+    assert arr[0] == 0 and got["list"][0][0] == 99
+    page = Page([arr])
+    copied = deep_copy(page)
+    assert isinstance(copied, Page) and copied.rows[0] is not arr and np.array_equal(copied.rows[0], arr)
+    with pytest.raises(TypeError):  # neither copies a lock: the error is deepcopy's, as before
+        deep_copy({"lock": threading.Lock()})
+
+
+def test_a_cached_card_comes_back_equal_and_independent() -> None:
+    from explainer.cards.model import Card
+
+    card = Card(
+        id=3,
+        rank=1,
+        score=0.31,
+        confidence=0.8,
+        image_url="/api/images/3",
+        thumb_url="/api/images/3/thumb",
+        detail_url="/image/3",
+        like_url="/?like=3",
+    )
+    cache: LRU[list[Card]] = LRU(2, copies=True)
+    cache.put("page", [card])
+    card.score = 0.0  # the caller edits its own page afterwards
+    got = cache.get("page")
+    assert got is not None and got[0].score == 0.31 and got[0] == card.model_copy(update={"score": 0.31})
+    got[0].confidence = None  # and edits what it got
+    again = cache.get("page")
+    assert again is not None and again[0].confidence == 0.8
+    assert again[0].model_fields_set == card.model_fields_set  # pydantic's own state survives the copy
+
+
 def _png(colour: str) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (8, 8), colour).save(out, format="PNG")
