@@ -57,7 +57,7 @@ lint: $(STAMP)
 	$(BIN)/deptry .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy retrieval explainer
+	$(BIN)/mypy retrieval explainer bench
 
 # pytest exits 5 when it collects no test: that is a failure here, never a silent pass.
 test: $(STAMP) lint typecheck

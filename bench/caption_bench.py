@@ -196,9 +196,11 @@ def compare_precisions(
         order = list(captioners) if r % 2 == 0 else list(captioners)[::-1]
         for label in order:
             cap = captioners[label]
-            t = timed(
-                len(images), lambda cap=cap, label=label: texts.__setitem__(label, cap.caption(images)), sync
-            )
+
+            def work(cap: Captioner = cap, label: str = label) -> None:
+                texts[label] = cap.caption(images)
+
+            t = timed(len(images), work, sync)
             print(t.line(f"round {r + 1} {label}"))
             if label not in best or t.rate > best[label].rate:
                 best[label] = t

@@ -38,8 +38,8 @@ KINDS = ("original", "half", "q30", "crop")
 
 def copies(src: Path, out: Path) -> list[Path]:
     """The original and three copies of it, as files."""
-    with Image.open(src) as im:
-        im = im.convert("RGB")
+    with Image.open(src) as opened:
+        im = opened.convert("RGB")
         w, h = im.size
         paths = [out / f"{src.stem}-orig.jpg", out / f"{src.stem}-half.jpg", out / f"{src.stem}-q30.jpg"]
         im.save(paths[0], quality=95)

@@ -135,7 +135,7 @@ async def load(base: str, run: Run, requests: int, stop: asyncio.Event | None = 
     return run
 
 
-async def _watch_health(base: str, stop: asyncio.Event, seen: list[tuple[str, int]]) -> None:
+async def _watch_health(base: str, stop: asyncio.Event, seen: list[tuple[str | None, int | None]]) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=10.0) as http:
         while not stop.is_set():
             body = (await http.get("/api/health")).json()
@@ -155,7 +155,7 @@ async def while_indexing(base: str, images: Path, data: Path, clip: Path, extra:
         progress=False,
     )
     stop = asyncio.Event()
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str | None, int | None]] = []
     run = Run("during `clearsight index`", clients)
     watcher = asyncio.create_task(_watch_health(base, stop, seen))
     loader = asyncio.create_task(load(base, run, MAX_DURING, stop))

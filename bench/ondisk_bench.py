@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = VectorIndex.build(ids, x, factory, args.dim)
         build_s = time.perf_counter() - t0
         size = len(idx.to_bytes())
-        depths = [int(d) for d in args.refine_k.split(",") if d] if kind == "ivfpq" else []
+        depths: list[int | None] = [int(d) for d in args.refine_k.split(",") if d] if kind == "ivfpq" else []
         for depth in depths or [None]:
             params = SearchParams(k_factor=depth) if depth else None
             times, found = single(idx, q, 10, args.queries, params)
