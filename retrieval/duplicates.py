@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrieval.disjoint import DisjointSets
 from retrieval.errors import BadQuery, ConfigError
 from retrieval.types import Float32Array, Int64Array
 
@@ -77,24 +78,15 @@ def similar_pairs(
 
 def group_pairs(n: int, pairs: Sequence[tuple[int, int, float]]) -> list[tuple[list[int], float]]:
     """Union-find over `pairs` of row numbers: groups of two or more rows, with their weakest link."""
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    sets = DisjointSets(n)
     for i, j, _ in pairs:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
+        sets.union(i, j)
     members: dict[int, list[int]] = {}
     weakest: dict[int, float] = {}
     for i in range(n):
-        members.setdefault(find(i), []).append(i)
+        members.setdefault(sets.find(i), []).append(i)
     for i, _, sim in pairs:
-        root = find(i)
+        root = sets.find(i)
         weakest[root] = min(weakest.get(root, 1.0), sim)
     return [(rows, weakest[root]) for root, rows in members.items() if len(rows) > 1]
 

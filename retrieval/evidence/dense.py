@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from retrieval.disjoint import DisjointSets
 from retrieval.encoders import Encoder, l2_normalise
 from retrieval.encoders.preprocess import PreprocessConfig, crop_offsets, resized_size
 from retrieval.errors import ConfigError
@@ -119,28 +120,19 @@ def mask_runs(mask: np.ndarray) -> Runs:
     row, start = np.nonzero(step == 1)
     _, stop = np.nonzero(step == -1)
     n = len(row)
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    sets = DisjointSets(n)  # the earlier run stays the root: roots are each component's first run
     first = np.searchsorted(row, np.arange(rows + 1)).tolist()
     starts, stops = start.tolist(), stop.tolist()
     for r in range(1, rows):
         i, i_end, j, j_end = first[r - 1], first[r], first[r], first[r + 1]
         while i < i_end and j < j_end:
             if starts[i] < stops[j] and starts[j] < stops[i]:
-                a, b = find(i), find(j)
-                if a != b:  # the earlier run stays the root: roots are each component's first run
-                    parent[max(a, b)] = min(a, b)
+                sets.union(i, j)
             if stops[i] <= stops[j]:
                 i += 1
             else:
                 j += 1
-    roots = np.fromiter((find(k) for k in range(n)), np.int64, n)
+    roots = np.fromiter((sets.find(k) for k in range(n)), np.int64, n)
     unique, component = np.unique(roots, return_inverse=True)
     return Runs(row, start, stop, component.astype(np.int32) + 1, len(unique))
 
