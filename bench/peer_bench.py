@@ -26,6 +26,7 @@ issue 28 did. Without `--rclip`, its column is the figures quoted in issue 28 an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,28 +149,20 @@ def plain(o):
     return o if torch.is_tensor(o) else o.pooler_output
 
 
-class Visual(torch.nn.Module):
-    def __init__(self, m):
+class Tower(torch.nn.Module):  # one tower of the CLIP model: `features` names the model's method
+
+    def __init__(self, m, features, arg):
         super().__init__()
-        self.m = m
+        self.m, self.features, self.arg = m, features, arg
 
     def forward(self, x):
-        return plain(self.m.get_image_features(pixel_values=x))
-
-
-class Textual(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, ids):
-        return plain(self.m.get_text_features(input_ids=ids))
+        return plain(getattr(self.m, self.features)(**{self.arg: x}))
 
 
 axes = {"input": {0: "batch"}, "output": {0: "batch"}}
 for name, module, example in (
-    ("visual.onnx", Visual(model), torch.zeros(1, 3, size, size)),
-    ("textual.onnx", Textual(model), torch.ones(1, 77, dtype=torch.long)),
+    ("visual.onnx", Tower(model, "get_image_features", "pixel_values"), torch.zeros(1, 3, size, size)),
+    ("textual.onnx", Tower(model, "get_text_features", "input_ids"), torch.ones(1, 77, dtype=torch.long)),
 ):
     torch.onnx.export(
         module, (example,), str(out / name), input_names=["input"], output_names=["output"],
@@ -298,9 +292,18 @@ def _curl(base: str, text: str) -> float:
     return float(out[1])
 
 
-def busy_loops(n: int = 2) -> list[subprocess.Popen[bytes]]:
-    """The fixed synthetic load: `n` processes spinning in pure Python (one per core here)."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+@contextlib.contextmanager
+def busy_loops(n: int = 2) -> Iterator[None]:
+    """The fixed synthetic load, for the block: `n` processes spinning in pure Python (one per core here),
+    given half a second to take the cores first."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()
 
 
 def serve_rows(data: Path, queries: int) -> dict[str, object]:
@@ -341,14 +344,8 @@ def serve_rows(data: Path, queries: int) -> dict[str, object]:
                 if shutil.which("curl")
                 else []
             )
-            loops = busy_loops()
-            try:
-                time.sleep(0.5)
+            with busy_loops():
                 busy = [_post(http, f"{next(pool)} busy {i}") for i in range(queries)]
-            finally:
-                for p in loops:
-                    p.kill()
-                    p.wait()
             rss = _rss_mb(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -434,7 +431,7 @@ def main() -> None:
     rc_models = export_for_rclip(model, args.clip_vocab, work / "rclip-models") if rc else None
     rc_data = work / "rclip-data"
     rc_first: Ran | None = None
-    if rc and rc_models and not (rc_data / "db.sqlite3").exists():
+    if rc and rc_models is not None and not (rc_data / "db.sqlite3").exists():
         rc_first = rclip(rc, rclip_data(rc_models, rc_data), photos, QUERIES[0])  # rclip indexes the folder
 
     text = QUERIES[0]
@@ -463,16 +460,10 @@ def main() -> None:
         rc_quiet = rclip_warm(
             rc, rc_data, photos, [f"{q} rclip {i}" for i, q in enumerate(QUERIES[: args.queries])]
         )
-        loops = busy_loops()
-        try:
-            time.sleep(0.5)
+        with busy_loops():
             rc_busy = rclip_warm(
                 rc, rc_data, photos, [f"{q} rclip busy {i}" for i, q in enumerate(QUERIES[: args.queries])]
             )
-        finally:
-            for p in loops:
-                p.kill()
-                p.wait()
 
     fresh = copy_photos(
         work / f"photos-{args.index_photos}", args.index_photos, start=100_000, source=args.source
@@ -483,7 +474,7 @@ def main() -> None:
         [*CLI, "index", str(fresh), "--model", str(model), "--data-dir", str(fresh_data), "--quiet"]
     )
     rc_index: Ran | None = None
-    if rc and rc_models:  # the same photo files, a fresh rclip database
+    if rc and rc_models is not None:  # the same photo files, a fresh rclip database
         rc_index = rclip(rc, rclip_data(rc_models, work / f"rclip-data-{args.index_photos}"), fresh, text)
 
     med = statistics.median
