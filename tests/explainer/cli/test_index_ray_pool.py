@@ -39,38 +39,37 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> list[FakePool]:
     return FakePool.started
 
 
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    make_folder(tmp_path / "photos", 2)
+    return tmp_path / "photos"
+
+
 def test_a_refused_patches_run_stops_the_actors(
-    tmp_path: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, photos: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ray_ingest_module, "driver_encoder", lambda pool, col, cfg: NoPatchEncoder())
-    make_folder(tmp_path / "photos", 2)
-    folder = tmp_path / "photos"
     with pytest.raises(ConfigError, match="--patches"):
-        index_folder(folder, tmp_path / "data", engine="ray", patches=True, progress=False)
+        index_folder(photos, tmp_path / "data", engine="ray", patches=True, progress=False)
     assert len(fake_ray) == 1 and fake_ray[0].closed == 1
 
 
 def test_a_driver_that_cannot_load_stops_the_actors(
-    tmp_path: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, photos: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(pool: object, col: object, cfg: object) -> object:
         raise ConfigError("the actors could not load the model")
 
     monkeypatch.setattr(ray_ingest_module, "driver_encoder", broken)
-    make_folder(tmp_path / "photos", 2)
-    folder = tmp_path / "photos"
     with pytest.raises(ConfigError, match="could not load"):
-        index_folder(folder, tmp_path / "data", engine="ray", progress=False)
+        index_folder(photos, tmp_path / "data", engine="ray", progress=False)
     assert len(fake_ray) == 1 and fake_ray[0].closed == 1
 
 
 def test_ray_ingest_gets_the_pool_and_the_command_does_not_close_it_twice(
-    tmp_path: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, photos: Path, fake_ray: list[FakePool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class PatchEncoder(NoPatchEncoder):
-        pass
-
-    monkeypatch.setattr(ray_ingest_module, "driver_encoder", lambda pool, col, cfg: PatchEncoder())
+    monkeypatch.setattr(ray_ingest_module, "driver_encoder", lambda pool, col, cfg: NoPatchEncoder())
     seen: list[object] = []
 
     def fake_ingest(*args: object, pool: FakePool, **kwargs: object) -> object:
@@ -79,8 +78,6 @@ def test_ray_ingest_gets_the_pool_and_the_command_does_not_close_it_twice(
         raise RuntimeError("stop after the hand-over")
 
     monkeypatch.setattr(ray_ingest_module, "ray_ingest", fake_ingest)
-    make_folder(tmp_path / "photos", 2)
-    folder = tmp_path / "photos"
     with pytest.raises(RuntimeError, match="hand-over"):
-        index_folder(folder, tmp_path / "data", engine="ray", progress=False)
+        index_folder(photos, tmp_path / "data", engine="ray", progress=False)
     assert seen == fake_ray and fake_ray[0].closed == 1
