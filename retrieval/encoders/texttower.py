@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.encoders.base import EncoderInfo, l2_normalise
+from retrieval.encoders.feed import usable_cores
 from retrieval.types import Float32Array
 
 log = logging.getLogger(__name__)
@@ -247,13 +248,6 @@ class SharedProducts:
         return out
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 #: The process's one helper: text towers share it (their products are serialised by the caller anyway).
 _SHARED = SharedProducts()
 
@@ -272,7 +266,7 @@ class TextTower:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.context_length)
         #: Splits each product with a helper thread; None (one core, or to compare) runs them whole.
-        self.products: SharedProducts | None = _SHARED if _cores() >= 2 else None
+        self.products: SharedProducts | None = _SHARED if usable_cores() >= 2 else None
         flat = np.memmap(folder / WEIGHTS, dtype=np.float32, mode="r")
         self.w: dict[str, Float32Array] = {}
         for name, (offset, shape) in meta["layout"].items():
